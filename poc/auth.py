@@ -1,0 +1,97 @@
+"""Client authentication for Flight (bearer token per tenant) and tickets signed by the server."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from .config import TenantCredentials
+
+
+class TenantTokens:
+    """Finds the tenant of a token, comparing in constant time."""
+
+    def __init__(self, tenants: dict[str, TenantCredentials], field: str) -> None:
+        self._entries = [(t.tenant_id, getattr(t, field).encode()) for t in tenants.values()]
+
+    def tenant_for(self, token: str) -> str | None:
+        """The tenant whose token this is, or None; every entry is compared, whatever matches."""
+        given = token.encode()
+        found = None
+        for tenant_id, expected in self._entries:
+            if hmac.compare_digest(given, expected):
+                found = tenant_id
+        return found
+
+
+class TenantAuthMiddleware(flight.ServerMiddleware):
+    def __init__(self, tenant_id: str) -> None:
+        self.tenant_id = tenant_id
+
+
+class BearerAuthFactory(flight.ServerMiddlewareFactory):
+    """Every call must carry `authorization: Bearer <client_token>`; a `tenant-id` header must agree."""
+
+    def __init__(self, tenants: dict[str, TenantCredentials]) -> None:
+        self._tokens = TenantTokens(tenants, "client_token")
+
+    def start_call(self, info, headers):
+        values = headers.get("authorization") or []
+        if len(values) != 1 or not str(values[0]).startswith("Bearer "):
+            raise flight.FlightUnauthenticatedError("missing 'authorization: Bearer <token>' header")
+        tenant_id = self._tokens.tenant_for(str(values[0])[len("Bearer "):])
+        if tenant_id is None:
+            raise flight.FlightUnauthenticatedError("invalid client token")
+        claimed = headers.get("tenant-id") or []
+        if claimed and list(claimed) != [tenant_id]:
+            raise flight.FlightUnauthenticatedError("tenant-id header does not match the client token")
+        return TenantAuthMiddleware(tenant_id)
+
+
+def caller_tenant(context: flight.ServerCallContext) -> str:
+    """The authenticated tenant of a call (set by BearerAuthFactory)."""
+    middleware = context.get_middleware("auth")
+    if middleware is None:
+        raise flight.FlightUnauthenticatedError("call is not authenticated")
+    return middleware.tenant_id
+
+
+class TicketSigner:
+    """Tickets name a tenant and a dataset and carry an HMAC-SHA256 of both: unforgeable, not transferable."""
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._secret = secret or secrets.token_bytes(32)
+
+    def issue(self, tenant_id: str, dataset: str) -> bytes:
+        body = json.dumps({"t": tenant_id, "d": dataset}, separators=(",", ":")).encode()
+        mac = hmac.new(self._secret, body, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(body) + b"." + base64.urlsafe_b64encode(mac)
+
+    def redeem(self, ticket: bytes, tenant_id: str) -> str:
+        """The dataset a ticket names; raise FlightUnauthorizedError if it is forged or another tenant's."""
+        try:
+            body_b64, mac_b64 = ticket.split(b".")
+            body = base64.urlsafe_b64decode(body_b64)
+            mac = base64.urlsafe_b64decode(mac_b64)
+        except ValueError:
+            raise flight.FlightUnauthorizedError("malformed ticket") from None
+        if not hmac.compare_digest(mac, hmac.new(self._secret, body, hashlib.sha256).digest()):
+            raise flight.FlightUnauthorizedError("ticket signature is not valid")
+        claims = json.loads(body)
+        if claims.get("t") != tenant_id:
+            raise flight.FlightUnauthorizedError("ticket belongs to another tenant")
+        return claims["d"]
+
+
+def dataset_from_descriptor(descriptor: flight.FlightDescriptor) -> str:
+    """`["dataset", "<name>"]` → name; anything else is a clear error."""
+    path = descriptor.path if descriptor.descriptor_type == flight.DescriptorType.PATH else None
+    if not path or len(path) != 2 or path[0] != b"dataset" or not path[1]:
+        raise pa.ArrowInvalid('descriptor must be the path ["dataset", "<name>"]')
+    return path[1].decode("utf-8", "replace")

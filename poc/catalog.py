@@ -1,0 +1,73 @@
+"""Datasets loaded from Parquet and kept in memory, cut into batches that fit one frame."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import BATCH_BYTES, ConfigError
+
+
+@dataclass
+class Dataset:
+    """One named table, as record batches of about `BATCH_BYTES` each."""
+
+    name: str
+    schema: pa.Schema
+    batches: list[pa.RecordBatch]
+
+    @functools.cached_property
+    def schema_message(self) -> pa.Buffer:
+        """The Arrow IPC schema message (docs/protocol.md §4)."""
+        return self.schema.serialize()
+
+    @functools.cached_property
+    def batch_messages(self) -> list[pa.Buffer]:
+        """Each batch as one encapsulated Arrow IPC message, serialized once and reused."""
+        return [batch.serialize() for batch in self.batches]
+
+    @property
+    def rows(self) -> int:
+        return sum(b.num_rows for b in self.batches)
+
+    @functools.cached_property
+    def ipc_bytes(self) -> int:
+        """Bytes of the schema and batch messages as they cross the wire."""
+        return self.schema_message.size + sum(m.size for m in self.batch_messages)
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_batches(self.batches, schema=self.schema)
+
+
+def cut_batches(table: pa.Table, batch_bytes: int = BATCH_BYTES) -> list[pa.RecordBatch]:
+    """Slice a table into batches of about `batch_bytes` (at least one row each)."""
+    table = table.combine_chunks()
+    if table.num_rows == 0:
+        return []
+    rows = max(1, int(batch_bytes * table.num_rows / max(1, table.nbytes)))
+    return table.to_batches(max_chunksize=rows)
+
+
+def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str, Dataset]:
+    """Load a Parquet file, or every `*.parquet` file of a folder; a dataset's name is its file stem."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise ConfigError(f"no *.parquet files in folder {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ConfigError(f"data path {path} does not exist")
+    datasets = {}
+    for file in files:
+        try:
+            table = pq.read_table(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
+        datasets[file.stem] = Dataset(file.stem, table.schema, cut_batches(table, batch_bytes))
+    return datasets

@@ -1,0 +1,191 @@
+"""`python -m poc <command>`: run each component for real, or make the dataset."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from . import config
+from .config import ConfigError
+
+
+def _emit_ready(**fields) -> None:
+    """One JSON line on stdout once a component serves: how the runner and tests learn its ports."""
+    print(json.dumps({"ready": True, **fields}), flush=True)
+
+
+def _stop_event_for_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _add_tunnel_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-frame-bytes", type=int, default=config.MAX_FRAME_BYTES,
+                   help="largest binary frame payload a connector may send (default %(default)s)")
+    p.add_argument("--window-bytes", type=int, default=config.WINDOW_BYTES,
+                   help="credit window per stream: the most bytes buffered per stream (default %(default)s)")
+    p.add_argument("--max-streams", type=int, default=config.MAX_STREAMS,
+                   help="streams in flight per connector link (default %(default)s)")
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from .gateway.app import GatewayConfig, run_gateway
+    from .tunnel import Limits
+
+    cfg = GatewayConfig(
+        tenants=config.load_tenants(args.tenants), host=args.host, ws_port=args.ws_port,
+        flight_port=args.flight_port, http_port=args.http_port, heartbeat_s=args.heartbeat_s,
+        offline_after_s=args.offline_after_s, request_timeout_s=args.request_timeout_s,
+        limits=Limits(args.max_frame_bytes, args.window_bytes, args.max_streams),
+        ticket_secret=os.environb.get(b"POC_TICKET_SECRET"))
+
+    async def main() -> None:
+        stop = _stop_event_for_signals(asyncio.get_running_loop())
+        await run_gateway(cfg, stop, on_ready=lambda ports: _emit_ready(component="gateway", pid=os.getpid(), **ports))
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_connector(args: argparse.Namespace) -> int:
+    from .catalog import load_datasets
+    from .connector.app import Connector, ConnectorConfig, RegistrationRefused
+
+    token = args.token or os.environ.get("POC_CONNECTOR_TOKEN")
+    if not token:
+        raise ConfigError("a connector token is needed: --token TOKEN or POC_CONNECTOR_TOKEN")
+    if not args.gateway.startswith(("ws://", "wss://")):
+        raise ConfigError(f"--gateway must be a ws:// or wss:// URL ending in /connect, got {args.gateway!r}")
+    datasets = load_datasets(args.data)
+    cfg = ConnectorConfig(gateway=args.gateway, tenant_id=args.tenant, token=token,
+                          delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
+                          ca_file=args.ca_file)
+    connector = Connector(cfg, datasets)
+    first = threading.Event()
+
+    def registered(session_id: str) -> None:
+        if not first.is_set():
+            first.set()
+            _emit_ready(component="connector", pid=os.getpid(), tenant_id=args.tenant, session_id=session_id,
+                        datasets=sorted(datasets))
+
+    connector.on_registered = registered
+
+    async def main() -> None:
+        stop = _stop_event_for_signals(asyncio.get_running_loop())
+        await connector.run(stop)
+
+    try:
+        asyncio.run(main())
+    except RegistrationRefused as exc:
+        logging.getLogger("poc.connector").error("%s", exc)
+        return 3
+    return 0
+
+
+def cmd_direct(args: argparse.Namespace) -> int:
+    from .catalog import load_datasets
+    from .direct import DirectFlightServer
+
+    tenants = config.load_tenants(args.tenants) if args.tenants else None
+    server = DirectFlightServer(f"grpc://{args.host}:{args.port}", load_datasets(args.data), tenants,
+                                config.parse_delay(args.delay_ms))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=server.serve, name="flight", daemon=True).start()
+    _emit_ready(component="direct", pid=os.getpid(), flight_port=server.port)
+    stop.wait()
+    server.shutdown()
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from .dataset import write_dataset
+
+    path = write_dataset(args.rows, args.out, args.seed)
+    print(json.dumps({"path": str(path), "rows": args.rows, "bytes": path.stat().st_size}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m poc",
+        description="Arrow Flight through a reverse WebSocket tunnel: run the gateway, a connector, "
+                    "the direct baseline, or make the seed's dataset. Each server prints one JSON line "
+                    "{\"ready\": true, ...ports} on stdout once it serves; logs go to stderr.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("gateway", help="cloud gateway: WebSocket /connect, Flight, GET /health",
+                       description="Accept connector tunnels on ws://HOST:WS_PORT/connect, serve Arrow Flight on "
+                                   "FLIGHT_PORT (clients send 'authorization: Bearer <client_token>'), and "
+                                   "GET /health on HTTP_PORT. Port 0 picks a free port. "
+                                   "POC_TICKET_SECRET sets the ticket signing key (random if unset).")
+    p.add_argument("--tenants", required=True, help="YAML file: tenants: {ID: {connector_token, client_token}}")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--ws-port", type=int, default=config.WS_PORT, help="tunnel port (default %(default)s)")
+    p.add_argument("--flight-port", type=int, default=config.FLIGHT_PORT, help="Flight port (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=config.HTTP_PORT, help="health port (default %(default)s)")
+    p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S,
+                   help="heartbeat interval announced to connectors (default %(default)s)")
+    p.add_argument("--offline-after-s", type=float, default=config.OFFLINE_AFTER_S,
+                   help="a connector silent this long is offline (default %(default)s)")
+    p.add_argument("--request-timeout-s", type=float, default=config.REQUEST_TIMEOUT_S,
+                   help="longest wait for a connector's answer or next frame (default %(default)s)")
+    _add_tunnel_limits(p)
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("connector", help="on-premise connector: dials out to the gateway, serves Parquet datasets",
+                       description="Dial out to the gateway, register, and serve the Parquet datasets of --data "
+                                   "(a file, or a folder of *.parquet; dataset name = file stem). Reconnects "
+                                   "with exponential backoff and jitter; exits 3 if the gateway refuses the token.")
+    p.add_argument("--gateway", required=True, help="ws://HOST:PORT/connect or wss://HOST:PORT/connect")
+    p.add_argument("--tenant", required=True, help="tenant id, as in the gateway's tenants file")
+    p.add_argument("--token", help="connector token (or set POC_CONNECTOR_TOKEN, which keeps it out of ps)")
+    p.add_argument("--data", required=True, help="Parquet file or folder")
+    p.add_argument("--delay-ms", default="200-250", help="simulated extraction delay before each transfer, "
+                                                         "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
+    p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")
+    p.add_argument("--ca-file", help="CA bundle to verify a wss:// gateway")
+    p.set_defaults(func=cmd_connector)
+
+    p = sub.add_parser("direct", help="direct baseline: the same datasets and delay over plain Flight",
+                       description="Serve the Parquet datasets of --data straight over Arrow Flight: the "
+                                   "no-tunnel baseline every figure is compared with.")
+    p.add_argument("--data", required=True, help="Parquet file or folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=config.DIRECT_PORT,
+                   help="Flight port (default %(default)s, beside the gateway's 8815 on one host)")
+    p.add_argument("--delay-ms", default="200-250", help="simulated delay before each DoGet (default %(default)s)")
+    p.add_argument("--tenants", help="tenants YAML: require the same bearer tokens as the gateway")
+    p.set_defaults(func=cmd_direct)
+
+    p = sub.add_parser("dataset", help="write the seed's table to Parquet",
+                       description="Write the seed's table (id int64, value string, amount float64, timestamp) "
+                                   "to Parquet; deterministic for a seed; about 50 bytes a row as Arrow IPC.")
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows (default %(default)s)")
+    p.add_argument("--out", required=True, help="Parquet file to write")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default %(default)s)")
+    p.set_defaults(func=cmd_dataset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,93 @@
+"""Defaults and configuration files: one place, shared by the CLI, notebooks and tests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+WS_PORT = 8443
+FLIGHT_PORT = 8815
+HTTP_PORT = 8080
+DIRECT_PORT = 8816
+HEARTBEAT_S = 60.0
+OFFLINE_AFTER_S = 120.0
+DELAY_MS = (200.0, 250.0)
+REQUEST_TIMEOUT_S = 60.0
+BATCH_BYTES = 2 * 1024 * 1024
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+WINDOW_BYTES = 8 * 1024 * 1024
+MAX_STREAMS = 256
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class ConfigError(ValueError):
+    """A configuration file or option is wrong; the message says which and how."""
+
+
+@dataclass(frozen=True)
+class TenantCredentials:
+    tenant_id: str
+    connector_token: str
+    client_token: str
+
+    def __repr__(self) -> str:  # tokens never reach logs
+        return f"TenantCredentials(tenant_id={self.tenant_id!r})"
+
+
+def load_tenants(path: str | Path) -> dict[str, TenantCredentials]:
+    """Read the tenants YAML file: `tenants: {id: {connector_token, client_token}}`."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read tenants file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"tenants file {path} is not valid YAML: {exc}") from None
+    tenants = doc.get("tenants") if isinstance(doc, dict) else None
+    if not isinstance(tenants, dict) or not tenants:
+        raise ConfigError(f"tenants file {path} must have a non-empty 'tenants:' mapping")
+    result = {}
+    for tenant_id, entry in tenants.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"tenants file {path}: tenant {tenant_id!r} must be a mapping")
+        tokens = {}
+        for key in ("connector_token", "client_token"):
+            value = entry.get(key)
+            if not isinstance(value, str) or len(value) < 8:
+                raise ConfigError(f"tenants file {path}: tenant {tenant_id!r} needs a {key} of at least 8 characters")
+            tokens[key] = value
+        result[str(tenant_id)] = TenantCredentials(str(tenant_id), **tokens)
+    return result
+
+
+def write_tenants(path: str | Path, tenants: dict[str, TenantCredentials]) -> Path:
+    """Write a tenants file that `load_tenants` reads back."""
+    path = Path(path)
+    doc = {"tenants": {t.tenant_id: {"connector_token": t.connector_token, "client_token": t.client_token}
+                       for t in tenants.values()}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def make_tenants(count: int, seed: int | None = None) -> dict[str, TenantCredentials]:
+    """Tenants `tenant_001`… with random tokens, for experiments and tests."""
+    rng = random.Random(seed) if seed is not None else random.SystemRandom()
+    def token() -> str:
+        return "%032x" % rng.getrandbits(128)
+    return {f"tenant_{i:03d}": TenantCredentials(f"tenant_{i:03d}", token(), token()) for i in range(1, count + 1)}
+
+
+def parse_delay(text: str) -> tuple[float, float]:
+    """'200-250' → (200.0, 250.0); '0' → (0.0, 0.0). Milliseconds."""
+    parts = str(text).split("-")
+    try:
+        low, high = (float(parts[0]), float(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not 0 <= low <= high:
+        raise ConfigError(f"delay must be MS or LOW-HIGH milliseconds with 0 <= LOW <= HIGH, got {text!r}")
+    return low, high

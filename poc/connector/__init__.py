@@ -1,0 +1,1 @@
+"""The on-premise data connector: dials out, registers, serves its datasets through the tunnel."""

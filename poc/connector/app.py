@@ -1,0 +1,197 @@
+"""The connector process: one outbound WebSocket, datasets from Parquet, reconnect with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from dataclasses import dataclass
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, InvalidURI
+
+from .. import config
+from ..catalog import Dataset
+from ..transports.websocket import WebSocketLink
+from ..tunnel import ConnectorEndpoint, FrameType, TunnelClosed
+from ..tunnel import endpoint as ev
+
+log = logging.getLogger("poc.connector")
+
+
+class RegistrationRefused(Exception):
+    """The gateway refused the registration (bad token, bad version): retrying would not help."""
+
+
+@dataclass
+class ConnectorConfig:
+    gateway: str
+    tenant_id: str
+    token: str
+    delay_ms: tuple[float, float] = config.DELAY_MS
+    heartbeat_s: float = config.HEARTBEAT_S
+    backoff_initial_s: float = config.BACKOFF_INITIAL_S
+    backoff_max_s: float = config.BACKOFF_MAX_S
+    ca_file: str | None = None
+
+    def __repr__(self) -> str:  # the token never reaches logs
+        return f"ConnectorConfig(gateway={self.gateway!r}, tenant_id={self.tenant_id!r})"
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random = random) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random, so returning connectors spread out."""
+    base = min(cap, initial * 2 ** attempt)
+    return base / 2 + rng.uniform(0, base / 2)
+
+
+class Connector:
+    def __init__(self, cfg: ConnectorConfig, datasets: dict[str, Dataset]) -> None:
+        self.cfg = cfg
+        self.datasets = datasets
+        self.session_id: str | None = None
+        self.sessions = 0
+        self.on_registered = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay connected until `stop` is set; reconnect with backoff; raise RegistrationRefused."""
+        attempt = 0
+        while not stop.is_set():
+            sessions_before = self.sessions
+            try:
+                await self._session(stop)
+            except RegistrationRefused:
+                raise
+            except (OSError, TunnelClosed, InvalidHandshake, asyncio.TimeoutError) as exc:
+                log.warning("link to %s lost: %s", self.cfg.gateway, exc or type(exc).__name__)
+            if stop.is_set():
+                return
+            attempt = 0 if self.sessions > sessions_before else attempt + 1
+            delay = backoff_delay(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
+            log.info("reconnecting in %.2f s (attempt %d)", delay, attempt + 1)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.cfg.gateway.startswith("wss://"):
+            return None
+        return ssl.create_default_context(cafile=self.cfg.ca_file)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        cfg = self.cfg
+        async with connect(cfg.gateway, compression=None, proxy=None, ssl=self._ssl_context(),
+                           max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
+                           ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
+            endpoint = ConnectorEndpoint()
+            transport = WebSocketLink(ws, endpoint)
+            await transport.call(endpoint.register, cfg.tenant_id, cfg.token, sorted(self.datasets))
+            session = _Session(self, transport)
+            stopper = asyncio.get_running_loop().create_task(self._close_on(stop, transport))
+            try:
+                await session.serve()
+            finally:
+                stopper.cancel()
+
+    @staticmethod
+    async def _close_on(stop: asyncio.Event, transport: WebSocketLink) -> None:
+        await stop.wait()
+        await transport.close(1001, "connector shutting down")
+
+
+class _Session:
+    """One registered link: answers requests and runs one task per stream."""
+
+    def __init__(self, connector: Connector, transport: WebSocketLink) -> None:
+        self.connector = connector
+        self.transport = transport
+        self.endpoint: ConnectorEndpoint = transport.endpoint
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.credit: dict[int, asyncio.Event] = {}
+
+    async def serve(self) -> None:
+        events = self.transport.events()
+        heartbeat = None
+        try:
+            first = await asyncio.wait_for(anext(events), 10)
+            self._on_registration(first[0])
+            heartbeat = asyncio.get_running_loop().create_task(self._heartbeats())
+            async for batch in events:
+                for event in batch:
+                    self._handle(event)
+        except StopAsyncIteration:
+            pass
+        finally:
+            for task in [*self.tasks.values(), heartbeat]:
+                if task is not None:
+                    task.cancel()
+            await events.aclose()
+
+    def _on_registration(self, event: ev.Event) -> None:
+        if isinstance(event, ev.RegistrationRefused):
+            raise RegistrationRefused(f"gateway refused the registration ({event.code}): {event.message}")
+        connector = self.connector
+        connector.session_id = event.registered.session_id
+        connector.sessions += 1
+        log.info("registered tenant %s as session %s", connector.cfg.tenant_id, connector.session_id)
+        if connector.on_registered:
+            connector.on_registered(connector.session_id)
+
+    def _handle(self, event: ev.Event) -> None:
+        if isinstance(event, ev.StreamRequested):
+            self.credit[event.stream_id] = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(self._stream(event.stream_id, event.dataset))
+            self.tasks[event.stream_id] = task
+            task.add_done_callback(lambda _, sid=event.stream_id: self._forget(sid))
+        elif isinstance(event, ev.CreditGranted):
+            self.credit[event.stream_id].set()
+        elif isinstance(event, ev.StreamCancelled):
+            task = self.tasks.get(event.stream_id)
+            if task is not None:
+                task.cancel()
+        elif isinstance(event, ev.FlightInfoRequested):
+            self._answer_flight_info(event)
+        elif isinstance(event, ev.RequestFailed):
+            log.warning("gateway reported an error (%s): %s", event.code, event.message)
+
+    def _forget(self, stream_id: int) -> None:
+        self.tasks.pop(stream_id, None)
+        self.credit.pop(stream_id, None)
+
+    def _answer_flight_info(self, event: ev.FlightInfoRequested) -> None:
+        ds = self.connector.datasets.get(event.dataset)
+        if ds is None:
+            self.endpoint.fail_request(event.request_id, "not_found", f"dataset {event.dataset!r} not found")
+        else:
+            self.endpoint.reply_flight_info(event.request_id, ds.schema_message, ds.rows, ds.ipc_bytes)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.connector.cfg.heartbeat_s)
+            await self.transport.call(self.endpoint.heartbeat, time.time())
+
+    async def _stream(self, stream_id: int, name: str) -> None:
+        ds = self.connector.datasets.get(name)
+        if ds is None:
+            await self.transport.call(self.endpoint.fail_request, stream_id, "not_found", f"dataset {name!r} not found")
+            return
+        low, high = self.connector.cfg.delay_ms
+        if high > 0:
+            await asyncio.sleep(random.uniform(low, high) / 1000)  # simulated extraction
+        await self._send(stream_id, FrameType.SCHEMA, ds.schema_message)
+        for message in ds.batch_messages:
+            await self._send(stream_id, FrameType.BATCH, message)
+        await self.transport.call(self.endpoint.send_frame, FrameType.END, stream_id)
+
+    async def _send(self, stream_id: int, frame_type: FrameType, payload) -> None:
+        """Send one frame once the stream has credit for it (docs/protocol.md §5)."""
+        size = len(payload)
+        while self.endpoint.credit(stream_id) < size:
+            if self.endpoint.credit(stream_id) < 0:
+                raise asyncio.CancelledError
+            event = self.credit[stream_id]
+            event.clear()
+            await event.wait()
+        await self.transport.call(self.endpoint.send_frame, frame_type, stream_id, memoryview(payload))

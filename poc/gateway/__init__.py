@@ -1,0 +1,1 @@
+"""The cloud gateway: tenant registry, tunnel links, Flight server and health endpoint."""

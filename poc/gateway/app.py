@@ -1,0 +1,183 @@
+"""The gateway process: WebSocket tunnel endpoint, Flight server and health endpoint, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from .. import config
+from ..auth import TicketSigner
+from ..config import TenantCredentials
+from ..transports.websocket import WebSocketLink
+from ..tunnel import HEADER, CloseCode, GatewayEndpoint, Limits, TunnelClosed
+from ..tunnel.messages import PROTOCOL_VERSION, Register
+from .bridge import TunnelBridge
+from .flight_server import GatewayFlightServer
+from .health import HealthServer
+from .link import TenantLink
+from .registry import TenantRegistry
+
+log = logging.getLogger("poc.gateway")
+
+
+@dataclass
+class GatewayConfig:
+    tenants: dict[str, TenantCredentials]
+    host: str = "127.0.0.1"
+    ws_port: int = config.WS_PORT
+    flight_port: int = config.FLIGHT_PORT
+    http_port: int = config.HTTP_PORT
+    heartbeat_s: float = config.HEARTBEAT_S
+    offline_after_s: float = config.OFFLINE_AFTER_S
+    request_timeout_s: float = config.REQUEST_TIMEOUT_S
+    register_timeout_s: float = 10.0
+    limits: Limits = field(default_factory=lambda: Limits(config.MAX_FRAME_BYTES, config.WINDOW_BYTES,
+                                                          config.MAX_STREAMS))
+    ticket_secret: bytes | None = None
+
+
+class Gateway:
+    """Start with `await start()`, stop with `await stop()`; ports are known after start."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.registry = TenantRegistry(cfg.tenants)
+        self._ws_server: Server | None = None
+        self._flight: GatewayFlightServer | None = None
+        self._http: HealthServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.ports: dict[str, int] = {}
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        self._ws_server = await serve(
+            self._handle, cfg.host, cfg.ws_port, process_request=self._only_connect_path,
+            compression=None, max_size=cfg.limits.max_frame_bytes + HEADER.size,
+            ping_interval=None, write_limit=1024 * 1024)
+        bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s)
+        self._flight = GatewayFlightServer(f"grpc://{cfg.host}:{cfg.flight_port}", bridge, cfg.tenants,
+                                           TicketSigner(cfg.ticket_secret))
+        threading.Thread(target=self._flight.serve, name="flight", daemon=True).start()
+        self._http = HealthServer((cfg.host, cfg.http_port), self.registry.snapshot)
+        self._http.start()
+        self._spawn(self._watch_heartbeats())
+        self.ports = {"ws_port": self._ws_server.sockets[0].getsockname()[1],
+                      "flight_port": self._flight.port, "http_port": self._http.server_address[1]}
+        log.info("gateway ready: %s", self.ports)
+
+    async def stop(self) -> None:
+        """Stop accepting, end in-flight streams with an error, close every tunnel (1001), stop Flight."""
+        for task in self._tasks:
+            task.cancel()
+        if self._ws_server is not None:
+            self._ws_server.close(close_connections=False)
+            for link in self.registry.links():
+                self._drop(link, "gateway shutting down", CloseCode.GOING_AWAY)
+            await asyncio.wait_for(self._ws_server.wait_closed(), 15)
+        if self._http is not None:
+            self._http.shutdown()
+        if self._flight is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._flight.shutdown)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _only_connect_path(connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?")[0] != "/connect":
+            return connection.respond(404, "the tunnel endpoint is /connect\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        transport = WebSocketLink(ws, GatewayEndpoint(self.cfg.limits))
+        events = transport.events()
+        link: TenantLink | None = None
+        reason = "closed"
+        try:
+            async with asyncio.timeout(self.cfg.register_timeout_s):
+                first = await anext(events)
+            link = await self._register(transport, first[0])
+            if link is None:
+                return
+            async for batch in events:
+                for event in batch:
+                    link.handle(event)
+        except TimeoutError:
+            await transport.close(CloseCode.PROTOCOL_ERROR, f"no register within {self.cfg.register_timeout_s:.0f} s")
+        except (TunnelClosed, StopAsyncIteration) as exc:
+            reason = str(exc) or reason
+        finally:
+            await events.aclose()
+            if link is not None:
+                self.registry.unregister(link)
+                link.fail_all(link.closing_reason or reason)
+                log.info("tenant %s session %s disconnected: %s", link.tenant_id, link.session_id,
+                         link.closing_reason or reason)
+
+    async def _register(self, transport: WebSocketLink, event) -> TenantLink | None:
+        register: Register = event.register  # the core lets nothing else come first
+        creds = self.cfg.tenants.get(register.tenant_id)
+        expected = creds.connector_token if creds else secrets.token_hex(16)
+        token_ok = hmac.compare_digest(register.token.encode(), expected.encode()) and creds is not None
+        if register.version.split(".")[0] != PROTOCOL_VERSION:
+            return await self._refuse(transport, "unsupported_version",
+                                      f"protocol version {register.version!r} is not supported; "
+                                      f"this gateway speaks {PROTOCOL_VERSION}", CloseCode.PROTOCOL_ERROR)
+        if not token_ok:
+            log.warning("refused a connector for tenant %r: invalid token", register.tenant_id)
+            return await self._refuse(transport, "unauthenticated",
+                                      f"invalid token for tenant {register.tenant_id!r}", CloseCode.UNAUTHENTICATED)
+        session_id = "sess_" + secrets.token_hex(8)
+        await transport.call(transport.endpoint.accept, session_id, self.cfg.heartbeat_s)
+        link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport)
+        link.last_heartbeat = time.time()
+        old = self.registry.register(link)
+        if old is not None:
+            self._drop(old, f"replaced by a new registration ({session_id})", CloseCode.REPLACED)
+        log.info("tenant %s registered: session %s, datasets %s", link.tenant_id, session_id, link.datasets)
+        return link
+
+    async def _refuse(self, transport: WebSocketLink, code: str, message: str, close_code: int) -> None:
+        await transport.call(transport.endpoint.refuse, code, message)
+        await transport.close(close_code, message)
+        return None
+
+    def _drop(self, link: TenantLink, reason: str, close_code: int) -> None:
+        """Take a link out of service now; its requests fail at once, the close completes in the background."""
+        link.closing_reason = reason
+        self.registry.unregister(link)
+        link.fail_all(reason)
+        self._spawn(link.transport.close(close_code, reason))
+
+    async def _watch_heartbeats(self) -> None:
+        interval = max(0.05, min(5.0, self.cfg.offline_after_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for link in self.registry.links():
+                if now - link.last_seen > self.cfg.offline_after_s:
+                    log.warning("tenant %s silent for %.0f s: offline", link.tenant_id, now - link.last_seen)
+                    self._drop(link, f"no heartbeat for {self.cfg.offline_after_s:.0f} s", CloseCode.HEARTBEAT_TIMEOUT)
+
+
+async def run_gateway(cfg: GatewayConfig, stop: asyncio.Event, on_ready=None) -> None:
+    """Run until `stop` is set, then shut down cleanly."""
+    gateway = Gateway(cfg)
+    await gateway.start()
+    if on_ready:
+        on_ready(gateway.ports)
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()

@@ -1,0 +1,154 @@
+"""A registered connector's link, seen from the gateway's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from ..transports.websocket import WebSocketLink
+from ..tunnel import endpoint as ev
+from ..tunnel.endpoint import GatewayEndpoint
+
+
+class StreamItem:
+    SCHEMA = "schema"
+    BATCH = "batch"
+    END = "end"
+    ERROR = "error"
+
+
+class StreamSink:
+    """Hands one stream's frames from the event loop to the Flight thread that serves it.
+
+    Unbounded as a queue, bounded in bytes by the stream's credit window (docs/protocol.md §5).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, kind: str, value=None) -> None:
+        self._queue.put((kind, value))
+
+    def get(self, timeout: float):
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise flight.FlightTimedOutError(f"no data from the connector for {timeout:.0f} s") from None
+
+
+def request_error(tenant_id: str, code: str, message: str) -> Exception:
+    """The Flight error a client sees for a connector's error reply (docs/protocol.md §3.9)."""
+    if code == "not_found":
+        return pa.ArrowKeyError(message)
+    if code == "invalid_request":
+        return pa.ArrowInvalid(message)
+    return flight.FlightServerError(f"connector of tenant {tenant_id} failed the request ({code}): {message}")
+
+
+@dataclass
+class TenantLink:
+    """One tenant's live connection: its endpoint, its waiting requests and its open streams."""
+
+    tenant_id: str
+    session_id: str
+    datasets: list[str]
+    transport: WebSocketLink
+    connected_at: float = field(default_factory=time.time)
+    last_heartbeat: float | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    closing_reason: str | None = None
+    _infos: dict[int, asyncio.Future] = field(default_factory=dict)
+    _sinks: dict[int, StreamSink] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> GatewayEndpoint:
+        return self.transport.endpoint
+
+    @property
+    def streams_in_flight(self) -> int:
+        return len(self._sinks)
+
+    def handle(self, event: ev.Event) -> None:
+        """Route one event of the core to the request or stream it belongs to."""
+        self.last_seen = time.monotonic()
+        if isinstance(event, ev.BatchReceived):
+            self._sinks[event.stream_id].put(StreamItem.BATCH, event.payload)
+        elif isinstance(event, ev.SchemaReceived):
+            self._sinks[event.stream_id].put(StreamItem.SCHEMA, event.payload)
+        elif isinstance(event, ev.StreamEnded):
+            self._sinks.pop(event.stream_id).put(StreamItem.END)
+        elif isinstance(event, ev.FlightInfoReceived):
+            future = self._infos.pop(event.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(event)
+        elif isinstance(event, ev.RequestFailed):
+            error = request_error(self.tenant_id, event.code, event.message)
+            future = self._infos.pop(event.request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            sink = self._sinks.pop(event.request_id, None)
+            if sink is not None:
+                sink.put(StreamItem.ERROR, error)
+        elif isinstance(event, ev.HeartbeatReceived):
+            self.last_heartbeat = time.time()
+
+    async def flight_info(self, dataset: str, timeout: float) -> ev.FlightInfoReceived:
+        """Ask the connector for a dataset's schema and size."""
+        rid = self.endpoint.request_flight_info(dataset)
+        future = asyncio.get_running_loop().create_future()
+        self._infos[rid] = future
+        self.transport.flush_soon()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise flight.FlightTimedOutError(f"connector of tenant {self.tenant_id} did not answer in {timeout:.0f} s") from None
+        finally:
+            self._infos.pop(rid, None)
+            self.endpoint.forget_request(rid)
+
+    def open_stream(self, dataset: str) -> tuple[int, StreamSink]:
+        """Send a do_get; return the stream id and the sink its frames will arrive in."""
+        try:
+            sid = self.endpoint.open_stream(dataset)
+        except Exception as exc:  # the streams-in-flight limit (docs/protocol.md §7)
+            raise flight.FlightUnavailableError(f"tenant {self.tenant_id}: {exc}") from None
+        sink = self._sinks[sid] = StreamSink()
+        self.transport.flush_soon()
+        return sid, sink
+
+    def grant(self, stream_id: int, size: int) -> None:
+        self.endpoint.grant_credit(stream_id, size)
+        self.transport.flush_soon()
+
+    def cancel(self, stream_id: int, reason: str) -> None:
+        if self._sinks.pop(stream_id, None) is not None:
+            self.endpoint.cancel_stream(stream_id, reason)
+            self.transport.flush_soon()
+
+    def fail_all(self, reason: str) -> None:
+        """The link is gone: every waiting request and open stream ends in an error, none looks complete."""
+        error = flight.FlightUnavailableError(f"connector of tenant {self.tenant_id} disconnected: {reason}")
+        for future in self._infos.values():
+            if not future.done():
+                future.set_exception(error)
+        for sink in self._sinks.values():
+            sink.put(StreamItem.ERROR, error)
+        self._infos.clear()
+        self._sinks.clear()
+        self.endpoint.close()
+
+    def snapshot(self) -> dict:
+        return {
+            "status": "online",
+            "session_id": self.session_id,
+            "connected_at": self.connected_at,
+            "last_heartbeat": self.last_heartbeat,
+            "silent_s": round(time.monotonic() - self.last_seen, 3),
+            "streams_in_flight": self.streams_in_flight,
+            "datasets": list(self.datasets),
+        }

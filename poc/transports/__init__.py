@@ -1,0 +1,1 @@
+"""Thin adapters that move the protocol core's messages over a real connection."""

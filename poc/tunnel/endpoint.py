@@ -1,0 +1,399 @@
+"""The two ends of a tunnel, sans-I/O: messages in, events out, messages to send queued.
+
+A transport feeds every received WebSocket message to `receive_text` or
+`receive_binary`, handles the events returned, then sends `data_to_send()`.
+Neither class touches a socket, a clock or a thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from dataclasses import dataclass
+
+from . import messages as m
+from .errors import LocalProtocolError, RemoteProtocolError
+from .frames import HEADER, DataFrame, FrameType
+from .streams import Stream, StreamEvent
+
+
+# ----------------------------------------------------------------------------- events
+
+@dataclass(frozen=True)
+class Event:
+    """Something the peer did that the application must act on."""
+
+
+@dataclass(frozen=True)
+class RegisterRequested(Event):
+    register: m.Register
+
+
+@dataclass(frozen=True)
+class Registered(Event):
+    registered: m.Registered
+
+
+@dataclass(frozen=True)
+class RegistrationRefused(Event):
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class HeartbeatReceived(Event):
+    ts: float
+
+
+@dataclass(frozen=True)
+class HeartbeatAcked(Event):
+    ts: float
+
+
+@dataclass(frozen=True)
+class FlightInfoRequested(Event):
+    request_id: int
+    dataset: str
+
+
+@dataclass(frozen=True)
+class FlightInfoReceived(Event):
+    request_id: int
+    schema: bytes
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StreamRequested(Event):
+    stream_id: int
+    dataset: str
+    window: int
+
+
+@dataclass(frozen=True)
+class CreditGranted(Event):
+    stream_id: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StreamCancelled(Event):
+    stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestFailed(Event):
+    request_id: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SchemaReceived(Event):
+    stream_id: int
+    payload: memoryview
+
+
+@dataclass(frozen=True)
+class BatchReceived(Event):
+    stream_id: int
+    payload: memoryview
+
+
+@dataclass(frozen=True)
+class StreamEnded(Event):
+    stream_id: int
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+class LinkState(enum.Enum):
+    AWAITING_REGISTER = "awaiting_register"
+    REGISTERED = "registered"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the gateway allows one connection (§7)."""
+
+    max_frame_bytes: int = 8 * 1024 * 1024
+    window_bytes: int = 16 * 1024 * 1024
+    max_streams: int = 256
+    max_message_bytes: int = 1024 * 1024  # control messages
+
+    def __post_init__(self) -> None:
+        if self.window_bytes < self.max_frame_bytes:
+            raise ValueError("window_bytes must be at least max_frame_bytes, or a full-size frame could never be sent")
+
+
+class _Endpoint:
+    def __init__(self) -> None:
+        self._outbox: list[str | bytes] = []
+        self.state = LinkState.AWAITING_REGISTER
+        self.streams: dict[int, Stream] = {}
+
+    def data_to_send(self) -> list[str | bytes]:
+        """Messages queued since the last call, in order: str for text frames, bytes for binary."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _send(self, message: m.Message) -> None:
+        self._outbox.append(message.serialize())
+
+    max_text_bytes = 1024 * 1024
+
+    def receive_text(self, text: str) -> list[Event]:
+        """Handle one text frame; raise RemoteProtocolError if the peer broke the contract."""
+        if self.state is LinkState.CLOSED:
+            return []
+        if len(text) > self.max_text_bytes:
+            raise RemoteProtocolError(f"control message of {len(text)} characters exceeds the limit of "
+                                      f"{self.max_text_bytes}", close_code=1009)
+        return self._handle(m.parse_message(text))
+
+    def _handle(self, message: m.Message) -> list[Event]:
+        raise NotImplementedError
+
+    def close(self) -> list[int]:
+        """Mark the link closed; return the ids of the streams that were still open."""
+        self.state = LinkState.CLOSED
+        open_ids = [sid for sid, s in self.streams.items() if not s.closed]
+        self.streams.clear()
+        return open_ids
+
+    def _unexpected(self, message: m.Message) -> RemoteProtocolError:
+        return RemoteProtocolError(f"unexpected {message.ACTION!r} in state {self.state.name}")
+
+
+class GatewayEndpoint(_Endpoint):
+    """The gateway's end: accepts a registration, asks for flight info, opens streams, grants credit."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        super().__init__()
+        self.limits = limits
+        self.max_text_bytes = limits.max_message_bytes
+        self._next_id = 1
+        self._pending_info: set[int] = set()
+
+    # -- input
+    def _handle(self, message: m.Message) -> list[Event]:
+        if self.state is LinkState.AWAITING_REGISTER:
+            if isinstance(message, m.Register):
+                return [RegisterRequested(message)]
+            raise RemoteProtocolError(f"{message.ACTION!r} before register")
+        if isinstance(message, m.Heartbeat):
+            self._send(m.HeartbeatAck(ts=message.ts))
+            return [HeartbeatReceived(message.ts)]
+        if isinstance(message, m.FlightInfoReply):
+            self._take_pending(message.request_id, message.ACTION)
+            try:
+                schema = base64.b64decode(message.schema, validate=True)
+            except ValueError:
+                raise RemoteProtocolError("flight_info: schema is not valid base64") from None
+            return [FlightInfoReceived(message.request_id, schema, message.rows, message.bytes)]
+        if isinstance(message, m.Error) and message.request_id is not None:
+            rid = message.request_id
+            if rid in self._pending_info:
+                self._pending_info.discard(rid)
+            elif rid in self.streams:
+                self.streams.pop(rid).advance(StreamEvent.ERROR, RemoteProtocolError)
+            elif rid >= self._next_id:
+                raise RemoteProtocolError(f"error for request {rid} that the gateway never sent")
+            else:
+                return []  # a request the gateway already closed (§6)
+            return [RequestFailed(rid, message.code, message.message)]
+        raise self._unexpected(message)
+
+    def _take_pending(self, request_id: int, action: str) -> None:
+        if request_id not in self._pending_info:
+            raise RemoteProtocolError(f"{action} for request {request_id} that the gateway did not send")
+        self._pending_info.discard(request_id)
+
+    def receive_binary(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Handle one binary frame; its payload is passed on as a view, never copied."""
+        if self.state is LinkState.CLOSED:
+            return []
+        if self.state is not LinkState.REGISTERED:
+            raise RemoteProtocolError("binary frame before register")
+        frame = DataFrame.parse(data, self.limits.max_frame_bytes)
+        stream = self.streams.get(frame.stream_id)
+        if stream is None:
+            if frame.stream_id < self._next_id:
+                return []  # late frame of a stream the gateway cancelled (§6)
+            raise RemoteProtocolError(f"{frame.type.name} frame for stream {frame.stream_id} that the gateway never opened")
+        if frame.type is FrameType.SCHEMA:
+            stream.advance(StreamEvent.SCHEMA, RemoteProtocolError)
+            stream.spend(len(frame.payload), remote=True)
+            return [SchemaReceived(frame.stream_id, frame.payload)]
+        if frame.type is FrameType.BATCH:
+            stream.advance(StreamEvent.BATCH, RemoteProtocolError)
+            stream.spend(len(frame.payload), remote=True)
+            return [BatchReceived(frame.stream_id, frame.payload)]
+        stream.advance(StreamEvent.END, RemoteProtocolError)
+        del self.streams[frame.stream_id]
+        return [StreamEnded(frame.stream_id)]
+
+    # -- output
+    def accept(self, session_id: str, heartbeat_s: float) -> None:
+        """Answer the register with ok and a session id."""
+        if self.state is not LinkState.AWAITING_REGISTER:
+            raise LocalProtocolError(f"cannot accept a registration in state {self.state.name}")
+        self.state = LinkState.REGISTERED
+        lim = self.limits
+        self._send(m.Registered(session_id=session_id, heartbeat_s=heartbeat_s,
+                                max_frame_bytes=lim.max_frame_bytes, window_bytes=lim.window_bytes,
+                                max_streams=lim.max_streams))
+
+    def refuse(self, code: str, message: str) -> None:
+        """Answer the register with an error; the transport then closes the socket (4001)."""
+        self._send(m.Error(code=code, message=message))
+        self.state = LinkState.CLOSED
+
+    def _new_id(self) -> int:
+        if self.state is not LinkState.REGISTERED:
+            raise LocalProtocolError(f"cannot send a request in state {self.state.name}")
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def request_flight_info(self, dataset: str) -> int:
+        """Queue a get_flight_info; return its request id."""
+        rid = self._new_id()
+        self._pending_info.add(rid)
+        self._send(m.GetFlightInfo(request_id=rid, dataset=dataset))
+        return rid
+
+    def open_stream(self, dataset: str) -> int:
+        """Queue a do_get with a full window; return the stream id."""
+        if len(self.streams) >= self.limits.max_streams:
+            raise LocalProtocolError(f"{len(self.streams)} streams already in flight (limit {self.limits.max_streams})")
+        sid = self._new_id()
+        self.streams[sid] = Stream(sid, dataset, self.limits.window_bytes)
+        self._send(m.DoGet(request_id=sid, dataset=dataset, window=self.limits.window_bytes))
+        return sid
+
+    def grant_credit(self, stream_id: int, size: int) -> None:
+        """Let the connector send `size` more bytes on a stream; a no-op once it closed."""
+        stream = self.streams.get(stream_id)
+        if stream is None or size <= 0:
+            return
+        stream.grant(size)
+        self._send(m.Credit(request_id=stream_id, bytes=size))
+
+    def cancel_stream(self, stream_id: int, reason: str) -> None:
+        """Tell the connector to stop a stream; frames already on the wire are discarded."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream.advance(StreamEvent.CANCEL)
+            self._send(m.Cancel(request_id=stream_id, reason=reason))
+
+    def forget_request(self, request_id: int) -> None:
+        """Stop waiting for a flight_info reply (the caller gave up); a late reply is ignored."""
+        self._pending_info.discard(request_id)
+
+    @property
+    def streams_in_flight(self) -> int:
+        return len(self.streams)
+
+
+class ConnectorEndpoint(_Endpoint):
+    """The connector's end: registers, answers requests, streams frames within its credit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registered: m.Registered | None = None
+        self._register_sent = False
+
+    def register(self, tenant_id: str, token: str, datasets: list[str]) -> None:
+        """Queue the register message: the first message on every link (§2)."""
+        if self._register_sent:
+            raise LocalProtocolError("register was already sent on this link")
+        self._register_sent = True
+        self._send(m.Register(tenant_id=tenant_id, token=token, version=m.PROTOCOL_VERSION, datasets=datasets))
+
+    def receive_binary(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        raise RemoteProtocolError("the gateway must not send binary frames")
+
+    def _handle(self, message: m.Message) -> list[Event]:
+        if self.state is LinkState.AWAITING_REGISTER:
+            if isinstance(message, m.Registered):
+                self.state = LinkState.REGISTERED
+                self.registered = message
+                return [Registered(message)]
+            if isinstance(message, m.Error):
+                self.state = LinkState.CLOSED
+                return [RegistrationRefused(message.code, message.message)]
+            raise RemoteProtocolError(f"{message.ACTION!r} before the registration was answered")
+        if isinstance(message, m.GetFlightInfo):
+            return [FlightInfoRequested(message.request_id, message.dataset)]
+        if isinstance(message, m.DoGet):
+            if message.request_id in self.streams:
+                raise RemoteProtocolError(f"do_get reuses the id {message.request_id} of an open stream")
+            if message.window < self.registered.max_frame_bytes:
+                raise RemoteProtocolError(f"do_get window {message.window} is below max_frame_bytes")
+            self.streams[message.request_id] = Stream(message.request_id, message.dataset, message.window)
+            return [StreamRequested(message.request_id, message.dataset, message.window)]
+        if isinstance(message, m.Credit):
+            stream = self.streams.get(message.request_id)
+            if stream is None:
+                return []  # the stream ended while the grant was on the wire
+            stream.grant(message.bytes)
+            return [CreditGranted(message.request_id, message.bytes)]
+        if isinstance(message, m.Cancel):
+            stream = self.streams.pop(message.request_id, None)
+            if stream is None:
+                return []
+            stream.advance(StreamEvent.CANCEL, RemoteProtocolError)
+            return [StreamCancelled(message.request_id, message.reason)]
+        if isinstance(message, m.HeartbeatAck):
+            return [HeartbeatAcked(message.ts)]
+        if isinstance(message, m.Error):
+            return [RequestFailed(message.request_id or 0, message.code, message.message)]
+        raise self._unexpected(message)
+
+    # -- output
+    def _require_registered(self) -> None:
+        if self.state is not LinkState.REGISTERED:
+            raise LocalProtocolError(f"cannot send in state {self.state.name}")
+
+    def heartbeat(self, ts: float) -> None:
+        self._require_registered()
+        self._send(m.Heartbeat(ts=ts))
+
+    def reply_flight_info(self, request_id: int, schema: bytes, rows: int, size: int) -> None:
+        self._require_registered()
+        self._send(m.FlightInfoReply(request_id=request_id, schema=base64.b64encode(schema).decode("ascii"),
+                                     rows=rows, bytes=size))
+
+    def fail_request(self, request_id: int, code: str, message: str) -> None:
+        """Answer a request or end a stream with an error (§3.9)."""
+        self._require_registered()
+        stream = self.streams.pop(request_id, None)
+        if stream is not None:
+            stream.advance(StreamEvent.ERROR)
+        self._send(m.Error(code=code, message=message, request_id=request_id))
+
+    def credit(self, stream_id: int) -> int:
+        """Bytes the stream may still send; -1 once it is closed or cancelled."""
+        stream = self.streams.get(stream_id)
+        return -1 if stream is None else stream.credit
+
+    def send_frame(self, frame_type: FrameType, stream_id: int, payload: bytes | memoryview = b"") -> None:
+        """Queue a data frame; raise LocalProtocolError if the stream's state or credit forbids it."""
+        self._require_registered()
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        event = {FrameType.SCHEMA: StreamEvent.SCHEMA, FrameType.BATCH: StreamEvent.BATCH,
+                 FrameType.END: StreamEvent.END}[frame_type]
+        max_frame = self.registered.max_frame_bytes
+        if len(payload) > max_frame:
+            raise LocalProtocolError(f"payload of {len(payload)} bytes exceeds max_frame_bytes {max_frame}")
+        stream.advance(event)
+        stream.spend(len(payload), remote=False)
+        if stream.closed:
+            del self.streams[stream_id]
+        self._outbox.append(HEADER.pack(frame_type, stream_id) + payload)
