@@ -30,6 +30,15 @@ class Dataset:
         """Each batch as one encapsulated Arrow IPC message, serialized once and reused."""
         return [batch.serialize() for batch in self.batches]
 
+    def messages_within(self, max_bytes: int) -> list[pa.Buffer]:
+        """The batch messages, each batch halved until its message fits in `max_bytes` (a frame's limit)."""
+        if all(m.size <= max_bytes for m in self.batch_messages):
+            return self.batch_messages
+        cache = self.__dict__.setdefault("_fitted", {})
+        if max_bytes not in cache:
+            cache[max_bytes] = [m for b in self.batches for m in _fit(b, max_bytes)]
+        return cache[max_bytes]
+
     @property
     def rows(self) -> int:
         return sum(b.num_rows for b in self.batches)
@@ -71,3 +80,13 @@ def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str,
             raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
         datasets[file.stem] = Dataset(file.stem, table.schema, cut_batches(table, batch_bytes))
     return datasets
+
+
+def _fit(batch: pa.RecordBatch, max_bytes: int) -> list[pa.Buffer]:
+    message = batch.serialize()
+    if message.size <= max_bytes:
+        return [message]
+    if batch.num_rows <= 1:
+        raise ValueError(f"one row serializes to {message.size} bytes, more than a frame may carry ({max_bytes})")
+    half = batch.num_rows // 2
+    return _fit(batch.slice(0, half), max_bytes) + _fit(batch.slice(half), max_bytes)

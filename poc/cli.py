@@ -98,13 +98,13 @@ def cmd_direct(args: argparse.Namespace) -> int:
     tenants = config.load_tenants(args.tenants) if args.tenants else None
     server = DirectFlightServer(f"grpc://{args.host}:{args.port}", load_datasets(args.data), tenants,
                                 config.parse_delay(args.delay_ms))
-    stop = threading.Event()
+    def shutdown(*_) -> None:  # shutdown() waits for calls in flight, so not on the signal's own stack
+        threading.Thread(target=server.shutdown, name="shutdown").start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    threading.Thread(target=server.serve, name="flight", daemon=True).start()
+        signal.signal(sig, shutdown)
     _emit_ready(component="direct", pid=os.getpid(), flight_port=server.port)
-    stop.wait()
-    server.shutdown()
+    server.serve()
     return 0
 
 

@@ -173,6 +173,16 @@ class _Session:
             await self.transport.call(self.endpoint.heartbeat, time.time())
 
     async def _stream(self, stream_id: int, name: str) -> None:
+        try:
+            await self._stream_dataset(stream_id, name)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:  # a failed transfer must end in an error frame, never in silence
+            log.exception("stream %d of %r failed", stream_id, name)
+            if self.endpoint.credit(stream_id) >= 0:
+                await self.transport.call(self.endpoint.fail_request, stream_id, "internal", str(exc))
+
+    async def _stream_dataset(self, stream_id: int, name: str) -> None:
         ds = self.connector.datasets.get(name)
         if ds is None:
             await self.transport.call(self.endpoint.fail_request, stream_id, "not_found", f"dataset {name!r} not found")
@@ -181,7 +191,7 @@ class _Session:
         if high > 0:
             await asyncio.sleep(random.uniform(low, high) / 1000)  # simulated extraction
         await self._send(stream_id, FrameType.SCHEMA, ds.schema_message)
-        for message in ds.batch_messages:
+        for message in ds.messages_within(self.endpoint.registered.max_frame_bytes):
             await self._send(stream_id, FrameType.BATCH, message)
         await self.transport.call(self.endpoint.send_frame, FrameType.END, stream_id)
 

@@ -1,0 +1,202 @@
+"""Start and stop the components as real processes, wait for their health, sample CPU and memory.
+
+Used by the notebooks, the benchmark and the integration tests. Every process
+started here is stopped by its PID on exit, on error and on interrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TenantCredentials, write_tenants
+
+
+class ComponentError(RuntimeError):
+    """A component did not start or is not healthy; the message carries the tail of its log."""
+
+
+@dataclass
+class Component:
+    """One running `python -m poc ...` process."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    ready: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float) -> dict:
+        """Read the component's ready line from stdout; raise ComponentError if it exits or stays silent."""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.popen.stdout, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0:
+                if sel.select(min(left, 0.2)):
+                    line = self.popen.stdout.readline()
+                    if line:
+                        self.ready = json.loads(line)
+                        return self.ready
+                if self.popen.poll() is not None:
+                    raise ComponentError(f"{self.name} exited with code {self.popen.returncode}:\n{self.log_tail()}")
+        raise ComponentError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; return the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        if self.popen.stdout:
+            self.popen.stdout.close()
+        return self.popen.returncode
+
+
+def start_component(name: str, args: list[str], log_dir: Path, env: dict | None = None,
+                    ready_timeout: float = 60.0, wait: bool = True) -> Component:
+    """Run `python -m poc ARGS` with its stderr in LOG_DIR/NAME.log; wait for its ready line."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen([sys.executable, "-m", "poc", *args], stdout=subprocess.PIPE, stderr=log,
+                                 stdin=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
+    component = Component(name, popen, log_path)
+    if wait:
+        try:
+            component.wait_ready(ready_timeout)
+        except BaseException:
+            component.stop()
+            raise
+    return component
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+class Cluster:
+    """A gateway, one connector per tenant and a direct server, on free loopback ports."""
+
+    def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path,
+                 delay_ms: str = "0", gateway_args: tuple[str, ...] = (), connector_args: tuple[str, ...] = (),
+                 with_connectors: bool = True, with_direct: bool = True, host: str = "127.0.0.1") -> None:
+        self.workdir = Path(workdir)
+        self.tenants = tenants
+        self.data = Path(data)
+        self.delay_ms = delay_ms
+        self.gateway_args = list(gateway_args)
+        self.connector_args = list(connector_args)
+        self.with_connectors = with_connectors
+        self.with_direct = with_direct
+        self.host = host
+        self.components: dict[str, Component] = {}
+        self.tenants_file = self.workdir / "tenants.yaml"
+
+    def __enter__(self) -> "Cluster":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        write_tenants(self.tenants_file, self.tenants)
+        self.start_gateway()
+        if self.with_connectors:
+            for tenant_id in self.tenants:
+                self.start_connector(tenant_id)
+            self.wait_online(list(self.tenants))
+        if self.with_direct:
+            self.components["direct"] = start_component(
+                "direct", ["direct", "--data", str(self.data), "--host", self.host, "--port", "0",
+                           "--delay-ms", self.delay_ms, "--tenants", str(self.tenants_file)], self.log_dir)
+
+    def start_gateway(self, extra: tuple[str, ...] = ()) -> Component:
+        gateway = start_component(
+            "gateway", ["gateway", "--tenants", str(self.tenants_file), "--host", self.host, "--ws-port", "0",
+                        "--flight-port", "0", "--http-port", "0", *self.gateway_args, *extra], self.log_dir)
+        self.components["gateway"] = gateway
+        return gateway
+
+    def start_connector(self, tenant_id: str, token: str | None = None, data: str | Path | None = None,
+                        extra: tuple[str, ...] = (), name: str | None = None, wait: bool = True) -> Component:
+        """Start a connector for a tenant (its own token and the cluster's data unless told otherwise)."""
+        token = token if token is not None else self.tenants[tenant_id].connector_token
+        component = start_component(
+            name or f"connector-{tenant_id}",
+            ["connector", "--gateway", self.ws_url, "--tenant", tenant_id, "--data", str(data or self.data),
+             "--delay-ms", self.delay_ms, *self.connector_args, *extra],
+            self.log_dir, env={"POC_CONNECTOR_TOKEN": token}, wait=wait)
+        self.components[component.name] = component
+        return component
+
+    @property
+    def gateway(self) -> Component:
+        return self.components["gateway"]
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.gateway.ready['ws_port']}/connect"
+
+    @property
+    def flight_uri(self) -> str:
+        return f"grpc://{self.host}:{self.gateway.ready['flight_port']}"
+
+    @property
+    def direct_uri(self) -> str:
+        return f"grpc://{self.host}:{self.components['direct'].ready['flight_port']}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{self.host}:{self.gateway.ready['http_port']}/health"
+
+    def health(self) -> dict:
+        return get_json(self.health_url)
+
+    def wait_online(self, tenant_ids: list[str], timeout: float = 30.0, session_not: dict | None = None) -> dict:
+        """Wait until /health shows each tenant online (with a session other than `session_not[tenant]`)."""
+        deadline = time.monotonic() + timeout
+        health: dict = {}
+        while time.monotonic() < deadline:
+            health = self.health()
+            states = health["tenants"]
+            if all(states.get(t, {}).get("status") == "online"
+                   and states[t]["session_id"] != (session_not or {}).get(t) for t in tenant_ids):
+                return health
+            time.sleep(0.05)
+        raise ComponentError(f"tenants {tenant_ids} not online after {timeout:.0f} s: {health}")
+
+    def stop(self) -> None:
+        """Stop every component this cluster started, connectors first."""
+        for name in sorted(self.components, key=lambda n: n == "gateway"):
+            self.components[name].stop()

@@ -1,0 +1,108 @@
+"""What a client sees when things go wrong: a clear Flight error, never a hang or a wrong answer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from poc.runner import Cluster
+from tests.helpers import bearer, sales
+
+
+def test_offline_tenant_fails_at_once_with_unavailable(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["a"], with_connectors=False, with_direct=False) as c:
+        with flight.connect(c.flight_uri) as client:
+            with pytest.raises(flight.FlightUnavailableError, match="tenant_001 is offline"):
+                client.get_flight_info(sales(), bearer(tenants["tenant_001"].client_token, timeout=5))
+            with pytest.raises(flight.FlightUnavailableError, match="offline"):
+                list(client.list_flights(options=bearer(tenants["tenant_001"].client_token, timeout=5)))
+
+
+def test_unknown_dataset_is_a_clear_not_found(cluster, tenants):
+    with flight.connect(cluster.flight_uri) as client:
+        with pytest.raises(KeyError, match="dataset 'missing' not found"):
+            client.get_flight_info(sales("missing"), bearer(tenants["tenant_001"].client_token))
+
+
+def test_descriptor_must_name_a_dataset(cluster, tenants):
+    with flight.connect(cluster.flight_uri) as client:
+        with pytest.raises(pa.ArrowInvalid, match=r'\["dataset", "<name>"\]'):
+            client.get_flight_info(flight.FlightDescriptor.for_path("sales"), bearer(tenants["tenant_001"].client_token))
+
+
+@pytest.mark.parametrize("headers", [
+    [],
+    [(b"authorization", b"Bearer not-a-token")],
+    [(b"authorization", b"Basic dXNlcjpwdw==")],
+], ids=["missing", "wrong", "not-bearer"])
+def test_bad_or_missing_client_token_is_unauthenticated(cluster, headers):
+    with flight.connect(cluster.flight_uri) as client:
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            client.get_flight_info(sales(), flight.FlightCallOptions(headers=headers, timeout=10))
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            list(client.list_flights(options=flight.FlightCallOptions(headers=headers, timeout=10)))
+
+
+def test_tenant_id_header_must_agree_with_the_token(cluster, tenants):
+    token = tenants["tenant_001"].client_token
+    with flight.connect(cluster.flight_uri) as client:
+        assert client.get_flight_info(sales(), bearer(token, "tenant_001")).total_records == 200_000
+        with pytest.raises(flight.FlightUnauthenticatedError, match="tenant-id"):
+            client.get_flight_info(sales(), bearer(token, "tenant_002"))
+
+
+def test_another_tenants_ticket_is_refused(cluster, tenants):
+    with flight.connect(cluster.flight_uri) as client:
+        info = client.get_flight_info(sales(), bearer(tenants["tenant_001"].client_token))
+        with pytest.raises(flight.FlightUnauthorizedError, match="another tenant"):
+            client.do_get(info.endpoints[0].ticket, bearer(tenants["tenant_002"].client_token)).read_all()
+
+
+def test_altered_ticket_is_refused(cluster, tenants):
+    token = tenants["tenant_002"].client_token
+    with flight.connect(cluster.flight_uri) as client:
+        ticket = client.get_flight_info(sales(), bearer(token)).endpoints[0].ticket.ticket
+        body_b64, mac = ticket.split(b".")
+        body = json.loads(base64.urlsafe_b64decode(body_b64))
+        forged = base64.urlsafe_b64encode(json.dumps({**body, "d": "orders"}).encode()) + b"." + mac
+        for bad in (forged, b"garbage", ticket[:-4] + b"AAAA"):
+            with pytest.raises(flight.FlightUnauthorizedError):
+                client.do_get(flight.Ticket(bad), bearer(token)).read_all()
+
+
+def test_connector_killed_mid_stream_fails_the_client(tmp_path, tenants, datasets):
+    args = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=args, with_direct=False) as c:
+        token = tenants["tenant_001"].client_token
+        with flight.connect(c.flight_uri) as client:
+            info = client.get_flight_info(sales(), bearer(token))
+            reader = client.do_get(info.endpoints[0].ticket, bearer(token))
+            first = reader.read_chunk()
+            assert first.data.num_rows > 0
+            c.components["connector-tenant_001"].popen.kill()
+            rows = first.data.num_rows
+            with pytest.raises(flight.FlightUnavailableError, match="disconnected"):
+                while True:
+                    rows += reader.read_chunk().data.num_rows
+            assert rows < info.total_records
+            deadline = time.monotonic() + 10
+            while c.health()["tenants"]["tenant_001"]["status"] != "offline" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.health()["tenants"]["tenant_001"]["status"] == "offline"
+            # the other tenant is untouched
+            assert c.health()["tenants"]["tenant_002"]["status"] == "online"
+            assert client.get_flight_info(sales(), bearer(tenants["tenant_002"].client_token)).total_records == 1_000_000
+
+
+def test_connector_with_wrong_token_is_refused_and_exits(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["a"], with_connectors=False, with_direct=False) as c:
+        bad = c.start_connector("tenant_001", token="wrong-token-123", wait=False)
+        assert bad.popen.wait(30) == 3
+        assert "refused the registration (unauthenticated): invalid token for tenant 'tenant_001'" in bad.log_tail()
+        assert "wrong-token-123" not in bad.log_tail() + c.gateway.log_tail()
+        assert c.health()["tenants"]["tenant_001"]["status"] == "offline"

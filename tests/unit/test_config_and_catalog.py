@@ -1,0 +1,96 @@
+"""Configuration files, option parsing, backoff and the dataset catalog."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+import pytest
+
+from poc.catalog import Dataset, cut_batches, load_datasets
+from poc.config import ConfigError, load_tenants, make_tenants, parse_delay, write_tenants
+from poc.connector.app import backoff_delay
+from poc.dataset import SCHEMA, make_table, write_dataset
+
+
+def test_tenants_file_roundtrip(tmp_path):
+    tenants = make_tenants(3, seed=1)
+    assert load_tenants(write_tenants(tmp_path / "t.yaml", tenants)) == tenants
+    assert "token" not in repr(tenants["tenant_001"]).replace("TenantCredentials", "")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("tenants: {}", "non-empty 'tenants:'"),
+    ("tenants: [1]", "non-empty 'tenants:'"),
+    ("tenants: {a: 1}", "must be a mapping"),
+    ("tenants: {a: {connector_token: short, client_token: longenough}}", "connector_token of at least 8"),
+    ("tenants: {a: {connector_token: longenough}}", "client_token"),
+    ("tenants: [unclosed", "not valid YAML"),
+])
+def test_bad_tenants_files_say_what_is_wrong(tmp_path, text, match):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_tenants(path)
+
+
+def test_missing_tenants_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read tenants file"):
+        load_tenants(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, expected", [("200-250", (200.0, 250.0)), ("0", (0.0, 0.0)), ("5", (5.0, 5.0))])
+def test_parse_delay(text, expected):
+    assert parse_delay(text) == expected
+
+
+@pytest.mark.parametrize("text", ["250-200", "-5", "a-b", "1-2-3", ""])
+def test_parse_delay_rejects_nonsense(text):
+    with pytest.raises(ConfigError):
+        parse_delay(text)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap():
+    rng = random.Random(1)
+    delays = [backoff_delay(n, 0.5, 30, rng) for n in range(12)]
+    for n, d in enumerate(delays):
+        base = min(30, 0.5 * 2 ** n)
+        assert base / 2 <= d <= base
+    assert len({round(backoff_delay(3, 0.5, 30, rng), 6) for _ in range(20)}) > 10  # jittered
+
+
+def test_dataset_is_deterministic_and_about_50_bytes_a_row():
+    a, b = make_table(10_000, seed=3), make_table(10_000, seed=3)
+    assert a.equals(b) and not a.equals(make_table(10_000, seed=4))
+    assert a.schema == SCHEMA and a.column("id").to_pylist()[:3] == [0, 1, 2]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, a.schema) as writer:
+        writer.write_table(a)
+    assert 45 <= sink.getvalue().size / a.num_rows <= 55
+
+
+def test_catalog_loads_a_file_or_a_folder(tmp_path):
+    write_dataset(1000, tmp_path / "sales.parquet")
+    write_dataset(10, tmp_path / "orders.parquet")
+    assert sorted(load_datasets(tmp_path)) == ["orders", "sales"]
+    assert list(load_datasets(tmp_path / "sales.parquet")) == ["sales"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_datasets(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no \\*.parquet"):
+        load_datasets(tmp_path / "empty")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(ConfigError, match="cannot read Parquet"):
+        load_datasets(tmp_path / "bad.parquet")
+
+
+def test_batches_are_cut_to_size_and_refit_to_a_smaller_frame():
+    table = make_table(50_000)
+    batches = cut_batches(table, 256 * 1024)
+    assert pa.Table.from_batches(batches).equals(table) and len(batches) > 5
+    ds = Dataset("sales", table.schema, batches)
+    fitted = ds.messages_within(64 * 1024)
+    assert all(m.size <= 64 * 1024 for m in fitted)
+    rebuilt = pa.Table.from_batches([pa.ipc.read_record_batch(pa.ipc.read_message(m), table.schema) for m in fitted])
+    assert rebuilt.equals(table)
+    assert ds.ipc_bytes == ds.schema_message.size + sum(m.size for m in ds.batch_messages)
