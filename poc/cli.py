@@ -116,6 +116,55 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .load.client import LoadConfig, records_as_dicts, run_load
+    from .load.metrics import summarize, to_frame
+
+    tenants = config.load_tenants(args.tenants)
+    chosen = list(tenants.values())[: args.tenant_count]
+    if args.tenant_count > len(tenants):
+        raise ConfigError(f"--tenant-count {args.tenant_count} but {args.tenants} has only {len(tenants)} tenants")
+    cfg = LoadConfig(args.flight, {t.tenant_id: t.client_token for t in chosen}, args.requests, args.concurrency,
+                     args.dataset, args.timeout_s, args.label,
+                     tls_root_certs=Path(args.ca_file).read_bytes() if args.ca_file else None)
+    records = records_as_dicts(run_load(cfg))
+    df = to_frame(records)
+    summary = summarize(df)
+    doc = {"summary": summary, "tenants": {t: summarize(df.filter(df["tenant_id"] == t))
+                                           for t in sorted(set(df["tenant_id"]))}, "requests": records}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    df.write_parquet(out / "results.parquet")
+    print(_summary_text(summary, args.label))
+    print(f"results: {out / 'results.json'} and {out / 'results.parquet'}")
+    return 0 if summary["error_rate"] < 1 else 1
+
+
+def _summary_text(summary: dict, label: str) -> str:
+    lines = [f"{label}: {summary['requests']} requests, {summary['success']} ok, {summary['errors']} errors, "
+             f"{summary['timeouts']} timeouts (error rate {100 * summary['error_rate']:.1f} %), "
+             f"{summary['throughput_rps'] or 0:.1f} req/s, {summary['throughput_mb_s'] or 0:.0f} MB/s "
+             f"over {summary['duration_s']:.1f} s",
+             f"{'phase':<18}{'p50':>10}{'p95':>10}{'p99':>10}   (ms, successful requests)"]
+    for phase in ("queued_ms", "connect_ms", "metadata_ms", "data_transfer_ms", "total_ms"):
+        q = summary[phase]
+        lines.append(f"{phase:<18}" + "".join(f"{q[k]:>10.1f}" if q[k] is not None else f"{'-':>10}"
+                                             for k in ("p50", "p95", "p99")))
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    out = run_report(args.params, args.output_root)
+    print(f"report: {out / 'report.html'}")
+    print(f"executed notebook: {out / 'experiment.ipynb'}; results, charts and machine info in {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m poc",
@@ -176,6 +225,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Parquet file to write")
     p.add_argument("--seed", type=int, default=42, help="random seed (default %(default)s)")
     p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("load", help="load client: N requests over T tenants, timed per phase",
+                       description="Run --requests requests, at most --concurrency at a time, round-robin over the "
+                                   "first --tenant-count tenants of --tenants; each connects, calls GetFlightInfo, "
+                                   "then DoGet, reading and discarding batches. Writes results.json and "
+                                   "results.parquet to --out and prints P50/P95/P99 per phase. Exits 1 if every "
+                                   "request failed.")
+    p.add_argument("--flight", required=True, help="grpc://HOST:PORT (gateway or direct server)")
+    p.add_argument("--tenants", required=True, help="tenants YAML (client tokens are read from it)")
+    p.add_argument("--requests", type=int, default=1000, help="requests in all (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=100, help="requests at once (default %(default)s)")
+    p.add_argument("--tenant-count", type=int, default=5, help="tenants to spread over (default %(default)s)")
+    p.add_argument("--dataset", default="sales", help="dataset name (default %(default)s)")
+    p.add_argument("--timeout-s", type=float, default=120.0,
+                   help="per-request deadline; a request past it is a 'timeout' (default %(default)s)")
+    p.add_argument("--label", default="tunnel", help="target label stored in each record (default %(default)s)")
+    p.add_argument("--ca-file", help="CA bundle for grpc+tls:// servers")
+    p.add_argument("--out", required=True, help="folder for results.json and results.parquet")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("report", help="run the experiment notebook with a parameter file (what `make report` does)",
+                       description="Execute notebooks/experiment.ipynb with papermill and the parameters of "
+                                   "--params; write the executed notebook, report.html, results and charts to "
+                                   "OUTPUT_ROOT/<params name>-<time>/.")
+    p.add_argument("--params", default="parameters/seed.yaml", help="YAML parameter file (default %(default)s)")
+    p.add_argument("--output-root", default="outputs", help="where run folders go (default %(default)s)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

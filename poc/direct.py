@@ -48,6 +48,9 @@ class DirectFlightServer(flight.FlightServerBase):
         for ds in self._datasets.values():
             yield self._flight_info(tenant, ds, flight.FlightDescriptor.for_path("dataset", ds.name))
 
+    def list_actions(self, context):
+        return []  # an authenticated call that touches no data: the load client's connect probe
+
     def do_get(self, context, ticket):
         name = self._tickets.redeem(ticket.ticket, self._tenant(context))
         table = self._tables[self._dataset(name).name]

@@ -12,6 +12,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -200,3 +201,87 @@ class Cluster:
         """Stop every component this cluster started, connectors first."""
         for name in sorted(self.components, key=lambda n: n == "gateway"):
             self.components[name].stop()
+
+
+class ProcessSampler:
+    """Samples CPU % and RSS of named processes about every `interval_s` in a background thread."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.5) -> None:
+        import psutil
+
+        self._procs = {}
+        for name, pid in pids.items():
+            try:
+                proc = psutil.Process(pid)
+                proc.cpu_percent(None)  # prime: the first reading is always 0
+                self._procs[name] = proc
+            except psutil.Error:
+                pass
+        self.interval_s = interval_s
+        self.samples: list[dict] = []
+        self.phase = ""
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> "ProcessSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def set_phase(self, phase: str) -> None:
+        """Close the current phase with a sample and label the samples that follow."""
+        self.sample()
+        self.phase = phase
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        import psutil
+
+        with self._lock:
+            t = time.perf_counter() - self._t0
+            for name, proc in self._procs.items():
+                try:
+                    with proc.oneshot():
+                        cpu, rss = proc.cpu_percent(None), proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                self.samples.append({"t_s": round(t, 3), "process": name, "pid": proc.pid, "phase": self.phase,
+                                     "cpu_percent": cpu, "rss_mb": rss / 2**20})
+
+
+def machine_info() -> dict:
+    """CPU model, cores, memory, OS and library versions: every report states the machine it ran on."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import psutil
+
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    libs = {}
+    for name in ("pyarrow", "websockets", "grpcio", "polars", "altair", "papermill", "psutil"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            libs[name] = None
+    cores = os.cpu_count() or 1
+    memory_gb = psutil.virtual_memory().total / 2**30
+    return {
+        "cpu_model": model, "cores": cores, "memory_gb": round(memory_gb, 1),
+        "os": platform.platform(), "python": platform.python_version(), "libraries": libs,
+        "label": f"{cores} cores · {memory_gb:.0f} GiB · {model}",
+    }

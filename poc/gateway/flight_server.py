@@ -29,6 +29,9 @@ class GatewayFlightServer(flight.FlightServerBase):
         for name in self._bridge.datasets(tenant):
             yield self._info(tenant, name, flight.FlightDescriptor.for_path("dataset", name))
 
+    def list_actions(self, context):
+        return []  # an authenticated call that touches no data: the load client's connect probe
+
     def do_get(self, context, ticket):
         tenant = caller_tenant(context)
         stream = self._bridge.open_stream(tenant, self._tickets.redeem(ticket.ticket, tenant))

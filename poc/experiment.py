@@ -1,0 +1,132 @@
+"""One experiment run: components up, load against direct and tunnel, samples, everything written out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from .config import ConfigError, make_tenants, parse_delay
+from .dataset import ensure_dataset
+from .load.client import LoadConfig, records_as_dicts, run_load
+from .load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
+from .runner import Cluster, ProcessSampler, machine_info
+
+TARGETS = ("direct", "tunnel")
+
+
+@dataclass
+class ExperimentParams:
+    """The parameters cell of the notebooks, and the keys of parameters/*.yaml."""
+
+    run_name: str = ""
+    output_root: str = "outputs"
+    data_dir: str = "outputs/data"
+    rows: int = 1_000_000
+    requests: int = 1000
+    concurrency: int = 100
+    tenant_count: int = 5
+    delay_ms: str = "250"
+    dataset: str = "sales"
+    repetitions: int = 1
+    timeout_s: float = 120.0
+    sample_interval_s: float = 0.5
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        self.delay_ms = str(self.delay_ms)
+        parse_delay(self.delay_ms)
+        for name in ("rows", "requests", "concurrency", "tenant_count", "repetitions"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.run_name:
+            self.run_name = "run-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "ExperimentParams":
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(doc) - known - {"notebook", "title", "description"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown parameters {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in doc.items() if k in known}, **overrides)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_root) / self.run_name
+
+
+@dataclass
+class ExperimentResult:
+    params: ExperimentParams
+    requests: pl.DataFrame
+    samples: pl.DataFrame
+    machine: dict
+    summaries: dict = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.params.out_dir
+
+    def gateway_cpu_pct(self, target: str = "tunnel") -> float | None:
+        """Mean gateway CPU while `target` load ran, as % of the whole machine."""
+        rows = self.samples.filter((pl.col("process") == "gateway") & (pl.col("phase").str.starts_with(target)))
+        return float(rows["cpu_percent"].mean()) / self.machine["cores"] if rows.height else None
+
+    def percentiles(self) -> pl.DataFrame:
+        return percentiles_table(self.requests)
+
+    def success(self, target: str = "tunnel") -> pl.DataFrame:
+        return success_table(self.summaries[target]["overall"], self.gateway_cpu_pct(target), self.machine["label"],
+                             self.summaries.get("direct", {}).get("overall"))
+
+
+def run_experiment(params: ExperimentParams, progress: bool | None = None) -> ExperimentResult:
+    """Make or reuse the dataset, start everything, load direct and tunnel in the same run, stop everything."""
+    out = params.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    data = ensure_dataset(params.rows, Path(params.data_dir) / f"rows-{params.rows}-seed-{params.seed}" /
+                          f"{params.dataset}.parquet", params.seed).parent
+    tenants = make_tenants(params.tenant_count)
+    tokens = {t.tenant_id: t.client_token for t in tenants.values()}
+    machine = machine_info()
+    records: list[dict] = []
+    with Cluster(out / "cluster", tenants, data, delay_ms=params.delay_ms,
+                 gateway_args=("--request-timeout-s", str(params.timeout_s))) as cluster:
+        pids = {"load-client": os.getpid(), **{name: c.pid for name, c in cluster.components.items()}}
+        uris = {"direct": cluster.direct_uri, "tunnel": cluster.flight_uri}
+        with ProcessSampler(pids, params.sample_interval_s) as sampler:
+            for rep in range(params.repetitions):
+                for target in (TARGETS if rep % 2 == 0 else TARGETS[::-1]):
+                    sampler.set_phase(f"{target}#{rep}")
+                    cfg = LoadConfig(uris[target], tokens, params.requests, params.concurrency, params.dataset,
+                                     params.timeout_s, target, progress)
+                    for r in records_as_dicts(run_load(cfg)):
+                        records.append({**r, "repetition": rep})
+                    sampler.set_phase("")
+        samples = pl.DataFrame(sampler.samples, schema={"t_s": pl.Float64, "process": pl.Utf8, "pid": pl.Int64,
+                                                        "phase": pl.Utf8, "cpu_percent": pl.Float64,
+                                                        "rss_mb": pl.Float64})
+    df = add_overhead(to_frame(records))
+    result = ExperimentResult(params, df, samples, machine, summaries(df))
+    write_results(result)
+    return result
+
+
+def write_results(result: ExperimentResult) -> None:
+    """results.json (seed field names, per-tenant summaries), results.parquet, samples, tables, machine."""
+    out = result.out_dir
+    doc = {"params": asdict(result.params), "machine": result.machine, "summaries": result.summaries,
+           "gateway_cpu_pct": {t: result.gateway_cpu_pct(t) for t in TARGETS},
+           "requests": result.requests.to_dicts()}
+    (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+    result.requests.write_parquet(out / "results.parquet")
+    result.samples.write_parquet(out / "samples.parquet")
+    result.percentiles().write_csv(out / "percentiles.csv")
+    result.success().write_csv(out / "success.csv")
+    (out / "machine.json").write_text(json.dumps(result.machine, indent=1))

@@ -1,0 +1,53 @@
+"""`make report`: execute the experiment notebook with papermill, export it to HTML, say where it is."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .experiment import ExperimentParams, ExperimentResult
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "experiment.ipynb"
+
+
+def ratio_lines(result: ExperimentResult) -> list[str]:
+    """Plain sentences comparing the tunnel with direct, from figures of the same run."""
+    s = result.summaries
+    if "tunnel" not in s or "direct" not in s:
+        return ["Only one path was measured; no comparison."]
+    t, d = s["tunnel"]["overall"], s["direct"]["overall"]
+    lines = []
+    for phase in ("metadata_ms", "data_transfer_ms", "total_ms"):
+        tp, dp = t.get(phase, {}).get("p50"), d.get(phase, {}).get("p50")
+        if tp is not None and dp:
+            lines.append(f"{phase} P50: tunnel {tp:.1f} ms vs direct {dp:.1f} ms "
+                         f"({tp / dp:.2f}×, {tp - dp:+.1f} ms)")
+    if t.get("throughput_rps") and d.get("throughput_rps"):
+        lines.append(f"throughput: tunnel {t['throughput_rps']:.1f} req/s vs direct {d['throughput_rps']:.1f} req/s "
+                     f"({t['throughput_rps'] / d['throughput_rps']:.2f}×)")
+    lines.append(f"errors: tunnel {t['errors']} + {t['timeouts']} timeouts, direct {d['errors']} + "
+                 f"{d['timeouts']} timeouts, of {t['requests']} requests each")
+    return lines
+
+
+def run_report(params_file: str | Path, output_root: str = "outputs", notebook: Path = NOTEBOOK) -> Path:
+    """Execute `notebook` with the parameter file; write NAME.ipynb and report.html to outputs/<run>/."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    params_file = Path(params_file)
+    params = ExperimentParams.from_yaml(
+        params_file, output_root=output_root,
+        run_name=f"{params_file.stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out = params.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    executed = out / notebook.name
+    papermill.execute_notebook(str(notebook), str(executed), parameters=asdict(params), cwd=str(ROOT),
+                               kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=False)
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    (out / "report.html").write_text(body)
+    return out

@@ -1,0 +1,101 @@
+"""The load client, the runner and the papermill notebook, against real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import polars as pl
+import psutil
+import pytest
+
+from poc.load.client import LoadConfig, run_load
+from poc.report import run_report
+from poc.runner import Cluster
+
+RECORD_FIELDS = {"request_id", "tenant_id", "timestamp", "connect_ms", "metadata_ms", "data_transfer_ms", "total_ms",
+                 "queued_ms", "rows_transferred", "bytes", "status", "error"}
+
+
+def test_load_cli_writes_every_field_and_per_tenant_summaries(cluster, tmp_path):
+    out = tmp_path / "load"
+    proc = subprocess.run([sys.executable, "-m", "poc", "load", "--flight", cluster.flight_uri,
+                           "--tenants", str(cluster.tenants_file), "--requests", "12", "--concurrency", "4",
+                           "--tenant-count", "2", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "12 requests, 12 ok" in proc.stdout and "total_ms" in proc.stdout
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["requests"]) == 12 and set(doc["tenants"]) == {"tenant_001", "tenant_002"}
+    assert all(RECORD_FIELDS <= set(r) for r in doc["requests"])
+    assert {r["tenant_id"] for r in doc["requests"][:2]} == {"tenant_001", "tenant_002"}  # round-robin
+    assert all(r["status"] == "success" and r["rows_transferred"] == 200_000 for r in doc["requests"])
+    assert doc["summary"]["total_ms"]["p99"] >= doc["summary"]["total_ms"]["p50"] > 0
+    frame = pl.read_parquet(out / "results.parquet")
+    assert frame.height == 12 and RECORD_FIELDS <= set(frame.columns)
+
+
+def test_tenant_whose_connector_is_down_counts_as_errors(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["small"], with_direct=False, with_connectors=False) as c:
+        c.start_connector("tenant_001")
+        c.wait_online(["tenant_001"])
+        tokens = {t.tenant_id: t.client_token for t in tenants.values()}
+        records = run_load(LoadConfig(c.flight_uri, tokens, requests=10, concurrency=5, timeout_s=20,
+                                      progress=False))
+    by_tenant = {t: [r for r in records if r.tenant_id == t] for t in tokens}
+    assert all(r.status == "success" for r in by_tenant["tenant_001"])
+    assert len(by_tenant["tenant_002"]) == 5
+    assert all(r.status == "error" and "FlightUnavailableError" in r.error for r in by_tenant["tenant_002"])
+
+
+def test_hung_server_ends_as_timeout(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["small"], delay_ms="20000", with_direct=False) as c:
+        tokens = {"tenant_001": tenants["tenant_001"].client_token}
+        records = run_load(LoadConfig(c.flight_uri, tokens, requests=3, concurrency=3, timeout_s=1.5, progress=False))
+    assert [r.status for r in records] == ["timeout"] * 3
+    assert all(r.metadata_ms is not None and r.data_transfer_ms is None for r in records)
+    assert all(1400 <= r.total_ms for r in records)
+
+
+def test_runner_leaves_no_process_behind_when_the_load_fails(tmp_path, tenants, datasets):
+    pids = []
+    with pytest.raises(RuntimeError, match="load failed"):
+        with Cluster(tmp_path, tenants, datasets["small"]) as c:
+            pids = [comp.pid for comp in c.components.values()]
+            assert len(pids) == 4 and all(psutil.pid_exists(p) for p in pids)
+            raise RuntimeError("load failed")
+    assert pids and not any(psutil.pid_exists(p) for p in pids)
+
+
+def test_bad_load_parameters_are_refused(cluster, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "poc", "load", "--flight", cluster.flight_uri, "--tenants",
+                           str(cluster.tenants_file), "--tenant-count", "9", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "has only 2 tenants" in proc.stderr
+
+
+def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    params = tmp_path / "smoke.yaml"
+    params.write_text((root / "parameters" / "smoke.yaml").read_text()
+                      + f"data_dir: {tmp_path / 'data'}\nrequests: 16\n")
+    out = run_report(params, output_root=str(tmp_path / "outputs"))
+    assert (out / "experiment.ipynb").exists() and (out / "report.html").stat().st_size > 10_000
+    nb = nbformat.read(out / "experiment.ipynb", as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})) == 5
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["requests"]) == 32 and {r["target"] for r in doc["requests"]} == {"direct", "tunnel"}
+    assert all(RECORD_FIELDS | {"websocket_overhead_ms"} <= set(r) for r in doc["requests"])
+    assert all(r["websocket_overhead_ms"] is not None for r in doc["requests"] if r["target"] == "tunnel")
+    assert set(doc["summaries"]["tunnel"]["tenants"]) == {"tenant_001", "tenant_002"}
+    for name in ("latency_by_tenant_and_phase", "latency_distribution", "overhead_by_phase",
+                 "throughput_over_time", "process_resources"):
+        assert (out / "charts" / f"{name}.html").exists() and (out / "charts" / f"{name}.png").stat().st_size > 5_000
+    success = pl.read_csv(out / "success.csv")
+    assert success["metric"].to_list()[0] == "latency P50 (ms)" and success.height == 6
+    assert "cores" in success["machine"][0]
+    samples = pl.read_parquet(out / "samples.parquet")
+    assert {"gateway", "direct", "connector-tenant_001"} <= set(samples["process"].unique().to_list())
