@@ -95,3 +95,9 @@ def dataset_from_descriptor(descriptor: flight.FlightDescriptor) -> str:
     if not path or len(path) != 2 or path[0] != b"dataset" or not path[1]:
         raise pa.ArrowInvalid('descriptor must be the path ["dataset", "<name>"]')
     return path[1].decode("utf-8", "replace")
+
+
+def flight_certificate(cert_file: str, key_file: str) -> flight.CertKeyPair:
+    """A PEM certificate chain and key for a grpc+tls:// Flight server."""
+    with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
+        return flight.CertKeyPair(cert.read(), key.read())

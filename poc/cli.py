@@ -34,18 +34,39 @@ def _add_tunnel_limits(p: argparse.ArgumentParser) -> None:
                    help="credit window per stream: the most bytes buffered per stream (default %(default)s)")
     p.add_argument("--max-streams", type=int, default=config.MAX_STREAMS,
                    help="streams in flight per connector link (default %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=1024 * 1024,
+                   help="largest control message from a connector (default %(default)s)")
+    p.add_argument("--max-unsolicited-per-s", type=float, default=50.0,
+                   help="heartbeats and messages for closed streams a connector may send per second; "
+                        "a flood closes its link with 4005 (default %(default)s)")
+    p.add_argument("--max-requests-per-s", type=float, default=0.0,
+                   help="Flight calls forwarded into one tenant's tunnel per second; over it a call fails at "
+                        "once with FlightUnavailableError; 0 = unlimited (default %(default)s)")
+
+
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// and grpc+tls:// (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from .gateway.app import GatewayConfig, run_gateway
     from .tunnel import Limits
 
+    _check_tls(args)
     cfg = GatewayConfig(
         tenants=config.load_tenants(args.tenants), host=args.host, ws_port=args.ws_port,
         flight_port=args.flight_port, http_port=args.http_port, heartbeat_s=args.heartbeat_s,
         offline_after_s=args.offline_after_s, request_timeout_s=args.request_timeout_s,
-        limits=Limits(args.max_frame_bytes, args.window_bytes, args.max_streams),
-        ticket_secret=os.environb.get(b"POC_TICKET_SECRET"))
+        limits=Limits(args.max_frame_bytes, args.window_bytes, args.max_streams,
+                      max_message_bytes=args.max_message_bytes, unsolicited_per_s=args.max_unsolicited_per_s),
+        ticket_secret=os.environb.get(b"POC_TICKET_SECRET"), max_requests_per_s=args.max_requests_per_s,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s)
 
     async def main() -> None:
         stop = _stop_event_for_signals(asyncio.get_running_loop())
@@ -57,7 +78,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_connector(args: argparse.Namespace) -> int:
     from .catalog import load_datasets
-    from .connector.app import Connector, ConnectorConfig, RegistrationRefused
+    from .connector.app import Connector, ConnectorConfig, RegistrationRefused, Replaced
 
     token = args.token or os.environ.get("POC_CONNECTOR_TOKEN")
     if not token:
@@ -88,6 +109,9 @@ def cmd_connector(args: argparse.Namespace) -> int:
     except RegistrationRefused as exc:
         logging.getLogger("poc.connector").error("%s", exc)
         return 3
+    except Replaced as exc:
+        logging.getLogger("poc.connector").error("%s; exiting", exc)
+        return 4
     return 0
 
 
@@ -95,9 +119,13 @@ def cmd_direct(args: argparse.Namespace) -> int:
     from .catalog import load_datasets
     from .direct import DirectFlightServer
 
+    from .auth import flight_certificate
+
+    _check_tls(args)
     tenants = config.load_tenants(args.tenants) if args.tenants else None
-    server = DirectFlightServer(f"grpc://{args.host}:{args.port}", load_datasets(args.data), tenants,
-                                config.parse_delay(args.delay_ms))
+    scheme, tls = ("grpc+tls", [flight_certificate(args.tls_cert, args.tls_key)]) if args.tls_cert else ("grpc", None)
+    server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", load_datasets(args.data), tenants,
+                                config.parse_delay(args.delay_ms), tls_certificates=tls)
     def shutdown(*_) -> None:  # shutdown() waits for calls in flight, so not on the signal's own stack
         threading.Thread(target=server.shutdown, name="shutdown").start()
 
@@ -190,13 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a connector silent this long is offline (default %(default)s)")
     p.add_argument("--request-timeout-s", type=float, default=config.REQUEST_TIMEOUT_S,
                    help="longest wait for a connector's answer or next frame (default %(default)s)")
+    p.add_argument("--shutdown-grace-s", type=float, default=10.0,
+                   help="on SIGTERM, how long in-flight streams may finish before they fail (default %(default)s)")
     _add_tunnel_limits(p)
+    _add_tls(p)
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("connector", help="on-premise connector: dials out to the gateway, serves Parquet datasets",
                        description="Dial out to the gateway, register, and serve the Parquet datasets of --data "
                                    "(a file, or a folder of *.parquet; dataset name = file stem). Reconnects "
-                                   "with exponential backoff and jitter; exits 3 if the gateway refuses the token.")
+                                   "with exponential backoff and jitter; exits 3 if the gateway refuses the token, 4 if a newer "
+                                   "connector of the same tenant replaced this one.")
     p.add_argument("--gateway", required=True, help="ws://HOST:PORT/connect or wss://HOST:PORT/connect")
     p.add_argument("--tenant", required=True, help="tenant id, as in the gateway's tenants file")
     p.add_argument("--token", help="connector token (or set POC_CONNECTOR_TOKEN, which keeps it out of ps)")
@@ -216,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Flight port (default %(default)s, beside the gateway's 8815 on one host)")
     p.add_argument("--delay-ms", default="200-250", help="simulated delay before each DoGet (default %(default)s)")
     p.add_argument("--tenants", help="tenants YAML: require the same bearer tokens as the gateway")
+    _add_tls(p)
     p.set_defaults(func=cmd_direct)
 
     p = sub.add_parser("dataset", help="write the seed's table to Parquet",

@@ -18,7 +18,7 @@ class DirectFlightServer(flight.FlightServerBase):
 
     def __init__(self, location: str, datasets: dict[str, Dataset], tenants: dict[str, TenantCredentials] | None,
                  delay_ms: tuple[float, float] = (0.0, 0.0), **kwargs) -> None:
-        middleware = {"auth": BearerAuthFactory(tenants)} if tenants else {}
+        middleware = {"auth": BearerAuthFactory(tenants)} if tenants else {}  # same auth as the gateway
         super().__init__(location, middleware=middleware, **kwargs)
         self._datasets = datasets
         self._tables = {name: ds.table() for name, ds in datasets.items()}

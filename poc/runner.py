@@ -96,12 +96,25 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
         return json.load(response)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: the servers' certificate and key, and the CA that clients and connectors trust."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def server_args(self) -> tuple[str, ...]:
+        return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
+
+
 class Cluster:
     """A gateway, one connector per tenant and a direct server, on free loopback ports."""
 
     def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path,
                  delay_ms: str = "0", gateway_args: tuple[str, ...] = (), connector_args: tuple[str, ...] = (),
-                 with_connectors: bool = True, with_direct: bool = True, host: str = "127.0.0.1") -> None:
+                 with_connectors: bool = True, with_direct: bool = True, host: str = "127.0.0.1",
+                 tls: TlsFiles | None = None) -> None:
         self.workdir = Path(workdir)
         self.tenants = tenants
         self.data = Path(data)
@@ -111,6 +124,7 @@ class Cluster:
         self.with_connectors = with_connectors
         self.with_direct = with_direct
         self.host = host
+        self.tls = tls
         self.components: dict[str, Component] = {}
         self.tenants_file = self.workdir / "tenants.yaml"
 
@@ -140,26 +154,41 @@ class Cluster:
         if self.with_direct:
             self.components["direct"] = start_component(
                 "direct", ["direct", "--data", str(self.data), "--host", self.host, "--port", "0",
-                           "--delay-ms", self.delay_ms, "--tenants", str(self.tenants_file)], self.log_dir)
+                           "--delay-ms", self.delay_ms, "--tenants", str(self.tenants_file), *self._tls_args()],
+                self.log_dir)
 
     def start_gateway(self, extra: tuple[str, ...] = ()) -> Component:
+        ports = ("--ws-port", "0", "--flight-port", "0", "--http-port", "0")
         gateway = start_component(
-            "gateway", ["gateway", "--tenants", str(self.tenants_file), "--host", self.host, "--ws-port", "0",
-                        "--flight-port", "0", "--http-port", "0", *self.gateway_args, *extra], self.log_dir)
+            "gateway", ["gateway", "--tenants", str(self.tenants_file), "--host", self.host, *ports,
+                        *self._tls_args(), *self.gateway_args, *extra], self.log_dir)
         self.components["gateway"] = gateway
         return gateway
 
     def start_connector(self, tenant_id: str, token: str | None = None, data: str | Path | None = None,
-                        extra: tuple[str, ...] = (), name: str | None = None, wait: bool = True) -> Component:
+                        extra: tuple[str, ...] = (), name: str | None = None, wait: bool = True,
+                        url: str | None = None) -> Component:
         """Start a connector for a tenant (its own token and the cluster's data unless told otherwise)."""
         token = token if token is not None else self.tenants[tenant_id].connector_token
         component = start_component(
             name or f"connector-{tenant_id}",
-            ["connector", "--gateway", self.ws_url, "--tenant", tenant_id, "--data", str(data or self.data),
-             "--delay-ms", self.delay_ms, *self.connector_args, *extra],
+            ["connector", "--gateway", url or self.ws_url, "--tenant", tenant_id, "--data", str(data or self.data),
+             "--delay-ms", self.delay_ms, *(("--ca-file", str(self.tls.ca)) if self.tls else ()),
+             *self.connector_args, *extra],
             self.log_dir, env={"POC_CONNECTOR_TOKEN": token}, wait=wait)
         self.components[component.name] = component
         return component
+
+    def restart_gateway(self, downtime_s: float = 0.0) -> Component:
+        """Stop the gateway (SIGTERM) and start a new one on the same ports."""
+        ports = self.gateway.ready
+        self.gateway.stop()
+        time.sleep(downtime_s)
+        return self.start_gateway(("--ws-port", str(ports["ws_port"]), "--flight-port", str(ports["flight_port"]),
+                                   "--http-port", str(ports["http_port"])))
+
+    def _tls_args(self) -> tuple[str, ...]:
+        return self.tls.server_args() if self.tls else ()
 
     @property
     def gateway(self) -> Component:
@@ -167,15 +196,19 @@ class Cluster:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.gateway.ready['ws_port']}/connect"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.gateway.ready['ws_port']}/connect"
+
+    @property
+    def flight_scheme(self) -> str:
+        return "grpc+tls" if self.tls else "grpc"
 
     @property
     def flight_uri(self) -> str:
-        return f"grpc://{self.host}:{self.gateway.ready['flight_port']}"
+        return f"{self.flight_scheme}://{self.host}:{self.gateway.ready['flight_port']}"
 
     @property
     def direct_uri(self) -> str:
-        return f"grpc://{self.host}:{self.components['direct'].ready['flight_port']}"
+        return f"{self.flight_scheme}://{self.host}:{self.components['direct'].ready['flight_port']}"
 
     @property
     def health_url(self) -> str:

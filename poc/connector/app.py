@@ -15,7 +15,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 from .. import config
 from ..catalog import Dataset
 from ..transports.websocket import WebSocketLink
-from ..tunnel import ConnectorEndpoint, FrameType, TunnelClosed
+from ..tunnel import CloseCode, ConnectorEndpoint, FrameType, TunnelClosed
 from ..tunnel import endpoint as ev
 
 log = logging.getLogger("poc.connector")
@@ -23,6 +23,10 @@ log = logging.getLogger("poc.connector")
 
 class RegistrationRefused(Exception):
     """The gateway refused the registration (bad token, bad version): retrying would not help."""
+
+
+class Replaced(Exception):
+    """A newer connector registered for this tenant (close 4002): reconnecting would only fight it."""
 
 
 @dataclass
@@ -63,7 +67,11 @@ class Connector:
                 await self._session(stop)
             except RegistrationRefused:
                 raise
-            except (OSError, TunnelClosed, InvalidHandshake, asyncio.TimeoutError) as exc:
+            except TunnelClosed as exc:
+                if exc.code == CloseCode.REPLACED:
+                    raise Replaced(f"gateway closed the link: {exc.reason}") from None
+                log.warning("link to %s lost: %s", self.cfg.gateway, exc)
+            except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc or type(exc).__name__)
             if stop.is_set():
                 return
@@ -151,6 +159,7 @@ class _Session:
             task = self.tasks.get(event.stream_id)
             if task is not None:
                 task.cancel()
+                log.info("stream %d cancelled by the gateway: %s", event.stream_id, event.reason)
         elif isinstance(event, ev.FlightInfoRequested):
             self._answer_flight_info(event)
         elif isinstance(event, ev.RequestFailed):

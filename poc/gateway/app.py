@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import logging
 import secrets
-import threading
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -14,10 +14,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from .. import config
-from ..auth import TicketSigner
+from ..auth import TicketSigner, flight_certificate
 from ..config import TenantCredentials
 from ..transports.websocket import WebSocketLink
 from ..tunnel import HEADER, CloseCode, GatewayEndpoint, Limits, TunnelClosed
+from ..tunnel.limits import TokenBucket
 from ..tunnel.messages import PROTOCOL_VERSION, Register
 from .bridge import TunnelBridge
 from .flight_server import GatewayFlightServer
@@ -42,6 +43,14 @@ class GatewayConfig:
     limits: Limits = field(default_factory=lambda: Limits(config.MAX_FRAME_BYTES, config.WINDOW_BYTES,
                                                           config.MAX_STREAMS))
     ticket_secret: bytes | None = None
+    max_requests_per_s: float = 0.0  # per tenant link; 0 = unlimited
+    shutdown_grace_s: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
 
 
 class Gateway:
@@ -59,14 +68,20 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
+        ssl_context = None
+        if cfg.tls:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         self._ws_server = await serve(
-            self._handle, cfg.host, cfg.ws_port, process_request=self._only_connect_path,
+            self._handle, cfg.host, cfg.ws_port, process_request=self._only_connect_path, ssl=ssl_context,
             compression=None, max_size=cfg.limits.max_frame_bytes + HEADER.size,
-            ping_interval=None, write_limit=1024 * 1024)
+            ping_interval=None, write_limit=1024 * 1024, close_timeout=3)
         bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s)
-        self._flight = GatewayFlightServer(f"grpc://{cfg.host}:{cfg.flight_port}", bridge, cfg.tenants,
-                                           TicketSigner(cfg.ticket_secret))
-        threading.Thread(target=self._flight.serve, name="flight", daemon=True).start()
+        scheme, tls = ("grpc+tls", [flight_certificate(cfg.tls_cert, cfg.tls_key)]) if cfg.tls else ("grpc", None)
+        self._flight = GatewayFlightServer(f"{scheme}://{cfg.host}:{cfg.flight_port}", bridge, cfg.tenants,
+                                           TicketSigner(cfg.ticket_secret), tls_certificates=tls)
+        # The Flight server already serves once constructed. Its serve() would install signal handlers that
+        # shut Flight down before the tunnels, so it is not called: SIGTERM goes to stop() below.
         self._http = HealthServer((cfg.host, cfg.http_port), self.registry.snapshot)
         self._http.start()
         self._spawn(self._watch_heartbeats())
@@ -75,11 +90,16 @@ class Gateway:
         log.info("gateway ready: %s", self.ports)
 
     async def stop(self) -> None:
-        """Stop accepting, end in-flight streams with an error, close every tunnel (1001), stop Flight."""
+        """Stop accepting, let in-flight streams finish for the grace period, end the rest with an error,
+        close every tunnel (1001), stop Flight."""
         for task in self._tasks:
             task.cancel()
+        self.registry.draining = True
         if self._ws_server is not None:
             self._ws_server.close(close_connections=False)
+            deadline = time.monotonic() + self.cfg.shutdown_grace_s
+            while time.monotonic() < deadline and any(link.streams_in_flight for link in self.registry.links()):
+                await asyncio.sleep(0.05)
             for link in self.registry.links():
                 self._drop(link, "gateway shutting down", CloseCode.GOING_AWAY)
             await asyncio.wait_for(self._ws_server.wait_closed(), 15)
@@ -141,6 +161,8 @@ class Gateway:
         session_id = "sess_" + secrets.token_hex(8)
         await transport.call(transport.endpoint.accept, session_id, self.cfg.heartbeat_s)
         link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport)
+        if self.cfg.max_requests_per_s > 0:
+            link.request_rate = TokenBucket(self.cfg.max_requests_per_s)
         link.last_heartbeat = time.time()
         old = self.registry.register(link)
         if old is not None:

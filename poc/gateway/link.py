@@ -13,6 +13,7 @@ import pyarrow.flight as flight
 from ..transports.websocket import WebSocketLink
 from ..tunnel import endpoint as ev
 from ..tunnel.endpoint import GatewayEndpoint
+from ..tunnel.limits import TokenBucket
 
 
 class StreamItem:
@@ -62,6 +63,7 @@ class TenantLink:
     last_heartbeat: float | None = None
     last_seen: float = field(default_factory=time.monotonic)
     closing_reason: str | None = None
+    request_rate: TokenBucket | None = None
     _infos: dict[int, asyncio.Future] = field(default_factory=dict)
     _sinks: dict[int, StreamSink] = field(default_factory=dict)
 
@@ -97,8 +99,15 @@ class TenantLink:
         elif isinstance(event, ev.HeartbeatReceived):
             self.last_heartbeat = time.time()
 
+    def _admit(self) -> None:
+        """The per-link request rate (docs/protocol.md §7): refuse at once rather than queue."""
+        if self.request_rate is not None and not self.request_rate.take(time.monotonic()):
+            raise flight.FlightUnavailableError(
+                f"tenant {self.tenant_id} is over its request rate of {self.request_rate.rate:g}/s; retry later")
+
     async def flight_info(self, dataset: str, timeout: float) -> ev.FlightInfoReceived:
         """Ask the connector for a dataset's schema and size."""
+        self._admit()
         rid = self.endpoint.request_flight_info(dataset)
         future = asyncio.get_running_loop().create_future()
         self._infos[rid] = future
@@ -113,6 +122,7 @@ class TenantLink:
 
     def open_stream(self, dataset: str) -> tuple[int, StreamSink]:
         """Send a do_get; return the stream id and the sink its frames will arrive in."""
+        self._admit()
         try:
             sid = self.endpoint.open_stream(dataset)
         except Exception as exc:  # the streams-in-flight limit (docs/protocol.md §7)

@@ -17,6 +17,7 @@ class TenantRegistry:
         self.tenants = tenants
         self._links: dict[str, TenantLink] = {}
         self._lock = threading.Lock()
+        self.draining = False  # set on shutdown: no new calls reach a tunnel
 
     def register(self, link: TenantLink) -> TenantLink | None:
         """Make `link` the tenant's live link; return the link it replaces, if any."""
@@ -33,6 +34,8 @@ class TenantRegistry:
 
     def live(self, tenant_id: str) -> TenantLink:
         """The tenant's live link, or FlightUnavailableError at once."""
+        if self.draining:
+            raise flight.FlightUnavailableError("gateway is shutting down; retry on another gateway")
         link = self._links.get(tenant_id)
         if link is None or link.closing_reason is not None:
             raise flight.FlightUnavailableError(f"tenant {tenant_id} is offline: no connector is registered")

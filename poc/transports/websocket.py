@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -34,15 +35,22 @@ class WebSocketLink:
         """Yield the events of each received message until the link closes, then raise TunnelClosed."""
         try:
             async for message in self.ws:
+                now = time.monotonic()
                 if isinstance(message, str):
-                    events = self.endpoint.receive_text(message)
+                    events = self.endpoint.receive_text(message, now)
                 else:
-                    events = self.endpoint.receive_binary(message)
+                    events = self.endpoint.receive_binary(message, now)
                 yield events
                 self.flush_soon()
         except RemoteProtocolError as exc:
             log.warning("closing link: %s", exc)
-            await self.close(exc.close_code, str(exc))
+            closing = asyncio.get_running_loop().create_task(self.close(exc.close_code, str(exc)))
+            try:  # discard what the peer had already sent, so that its close reply is read at once
+                async for _ in self.ws:
+                    pass
+            except ConnectionClosed:
+                pass
+            await closing
             raise TunnelClosed(exc.close_code, str(exc)) from exc
         except ConnectionClosed as exc:
             raise self._closed(exc) from exc

@@ -12,8 +12,9 @@ import enum
 from dataclasses import dataclass
 
 from . import messages as m
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
 from .frames import HEADER, DataFrame, FrameType
+from .limits import TokenBucket
 from .streams import Stream, StreamEvent
 
 
@@ -123,6 +124,7 @@ class Limits:
     window_bytes: int = 16 * 1024 * 1024
     max_streams: int = 256
     max_message_bytes: int = 1024 * 1024  # control messages
+    unsolicited_per_s: float = 50.0  # heartbeats and messages for closed streams: a flood is closed with 4005
 
     def __post_init__(self) -> None:
         if self.window_bytes < self.max_frame_bytes:
@@ -134,6 +136,7 @@ class _Endpoint:
         self._outbox: list[str | bytes] = []
         self.state = LinkState.AWAITING_REGISTER
         self.streams: dict[int, Stream] = {}
+        self._now: float | None = None
 
     def data_to_send(self) -> list[str | bytes]:
         """Messages queued since the last call, in order: str for text frames, bytes for binary."""
@@ -145,8 +148,12 @@ class _Endpoint:
 
     max_text_bytes = 1024 * 1024
 
-    def receive_text(self, text: str) -> list[Event]:
-        """Handle one text frame; raise RemoteProtocolError if the peer broke the contract."""
+    def receive_text(self, text: str, now: float | None = None) -> list[Event]:
+        """Handle one text frame; raise RemoteProtocolError if the peer broke the contract.
+
+        `now` (seconds, any monotonic clock) lets the gateway enforce its message-rate limit.
+        """
+        self._now = now
         if self.state is LinkState.CLOSED:
             return []
         if len(text) > self.max_text_bytes:
@@ -175,6 +182,7 @@ class GatewayEndpoint(_Endpoint):
         super().__init__()
         self.limits = limits
         self.max_text_bytes = limits.max_message_bytes
+        self._unsolicited = TokenBucket(limits.unsolicited_per_s, 2 * limits.unsolicited_per_s)
         self._next_id = 1
         self._pending_info: set[int] = set()
 
@@ -185,6 +193,7 @@ class GatewayEndpoint(_Endpoint):
                 return [RegisterRequested(message)]
             raise RemoteProtocolError(f"{message.ACTION!r} before register")
         if isinstance(message, m.Heartbeat):
+            self._count_unsolicited("heartbeat")
             self._send(m.HeartbeatAck(ts=message.ts))
             return [HeartbeatReceived(message.ts)]
         if isinstance(message, m.FlightInfoReply):
@@ -203,6 +212,7 @@ class GatewayEndpoint(_Endpoint):
             elif rid >= self._next_id:
                 raise RemoteProtocolError(f"error for request {rid} that the gateway never sent")
             else:
+                self._count_unsolicited("error for a closed request")
                 return []  # a request the gateway already closed (§6)
             return [RequestFailed(rid, message.code, message.message)]
         raise self._unexpected(message)
@@ -212,8 +222,14 @@ class GatewayEndpoint(_Endpoint):
             raise RemoteProtocolError(f"{action} for request {request_id} that the gateway did not send")
         self._pending_info.discard(request_id)
 
-    def receive_binary(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def _count_unsolicited(self, what: str) -> None:
+        if self._now is not None and not self._unsolicited.take(self._now):
+            raise RemoteProtocolError(f"too many unsolicited messages ({what}): over "
+                                      f"{self.limits.unsolicited_per_s:.0f}/s", close_code=CloseCode.LIMIT_EXCEEDED)
+
+    def receive_binary(self, data: bytes | bytearray | memoryview, now: float | None = None) -> list[Event]:
         """Handle one binary frame; its payload is passed on as a view, never copied."""
+        self._now = now
         if self.state is LinkState.CLOSED:
             return []
         if self.state is not LinkState.REGISTERED:
@@ -222,6 +238,7 @@ class GatewayEndpoint(_Endpoint):
         stream = self.streams.get(frame.stream_id)
         if stream is None:
             if frame.stream_id < self._next_id:
+                self._count_unsolicited("frame for a closed stream")
                 return []  # late frame of a stream the gateway cancelled (§6)
             raise RemoteProtocolError(f"{frame.type.name} frame for stream {frame.stream_id} that the gateway never opened")
         if frame.type is FrameType.SCHEMA:
@@ -314,7 +331,7 @@ class ConnectorEndpoint(_Endpoint):
         self._register_sent = True
         self._send(m.Register(tenant_id=tenant_id, token=token, version=m.PROTOCOL_VERSION, datasets=datasets))
 
-    def receive_binary(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def receive_binary(self, data: bytes | bytearray | memoryview, now: float | None = None) -> list[Event]:
         raise RemoteProtocolError("the gateway must not send binary frames")
 
     def _handle(self, message: m.Message) -> list[Event]:

@@ -1,0 +1,174 @@
+"""Faults: connectors come back by themselves, dead links are found, nothing ends in a short table."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+import pytest
+
+from poc.runner import Cluster
+from tests.helpers import bearer, read, sales
+from tests.tcp_proxy import TcpProxy
+
+SMALL_WINDOW = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def slow_stream(cluster: Cluster, token: str):
+    """A DoGet that has read one batch and then stops reading."""
+    client = flight.connect(cluster.flight_uri)
+    info = client.get_flight_info(sales(), bearer(token))
+    reader = client.do_get(info.endpoints[0].ticket, bearer(token, timeout=60))
+    first = reader.read_chunk().data
+    return client, reader, first, info
+
+
+def drain(reader, rows: int) -> int:
+    while True:
+        try:
+            rows += reader.read_chunk().data.num_rows
+        except StopIteration:
+            return rows
+
+
+def test_gateway_restart_connectors_reconnect_register_and_serve_again(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["small"], with_direct=False) as c:
+        before = {t: s["session_id"] for t, s in c.health()["tenants"].items()}
+        c.restart_gateway(downtime_s=1.5)
+        c.wait_online(list(tenants), timeout=30, session_not=before)
+        _, table = read(c.flight_uri, tenants["tenant_002"].client_token)
+        logs = [c.components[f"connector-{t}"].log_tail(50) for t in tenants]
+    assert table.equals(pq.read_table(datasets["small"] / "sales.parquet"))
+    for log in logs:
+        delays = [float(d) for d in re.findall(r"reconnecting in ([\d.]+) s", log)]
+        assert 1 <= len(delays) <= 6, delays  # backoff, not a storm of attempts
+        assert all(b > a * 1.0 or b > 0.5 for a, b in zip(delays, delays[1:]))
+
+
+def test_returning_connectors_spread_out_instead_of_storming(tmp_path, datasets):
+    from poc.config import make_tenants
+    many = make_tenants(6)
+    with Cluster(tmp_path, many, datasets["small"], with_direct=False) as c:
+        before = {t: s["session_id"] for t, s in c.health()["tenants"].items()}
+        c.restart_gateway(downtime_s=2.0)
+        c.wait_online(list(many), timeout=30, session_not=before)
+        first_delays = []
+        for t in many:
+            found = re.findall(r"reconnecting in ([\d.]+) s \(attempt 1\)", c.components[f"connector-{t}"].log_tail(50))
+            first_delays += [float(d) for d in found[-1:]]
+    assert len(first_delays) == 6
+    assert max(first_delays) - min(first_delays) > 0.01  # jitter: they do not all come back at the same instant
+
+
+def test_dropped_link_reconnects_and_serves(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["small"], with_direct=False, with_connectors=False) as c:
+        with TcpProxy(c.gateway.ready["ws_port"]) as proxy:
+            c.start_connector("tenant_001", url=f"ws://127.0.0.1:{proxy.port}/connect")
+            first = c.wait_online(["tenant_001"])["tenants"]["tenant_001"]["session_id"]
+            proxy.drop()
+            c.wait_online(["tenant_001"], session_not={"tenant_001": first})
+            _, table = read(c.flight_uri, tenants["tenant_001"].client_token)
+    assert table.num_rows == 20_000
+
+
+def test_half_open_link_is_detected_within_the_timeout_and_requests_fail_fast(tmp_path, tenants, datasets):
+    args = ("--offline-after-s", "2")
+    with Cluster(tmp_path, tenants, datasets["small"], gateway_args=args, with_direct=False,
+                 with_connectors=False) as c:
+        with TcpProxy(c.gateway.ready["ws_port"]) as proxy:
+            c.start_connector("tenant_001", url=f"ws://127.0.0.1:{proxy.port}/connect",
+                              extra=("--heartbeat-s", "0.5"))
+            c.wait_online(["tenant_001"])
+            time.sleep(3)  # heartbeats keep a healthy link online past the timeout
+            assert c.health()["tenants"]["tenant_001"]["status"] == "online"
+            proxy.blackhole()
+            start = time.monotonic()
+            wait_for(lambda: c.health()["tenants"]["tenant_001"]["status"] == "offline", timeout=10)
+            detected_s = time.monotonic() - start
+            with flight.connect(c.flight_uri) as client:
+                with pytest.raises(flight.FlightUnavailableError, match="offline"):
+                    client.get_flight_info(sales(), bearer(tenants["tenant_001"].client_token, timeout=5))
+            proxy.heal()
+            c.wait_online(["tenant_001"], timeout=30)
+            _, table = read(c.flight_uri, tenants["tenant_001"].client_token)
+    assert 1.5 <= detected_s <= 4.0  # the 2 s timeout, checked every 0.5 s
+    assert table.num_rows == 20_000
+    assert "no heartbeat for 2 s" in c.gateway.log_tail(100)
+
+
+def test_client_cancel_stops_the_connector_stream_and_frees_it(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=SMALL_WINDOW, with_direct=False) as c:
+        token = tenants["tenant_001"].client_token
+        client, reader, first, _ = slow_stream(c, token)
+        assert c.health()["tenants"]["tenant_001"]["streams_in_flight"] == 1
+        reader.cancel()
+        client.close()
+        wait_for(lambda: c.health()["tenants"]["tenant_001"]["streams_in_flight"] == 0)
+        connector_log = wait_for(lambda: (log := c.components["connector-tenant_001"].log_tail(20))
+                                 and "cancelled by the gateway" in log and log)
+        _, table = read(c.flight_uri, token)  # the link is fine afterwards
+    assert first.num_rows > 0 and table.num_rows == 1_000_000
+    assert re.search(r"stream \d+ cancelled by the gateway", connector_log)
+
+
+def test_second_registration_replaces_the_first_whose_streams_fail_clearly(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=SMALL_WINDOW, with_direct=False) as c:
+        token = tenants["tenant_001"].client_token
+        old_session = c.health()["tenants"]["tenant_001"]["session_id"]
+        client, reader, first, info = slow_stream(c, token)
+        newer = c.start_connector("tenant_001", name="connector-tenant_001-new", data=datasets["small"])
+        with pytest.raises(flight.FlightUnavailableError, match="replaced by a new registration"):
+            drain(reader, first.num_rows)
+        client.close()
+        old = c.components["connector-tenant_001"]
+        assert old.popen.wait(15) == 4  # the replaced connector stops instead of fighting back
+        assert "replaced by a new registration" in old.log_tail()
+        state = c.health()["tenants"]["tenant_001"]
+        _, table = read(c.flight_uri, token)
+    assert state["session_id"] not in (None, old_session) and newer.ready["session_id"] == state["session_id"]
+    assert table.num_rows == 20_000  # served by the newer connector's data
+
+
+def test_gateway_sigterm_ends_unfinished_streams_with_an_error_and_exits(tmp_path, tenants, datasets):
+    args = (*SMALL_WINDOW, "--shutdown-grace-s", "1")
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=args, with_direct=False) as c:
+        client, reader, first, info = slow_stream(c, tenants["tenant_001"].client_token)
+        connector = c.components["connector-tenant_001"].popen
+        connector.send_signal(signal.SIGSTOP)  # the stream cannot finish: its connector is frozen mid-way
+        try:
+            code = c.gateway.stop(timeout=20)
+            with pytest.raises(flight.FlightUnavailableError, match="gateway shutting down"):
+                drain(reader, first.num_rows)
+        finally:
+            connector.send_signal(signal.SIGCONT)
+            client.close()
+    assert code == 0
+    assert "gateway shutting down" in c.gateway.log_tail()
+
+
+def test_gateway_sigterm_lets_a_stream_that_is_being_read_finish(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=SMALL_WINDOW, with_direct=False) as c:
+        client, reader, first, info = slow_stream(c, tenants["tenant_001"].client_token)
+        stopper = threading.Thread(target=c.gateway.stop, kwargs={"timeout": 20})
+        stopper.start()
+        time.sleep(0.3)
+        with pytest.raises(flight.FlightUnavailableError, match="shutting down"):
+            client.get_flight_info(sales(), bearer(tenants["tenant_002"].client_token))
+        rows = drain(reader, first.num_rows)  # within the 10 s grace
+        stopper.join()
+        client.close()
+    assert rows == info.total_records
