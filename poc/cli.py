@@ -189,7 +189,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = run_report(args.params, args.output_root)
     print(f"report: {out / 'report.html'}")
-    print(f"executed notebook: {out / 'experiment.ipynb'}; results, charts and machine info in {out}/")
+    print(f"executed notebook, results, charts and machine info: {out}/")
     return 0
 
 
@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("report", help="run the experiment notebook with a parameter file (what `make report` does)",
-                       description="Execute notebooks/experiment.ipynb with papermill and the parameters of "
-                                   "--params; write the executed notebook, report.html, results and charts to "
+                       description="Execute the notebook named by the parameter file's 'notebook:' key "
+                                   "(experiment by default, or resilience) with papermill and the file's "
+                                   "parameters; write the executed notebook, report.html, results and charts to "
                                    "OUTPUT_ROOT/<params name>-<time>/.")
     p.add_argument("--params", default="parameters/seed.yaml", help="YAML parameter file (default %(default)s)")
     p.add_argument("--output-root", default="outputs", help="where run folders go (default %(default)s)")

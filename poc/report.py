@@ -10,7 +10,7 @@ from pathlib import Path
 from .experiment import ExperimentParams, ExperimentResult
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK = ROOT / "notebooks" / "experiment.ipynb"
+NOTEBOOKS = ROOT / "notebooks"
 
 
 def ratio_lines(result: ExperimentResult) -> list[str]:
@@ -33,21 +33,35 @@ def ratio_lines(result: ExperimentResult) -> list[str]:
     return lines
 
 
-def run_report(params_file: str | Path, output_root: str = "outputs", notebook: Path = NOTEBOOK) -> Path:
-    """Execute `notebook` with the parameter file; write NAME.ipynb and report.html to outputs/<run>/."""
+def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
+    """Execute the notebook the parameter file names (`notebook:`, default experiment) with its parameters;
+    write the executed notebook and report.html to outputs/<params name>-<time>/."""
     import nbformat
     import papermill
+    import yaml
     from nbconvert import HTMLExporter
 
+    from .config import ConfigError
+    from .resilience import ResilienceParams
+
     params_file = Path(params_file)
-    params = ExperimentParams.from_yaml(
-        params_file, output_root=output_root,
-        run_name=f"{params_file.stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    try:
+        doc = yaml.safe_load(params_file.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read parameter file {params_file}: {exc}") from None
+    name = doc.get("notebook", "experiment")
+    kinds = {"experiment": ExperimentParams, "resilience": ResilienceParams}
+    if name not in kinds:
+        raise ConfigError(f"{params_file}: notebook must be one of {sorted(kinds)}, got {name!r}")
+    notebook = NOTEBOOKS / f"{name}.ipynb"
+    params = kinds[name].from_yaml(params_file, output_root=output_root,
+                                   run_name=f"{params_file.stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     out = params.out_dir
     out.mkdir(parents=True, exist_ok=True)
     executed = out / notebook.name
     papermill.execute_notebook(str(notebook), str(executed), parameters=asdict(params), cwd=str(ROOT),
-                               kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=False)
+                               kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=True,
+                               stderr_file=sys.stderr)
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
     (out / "report.html").write_text(body)
     return out

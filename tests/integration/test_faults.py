@@ -13,7 +13,7 @@ import pytest
 
 from poc.runner import Cluster
 from tests.helpers import bearer, read, sales
-from tests.tcp_proxy import TcpProxy
+from poc.faults import TcpProxy
 
 SMALL_WINDOW = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
 

@@ -99,3 +99,33 @@ def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
     assert "cores" in success["machine"][0]
     samples = pl.read_parquet(out / "samples.parquet")
     assert {"gateway", "direct", "connector-tenant_001"} <= set(samples["process"].unique().to_list())
+
+
+def test_resilience_notebook_measures_faults_and_isolation(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    params = tmp_path / "resilience.yaml"
+    params.write_text((root / "parameters" / "resilience.yaml").read_text()
+                      + f"data_dir: {tmp_path / 'data'}\ntrials: 1\nrows: 50000\n")
+    out = run_report(params, output_root=str(tmp_path / "outputs"))
+    nb = nbformat.read(out / "resilience.ipynb", as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    trials = pl.read_csv(out / "trials.csv")
+    assert sorted(trials["fault"].to_list()) == ["dropped_link", "gateway_restart", "half_open_link"]
+    assert trials["recovery_s"].null_count() == 0 and trials["served_after"].all()
+    assert trials["silently_short"].sum() == 0
+    half_open = trials.filter(pl.col("fault") == "half_open_link")["detection_s"][0]
+    assert 1.5 <= half_open <= 6
+    assert pl.read_csv(out / "isolation.csv")["passed"].all()
+    assert (out / "charts" / "recovery_and_detection.png").exists()
+
+
+def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
+    from poc.config import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("notebook: nope\n")
+    with pytest.raises(ConfigError, match="notebook must be one of"):
+        run_report(bad, output_root=str(tmp_path))
+    bad.write_text("rows: 10\nrequets: 5\n")
+    with pytest.raises(ConfigError, match="unknown parameters \\['requets'\\]"):
+        run_report(bad, output_root=str(tmp_path))

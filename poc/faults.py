@@ -1,4 +1,4 @@
-"""A loopback TCP proxy the tests put between connectors and the gateway, to drop or black-hole links."""
+"""Fault injection on loopback: a TCP proxy between connectors and the gateway that drops or black-holes links."""
 
 from __future__ import annotations
 

@@ -1,0 +1,215 @@
+"""The resilience experiment: recovery and detection times over N trials, in-flight outcomes, isolation checks."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import polars as pl
+import pyarrow.flight as flight
+import yaml
+
+from .config import ConfigError, make_tenants
+from .dataset import ensure_dataset
+from .faults import TcpProxy
+from .load.client import LoadConfig, RequestRecord, run_load
+from .runner import Cluster, machine_info
+
+FAULTS = ("gateway_restart", "dropped_link", "half_open_link")
+
+
+@dataclass
+class ResilienceParams:
+    run_name: str = ""
+    output_root: str = "outputs"
+    data_dir: str = "outputs/data"
+    rows: int = 200_000
+    trials: int = 3
+    tenant_count: int = 2
+    inflight_requests: int = 6
+    delay_ms: str = "300"
+    heartbeat_s: float = 0.5
+    offline_after_s: float = 2.0
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.tenant_count < 2 or self.offline_after_s <= self.heartbeat_s:
+            raise ConfigError("need trials >= 1, tenant_count >= 2 and offline_after_s > heartbeat_s")
+        if not self.run_name:
+            self.run_name = "resilience-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "ResilienceParams":
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(doc) - known - {"notebook", "title", "description"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown parameters {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in doc.items() if k in known}, **overrides)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_root) / self.run_name
+
+
+def _wait(predicate, timeout: float) -> float | None:
+    """Seconds until `predicate()` held, or None if it never did within `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    return None
+
+
+def _inflight_load(cluster: Cluster, tokens: dict[str, str], requests: int) -> tuple[threading.Thread, list]:
+    out: list[RequestRecord] = []
+    cfg = LoadConfig(cluster.flight_uri, tokens, requests, requests, timeout_s=30, target="tunnel", progress=False)
+    thread = threading.Thread(target=lambda: out.extend(run_load(cfg)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _sessions(cluster: Cluster) -> dict[str, str | None]:
+    return {t: s.get("session_id") for t, s in cluster.health()["tenants"].items()}
+
+
+def _all_online_again(cluster: Cluster, before: dict) -> bool:
+    try:
+        states = cluster.health()["tenants"]
+    except OSError:
+        return False
+    return all(s["status"] == "online" and s["session_id"] != before.get(t) for t, s in states.items())
+
+
+def run_trials(params: ResilienceParams) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Each fault `trials` times with a load in flight; then the isolation checks."""
+    out = params.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    data = ensure_dataset(params.rows, Path(params.data_dir) / f"rows-{params.rows}-seed-{params.seed}" /
+                          "sales.parquet", params.seed).parent
+    tenants = make_tenants(params.tenant_count)
+    tokens = {t.tenant_id: t.client_token for t in tenants.values()}
+    rows = []
+    gateway_args = ("--offline-after-s", str(params.offline_after_s), "--shutdown-grace-s", "0.5")
+    with Cluster(out / "cluster", tenants, data, delay_ms=params.delay_ms, gateway_args=gateway_args,
+                 with_connectors=False, with_direct=False) as cluster, \
+            TcpProxy(cluster.gateway.ready["ws_port"]) as proxy:
+        for tenant_id in tenants:
+            cluster.start_connector(tenant_id, url=f"ws://127.0.0.1:{proxy.port}/connect",
+                                    extra=("--heartbeat-s", str(params.heartbeat_s)))
+        cluster.wait_online(list(tenants))
+        for trial in range(params.trials):
+            for fault in FAULTS:
+                rows.append(_one_fault(cluster, proxy, fault, trial, tokens, params))
+        isolation = isolation_checks(cluster, tenants, data)
+    return pl.DataFrame(rows), pl.DataFrame(isolation), machine_info()
+
+
+def _one_fault(cluster: Cluster, proxy: TcpProxy, fault: str, trial: int, tokens: dict, params) -> dict:
+    before = _sessions(cluster)
+    load, records = _inflight_load(cluster, tokens, params.inflight_requests)
+    time.sleep(0.15)  # the requests are now waiting on the connectors' extraction delay
+    start = time.monotonic()
+    detection_s = None
+    if fault == "gateway_restart":
+        cluster.restart_gateway()
+    elif fault == "dropped_link":
+        proxy.drop()
+    else:
+        proxy.blackhole()
+        detection_s = _wait(lambda: all(s["status"] == "offline" for s in cluster.health()["tenants"].values()),
+                            params.offline_after_s * 5)
+        proxy.heal()
+    fault_ended = time.monotonic()
+    online_s = _wait(lambda: _all_online_again(cluster, before), 60)
+    load.join(60)
+    served = run_load(LoadConfig(cluster.flight_uri, tokens, len(tokens), len(tokens), timeout_s=30,
+                                 progress=False))
+    statuses = [r.status for r in records]
+    return {
+        "fault": fault, "trial": trial,
+        "detection_s": detection_s,
+        "recovery_s": online_s,  # from the end of the fault (gateway up again, link dropped, link healed)
+        "outage_s": (fault_ended - start + online_s) if online_s is not None else None,
+        "served_after": all(r.status == "success" for r in served),
+        "inflight": len(records), "inflight_success": statuses.count("success"),
+        "inflight_error": statuses.count("error"), "inflight_timeout": statuses.count("timeout"),
+        "silently_short": sum(1 for r in records if r.status == "success" and r.rows_transferred != params.rows),
+        "total_elapsed_s": time.monotonic() - start,
+    }
+
+
+def isolation_checks(cluster: Cluster, tenants: dict, data: Path) -> list[dict]:
+    """Pass/fail of the tenant-isolation rules against the live gateway."""
+    a, b = list(tenants.values())[:2]
+    opts = lambda token, tenant=None: flight.FlightCallOptions(  # noqa: E731
+        headers=[(b"authorization", f"Bearer {token}".encode())] + ([(b"tenant-id", tenant.encode())] if tenant else []),
+        timeout=10)
+    descriptor = flight.FlightDescriptor.for_path("dataset", "sales")
+    checks = []
+
+    def check(name: str, fn) -> None:
+        try:
+            passed, detail = fn()
+        except Exception as exc:  # a check that crashes has failed
+            passed, detail = False, f"{type(exc).__name__}: {exc}"
+        checks.append({"check": name, "passed": bool(passed), "detail": str(detail).splitlines()[0][:160]})
+
+    def refused(call, error=flight.FlightError):
+        try:
+            call()
+        except error as exc:
+            return True, f"refused: {type(exc).__name__}"
+        return False, "accepted"
+
+    with flight.connect(cluster.flight_uri) as client:
+        ticket_a = client.get_flight_info(descriptor, opts(a.client_token)).endpoints[0].ticket
+        body, mac = ticket_a.ticket.split(b".")
+        claims = json.loads(base64.urlsafe_b64decode(body))
+        forged = base64.urlsafe_b64encode(json.dumps({**claims, "t": b.tenant_id}).encode()) + b"." + mac
+        check("another tenant's ticket is refused",
+              lambda: refused(lambda: client.do_get(ticket_a, opts(b.client_token)).read_all()))
+        check("a forged ticket is refused",
+              lambda: refused(lambda: client.do_get(flight.Ticket(forged), opts(b.client_token)).read_all()))
+        check("a tenant-id header that disagrees with the token is refused",
+              lambda: refused(lambda: client.get_flight_info(descriptor, opts(a.client_token, b.tenant_id))))
+        check("a wrong client token is refused",
+              lambda: refused(lambda: client.get_flight_info(descriptor, opts("not-a-real-token"))))
+        check("each tenant reads through its own connector",
+              lambda: (client.get_flight_info(descriptor, opts(a.client_token)).total_records ==
+                       client.get_flight_info(descriptor, opts(b.client_token)).total_records, "row counts agree"))
+    bad = cluster.start_connector(a.tenant_id, token="wrong-connector-token", name="isolation-bad-connector",
+                                  wait=False)
+    code = bad.popen.wait(30)
+    checks.append({"check": "a connector with a wrong token is refused", "passed": code == 3,
+                   "detail": f"exit code {code}"})
+    return checks
+
+
+def write_results(params: ResilienceParams, trials: pl.DataFrame, isolation: pl.DataFrame, machine: dict) -> None:
+    out = params.out_dir
+    trials.write_csv(out / "trials.csv")
+    isolation.write_csv(out / "isolation.csv")
+    (out / "resilience.json").write_text(json.dumps(
+        {"params": asdict(params), "machine": machine, "trials": trials.to_dicts(),
+         "isolation": isolation.to_dicts()}, indent=1, default=str))
+    (out / "machine.json").write_text(json.dumps(machine, indent=1))
+
+
+def summary(trials: pl.DataFrame) -> pl.DataFrame:
+    return (trials.group_by("fault")
+            .agg(pl.len().alias("trials"),
+                 pl.col("detection_s").median().alias("detection_s_p50"),
+                 pl.col("recovery_s").median().alias("recovery_s_p50"),
+                 pl.col("recovery_s").max().alias("recovery_s_max"),
+                 pl.col("outage_s").median().alias("outage_s_p50"),
+                 pl.col("inflight_error").sum(), pl.col("inflight_timeout").sum(),
+                 pl.col("inflight_success").sum(), pl.col("silently_short").sum(),
+                 pl.col("served_after").all())
+            .sort("fault"))
