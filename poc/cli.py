@@ -184,6 +184,24 @@ def _summary_text(summary: dict, label: str) -> str:
     return "\n".join(lines)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchParams, run_bench, table, write_json
+
+    levels = tuple(int(x) for x in args.concurrency.split(","))
+    if args.repetitions < 1 or args.rows < 1 or not levels or min(levels) < 1:
+        raise ConfigError("--rows, --repetitions and every --concurrency level must be >= 1")
+    params = BenchParams(rows=args.rows, concurrency=levels, requests_per_level=args.requests,
+                         single_runs=args.single_runs, info_calls=args.info_calls, repetitions=args.repetitions,
+                         data_dir=args.data_dir, gateway_args=tuple(args.gateway_arg or ()),
+                         connector_args=tuple(args.connector_arg or ()))
+    result = run_bench(params, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"figures and raw runs: {args.json}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import run_report
 
@@ -277,6 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-file", help="CA bundle for grpc+tls:// servers")
     p.add_argument("--out", required=True, help="folder for results.json and results.parquet")
     p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("bench", help="tunnel vs direct benchmark: throughput ratios, latency, memory, CPU",
+                       description="Start a gateway, a connector and a direct server (no artificial delay), then "
+                                   "for each repetition measure: aggregate DoGet throughput at each concurrency "
+                                   "level, one DoGet alone, GetFlightInfo P50, gateway peak RSS and CPU per GB. "
+                                   "Prints each figure's median and spread against its goal.")
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows of the table (default %(default)s)")
+    p.add_argument("--concurrency", default="10,100", help="comma-separated levels (default %(default)s)")
+    p.add_argument("--requests", type=int, default=0, help="DoGets per level; 0 = twice the level (default)")
+    p.add_argument("--repetitions", type=int, default=3, help="repetitions (default %(default)s)")
+    p.add_argument("--single-runs", type=int, default=5, help="lone DoGets per repetition (default %(default)s)")
+    p.add_argument("--info-calls", type=int, default=50, help="GetFlightInfo calls per repetition (default %(default)s)")
+    p.add_argument("--data-dir", default="outputs/data", help="where the dataset is made or reused")
+    p.add_argument("--gateway-arg", action="append", help="extra gateway argument (repeatable)")
+    p.add_argument("--connector-arg", action="append", help="extra connector argument (repeatable)")
+    p.add_argument("--json", help="also write figures, raw runs and the machine to this file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="run the experiment notebook with a parameter file (what `make report` does)",
                        description="Execute the notebook named by the parameter file's 'notebook:' key "
