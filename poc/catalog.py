@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import BATCH_BYTES, ConfigError
+from .tunnel.frames import HEADER
 
 
 @dataclass
@@ -37,6 +38,14 @@ class Dataset:
         cache = self.__dict__.setdefault("_fitted", {})
         if max_bytes not in cache:
             cache[max_bytes] = [m for b in self.batches for m in _fit(b, max_bytes)]
+        return cache[max_bytes]
+
+    def framed_messages(self, max_bytes: int) -> list[bytearray]:
+        """Each batch message behind 8 free bytes for the frame header (docs/protocol.md §4), built once:
+        the connector writes the header in place and sends the buffer without another copy."""
+        cache = self.__dict__.setdefault("_framed", {})
+        if max_bytes not in cache:
+            cache[max_bytes] = [_framed(m) for m in self.messages_within(max_bytes)]
         return cache[max_bytes]
 
     @property
@@ -80,6 +89,12 @@ def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str,
             raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
         datasets[file.stem] = Dataset(file.stem, table.schema, cut_batches(table, batch_bytes))
     return datasets
+
+
+def _framed(message: pa.Buffer) -> bytearray:
+    out = bytearray(HEADER.size + message.size)
+    out[HEADER.size:] = memoryview(message)
+    return out
 
 
 def _fit(batch: pa.RecordBatch, max_bytes: int) -> list[pa.Buffer]:

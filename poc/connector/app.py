@@ -200,17 +200,21 @@ class _Session:
         if high > 0:
             await asyncio.sleep(random.uniform(low, high) / 1000)  # simulated extraction
         await self._send(stream_id, FrameType.SCHEMA, ds.schema_message)
-        for message in ds.messages_within(self.endpoint.registered.max_frame_bytes):
-            await self._send(stream_id, FrameType.BATCH, message)
+        for framed in ds.framed_messages(self.endpoint.registered.max_frame_bytes):
+            await self._send(stream_id, FrameType.BATCH, framed=framed)
         await self.transport.call(self.endpoint.send_frame, FrameType.END, stream_id)
 
-    async def _send(self, stream_id: int, frame_type: FrameType, payload) -> None:
-        """Send one frame once the stream has credit for it (docs/protocol.md §5)."""
-        size = len(payload)
+    async def _send(self, stream_id: int, frame_type: FrameType, payload=b"", framed: bytearray | None = None) -> None:
+        """Send one frame once the stream has credit for it (docs/protocol.md §5).
+
+        A `framed` buffer is shared by every stream of the dataset: its header is written and the frame
+        sent while the link's writer is held, so no other stream touches it meanwhile."""
+        size = len(framed) - 8 if framed is not None else len(payload)
         while self.endpoint.credit(stream_id) < size:
             if self.endpoint.credit(stream_id) < 0:
                 raise asyncio.CancelledError
             event = self.credit[stream_id]
             event.clear()
             await event.wait()
-        await self.transport.call(self.endpoint.send_frame, frame_type, stream_id, memoryview(payload))
+        await self.transport.call(lambda: self.endpoint.send_frame(frame_type, stream_id, memoryview(payload),
+                                                                   framed=framed))
