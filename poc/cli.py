@@ -44,6 +44,11 @@ def _add_tunnel_limits(p: argparse.ArgumentParser) -> None:
                         "once with FlightUnavailableError; 0 = unlimited (default %(default)s)")
 
 
+def _add_ws_impl(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ws-impl", choices=["websockets", "picows"], default="websockets",
+                   help="WebSocket implementation; both speak the same wire protocol (default %(default)s)")
+
+
 def _add_tls(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// and grpc+tls:// (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -66,7 +71,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         limits=Limits(args.max_frame_bytes, args.window_bytes, args.max_streams,
                       max_message_bytes=args.max_message_bytes, unsolicited_per_s=args.max_unsolicited_per_s),
         ticket_secret=os.environb.get(b"POC_TICKET_SECRET"), max_requests_per_s=args.max_requests_per_s,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl)
 
     async def main() -> None:
         stop = _stop_event_for_signals(asyncio.get_running_loop())
@@ -88,7 +93,7 @@ def cmd_connector(args: argparse.Namespace) -> int:
     datasets = load_datasets(args.data)
     cfg = ConnectorConfig(gateway=args.gateway, tenant_id=args.tenant, token=token,
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
-                          ca_file=args.ca_file)
+                          ca_file=args.ca_file, ws_impl=args.ws_impl)
     connector = Connector(cfg, datasets)
     first = threading.Event()
 
@@ -240,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long in-flight streams may finish before they fail (default %(default)s)")
     _add_tunnel_limits(p)
     _add_tls(p)
+    _add_ws_impl(p)
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("connector", help="on-premise connector: dials out to the gateway, serves Parquet datasets",
@@ -255,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")
     p.add_argument("--ca-file", help="CA bundle to verify a wss:// gateway")
+    _add_ws_impl(p)
     p.set_defaults(func=cmd_connector)
 
     p = sub.add_parser("direct", help="direct baseline: the same datasets and delay over plain Flight",

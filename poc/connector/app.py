@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
 import time
 from dataclasses import dataclass
 
+from picows import WSError
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
@@ -39,6 +41,7 @@ class ConnectorConfig:
     backoff_initial_s: float = config.BACKOFF_INITIAL_S
     backoff_max_s: float = config.BACKOFF_MAX_S
     ca_file: str | None = None
+    ws_impl: str = "websockets"  # or "picows"
 
     def __repr__(self) -> str:  # the token never reaches logs
         return f"ConnectorConfig(gateway={self.gateway!r}, tenant_id={self.tenant_id!r})"
@@ -71,7 +74,7 @@ class Connector:
                 if exc.code == CloseCode.REPLACED:
                     raise Replaced(f"gateway closed the link: {exc.reason}") from None
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc)
-            except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+            except (OSError, InvalidHandshake, asyncio.TimeoutError, WSError) as exc:
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc or type(exc).__name__)
             if stop.is_set():
                 return
@@ -88,13 +91,30 @@ class Connector:
             return None
         return ssl.create_default_context(cafile=self.cfg.ca_file)
 
-    async def _session(self, stop: asyncio.Event) -> None:
+    @contextlib.asynccontextmanager
+    async def _dial(self):
+        """The link to the gateway over the configured WebSocket implementation."""
         cfg = self.cfg
+        if cfg.ws_impl == "picows":
+            from ..transports.picows_ws import dial_picows
+
+            link = await dial_picows(cfg.gateway, ConnectorEndpoint, self._ssl_context(), cfg.heartbeat_s,
+                                     config.MAX_FRAME_BYTES)
+            try:
+                yield link
+            finally:
+                if link.closed is None:
+                    await link.close(CloseCode.GOING_AWAY, "connector shutting down")
+            return
         async with connect(cfg.gateway, compression=None, proxy=None, ssl=self._ssl_context(),
                            max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
                            ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
-            endpoint = ConnectorEndpoint()
-            transport = WebSocketLink(ws, endpoint)
+            yield WebSocketLink(ws, ConnectorEndpoint())
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        cfg = self.cfg
+        async with self._dial() as transport:
+            endpoint = transport.endpoint
             await transport.call(endpoint.register, cfg.tenant_id, cfg.token, sorted(self.datasets))
             session = _Session(self, transport)
             stopper = asyncio.get_running_loop().create_task(self._close_on(stop, transport))

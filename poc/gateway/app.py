@@ -45,6 +45,7 @@ class GatewayConfig:
     ticket_secret: bytes | None = None
     max_requests_per_s: float = 0.0  # per tenant link; 0 = unlimited
     shutdown_grace_s: float = 10.0
+    ws_impl: str = "websockets"  # or "picows"
     tls_cert: str | None = None
     tls_key: str | None = None
 
@@ -72,10 +73,18 @@ class Gateway:
         if cfg.tls:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        self._ws_server = await serve(
-            self._handle, cfg.host, cfg.ws_port, process_request=self._only_connect_path, ssl=ssl_context,
-            compression=None, max_size=cfg.limits.max_frame_bytes + HEADER.size,
-            ping_interval=None, write_limit=1024 * 1024, close_timeout=3)
+        if cfg.ws_impl == "picows":
+            from ..transports.picows_ws import serve_picows
+
+            self._ws_server = await serve_picows(self._serve_link, lambda: GatewayEndpoint(cfg.limits), cfg.host,
+                                                 cfg.ws_port, ssl_context, cfg.limits.max_frame_bytes + HEADER.size)
+            self._stop_accepting = self._ws_server.close
+        else:
+            self._ws_server = await serve(
+                self._handle, cfg.host, cfg.ws_port, process_request=self._only_connect_path, ssl=ssl_context,
+                compression=None, max_size=cfg.limits.max_frame_bytes + HEADER.size,
+                ping_interval=None, write_limit=1024 * 1024, close_timeout=3)
+            self._stop_accepting = lambda: self._ws_server.close(close_connections=False)
         bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s)
         scheme, tls = ("grpc+tls", [flight_certificate(cfg.tls_cert, cfg.tls_key)]) if cfg.tls else ("grpc", None)
         self._flight = GatewayFlightServer(f"{scheme}://{cfg.host}:{cfg.flight_port}", bridge, cfg.tenants,
@@ -96,7 +105,7 @@ class Gateway:
             task.cancel()
         self.registry.draining = True
         if self._ws_server is not None:
-            self._ws_server.close(close_connections=False)
+            self._stop_accepting()  # open tunnels are closed below, after the grace period
             deadline = time.monotonic() + self.cfg.shutdown_grace_s
             while time.monotonic() < deadline and any(link.streams_in_flight for link in self.registry.links()):
                 await asyncio.sleep(0.05)
@@ -120,7 +129,10 @@ class Gateway:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        transport = WebSocketLink(ws, GatewayEndpoint(self.cfg.limits))
+        await self._serve_link(WebSocketLink(ws, GatewayEndpoint(self.cfg.limits)))
+
+    async def _serve_link(self, transport) -> None:
+        """One tunnel from its register to its close, whatever WebSocket implementation carries it."""
         events = transport.events()
         link: TenantLink | None = None
         reason = "closed"

@@ -37,6 +37,8 @@ class DataFrame:
         if len(view) < HEADER.size:
             raise RemoteProtocolError(f"binary frame of {len(view)} bytes is shorter than its header")
         kind, stream_id = HEADER.unpack_from(view)
+        if view[1] or view[2] or view[3]:
+            raise RemoteProtocolError("reserved bytes 1-3 of a binary frame header must be zero")
         try:
             frame_type = FrameType(kind)
         except ValueError:

@@ -1,0 +1,193 @@
+"""The same tunnel over picows, a WebSocket implementation in Cython: fewer copies per frame.
+
+Same contract as `websocket.WebSocketLink`: `events()`, `call()`, `flush()`, `flush_soon()`, `close()`.
+Received payloads are copied once out of picows' read buffer (it reuses that buffer); sent frames are
+copied once into its write buffer, masked on the way for a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl as ssl_module
+import time
+from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from typing import Any
+
+from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, WSUpgradeResponse,
+                    WSUpgradeResponseWithListener, ws_connect, ws_create_server)
+
+from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
+from ..tunnel.endpoint import Event, _Endpoint
+
+log = logging.getLogger(__name__)
+_CLOSED = object()
+
+
+class PicowsLink(WSListener):
+    """One endpoint moved over one picows connection; also its listener."""
+
+    def __init__(self, endpoint_factory: Callable[[], _Endpoint]) -> None:
+        super().__init__()
+        self.endpoint = endpoint_factory()
+        self.transport: WSTransport | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._write_lock = asyncio.Lock()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._flush_scheduled = False
+        self._fragments: list[bytes] = []
+        self._fragment_type: WSMsgType | None = None
+        self.closed: TunnelClosed | None = None
+        self.connected = asyncio.get_running_loop().create_future()
+
+    # -- picows callbacks (run on the event loop)
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        if not self.connected.done():
+            self.connected.set_result(self)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind == WSMsgType.CLOSE:
+            self._on_close(frame)
+            return
+        if kind in (WSMsgType.PING, WSMsgType.PONG):
+            return  # picows answers pings itself
+        if kind == WSMsgType.CONTINUATION or not frame.fin:  # a fragmented message: rare, reassembled
+            if kind != WSMsgType.CONTINUATION:
+                self._fragment_type, self._fragments = kind, []
+            self._fragments.append(frame.get_payload_as_bytes())
+            if not frame.fin:
+                return
+            kind, data = self._fragment_type, b"".join(self._fragments)
+            self._fragments = []
+        else:
+            data = frame.get_payload_as_bytes()  # the one copy: picows reuses its read buffer
+        if self.closed is not None:
+            return
+        try:
+            now = time.monotonic()
+            if kind == WSMsgType.TEXT:
+                events = self.endpoint.receive_text(data.decode("utf-8"), now)
+            else:
+                events = self.endpoint.receive_binary(data, now)
+        except (RemoteProtocolError, UnicodeDecodeError) as exc:
+            code = getattr(exc, "close_code", CloseCode.PROTOCOL_ERROR)
+            log.warning("closing link: %s", exc)
+            self._close_now(code, str(exc))
+            return
+        if events:
+            self._queue.put_nowait(events)
+        self.flush_soon()
+
+    def _on_close(self, frame: WSFrame) -> None:
+        code = int(frame.get_close_code() or 1005)
+        reason = frame.get_close_message()
+        reason = bytes(reason).decode("utf-8", "replace") if reason else "closed"
+        if self.closed is None:
+            self.closed = TunnelClosed(code, reason)
+            self.transport.send_close(WSCloseCode(code) if code in WSCloseCode._value2member_map_ else
+                                      WSCloseCode.OK, b"")
+        self.transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.closed is None:
+            self.closed = TunnelClosed(1006, "connection lost without a close frame")
+        self._writable.set()
+        self._queue.put_nowait(_CLOSED)
+        if not self.connected.done():
+            self.connected.set_exception(OSError(str(self.closed)))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- the link contract
+    async def events(self) -> AsyncIterator[list[Event]]:
+        while True:
+            item = await self._queue.get()
+            if item is _CLOSED:
+                raise self.closed
+            yield item
+
+    async def call(self, produce: Callable[..., Any], *args: Any) -> Any:
+        async with self._write_lock:
+            result = produce(*args)
+            await self._send_queued()
+            return result
+
+    async def flush(self) -> None:
+        async with self._write_lock:
+            await self._send_queued()
+
+    def flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        self._flush_scheduled = False
+        await self.flush()
+
+    async def _send_queued(self) -> None:
+        for item in self.endpoint.data_to_send():
+            if self.closed is not None:
+                return
+            if isinstance(item, str):
+                self.transport.send(WSMsgType.TEXT, item.encode())
+            else:
+                self.transport.send(WSMsgType.BINARY, item)
+            if not self._writable.is_set():
+                await self._writable.wait()  # the socket buffer is over its high-water mark
+
+    def _close_now(self, code: int, reason: str) -> None:
+        if self.closed is None:
+            self.closed = TunnelClosed(code, reason)
+        reason_bytes = reason.encode()[:120]
+        self.transport.send_close(_close_code(code), reason_bytes)
+        self.transport.disconnect(graceful=True)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        if self.transport is None:
+            return
+        self._close_now(code, reason)
+        await self.transport.wait_disconnected()
+
+
+def _close_code(code: int) -> WSCloseCode:
+    try:
+        return WSCloseCode(code)
+    except ValueError:
+        return code  # picows passes application codes (4000-4999) through as ints
+
+
+async def serve_picows(on_link: Callable[[PicowsLink], Any], endpoint_factory: Callable[[], _Endpoint], host: str,
+                       port: int, ssl: ssl_module.SSLContext | None, max_frame_size: int) -> asyncio.AbstractServer:
+    """Accept tunnels on /connect; `on_link(link)` runs as a task per connection."""
+    loop = asyncio.get_running_loop()
+
+    def factory(request: WSUpgradeRequest):
+        if request.path.split(b"?")[0] != b"/connect":
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(HTTPStatus.NOT_FOUND, b"the tunnel endpoint is /connect\n"),
+                None)
+        link = PicowsLink(endpoint_factory)
+        link.connected.add_done_callback(lambda f: not f.exception() and loop.create_task(on_link(link)))
+        return link
+
+    return await ws_create_server(factory, host, port, ssl=ssl, max_frame_size=max_frame_size,
+                                  websocket_handshake_timeout=10)
+
+
+async def dial_picows(url: str, endpoint_factory: Callable[[], _Endpoint], ssl: ssl_module.SSLContext | None,
+                      heartbeat_s: float, max_frame_size: int) -> PicowsLink:
+    """Open a tunnel to the gateway; the link is connected when this returns."""
+    _, link = await ws_connect(lambda: PicowsLink(endpoint_factory), url, ssl_context=ssl,
+                               enable_auto_ping=True, auto_ping_idle_timeout=heartbeat_s,
+                               auto_ping_reply_timeout=heartbeat_s, max_frame_size=max_frame_size,
+                               websocket_handshake_timeout=10)
+    return link
