@@ -45,8 +45,9 @@ def _add_tunnel_limits(p: argparse.ArgumentParser) -> None:
 
 
 def _add_ws_impl(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ws-impl", choices=["websockets", "picows"], default="websockets",
-                   help="WebSocket implementation; both speak the same wire protocol (default %(default)s)")
+    p.add_argument("--ws-impl", choices=config.WS_IMPLS, default=os.environ.get("POC_WS_IMPL", config.WS_IMPL),
+                   help="WebSocket implementation; both speak the same wire protocol "
+                        "(default %(default)s; POC_WS_IMPL sets the default)")
 
 
 def _add_tls(p: argparse.ArgumentParser) -> None:

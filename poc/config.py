@@ -22,6 +22,8 @@ WINDOW_BYTES = 8 * 1024 * 1024
 MAX_STREAMS = 256
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
+WS_IMPLS = ("picows", "websockets")
+WS_IMPL = "picows"  # faster by the benchmark (docs/results.md); websockets stays supported and tested
 
 
 class ConfigError(ValueError):

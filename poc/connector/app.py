@@ -41,7 +41,7 @@ class ConnectorConfig:
     backoff_initial_s: float = config.BACKOFF_INITIAL_S
     backoff_max_s: float = config.BACKOFF_MAX_S
     ca_file: str | None = None
-    ws_impl: str = "websockets"  # or "picows"
+    ws_impl: str = config.WS_IMPL
 
     def __repr__(self) -> str:  # the token never reaches logs
         return f"ConnectorConfig(gateway={self.gateway!r}, tenant_id={self.tenant_id!r})"

@@ -45,7 +45,7 @@ class GatewayConfig:
     ticket_secret: bytes | None = None
     max_requests_per_s: float = 0.0  # per tenant link; 0 = unlimited
     shutdown_grace_s: float = 10.0
-    ws_impl: str = "websockets"  # or "picows"
+    ws_impl: str = config.WS_IMPL
     tls_cert: str | None = None
     tls_key: str | None = None
 

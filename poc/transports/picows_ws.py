@@ -147,9 +147,12 @@ class PicowsLink(WSListener):
     def _close_now(self, code: int, reason: str) -> None:
         if self.closed is None:
             self.closed = TunnelClosed(code, reason)
-        reason_bytes = reason.encode()[:120]
-        self.transport.send_close(_close_code(code), reason_bytes)
-        self.transport.disconnect(graceful=True)
+        if self.transport.is_close_frame_sent:
+            return
+        self.transport.send_close(_close_code(code), reason.encode()[:120])
+        # The peer's close reply ends the link (_on_close); a peer that never answers is cut off after 3 s.
+        # Cutting at once would reset a peer that is still sending, and it would never read the close code.
+        asyncio.get_running_loop().call_later(3.0, self.transport.disconnect)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self.transport is None:
@@ -190,4 +193,6 @@ async def dial_picows(url: str, endpoint_factory: Callable[[], _Endpoint], ssl: 
                                enable_auto_ping=True, auto_ping_idle_timeout=heartbeat_s,
                                auto_ping_reply_timeout=heartbeat_s, max_frame_size=max_frame_size,
                                websocket_handshake_timeout=10)
+    if link is None or link.closed is not None:
+        raise ConnectionError(f"tunnel to {url} closed during the handshake")
     return link
