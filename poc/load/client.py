@@ -110,6 +110,7 @@ async def run_load_async(cfg: LoadConfig) -> list[RequestRecord]:
     bar = tqdm(total=cfg.requests, desc=f"{cfg.target} requests", unit="req",
                disable=None if cfg.progress is None else not cfg.progress, leave=False)
 
+    done, step = [0], max(1, cfg.requests // 10)
     with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="load") as pool:
         async def worker(index: int) -> RequestRecord:
             queued = time.perf_counter()
@@ -118,6 +119,9 @@ async def run_load_async(cfg: LoadConfig) -> list[RequestRecord]:
                 record = await loop.run_in_executor(pool, _one_request, cfg, index, tenants[index % len(tenants)],
                                                     queued_ms, t0)
             bar.update(1)
+            done[0] += 1
+            if bar.disable and cfg.progress is None and done[0] % step == 0:  # no terminal: a line per 10 %
+                print(f"{cfg.target}: {done[0]}/{cfg.requests} requests done", flush=True)
             return record
 
         try:
