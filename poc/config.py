@@ -93,3 +93,18 @@ def parse_delay(text: str) -> tuple[float, float]:
     if low is None or not 0 <= low <= high:
         raise ConfigError(f"delay must be MS or LOW-HIGH milliseconds with 0 <= LOW <= HIGH, got {text!r}")
     return low, high
+
+
+def params_from_yaml(cls, path: str | Path, **overrides):
+    """Build a parameters dataclass from a YAML file; unknown keys are an error that lists the known ones."""
+    import dataclasses
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read parameter file {path}: {exc}") from None
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(doc) - known - {"notebook", "title", "description"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown parameters {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**{k: v for k, v in doc.items() if k in known}, **overrides)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
-import yaml
 
-from .config import ConfigError, make_tenants, parse_delay
+from .config import ConfigError, make_tenants, params_from_yaml, parse_delay
 from .dataset import ensure_dataset
 from .load.client import LoadConfig, records_as_dicts, run_load
 from .load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
@@ -49,12 +48,7 @@ class ExperimentParams:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ExperimentParams":
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(doc) - known - {"notebook", "title", "description"}
-        if unknown:
-            raise ConfigError(f"{path}: unknown parameters {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in doc.items() if k in known}, **overrides)
+        return params_from_yaml(cls, path, **overrides)
 
     @property
     def out_dir(self) -> Path:

@@ -7,14 +7,13 @@ import datetime as dt
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import polars as pl
 import pyarrow.flight as flight
-import yaml
 
-from .config import ConfigError, make_tenants
+from .config import ConfigError, make_tenants, params_from_yaml
 from .dataset import ensure_dataset
 from .faults import TcpProxy
 from .load.client import LoadConfig, RequestRecord, run_load
@@ -45,12 +44,7 @@ class ResilienceParams:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ResilienceParams":
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(doc) - known - {"notebook", "title", "description"}
-        if unknown:
-            raise ConfigError(f"{path}: unknown parameters {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in doc.items() if k in known}, **overrides)
+        return params_from_yaml(cls, path, **overrides)
 
     @property
     def out_dir(self) -> Path:

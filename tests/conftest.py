@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.flight as flight
 import pytest
 
 from poc.config import make_tenants

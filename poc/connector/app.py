@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from picows import WSError
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import InvalidHandshake
 
 from .. import config
 from ..catalog import Dataset

@@ -20,12 +20,13 @@ from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WS
 
 from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
 from ..tunnel.endpoint import Event, _Endpoint
+from .base import OrderedWriter
 
 log = logging.getLogger(__name__)
 _CLOSED = object()
 
 
-class PicowsLink(WSListener):
+class PicowsLink(WSListener, OrderedWriter):
     """One endpoint moved over one picows connection; also its listener."""
 
     def __init__(self, endpoint_factory: Callable[[], _Endpoint]) -> None:
@@ -33,10 +34,9 @@ class PicowsLink(WSListener):
         self.endpoint = endpoint_factory()
         self.transport: WSTransport | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._write_lock = asyncio.Lock()
+        self._init_writer()
         self._writable = asyncio.Event()
         self._writable.set()
-        self._flush_scheduled = False
         self._fragments: list[bytes] = []
         self._fragment_type: WSMsgType | None = None
         self.closed: TunnelClosed | None = None
@@ -113,25 +113,6 @@ class PicowsLink(WSListener):
             if item is _CLOSED:
                 raise self.closed
             yield item
-
-    async def call(self, produce: Callable[..., Any], *args: Any) -> Any:
-        async with self._write_lock:
-            result = produce(*args)
-            await self._send_queued()
-            return result
-
-    async def flush(self) -> None:
-        async with self._write_lock:
-            await self._send_queued()
-
-    def flush_soon(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().create_task(self._flush_later())
-
-    async def _flush_later(self) -> None:
-        self._flush_scheduled = False
-        await self.flush()
 
     async def _send_queued(self) -> None:
         for item in self.endpoint.data_to_send():

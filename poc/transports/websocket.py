@@ -10,26 +10,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
 from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
 from ..tunnel.endpoint import Event, _Endpoint
+from .base import OrderedWriter
 
 log = logging.getLogger(__name__)
 
 
-class WebSocketLink:
+class WebSocketLink(OrderedWriter):
     """One endpoint moved over one WebSocket connection."""
+
+    _closed_errors = (ConnectionClosed,)
 
     def __init__(self, ws: Connection, endpoint: _Endpoint) -> None:
         self.ws = ws
         self.endpoint = endpoint
-        self._write_lock = asyncio.Lock()
-        self._flush_scheduled = False
+        self._init_writer()
 
     async def events(self) -> AsyncIterator[list[Event]]:
         """Yield the events of each received message until the link closes, then raise TunnelClosed."""
@@ -63,31 +64,6 @@ class WebSocketLink:
         if self.ws.close_code is not None:
             return TunnelClosed(self.ws.close_code, self.ws.close_reason or "closed")
         return TunnelClosed(1006, "connection lost without a close frame")
-
-    async def call(self, produce: Callable[..., Any], *args: Any) -> Any:
-        """Run `produce` on the endpoint and send what it queued, holding the writer."""
-        async with self._write_lock:
-            result = produce(*args)
-            await self._send_queued()
-            return result
-
-    async def flush(self) -> None:
-        """Send whatever the endpoint has queued."""
-        async with self._write_lock:
-            await self._send_queued()
-
-    def flush_soon(self) -> None:
-        """Schedule a flush; calls made before it runs share it."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().create_task(self._flush_later())
-
-    async def _flush_later(self) -> None:
-        self._flush_scheduled = False
-        try:
-            await self.flush()
-        except ConnectionClosed:
-            pass  # the reader sees the close and fails what was in flight
 
     async def _send_queued(self) -> None:
         for item in self.endpoint.data_to_send():

@@ -126,7 +126,6 @@ def serve_one_do_get(gateway, tenants, respond):
     def client():
         try:
             with flight.connect(gateway.flight_uri) as c:
-                ticket = flight.Ticket(b"x")  # replaced below by a real ticket
                 options = bearer(tenants["tenant_001"].client_token, timeout=20)
                 info_thread_result.append(c.get_flight_info(sales(), options))
                 outcome["table"] = c.do_get(info_thread_result[0].endpoints[0].ticket, options).read_all()

@@ -8,12 +8,11 @@ import struct
 import threading
 
 import pyarrow as pa
-import pyarrow.flight as flight
 import pyarrow.parquet as pq
 from websockets.sync.client import connect
 
 from poc.runner import Cluster
-from tests.helpers import bearer, read
+from tests.helpers import read
 
 
 def doc_connector(url: str, tenant: str, token: str, table: pa.Table, ready: threading.Event, stop: threading.Event):

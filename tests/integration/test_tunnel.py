@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
-import pytest
 
 from poc.runner import Cluster
 from tests.helpers import bearer, read, sales
