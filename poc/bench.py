@@ -15,7 +15,7 @@ import psutil
 import pyarrow.flight as flight
 
 from .config import make_tenants
-from .dataset import ensure_dataset
+from .dataset import dataset_folder
 from .runner import Cluster, machine_info
 
 GOALS = {  # figure: (goal, "min" = at least, "max" = at most)
@@ -125,7 +125,7 @@ class _PeakRss:
 
 def run_bench(params: BenchParams, log=print) -> dict:
     """Start gateway, connector and direct server; measure each figure `repetitions` times."""
-    data = ensure_dataset(params.rows, Path(params.data_dir) / f"rows-{params.rows}-seed-42" / "sales.parquet").parent
+    data = dataset_folder(params.data_dir, params.rows)
     tenants = make_tenants(1)
     token = tenants["tenant_001"].client_token
     runs: list[dict] = []

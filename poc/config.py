@@ -26,6 +26,16 @@ WS_IMPLS = ("picows", "websockets")
 WS_IMPL = "picows"  # faster by the benchmark (docs/results.md); websockets stays supported and tested
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_path(path: str | Path) -> Path:
+    """A relative path is taken from the project's root, so notebooks opened in notebooks/ write to the
+    same outputs/ as papermill and the CLI."""
+    path = Path(path)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 class ConfigError(ValueError):
     """A configuration file or option is wrong; the message says which and how."""
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import polars as pl
 
-from .config import ConfigError, make_tenants, params_from_yaml, parse_delay
-from .dataset import ensure_dataset
+from .config import ConfigError, make_tenants, params_from_yaml, project_path, parse_delay
+from .dataset import dataset_folder
 from .load.client import LoadConfig, records_as_dicts, run_load
 from .load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
 from .runner import Cluster, ProcessSampler, machine_info
@@ -52,7 +52,7 @@ class ExperimentParams:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.output_root) / self.run_name
+        return project_path(self.output_root) / self.run_name
 
 
 @dataclass
@@ -84,8 +84,7 @@ def run_experiment(params: ExperimentParams, progress: bool | None = None) -> Ex
     """Make or reuse the dataset, start everything, load direct and tunnel in the same run, stop everything."""
     out = params.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    data = ensure_dataset(params.rows, Path(params.data_dir) / f"rows-{params.rows}-seed-{params.seed}" /
-                          f"{params.dataset}.parquet", params.seed).parent
+    data = dataset_folder(params.data_dir, params.rows, params.seed, params.dataset)
     tenants = make_tenants(params.tenant_count)
     tokens = {t.tenant_id: t.client_token for t in tenants.values()}
     machine = machine_info()

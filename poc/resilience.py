@@ -13,8 +13,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow.flight as flight
 
-from .config import ConfigError, make_tenants, params_from_yaml
-from .dataset import ensure_dataset
+from .config import ConfigError, make_tenants, params_from_yaml, project_path
+from .dataset import dataset_folder
 from .faults import TcpProxy
 from .load.client import LoadConfig, RequestRecord, run_load
 from .runner import Cluster, machine_info
@@ -48,7 +48,7 @@ class ResilienceParams:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.output_root) / self.run_name
+        return project_path(self.output_root) / self.run_name
 
 
 def _wait(predicate, timeout: float) -> float | None:
@@ -85,8 +85,7 @@ def run_trials(params: ResilienceParams) -> tuple[pl.DataFrame, pl.DataFrame, di
     """Each fault `trials` times with a load in flight; then the isolation checks."""
     out = params.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    data = ensure_dataset(params.rows, Path(params.data_dir) / f"rows-{params.rows}-seed-{params.seed}" /
-                          "sales.parquet", params.seed).parent
+    data = dataset_folder(params.data_dir, params.rows, params.seed)
     tenants = make_tenants(params.tenant_count)
     tokens = {t.tenant_id: t.client_token for t in tenants.values()}
     rows = []
