@@ -12,6 +12,7 @@ import pyarrow.flight as flight
 
 from ..transports.websocket import WebSocketLink
 from ..tunnel import endpoint as ev
+from ..tunnel import LocalProtocolError
 from ..tunnel.endpoint import GatewayEndpoint
 from ..tunnel.limits import TokenBucket
 
@@ -125,7 +126,7 @@ class TenantLink:
         self._admit()
         try:
             sid = self.endpoint.open_stream(dataset)
-        except Exception as exc:  # the streams-in-flight limit (docs/protocol.md §7)
+        except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
             raise flight.FlightUnavailableError(f"tenant {self.tenant_id}: {exc}") from None
         sink = self._sinks[sid] = StreamSink()
         self.transport.flush_soon()

@@ -54,9 +54,11 @@ def test_gateway_restart_connectors_reconnect_register_and_serve_again(tmp_path,
         logs = [c.components[f"connector-{t}"].log_tail(50) for t in tenants]
     assert table.equals(pq.read_table(datasets["small"] / "sales.parquet"))
     for log in logs:
-        delays = [float(d) for d in re.findall(r"reconnecting in ([\d.]+) s", log)]
-        assert 1 <= len(delays) <= 6, delays  # backoff, not a storm of attempts
-        assert all(b > a * 1.0 or b > 0.5 for a, b in zip(delays, delays[1:]))
+        attempts = [(float(d), int(n)) for d, n in re.findall(r"reconnecting in ([\d.]+) s \(attempt (\d+)\)", log)]
+        assert 1 <= len(attempts) <= 6, attempts  # backoff, not a storm of attempts
+        for delay, n in attempts:  # exponential with jitter: base/2 <= delay <= base
+            base = min(30.0, 0.5 * 2 ** (n - 1))
+            assert base / 2 <= delay <= base, (delay, n)
 
 
 def test_returning_connectors_spread_out_instead_of_storming(tmp_path, datasets):
