@@ -72,7 +72,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         limits=Limits(args.max_frame_bytes, args.window_bytes, args.max_streams,
                       max_message_bytes=args.max_message_bytes, unsolicited_per_s=args.max_unsolicited_per_s),
         ticket_secret=os.environb.get(b"POC_TICKET_SECRET"), max_requests_per_s=args.max_requests_per_s,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl,
+        grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port)
 
     async def main() -> None:
         stop = _stop_event_for_signals(asyncio.get_running_loop())
@@ -89,8 +90,9 @@ def cmd_connector(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("POC_CONNECTOR_TOKEN")
     if not token:
         raise ConfigError("a connector token is needed: --token TOKEN or POC_CONNECTOR_TOKEN")
-    if not args.gateway.startswith(("ws://", "wss://")):
-        raise ConfigError(f"--gateway must be a ws:// or wss:// URL ending in /connect, got {args.gateway!r}")
+    if not args.gateway.startswith(("ws://", "wss://", "grpc://", "grpcs://")):
+        raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or grpc[s]://HOST:PORT "
+                          f"(gRPC tunnel), got {args.gateway!r}")
     datasets = load_datasets(args.data)
     cfg = ConnectorConfig(gateway=args.gateway, tenant_id=args.tenant, token=token,
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
@@ -242,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a connector silent this long is offline (default %(default)s)")
     p.add_argument("--request-timeout-s", type=float, default=config.REQUEST_TIMEOUT_S,
                    help="longest wait for a connector's answer or next frame (default %(default)s)")
+    p.add_argument("--grpc-tunnel-port", type=int, default=config.GRPC_TUNNEL_PORT,
+                   help="port of the gRPC reverse tunnel (connectors dial grpc://HOST:PORT); -1 turns it off "
+                        "(default %(default)s)")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight streams may finish before they fail (default %(default)s)")
     _add_tunnel_limits(p)
@@ -254,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(a file, or a folder of *.parquet; dataset name = file stem). Reconnects "
                                    "with exponential backoff and jitter; exits 3 if the gateway refuses the token, 4 if a newer "
                                    "connector of the same tenant replaced this one.")
-    p.add_argument("--gateway", required=True, help="ws://HOST:PORT/connect or wss://HOST:PORT/connect")
+    p.add_argument("--gateway", required=True,
+                   help="ws://HOST:PORT/connect or wss://… (WebSocket tunnel), grpc://HOST:PORT or grpcs://… "
+                        "(gRPC tunnel); the scheme picks the transport")
     p.add_argument("--tenant", required=True, help="tenant id, as in the gateway's tenants file")
     p.add_argument("--token", help="connector token (or set POC_CONNECTOR_TOKEN, which keeps it out of ps)")
     p.add_argument("--data", required=True, help="Parquet file or folder")

@@ -92,9 +92,9 @@ def run_trials(params: ResilienceParams) -> tuple[pl.DataFrame, pl.DataFrame, di
     gateway_args = ("--offline-after-s", str(params.offline_after_s), "--shutdown-grace-s", "0.5")
     with Cluster(out / "cluster", tenants, data, delay_ms=params.delay_ms, gateway_args=gateway_args,
                  with_connectors=False, with_direct=False) as cluster, \
-            TcpProxy(cluster.gateway.ready["ws_port"]) as proxy:
+            TcpProxy(cluster.tunnel_port) as proxy:
         for tenant_id in tenants:
-            cluster.start_connector(tenant_id, url=f"ws://127.0.0.1:{proxy.port}/connect",
+            cluster.start_connector(tenant_id, url=cluster.tunnel_url(proxy.port),
                                     extra=("--heartbeat-s", str(params.heartbeat_s)))
         cluster.wait_online(list(tenants))
         for trial in range(params.trials):

@@ -114,7 +114,7 @@ class Cluster:
     def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path,
                  delay_ms: str = "0", gateway_args: tuple[str, ...] = (), connector_args: tuple[str, ...] = (),
                  with_connectors: bool = True, with_direct: bool = True, host: str = "127.0.0.1",
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, tunnel: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.tenants = tenants
         self.data = Path(data)
@@ -125,6 +125,7 @@ class Cluster:
         self.with_direct = with_direct
         self.host = host
         self.tls = tls
+        self.tunnel = tunnel or os.environ.get("POC_TUNNEL", "websocket")  # or "grpc"
         self.components: dict[str, Component] = {}
         self.tenants_file = self.workdir / "tenants.yaml"
 
@@ -158,7 +159,7 @@ class Cluster:
                 self.log_dir)
 
     def start_gateway(self, extra: tuple[str, ...] = ()) -> Component:
-        ports = ("--ws-port", "0", "--flight-port", "0", "--http-port", "0")
+        ports = ("--ws-port", "0", "--flight-port", "0", "--http-port", "0", "--grpc-tunnel-port", "0")
         gateway = start_component(
             "gateway", ["gateway", "--tenants", str(self.tenants_file), "--host", self.host, *ports,
                         *self._tls_args(), *self.gateway_args, *extra], self.log_dir)
@@ -185,7 +186,8 @@ class Cluster:
         self.gateway.stop()
         time.sleep(downtime_s)
         return self.start_gateway(("--ws-port", str(ports["ws_port"]), "--flight-port", str(ports["flight_port"]),
-                                   "--http-port", str(ports["http_port"])))
+                                   "--http-port", str(ports["http_port"]),
+                                   "--grpc-tunnel-port", str(ports["grpc_tunnel_port"])))
 
     def _tls_args(self) -> tuple[str, ...]:
         return self.tls.server_args() if self.tls else ()
@@ -195,7 +197,22 @@ class Cluster:
         return self.components["gateway"]
 
     @property
+    def tunnel_port(self) -> int:
+        return self.gateway.ready["grpc_tunnel_port" if self.tunnel == "grpc" else "ws_port"]
+
+    def tunnel_url(self, port: int | None = None) -> str:
+        """Where connectors dial (the cluster's tunnel: WebSocket or gRPC), at `port` if given (a proxy)."""
+        port = port or self.tunnel_port
+        if self.tunnel == "grpc":
+            return f"{'grpcs' if self.tls else 'grpc'}://{self.host}:{port}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{port}/connect"
+
+    @property
     def ws_url(self) -> str:
+        return self.tunnel_url()
+
+    @property
+    def websocket_url(self) -> str:
         return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.gateway.ready['ws_port']}/connect"
 
     @property

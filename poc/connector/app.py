@@ -10,6 +10,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
+import grpc.aio
 from picows import WSError
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
@@ -74,7 +75,7 @@ class Connector:
                 if exc.code == CloseCode.REPLACED:
                     raise Replaced(f"gateway closed the link: {exc.reason}") from None
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc)
-            except (OSError, InvalidHandshake, asyncio.TimeoutError, WSError) as exc:
+            except (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError) as exc:
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc or type(exc).__name__)
             if stop.is_set():
                 return
@@ -95,6 +96,19 @@ class Connector:
     async def _dial(self):
         """The link to the gateway over the configured WebSocket implementation."""
         cfg = self.cfg
+        if cfg.gateway.startswith(("grpc://", "grpcs://")):
+            from ..transports.grpc_tunnel import dial_grpc
+
+            tls = cfg.gateway.startswith("grpcs://")
+            ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
+            link = await dial_grpc(cfg.gateway.split("://", 1)[1].rstrip("/"), ConnectorEndpoint, ca, tls,
+                                   cfg.heartbeat_s, config.MAX_FRAME_BYTES)
+            try:
+                yield link
+            finally:
+                if link.closed is None:
+                    await link.close(CloseCode.GOING_AWAY, "connector shutting down")
+            return
         if cfg.ws_impl == "picows":
             from ..transports.picows_ws import dial_picows
 

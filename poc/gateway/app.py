@@ -46,6 +46,7 @@ class GatewayConfig:
     max_requests_per_s: float = 0.0  # per tenant link; 0 = unlimited
     shutdown_grace_s: float = 10.0
     ws_impl: str = config.WS_IMPL
+    grpc_tunnel_port: int | None = config.GRPC_TUNNEL_PORT  # None: no gRPC tunnel endpoint
     tls_cert: str | None = None
     tls_key: str | None = None
 
@@ -61,6 +62,7 @@ class Gateway:
         self.cfg = cfg
         self.registry = TenantRegistry(cfg.tenants)
         self._ws_server: Server | None = None
+        self._grpc_server = None
         self._flight: GatewayFlightServer | None = None
         self._http: HealthServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -91,11 +93,23 @@ class Gateway:
                                            TicketSigner(cfg.ticket_secret), tls_certificates=tls)
         # The Flight server already serves once constructed. Its serve() would install signal handlers that
         # shut Flight down before the tunnels, so it is not called: SIGTERM goes to stop() below.
+        if cfg.grpc_tunnel_port is not None:
+            from ..transports.grpc_tunnel import serve_grpc
+
+            tls_pair = None
+            if cfg.tls:
+                with open(cfg.tls_cert, "rb") as cert, open(cfg.tls_key, "rb") as key:
+                    tls_pair = (cert.read(), key.read())
+            self._grpc_server, grpc_port = await serve_grpc(
+                self._serve_link, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port,
+                cfg.limits.max_frame_bytes + HEADER.size, tls_pair)
         self._http = HealthServer((cfg.host, cfg.http_port), self.registry.snapshot)
         self._http.start()
         self._spawn(self._watch_heartbeats())
         self.ports = {"ws_port": self._ws_server.sockets[0].getsockname()[1],
                       "flight_port": self._flight.port, "http_port": self._http.server_address[1]}
+        if self._grpc_server is not None:
+            self.ports["grpc_tunnel_port"] = grpc_port
         log.info("gateway ready: %s", self.ports)
 
     async def stop(self) -> None:
@@ -112,6 +126,8 @@ class Gateway:
             for link in self.registry.links():
                 self._drop(link, "gateway shutting down", CloseCode.GOING_AWAY)
             await asyncio.wait_for(self._ws_server.wait_closed(), 15)
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(1.0)
         if self._http is not None:
             self._http.shutdown()
         if self._flight is not None:

@@ -1,4 +1,4 @@
-"""The tunnel's integration tests run over both WebSocket implementations (gateway and connector alike)."""
+"""The tunnel's integration tests run over every transport: two WebSocket implementations and gRPC."""
 
 from __future__ import annotations
 
@@ -6,20 +6,31 @@ import pytest
 
 from poc import config
 
-BOTH_IMPLEMENTATIONS = {"test_tunnel", "test_errors", "test_faults", "test_bad_input", "test_flow_control",
-                        "test_protocol_doc", "test_security"}
+WEBSOCKET_ONLY = {"test_bad_input", "test_protocol_doc"}  # raw WebSocket clients
+EVERY_TRANSPORT = {"test_tunnel", "test_errors", "test_faults", "test_flow_control", "test_security",
+                   "test_grpc_bad_input"} | WEBSOCKET_ONLY
+GRPC = "grpc"
 
 
 def pytest_generate_tests(metafunc):
     if "ws_impl" in metafunc.fixturenames:
         module = metafunc.module.__name__.rsplit(".", 1)[-1]
-        impls = list(config.WS_IMPLS) if module in BOTH_IMPLEMENTATIONS else [config.WS_IMPL]
+        if module == "test_grpc_bad_input":
+            impls = [GRPC]
+        elif module in EVERY_TRANSPORT:
+            impls = list(config.WS_IMPLS) + ([] if module in WEBSOCKET_ONLY else [GRPC])
+        else:
+            impls = [config.WS_IMPL]
         metafunc.parametrize("ws_impl", impls, indirect=True)
 
 
 @pytest.fixture(autouse=True)
 def ws_impl(request, monkeypatch):
-    """Every process a test starts uses this WebSocket implementation (POC_WS_IMPL)."""
+    """Every process a test starts uses this tunnel: picows or websockets WebSocket (POC_WS_IMPL), or the
+    gRPC reverse tunnel (POC_TUNNEL=grpc)."""
     impl = getattr(request, "param", config.WS_IMPL)
-    monkeypatch.setenv("POC_WS_IMPL", impl)
+    if impl == GRPC:
+        monkeypatch.setenv("POC_TUNNEL", GRPC)
+    else:
+        monkeypatch.setenv("POC_WS_IMPL", impl)
     return impl

@@ -38,7 +38,7 @@ def gateway(tmp_path, tenants, datasets):
 
 
 def raw(cluster: Cluster, tenants, register: bool = True):
-    ws = connect(cluster.ws_url, compression=None, max_size=None, open_timeout=10)
+    ws = connect(cluster.websocket_url, compression=None, max_size=None, open_timeout=10)
     if register:
         ws.send(json.dumps({"action": "register", "tenant_id": "tenant_001",
                             "token": tenants["tenant_001"].connector_token, "version": "1", "datasets": ["sales"]}))
@@ -91,7 +91,7 @@ def test_anything_before_register_is_refused(gateway, tenants, first):
 
 
 def test_wrong_connector_token_is_closed_with_4001(gateway):
-    ws = connect(gateway.ws_url, compression=None)
+    ws = connect(gateway.websocket_url, compression=None)
     ws.send(json.dumps({"action": "register", "tenant_id": "tenant_001", "token": "forged-token",
                         "version": "1", "datasets": []}))
     reply = json.loads(ws.recv(10))
@@ -100,7 +100,7 @@ def test_wrong_connector_token_is_closed_with_4001(gateway):
 
 
 def test_unsupported_version_is_refused(gateway, tenants):
-    ws = connect(gateway.ws_url, compression=None)
+    ws = connect(gateway.websocket_url, compression=None)
     ws.send(json.dumps({"action": "register", "tenant_id": "tenant_001",
                         "token": tenants["tenant_001"].connector_token, "version": "2.0", "datasets": []}))
     assert json.loads(ws.recv(10))["code"] == "unsupported_version"

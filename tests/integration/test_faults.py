@@ -78,8 +78,8 @@ def test_returning_connectors_spread_out_instead_of_storming(tmp_path, datasets)
 
 def test_dropped_link_reconnects_and_serves(tmp_path, tenants, datasets):
     with Cluster(tmp_path, tenants, datasets["small"], with_direct=False, with_connectors=False) as c:
-        with TcpProxy(c.gateway.ready["ws_port"]) as proxy:
-            c.start_connector("tenant_001", url=f"ws://127.0.0.1:{proxy.port}/connect")
+        with TcpProxy(c.tunnel_port) as proxy:
+            c.start_connector("tenant_001", url=c.tunnel_url(proxy.port))
             first = c.wait_online(["tenant_001"])["tenants"]["tenant_001"]["session_id"]
             proxy.drop()
             c.wait_online(["tenant_001"], session_not={"tenant_001": first})
@@ -91,8 +91,8 @@ def test_half_open_link_is_detected_within_the_timeout_and_requests_fail_fast(tm
     args = ("--offline-after-s", "2")
     with Cluster(tmp_path, tenants, datasets["small"], gateway_args=args, with_direct=False,
                  with_connectors=False) as c:
-        with TcpProxy(c.gateway.ready["ws_port"]) as proxy:
-            c.start_connector("tenant_001", url=f"ws://127.0.0.1:{proxy.port}/connect",
+        with TcpProxy(c.tunnel_port) as proxy:
+            c.start_connector("tenant_001", url=c.tunnel_url(proxy.port),
                               extra=("--heartbeat-s", "0.5"))
             c.wait_online(["tenant_001"])
             time.sleep(3)  # heartbeats keep a healthy link online past the timeout

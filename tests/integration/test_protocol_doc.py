@@ -60,7 +60,7 @@ def test_a_connector_written_from_the_protocol_page_serves_flight_clients(tmp_pa
         ready, stop = threading.Event(), threading.Event()
         creds = tenants["tenant_001"]
         thread = threading.Thread(target=doc_connector,
-                                  args=(c.ws_url, "tenant_001", creds.connector_token, table, ready, stop))
+                                  args=(c.websocket_url, "tenant_001", creds.connector_token, table, ready, stop))
         thread.start()
         try:
             assert ready.wait(10)

@@ -1,0 +1,215 @@
+"""The same tunnel over one long-lived bidirectional gRPC stream (HTTP/2), dialled out by the connector.
+
+Service (docs/protocol.md §12):
+
+    package poc.tunnel.v1;
+    message Envelope { oneof kind { string text = 1; bytes binary = 2; } }
+    service Tunnel { rpc Connect(stream Envelope) returns (stream Envelope); }
+
+Each Envelope carries one WebSocket message of the same protocol: `text` a control message, `binary` a data
+frame. The close code and reason travel in the trailing metadata `tunnel-close-code`/`tunnel-close-reason`.
+Envelopes are encoded here by hand (two protobuf fields), so no generated code is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import grpc.aio
+
+from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
+from ..tunnel.endpoint import Event, _Endpoint
+from .base import OrderedWriter
+
+log = logging.getLogger(__name__)
+SERVICE = "poc.tunnel.v1.Tunnel"
+METHOD = f"/{SERVICE}/Connect"
+_TEXT, _BINARY = 0x0A, 0x12  # protobuf tags: field 1 and field 2, length-delimited
+
+
+def encode(item: str | bytes | bytearray) -> bytes:
+    """One Envelope: a text (control) or binary (data) message."""
+    tag, data = (_TEXT, item.encode()) if isinstance(item, str) else (_BINARY, item)
+    size, prefix = len(data), bytearray([tag])
+    while size >= 0x80:
+        prefix.append((size & 0x7F) | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + data
+
+
+def decode(data: bytes) -> str | memoryview:
+    """The message in an Envelope; a binary payload is a view, not a copy."""
+    view = memoryview(data)
+    if len(view) < 2 or view[0] not in (_TEXT, _BINARY):
+        raise RemoteProtocolError("envelope is not a text or binary message")
+    size, shift, pos = 0, 0, 1
+    while True:
+        if pos >= len(view) or shift > 35:
+            raise RemoteProtocolError("envelope length is malformed")
+        byte = view[pos]
+        size |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    if pos + size != len(view):
+        raise RemoteProtocolError("envelope length does not match its size")
+    payload = view[pos:]
+    if data[0] == _TEXT:
+        try:
+            return str(payload, "utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError("text envelope is not UTF-8") from None
+    return payload
+
+
+class _GrpcLink(OrderedWriter):
+    """What both ends share: feed envelopes to the endpoint, raise TunnelClosed at the end."""
+
+    _closed_errors = (grpc.aio.AioRpcError, asyncio.CancelledError, TunnelClosed)
+
+    def __init__(self, endpoint: _Endpoint) -> None:
+        self.endpoint = endpoint
+        self.closed: TunnelClosed | None = None
+        self._init_writer()
+
+    def _feed(self, data: bytes) -> list[Event]:
+        item = decode(data)
+        now = time.monotonic()
+        if isinstance(item, str):
+            return self.endpoint.receive_text(item, now)
+        return self.endpoint.receive_binary(item, now)
+
+    async def _send_queued(self) -> None:
+        for item in self.endpoint.data_to_send():
+            if self.closed is not None:
+                return
+            await self._write(encode(item))
+
+    async def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def _events_from(self, reader: AsyncIterator[bytes]) -> AsyncIterator[list[Event]]:
+        try:
+            async for data in reader:
+                events = self._feed(data)
+                if events:
+                    yield events
+                self.flush_soon()
+        except RemoteProtocolError as exc:
+            log.warning("closing link: %s", exc)
+            await self.close(exc.close_code, str(exc))
+            raise TunnelClosed(exc.close_code, str(exc)) from exc
+
+
+class GrpcServerLink(_GrpcLink):
+    """The gateway's side of one Connect call."""
+
+    def __init__(self, endpoint: _Endpoint, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        super().__init__(endpoint)
+        self._requests = requests
+        self._context = context
+        self.finished = asyncio.Event()
+
+    async def events(self) -> AsyncIterator[list[Event]]:
+        try:
+            async for events in self._events_from(self._requests):
+                yield events
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            self.closed = self.closed or TunnelClosed(1006, f"stream broken: {exc}")
+        if self.closed is None:
+            self.closed = TunnelClosed(CloseCode.GOING_AWAY, "connector ended the stream")
+        raise self.closed
+
+    async def _write(self, data: bytes) -> None:
+        await self._context.write(data)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        if self.closed is None:
+            self.closed = TunnelClosed(code, reason)
+        self._context.set_trailing_metadata((("tunnel-close-code", str(code)),
+                                             ("tunnel-close-reason", reason[:120])))
+        self.finished.set()
+
+
+class GrpcClientLink(_GrpcLink):
+    """The connector's side: one Connect call on its own channel."""
+
+    def __init__(self, endpoint: _Endpoint, channel: grpc.aio.Channel) -> None:
+        super().__init__(endpoint)
+        self._channel = channel
+        self._call = channel.stream_stream(METHOD)()
+
+    async def events(self) -> AsyncIterator[list[Event]]:
+        async def reader():
+            while (data := await self._call.read()) is not grpc.aio.EOF:
+                yield data
+        try:
+            async for events in self._events_from(reader()):
+                yield events
+            metadata = dict(await self._call.trailing_metadata() or ())
+            self.closed = self.closed or TunnelClosed(int(metadata.get("tunnel-close-code", 1000)),
+                                                      metadata.get("tunnel-close-reason", "closed"))
+        except grpc.aio.AioRpcError as exc:
+            self.closed = self.closed or TunnelClosed(1006, f"{exc.code().name}: {exc.details()}")
+        raise self.closed
+
+    async def _write(self, data: bytes) -> None:
+        await self._call.write(data)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        if self.closed is None:
+            self.closed = TunnelClosed(code, reason)
+        self._call.cancel()
+        await self._channel.close()
+
+
+def channel_options(max_message: int, keepalive_s: float | None = None) -> list[tuple[str, int]]:
+    """No gRPC default may cut a large batch: both directions are sized for the largest frame."""
+    options = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
+    if keepalive_s:
+        options += [("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+                    ("grpc.keepalive_timeout_ms", int(keepalive_s * 1000)),
+                    ("grpc.keepalive_permit_without_calls", 1)]
+    return options
+
+
+async def serve_grpc(on_link: Callable[[GrpcServerLink], object], endpoint_factory: Callable[[], _Endpoint],
+                     host: str, port: int, max_message: int, tls: tuple[bytes, bytes] | None = None
+                     ) -> tuple[grpc.aio.Server, int]:
+    """Serve Connect; each call runs `on_link(link)` until the link closes."""
+    async def connect(requests, context):
+        link = GrpcServerLink(endpoint_factory(), requests, context)
+        task = asyncio.get_running_loop().create_task(on_link(link))
+        task.add_done_callback(lambda _: link.finished.set())
+        await link.finished.wait()
+
+    server = grpc.aio.server(options=channel_options(max_message + 64) +
+                             [("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                              ("grpc.keepalive_permit_without_calls", 1)])
+    handler = grpc.stream_stream_rpc_method_handler(connect)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"Connect": handler})])
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])])) if tls
+             else server.add_insecure_port(address))
+    await server.start()
+    return server, bound
+
+
+async def dial_grpc(target: str, endpoint_factory: Callable[[], _Endpoint], ca: bytes | None, tls: bool,
+                    heartbeat_s: float, max_message: int) -> GrpcClientLink:
+    """Open the Connect stream to HOST:PORT; TLS when `tls` (roots from `ca`, else the system's)."""
+    options = channel_options(max_message + 64, heartbeat_s)
+    channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca), options=options) if tls
+               else grpc.aio.insecure_channel(target, options=options))
+    try:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+    except asyncio.TimeoutError:
+        await channel.close()
+        raise ConnectionError(f"no gRPC tunnel endpoint at {target}") from None
+    return GrpcClientLink(endpoint_factory(), channel)
