@@ -47,6 +47,7 @@ class BenchParams:
     data_dir: str = "outputs/data"
     gateway_args: tuple[str, ...] = ()
     connector_args: tuple[str, ...] = ()
+    tunnels: tuple[str, ...] = ("websocket",)  # "websocket" and/or "grpc", measured in the same run
 
 
 @dataclass
@@ -124,15 +125,22 @@ class _PeakRss:
 
 
 def run_bench(params: BenchParams, log=print) -> dict:
-    """Start gateway, connector and direct server; measure each figure `repetitions` times."""
+    """Start a gateway, one connector per tunnel transport and a direct server; measure each figure
+    `repetitions` times. The first tunnel's figures have the plain keys; the others' are prefixed
+    with their name (`grpc_ratio_c10`, ...)."""
     data = dataset_folder(params.data_dir, params.rows)
-    tenants = make_tenants(1)
-    token = tenants["tenant_001"].client_token
+    tenants = make_tenants(len(params.tunnels))
+    by_tunnel = dict(zip(params.tunnels, tenants.values()))
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="poc-bench-") as work, \
             Cluster(work, tenants, data, delay_ms="0", gateway_args=params.gateway_args,
-                    connector_args=params.connector_args) as cluster:
-        paths = {"direct": Path_("direct", cluster.direct_uri, token), "tunnel": Path_("tunnel", cluster.flight_uri, token)}
+                    connector_args=params.connector_args, with_connectors=False) as cluster:
+        for tunnel, creds in by_tunnel.items():
+            cluster.start_connector(creds.tenant_id, url=cluster.tunnel_url(tunnel=tunnel))
+        cluster.wait_online(list(tenants))
+        first = params.tunnels[0]
+        paths = {"direct": Path_("direct", cluster.direct_uri, by_tunnel[first].client_token)}
+        paths.update({t: Path_(t, cluster.flight_uri, c.client_token) for t, c in by_tunnel.items()})
         for p in paths.values():
             p.open()
             p.do_get_bytes()  # warm-up
@@ -142,35 +150,43 @@ def run_bench(params: BenchParams, log=print) -> dict:
             for level in params.concurrency:
                 requests = params.requests_per_level or 2 * level
                 gbs = {}
-                for name in ("direct", "tunnel") if rep % 2 == 0 else ("tunnel", "direct"):
+                for name in (list(paths) if rep % 2 == 0 else list(paths)[::-1]):
                     cpu_before = sum(gateway.cpu_times()[:2])
                     with _PeakRss(gateway.pid) as rss:
                         gbs[name] = _aggregate_gb_s(paths[name], level, requests)
-                    if name == "tunnel":
+                    if name != "direct":
                         cpu = sum(gateway.cpu_times()[:2]) - cpu_before
-                        piped_gb = requests * params.rows * 50 / 1e9
-                        run[f"gateway_peak_rss_mb_c{level}"] = rss.peak / 2**20
-                        run[f"gateway_cpu_s_per_gb_c{level}"] = cpu / piped_gb
+                        key = _prefix(name, first)
+                        run[f"{key}gateway_peak_rss_mb_c{level}"] = rss.peak / 2**20
+                        run[f"{key}gateway_cpu_s_per_gb_c{level}"] = cpu / (requests * params.rows * 50 / 1e9)
+                        run[f"{key}tunnel_gb_s_c{level}"] = gbs[name]
+                        run[f"{key}ratio_c{level}"] = gbs[name] / gbs["direct"]
                 run[f"direct_gb_s_c{level}"] = gbs["direct"]
-                run[f"tunnel_gb_s_c{level}"] = gbs["tunnel"]
-                run[f"ratio_c{level}"] = gbs["tunnel"] / gbs["direct"]
-                log(f"rep {rep} c{level}: direct {gbs['direct']:.2f} GB/s, tunnel {gbs['tunnel']:.2f} GB/s, "
-                    f"ratio {run[f'ratio_c{level}']:.2f}")
+                log(f"rep {rep} c{level}: " + ", ".join(f"{n} {v:.2f} GB/s" for n, v in gbs.items()))
             single = {name: _single_s(p, params.single_runs) for name, p in paths.items()}
-            run["direct_single_ms"], run["tunnel_single_ms"] = single["direct"] * 1000, single["tunnel"] * 1000
-            run["single_latency_ratio"] = single["tunnel"] / single["direct"]
             info = {name: _info_p50_ms(p, params.info_calls) for name, p in paths.items()}
-            run["direct_flightinfo_p50_ms"], run["tunnel_flightinfo_p50_ms"] = info["direct"], info["tunnel"]
-            run["flightinfo_overhead_ms"] = info["tunnel"] - info["direct"]
+            run["direct_single_ms"], run["direct_flightinfo_p50_ms"] = single["direct"] * 1000, info["direct"]
             top = max(params.concurrency)
-            run["gateway_peak_rss_mb"] = run[f"gateway_peak_rss_mb_c{top}"]
-            run["gateway_cpu_s_per_gb"] = statistics.median(run[f"gateway_cpu_s_per_gb_c{c}"] for c in params.concurrency)
-            log(f"rep {rep}: single {run['direct_single_ms']:.0f} vs {run['tunnel_single_ms']:.0f} ms, "
-                f"flightinfo +{run['flightinfo_overhead_ms']:.2f} ms, gateway peak {run['gateway_peak_rss_mb']:.0f} MB")
+            for name in params.tunnels:
+                key = _prefix(name, first)
+                run[f"{key}tunnel_single_ms"] = single[name] * 1000
+                run[f"{key}single_latency_ratio"] = single[name] / single["direct"]
+                run[f"{key}tunnel_flightinfo_p50_ms"] = info[name]
+                run[f"{key}flightinfo_overhead_ms"] = info[name] - info["direct"]
+                run[f"{key}gateway_peak_rss_mb"] = run[f"{key}gateway_peak_rss_mb_c{top}"]
+                run[f"{key}gateway_cpu_s_per_gb"] = statistics.median(
+                    run[f"{key}gateway_cpu_s_per_gb_c{c}"] for c in params.concurrency)
+                log(f"rep {rep} {name}: single {run['direct_single_ms']:.0f} vs {single[name] * 1000:.0f} ms, "
+                    f"flightinfo +{run[f'{key}flightinfo_overhead_ms']:.2f} ms, "
+                    f"gateway peak {run[f'{key}gateway_peak_rss_mb']:.0f} MB")
             runs.append(run)
         for p in paths.values():
             p.client.close()
     return summarize(runs, params)
+
+
+def _prefix(tunnel: str, first: str) -> str:
+    return "" if tunnel == first else f"{tunnel}_"
 
 
 def summarize(runs: list[dict], params: BenchParams) -> dict:
@@ -189,10 +205,18 @@ def summarize(runs: list[dict], params: BenchParams) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'figure':<52}{'median':>10}{'spread':>20}{'goal':>10}  met",
-             "-" * 98]
+    tunnels = result["params"]["tunnels"]
+    lines = []
+    for tunnel in tunnels:
+        lines += [f"{tunnel} tunnel", f"{'figure':<52}{'median':>10}{'spread':>20}{'goal':>10}  met", "-" * 98]
+        lines += _goal_rows(result, _prefix(tunnel, tunnels[0]))
+    return "\n".join(lines + _detail_rows(result))
+
+
+def _goal_rows(result: dict, prefix: str) -> list[str]:
+    lines = []
     for key, (goal, kind) in GOALS.items():
-        f = result["figures"].get(key)
+        f = result["figures"].get(prefix + key)
         if f is None:
             continue
         met = f["median"] >= goal if kind == "min" else f["median"] <= goal
@@ -200,17 +224,24 @@ def table(result: dict) -> str:
         spread = f"{f['min']:.2f}–{f['max']:.2f}"
         lines.append(f"{LABELS[key]:<52}{f['median']:>10.2f}{spread:>20}"
                      f"{sign + format(goal, 'g'):>10}  {'yes' if met else 'NO'}")
-    fig = result["figures"]
+    return lines
+
+
+def _detail_rows(result: dict) -> list[str]:
+    fig, tunnels = result["figures"], result["params"]["tunnels"]
+    lines = []
     for level in result["params"]["concurrency"]:
-        d, t = fig.get(f"direct_gb_s_c{level}"), fig.get(f"tunnel_gb_s_c{level}")
-        if d and t:
-            lines.append(f"  c{level}: direct {d['median']:.2f} GB/s, tunnel {t['median']:.2f} GB/s")
-    if "direct_single_ms" in fig:
-        lines.append(f"  single DoGet: direct {fig['direct_single_ms']['median']:.0f} ms, "
-                     f"tunnel {fig['tunnel_single_ms']['median']:.0f} ms; GetFlightInfo P50: direct "
-                     f"{fig['direct_flightinfo_p50_ms']['median']:.2f} ms, tunnel {fig['tunnel_flightinfo_p50_ms']['median']:.2f} ms")
+        parts = [f"direct {fig[f'direct_gb_s_c{level}']['median']:.2f} GB/s"]
+        parts += [f"{t} {fig[f'{_prefix(t, tunnels[0])}tunnel_gb_s_c{level}']['median']:.2f} GB/s" for t in tunnels]
+        lines.append(f"  c{level}: " + ", ".join(parts))
+    parts = [f"direct {fig['direct_single_ms']['median']:.0f} ms"]
+    parts += [f"{t} {fig[f'{_prefix(t, tunnels[0])}tunnel_single_ms']['median']:.0f} ms" for t in tunnels]
+    lines.append("  single DoGet: " + ", ".join(parts))
+    parts = [f"direct {fig['direct_flightinfo_p50_ms']['median']:.2f} ms"]
+    parts += [f"{t} {fig[f'{_prefix(t, tunnels[0])}tunnel_flightinfo_p50_ms']['median']:.2f} ms" for t in tunnels]
+    lines.append("  GetFlightInfo P50: " + ", ".join(parts))
     lines.append(f"machine: {result['machine']['label']}; {len(result['runs'])} repetitions")
-    return "\n".join(lines)
+    return lines
 
 
 def write_json(result: dict, path: str | Path) -> None:

@@ -70,12 +70,12 @@ def process_resources(samples: pl.DataFrame, machine: str) -> alt.VConcatChart:
 
 def overhead_by_phase(requests: pl.DataFrame, machine: str) -> alt.Chart:
     tunnel = requests.filter((pl.col("status") == "success") & (pl.col("target") != "direct"))
-    long = tunnel.unpivot(index=["tenant_id"], on=["metadata_overhead_ms", "data_transfer_overhead_ms",
-                                                   "websocket_overhead_ms"], variable_name="phase", value_name="ms")
+    long = tunnel.unpivot(index=["target"], on=["metadata_overhead_ms", "data_transfer_overhead_ms",
+                                                "websocket_overhead_ms"], variable_name="phase", value_name="ms")
     return (alt.Chart(long, title=f"Tunnel overhead vs the direct median, per request ({machine})")
             .mark_boxplot(extent="min-max")
             .encode(x=alt.X("phase:N", title=None), y=alt.Y("ms:Q", title="ms over direct median"),
-                    color="tenant_id:N", xOffset="tenant_id:N")
+                    color="target:N", xOffset="target:N")
             .properties(width=500, height=220))
 
 

@@ -196,12 +196,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchParams, run_bench, table, write_json
 
     levels = tuple(int(x) for x in args.concurrency.split(","))
+    tunnels = tuple(t.strip() for t in args.tunnels.split(","))
+    if not tunnels or set(tunnels) - {"websocket", "grpc"} or len(set(tunnels)) != len(tunnels):
+        raise ConfigError(f"--tunnels takes websocket and/or grpc, comma-separated; got {args.tunnels!r}")
     if args.repetitions < 1 or args.rows < 1 or not levels or min(levels) < 1:
         raise ConfigError("--rows, --repetitions and every --concurrency level must be >= 1")
     params = BenchParams(rows=args.rows, concurrency=levels, requests_per_level=args.requests,
                          single_runs=args.single_runs, info_calls=args.info_calls, repetitions=args.repetitions,
                          data_dir=args.data_dir, gateway_args=tuple(args.gateway_arg or ()),
-                         connector_args=tuple(args.connector_arg or ()))
+                         connector_args=tuple(args.connector_arg or ()), tunnels=tunnels)
     result = run_bench(params, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(result))
     if args.json:
@@ -325,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="outputs/data", help="where the dataset is made or reused")
     p.add_argument("--gateway-arg", action="append", help="extra gateway argument (repeatable)")
     p.add_argument("--connector-arg", action="append", help="extra connector argument (repeatable)")
+    p.add_argument("--tunnels", default="websocket,grpc",
+                   help="tunnel transports to measure against direct in the same run; the first gets the plain "
+                        "JSON keys, the others a prefix such as grpc_ (default %(default)s)")
     p.add_argument("--json", help="also write figures, raw runs and the machine to this file")
     p.set_defaults(func=cmd_bench)
 

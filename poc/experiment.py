@@ -16,7 +16,7 @@ from .load.client import LoadConfig, records_as_dicts, run_load
 from .load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
 from .runner import Cluster, ProcessSampler, machine_info
 
-TARGETS = ("direct", "tunnel")
+TUNNEL_TARGETS = {"websocket": "tunnel", "grpc": "grpc_tunnel"}  # transport → target label in the results
 
 
 @dataclass
@@ -36,6 +36,7 @@ class ExperimentParams:
     timeout_s: float = 120.0
     sample_interval_s: float = 0.5
     seed: int = 42
+    tunnels: str = "websocket,grpc"  # tunnel transports measured beside direct, each with its own tenants
 
     def __post_init__(self) -> None:
         self.delay_ms = str(self.delay_ms)
@@ -45,6 +46,16 @@ class ExperimentParams:
                 raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)!r}")
         if not self.run_name:
             self.run_name = "run-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        if not self.tunnel_list or set(self.tunnel_list) - set(TUNNEL_TARGETS):
+            raise ConfigError(f"parameter tunnels must name websocket and/or grpc, got {self.tunnels!r}")
+
+    @property
+    def tunnel_list(self) -> list[str]:
+        return [t.strip() for t in str(self.tunnels).split(",") if t.strip()]
+
+    @property
+    def targets(self) -> list[str]:
+        return ["direct"] + [TUNNEL_TARGETS[t] for t in self.tunnel_list]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "ExperimentParams":
@@ -75,7 +86,13 @@ class ExperimentResult:
     def percentiles(self) -> pl.DataFrame:
         return percentiles_table(self.requests)
 
-    def success(self, target: str = "tunnel") -> pl.DataFrame:
+    @property
+    def tunnel_targets(self) -> list[str]:
+        return [t for t in self.params.targets if t != "direct"]
+
+    def success(self, target: str | None = None) -> pl.DataFrame:
+        """The seed's criteria for one tunnel (the first by default)."""
+        target = target or self.tunnel_targets[0]
         return success_table(self.summaries[target]["overall"], self.gateway_cpu_pct(target), self.machine["label"],
                              self.summaries.get("direct", {}).get("overall"))
 
@@ -85,20 +102,30 @@ def run_experiment(params: ExperimentParams, progress: bool | None = None) -> Ex
     out = params.out_dir
     out.mkdir(parents=True, exist_ok=True)
     data = dataset_folder(params.data_dir, params.rows, params.seed, params.dataset)
-    tenants = make_tenants(params.tenant_count)
-    tokens = {t.tenant_id: t.client_token for t in tenants.values()}
+    # Each tunnel transport gets its own tenants: a tenant has one live link, so one transport at a time.
+    tunnels = params.tunnel_list
+    tenants = make_tenants(params.tenant_count * len(tunnels))
+    groups = {t: list(tenants.values())[i * params.tenant_count:(i + 1) * params.tenant_count]
+              for i, t in enumerate(tunnels)}
+    tokens = {TUNNEL_TARGETS[t]: {c.tenant_id: c.client_token for c in group} for t, group in groups.items()}
+    tokens["direct"] = tokens[TUNNEL_TARGETS[tunnels[0]]]
     machine = machine_info()
     records: list[dict] = []
-    with Cluster(out / "cluster", tenants, data, delay_ms=params.delay_ms,
+    with Cluster(out / "cluster", tenants, data, delay_ms=params.delay_ms, with_connectors=False,
                  gateway_args=("--request-timeout-s", str(params.timeout_s))) as cluster:
+        for tunnel, group in groups.items():
+            for creds in group:
+                cluster.start_connector(creds.tenant_id, url=cluster.tunnel_url(tunnel=tunnel))
+        cluster.wait_online(list(tenants), timeout=60)
         pids = {"load-client": os.getpid(), **{name: c.pid for name, c in cluster.components.items()}}
-        uris = {"direct": cluster.direct_uri, "tunnel": cluster.flight_uri}
+        uris = {target: cluster.flight_uri for target in params.targets}
+        uris["direct"] = cluster.direct_uri
         with ProcessSampler(pids, params.sample_interval_s) as sampler:
             for rep in range(params.repetitions):
-                for target in (TARGETS if rep % 2 == 0 else TARGETS[::-1]):
+                for target in (params.targets if rep % 2 == 0 else params.targets[::-1]):
                     sampler.set_phase(f"{target}#{rep}")
-                    cfg = LoadConfig(uris[target], tokens, params.requests, params.concurrency, params.dataset,
-                                     params.timeout_s, target, progress)
+                    cfg = LoadConfig(uris[target], tokens[target], params.requests, params.concurrency,
+                                     params.dataset, params.timeout_s, target, progress)
                     for r in records_as_dicts(run_load(cfg)):
                         records.append({**r, "repetition": rep})
                     sampler.set_phase("")
@@ -115,11 +142,12 @@ def write_results(result: ExperimentResult) -> None:
     """results.json (seed field names, per-tenant summaries), results.parquet, samples, tables, machine."""
     out = result.out_dir
     doc = {"params": asdict(result.params), "machine": result.machine, "summaries": result.summaries,
-           "gateway_cpu_pct": {t: result.gateway_cpu_pct(t) for t in TARGETS},
+           "gateway_cpu_pct": {t: result.gateway_cpu_pct(t) for t in result.params.targets},
            "requests": result.requests.to_dicts()}
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
     result.requests.write_parquet(out / "results.parquet")
     result.samples.write_parquet(out / "samples.parquet")
     result.percentiles().write_csv(out / "percentiles.csv")
-    result.success().write_csv(out / "success.csv")
+    pl.concat([result.success(t).with_columns(pl.lit(t).alias("path")) for t in result.tunnel_targets]
+              ).write_csv(out / "success.csv")
     (out / "machine.json").write_text(json.dumps(result.machine, indent=1))

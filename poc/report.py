@@ -14,22 +14,24 @@ NOTEBOOKS = ROOT / "notebooks"
 
 
 def ratio_lines(result: ExperimentResult) -> list[str]:
-    """Plain sentences comparing the tunnel with direct, from figures of the same run."""
+    """Plain sentences comparing each tunnel with direct, from figures of the same run."""
     s = result.summaries
-    if "tunnel" not in s or "direct" not in s:
+    if "direct" not in s or len(s) < 2:
         return ["Only one path was measured; no comparison."]
-    t, d = s["tunnel"]["overall"], s["direct"]["overall"]
+    d = s["direct"]["overall"]
     lines = []
-    for phase in ("metadata_ms", "data_transfer_ms", "total_ms"):
-        tp, dp = t.get(phase, {}).get("p50"), d.get(phase, {}).get("p50")
-        if tp is not None and dp:
-            lines.append(f"{phase} P50: tunnel {tp:.1f} ms vs direct {dp:.1f} ms "
-                         f"({tp / dp:.2f}×, {tp - dp:+.1f} ms)")
-    if t.get("throughput_rps") and d.get("throughput_rps"):
-        lines.append(f"throughput: tunnel {t['throughput_rps']:.1f} req/s vs direct {d['throughput_rps']:.1f} req/s "
-                     f"({t['throughput_rps'] / d['throughput_rps']:.2f}×)")
-    lines.append(f"errors: tunnel {t['errors']} + {t['timeouts']} timeouts, direct {d['errors']} + "
-                 f"{d['timeouts']} timeouts, of {t['requests']} requests each")
+    for target in [t for t in s if t != "direct"]:
+        t = s[target]["overall"]
+        for phase in ("metadata_ms", "data_transfer_ms", "total_ms"):
+            tp, dp = t.get(phase, {}).get("p50"), d.get(phase, {}).get("p50")
+            if tp is not None and dp:
+                lines.append(f"{target} {phase} P50: {tp:.1f} ms vs direct {dp:.1f} ms ({tp / dp:.2f}×, "
+                             f"{tp - dp:+.1f} ms)")
+        if t.get("throughput_rps") and d.get("throughput_rps"):
+            lines.append(f"{target} throughput: {t['throughput_rps']:.1f} req/s vs direct {d['throughput_rps']:.1f} "
+                         f"req/s ({t['throughput_rps'] / d['throughput_rps']:.2f}×)")
+        lines.append(f"{target} errors: {t['errors']} + {t['timeouts']} timeouts of {t['requests']} requests "
+                     f"(direct: {d['errors']} + {d['timeouts']})")
     return lines
 
 

@@ -200,10 +200,11 @@ class Cluster:
     def tunnel_port(self) -> int:
         return self.gateway.ready["grpc_tunnel_port" if self.tunnel == "grpc" else "ws_port"]
 
-    def tunnel_url(self, port: int | None = None) -> str:
-        """Where connectors dial (the cluster's tunnel: WebSocket or gRPC), at `port` if given (a proxy)."""
-        port = port or self.tunnel_port
-        if self.tunnel == "grpc":
+    def tunnel_url(self, port: int | None = None, tunnel: str | None = None) -> str:
+        """Where connectors dial: the cluster's tunnel (or `tunnel`: websocket or grpc), at `port` if given."""
+        tunnel = tunnel or self.tunnel
+        port = port or self.gateway.ready["grpc_tunnel_port" if tunnel == "grpc" else "ws_port"]
+        if tunnel == "grpc":
             return f"{'grpcs' if self.tls else 'grpc'}://{self.host}:{port}"
         return f"{'wss' if self.tls else 'ws'}://{self.host}:{port}/connect"
 

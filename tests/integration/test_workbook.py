@@ -87,15 +87,18 @@ def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})) == 5
     doc = json.loads((out / "results.json").read_text())
-    assert len(doc["requests"]) == 32 and {r["target"] for r in doc["requests"]} == {"direct", "tunnel"}
+    assert len(doc["requests"]) == 48
+    assert {r["target"] for r in doc["requests"]} == {"direct", "tunnel", "grpc_tunnel"}
     assert all(RECORD_FIELDS | {"websocket_overhead_ms"} <= set(r) for r in doc["requests"])
-    assert all(r["websocket_overhead_ms"] is not None for r in doc["requests"] if r["target"] == "tunnel")
+    assert all(r["websocket_overhead_ms"] is not None for r in doc["requests"] if r["target"] != "direct")
     assert set(doc["summaries"]["tunnel"]["tenants"]) == {"tenant_001", "tenant_002"}
+    assert set(doc["summaries"]["grpc_tunnel"]["tenants"]) == {"tenant_003", "tenant_004"}
     for name in ("latency_by_tenant_and_phase", "latency_distribution", "overhead_by_phase",
                  "throughput_over_time", "process_resources"):
         assert (out / "charts" / f"{name}.html").exists() and (out / "charts" / f"{name}.png").stat().st_size > 5_000
     success = pl.read_csv(out / "success.csv")
-    assert success["metric"].to_list()[0] == "latency P50 (ms)" and success.height == 6
+    assert success["metric"].to_list()[0] == "latency P50 (ms)" and success.height == 12
+    assert set(success["path"]) == {"tunnel", "grpc_tunnel"}
     assert "cores" in success["machine"][0]
     samples = pl.read_parquet(out / "samples.parquet")
     assert {"gateway", "direct", "connector-tenant_001"} <= set(samples["process"].unique().to_list())
