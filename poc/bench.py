@@ -159,9 +159,11 @@ def run_bench(params: BenchParams, log=print) -> dict:
                         key = _prefix(name, first)
                         run[f"{key}gateway_peak_rss_mb_c{level}"] = rss.peak / 2**20
                         run[f"{key}gateway_cpu_s_per_gb_c{level}"] = cpu / (requests * params.rows * 50 / 1e9)
-                        run[f"{key}tunnel_gb_s_c{level}"] = gbs[name]
-                        run[f"{key}ratio_c{level}"] = gbs[name] / gbs["direct"]
                 run[f"direct_gb_s_c{level}"] = gbs["direct"]
+                for name in params.tunnels:  # ratios once direct is measured, whichever went first
+                    key = _prefix(name, first)
+                    run[f"{key}tunnel_gb_s_c{level}"] = gbs[name]
+                    run[f"{key}ratio_c{level}"] = gbs[name] / gbs["direct"]
                 log(f"rep {rep} c{level}: " + ", ".join(f"{n} {v:.2f} GB/s" for n, v in gbs.items()))
             single = {name: _single_s(p, params.single_runs) for name, p in paths.items()}
             info = {name: _info_p50_ms(p, params.info_calls) for name, p in paths.items()}
