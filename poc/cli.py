@@ -93,7 +93,9 @@ def cmd_connector(args: argparse.Namespace) -> int:
     if not args.gateway.startswith(("ws://", "wss://", "grpc://", "grpcs://")):
         raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or grpc[s]://HOST:PORT "
                           f"(gRPC tunnel), got {args.gateway!r}")
-    datasets = load_datasets(args.data)
+    if args.batch_bytes < 1:
+        raise ConfigError("--batch-bytes must be positive")
+    datasets = load_datasets(args.data, args.batch_bytes)
     cfg = ConnectorConfig(gateway=args.gateway, tenant_id=args.tenant, token=token,
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
                           ca_file=args.ca_file, ws_impl=args.ws_impl)
@@ -271,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-ms", default="200-250", help="simulated extraction delay before each transfer, "
                                                          "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")
-    p.add_argument("--ca-file", help="CA bundle to verify a wss:// gateway")
+    p.add_argument("--ca-file", help="CA bundle to verify a wss:// or grpcs:// gateway")
+    p.add_argument("--batch-bytes", type=int, default=config.BATCH_BYTES,
+                   help="target size of each record batch sent (default %(default)s); batches larger than the "
+                        "gateway's max_frame_bytes are halved until they fit")
     _add_ws_impl(p)
     p.set_defaults(func=cmd_connector)
 

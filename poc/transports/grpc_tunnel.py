@@ -169,9 +169,10 @@ class GrpcClientLink(_GrpcLink):
         await self._channel.close()
 
 
-def channel_options(max_message: int, keepalive_s: float | None = None) -> list[tuple[str, int]]:
-    """No gRPC default may cut a large batch: both directions are sized for the largest frame."""
-    options = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
+def channel_options(max_receive: int, keepalive_s: float | None = None) -> list[tuple[str, int]]:
+    """No gRPC default may cut a large batch: sending is unlimited (the receiver enforces its own limit,
+    announced in `registered`), receiving is sized for the largest message this end accepts."""
+    options = [("grpc.max_receive_message_length", max_receive), ("grpc.max_send_message_length", -1)]
     if keepalive_s:
         options += [("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
                     ("grpc.keepalive_timeout_ms", int(keepalive_s * 1000)),

@@ -73,3 +73,15 @@ def test_hundred_concurrent_dogets_share_one_websocket(tmp_path, tenants, datase
     assert before == after  # the same single registration served all of them
     assert peak[0] >= 10, f"streams were not concurrent on the link (peak {peak[0]})"
     assert [s.status for s in sockets] == [psutil.CONN_ESTABLISHED]  # one socket, and no listening port
+
+
+def test_batches_larger_than_grpc_defaults_pass_through(tmp_path, tenants, datasets):
+    """8 MiB batches: over gRPC's 4 MB default message limit, within the gateway's own frame limit."""
+    args = ("--max-frame-bytes", str(12 << 20), "--window-bytes", str(24 << 20))
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=args, with_direct=False,
+                 connector_args=("--batch-bytes", str(8 << 20))) as c:
+        _, table = read(c.flight_uri, tenants["tenant_001"].client_token)
+        log = c.components["connector-tenant_001"].log_tail()
+    assert table.equals(pq.read_table(datasets["large"] / "sales.parquet"))
+    assert max(b.nbytes for b in table.to_batches()) > 4 << 20
+    assert "error" not in log.lower()
