@@ -94,36 +94,30 @@ class Connector:
 
     @contextlib.asynccontextmanager
     async def _dial(self):
-        """The link to the gateway over the configured WebSocket implementation."""
+        """The link to the gateway; the URL's scheme picks gRPC or WebSocket, --ws-impl the WebSocket library."""
         cfg = self.cfg
+        if cfg.gateway.startswith(("ws://", "wss://")) and cfg.ws_impl == "websockets":
+            async with connect(cfg.gateway, compression=None, proxy=None, ssl=self._ssl_context(),
+                               max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
+                               ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
+                yield WebSocketLink(ws, ConnectorEndpoint())
+            return
         if cfg.gateway.startswith(("grpc://", "grpcs://")):
             from ..transports.grpc_tunnel import dial_grpc
 
-            tls = cfg.gateway.startswith("grpcs://")
             ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
-            link = await dial_grpc(cfg.gateway.split("://", 1)[1].rstrip("/"), ConnectorEndpoint, ca, tls,
-                                   cfg.heartbeat_s, config.MAX_FRAME_BYTES)
-            try:
-                yield link
-            finally:
-                if link.closed is None:
-                    await link.close(CloseCode.GOING_AWAY, "connector shutting down")
-            return
-        if cfg.ws_impl == "picows":
+            link = await dial_grpc(cfg.gateway.split("://", 1)[1].rstrip("/"), ConnectorEndpoint, ca,
+                                   cfg.gateway.startswith("grpcs://"), cfg.heartbeat_s, config.MAX_FRAME_BYTES)
+        else:
             from ..transports.picows_ws import dial_picows
 
             link = await dial_picows(cfg.gateway, ConnectorEndpoint, self._ssl_context(), cfg.heartbeat_s,
                                      config.MAX_FRAME_BYTES)
-            try:
-                yield link
-            finally:
-                if link.closed is None:
-                    await link.close(CloseCode.GOING_AWAY, "connector shutting down")
-            return
-        async with connect(cfg.gateway, compression=None, proxy=None, ssl=self._ssl_context(),
-                           max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
-                           ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
-            yield WebSocketLink(ws, ConnectorEndpoint())
+        try:
+            yield link
+        finally:
+            if link.closed is None:
+                await link.close(CloseCode.GOING_AWAY, "connector shutting down")
 
     async def _session(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
