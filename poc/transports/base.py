@@ -35,8 +35,9 @@ class OrderedWriter:
             await self._send_queued()
 
     def flush_soon(self) -> None:
-        """Schedule a flush; calls made before it runs share it."""
-        if not self._flush_scheduled:
+        """Schedule a flush when the endpoint queued something; calls made before it runs share it.
+        Called after every received frame, so most calls (data frames queue nothing) create no task."""
+        if not self._flush_scheduled and self.endpoint.has_data_to_send:
             self._flush_scheduled = True
             asyncio.get_running_loop().create_task(self._flush_later())
 

@@ -80,7 +80,7 @@ class PicowsLink(WSListener, OrderedWriter):
             return
         if events:
             self._queue.put_nowait(events)
-        self.flush_soon()
+        self.flush_soon()  # what the core queued itself (heartbeat acks); replies are flushed in events()
 
     def _on_close(self, frame: WSFrame) -> None:
         code = int(frame.get_close_code() or 1005)
@@ -88,8 +88,7 @@ class PicowsLink(WSListener, OrderedWriter):
         reason = bytes(reason).decode("utf-8", "replace") if reason else "closed"
         if self.closed is None:
             self.closed = TunnelClosed(code, reason)
-            self.transport.send_close(WSCloseCode(code) if code in WSCloseCode._value2member_map_ else
-                                      WSCloseCode.OK, b"")
+            self.transport.send_close(_close_code(code), b"")
         self.transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -113,6 +112,7 @@ class PicowsLink(WSListener, OrderedWriter):
             if item is _CLOSED:
                 raise self.closed
             yield item
+            self.flush_soon()  # what the caller queued while handling these events
 
     async def _send_queued(self) -> None:
         for item in self.endpoint.data_to_send():

@@ -138,6 +138,10 @@ class _Endpoint:
         self.streams: dict[int, Stream] = {}
         self._now: float | None = None
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._outbox)
+
     def data_to_send(self) -> list[str | bytes]:
         """Messages queued since the last call, in order: str for text frames, bytes for binary."""
         out, self._outbox = self._outbox, []
