@@ -7,11 +7,13 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from .config import TenantCredentials
+from .config import TICKET_TTL_S, TenantCredentials
+from .tunnel.messages import valid_dataset_name
 
 
 class TenantTokens:
@@ -63,13 +65,16 @@ def caller_tenant(context: flight.ServerCallContext) -> str:
 
 
 class TicketSigner:
-    """Tickets name a tenant and a dataset and carry an HMAC-SHA256 of both: unforgeable, not transferable."""
+    """Tickets name a tenant, a dataset and an expiry and carry an HMAC-SHA256 of all three: unforgeable,
+    not transferable, and useless after `ttl_s`."""
 
-    def __init__(self, secret: bytes | None = None) -> None:
+    def __init__(self, secret: bytes | None = None, ttl_s: float = TICKET_TTL_S) -> None:
         self._secret = secret or secrets.token_bytes(32)
+        self.ttl_s = ttl_s
 
     def issue(self, tenant_id: str, dataset: str) -> bytes:
-        body = json.dumps({"t": tenant_id, "d": dataset}, separators=(",", ":")).encode()
+        claims = {"t": tenant_id, "d": dataset, "e": round(time.time() + self.ttl_s, 3)}
+        body = json.dumps(claims, separators=(",", ":")).encode()
         mac = hmac.new(self._secret, body, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(body) + b"." + base64.urlsafe_b64encode(mac)
 
@@ -83,9 +88,11 @@ class TicketSigner:
             raise flight.FlightUnauthorizedError("malformed ticket") from None
         if not hmac.compare_digest(mac, hmac.new(self._secret, body, hashlib.sha256).digest()):
             raise flight.FlightUnauthorizedError("ticket signature is not valid")
-        claims = json.loads(body)
+        claims = json.loads(body)  # signed by this gateway: well-formed
         if claims.get("t") != tenant_id:
             raise flight.FlightUnauthorizedError("ticket belongs to another tenant")
+        if time.time() > claims.get("e", 0):
+            raise flight.FlightUnauthorizedError("ticket expired: ask GetFlightInfo for a new one")
         return claims["d"]
 
 
@@ -94,7 +101,11 @@ def dataset_from_descriptor(descriptor: flight.FlightDescriptor) -> str:
     path = descriptor.path if descriptor.descriptor_type == flight.DescriptorType.PATH else None
     if not path or len(path) != 2 or path[0] != b"dataset" or not path[1]:
         raise pa.ArrowInvalid('descriptor must be the path ["dataset", "<name>"]')
-    return path[1].decode("utf-8", "replace")
+    name = path[1].decode("ascii", "replace")
+    if not valid_dataset_name(name):
+        raise pa.ArrowInvalid("dataset name must be 1-128 ASCII letters, digits, '_', '-' or '.', "
+                              "not starting with '-' or '.'")
+    return name
 
 
 def flight_certificate(cert_file: str, key_file: str) -> flight.CertKeyPair:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pyarrow.parquet as pq
 
 from .config import BATCH_BYTES, ConfigError
 from .tunnel.frames import HEADER
+from .tunnel.messages import valid_dataset_name
+
+log = logging.getLogger("poc.connector")
 
 
 @dataclass
@@ -83,11 +87,19 @@ def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str,
         raise ConfigError(f"data path {path} does not exist")
     datasets = {}
     for file in files:
+        if not valid_dataset_name(file.stem):
+            message = f"{file.name}: {file.stem!r} is not a dataset name (1-128 of A-Z a-z 0-9 _ - .; docs/protocol.md §3a)"
+            if len(files) == 1:
+                raise ConfigError(message)
+            log.warning("skipped %s", message)
+            continue
         try:
             table = pq.read_table(file)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
         datasets[file.stem] = Dataset(file.stem, table.schema, cut_batches(table, batch_bytes))
+    if not datasets:
+        raise ConfigError(f"no Parquet file in {path} has a valid dataset name")
     return datasets
 
 

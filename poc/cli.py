@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
 from . import config
 from .config import ConfigError
@@ -34,7 +35,7 @@ def _add_tunnel_limits(p: argparse.ArgumentParser) -> None:
                    help="credit window per stream: the most bytes buffered per stream (default %(default)s)")
     p.add_argument("--max-streams", type=int, default=config.MAX_STREAMS,
                    help="streams in flight per connector link (default %(default)s)")
-    p.add_argument("--max-message-bytes", type=int, default=1024 * 1024,
+    p.add_argument("--max-message-bytes", type=int, default=config.MAX_MESSAGE_BYTES,
                    help="largest control message from a connector (default %(default)s)")
     p.add_argument("--max-unsolicited-per-s", type=float, default=50.0,
                    help="heartbeats and messages for closed streams a connector may send per second; "
@@ -65,6 +66,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from .tunnel import Limits
 
     _check_tls(args)
+    _hide_tracebacks_from_clients()
     cfg = GatewayConfig(
         tenants=config.load_tenants(args.tenants), host=args.host, ws_port=args.ws_port,
         flight_port=args.flight_port, http_port=args.http_port, heartbeat_s=args.heartbeat_s,
@@ -73,7 +75,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                       max_message_bytes=args.max_message_bytes, unsolicited_per_s=args.max_unsolicited_per_s),
         ticket_secret=os.environb.get(b"POC_TICKET_SECRET"), max_requests_per_s=args.max_requests_per_s,
         tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl,
-        grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port)
+        grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port,
+        register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,
+        ticket_ttl_s=args.ticket_ttl_s, admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
+    if cfg.max_buffered_bytes and cfg.max_buffered_bytes < cfg.limits.window_bytes:
+        raise ConfigError("--max-buffered-bytes must be 0 or at least --window-bytes")
 
     async def main() -> None:
         stop = _stop_event_for_signals(asyncio.get_running_loop())
@@ -132,6 +138,7 @@ def cmd_direct(args: argparse.Namespace) -> int:
     from .auth import flight_certificate
 
     _check_tls(args)
+    _hide_tracebacks_from_clients()
     tenants = config.load_tenants(args.tenants) if args.tenants else None
     scheme, tls = ("grpc+tls", [flight_certificate(args.tls_cert, args.tls_key)]) if args.tls_cert else ("grpc", None)
     server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", load_datasets(args.data), tenants,
@@ -236,8 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="cloud gateway: WebSocket /connect, Flight, GET /health",
                        description="Accept connector tunnels on ws://HOST:WS_PORT/connect, serve Arrow Flight on "
                                    "FLIGHT_PORT (clients send 'authorization: Bearer <client_token>'), and "
-                                   "GET /health on HTTP_PORT. Port 0 picks a free port. "
-                                   "POC_TICKET_SECRET sets the ticket signing key (random if unset).")
+                                   "GET /livez, /readyz (public) and /health (per tenant, with the admin token) on "
+                                   "HTTP_PORT. Port 0 picks a free port. POC_TICKET_SECRET sets the ticket signing "
+                                   "key (random if unset); POC_ADMIN_TOKEN the admin token of /health (the "
+                                   "per-tenant view is off without one). Limits and what breaking them does: "
+                                   "docs/protocol.md §7; the threat model: docs/security.md.")
     p.add_argument("--tenants", required=True, help="YAML file: tenants: {ID: {connector_token, client_token}}")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument("--ws-port", type=int, default=config.WS_PORT, help="tunnel port (default %(default)s)")
@@ -254,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight streams may finish before they fail (default %(default)s)")
+    p.add_argument("--register-timeout-s", type=float, default=config.REGISTER_TIMEOUT_S,
+                   help="a new tunnel that has not registered after this long is closed with 4000 "
+                        "(default %(default)s)")
+    p.add_argument("--max-buffered-bytes", type=int, default=config.MAX_BUFFERED_BYTES,
+                   help="gateway-wide cap on what open streams may buffer (each reserves its window); over it a "
+                        "new DoGet fails at once with FlightUnavailableError; 0 = no cap (default %(default)s)")
+    p.add_argument("--ticket-ttl-s", type=float, default=config.TICKET_TTL_S,
+                   help="how long a ticket from GetFlightInfo can be redeemed (default %(default)s)")
     _add_tunnel_limits(p)
     _add_tls(p)
     _add_ws_impl(p)
@@ -350,10 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LogFormatter(logging.Formatter):
+    """Tracebacks in the log in full, whatever sys.tracebacklimit says (see `_hide_tracebacks_from_clients`)."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 (logging's naming)
+        return "".join(traceback.format_exception(*ei, limit=64)).rstrip("\n")
+
+
+def _hide_tracebacks_from_clients() -> None:
+    """pyarrow's Flight server appends a Python error's formatted traceback (file paths, code) to the message
+    a client receives; with no frames to format, the client sees the message only (docs/security.md)."""
+    sys.tracebacklimit = 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         return args.func(args)

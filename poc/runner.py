@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import selectors
 import signal
 import subprocess
@@ -91,8 +92,10 @@ def start_component(name: str, args: list[str], log_dir: Path, env: dict | None 
     return component
 
 
-def get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def get_json(url: str, timeout: float = 5.0, token: str | None = None) -> dict:
+    """GET a JSON document, with `authorization: Bearer <token>` when given."""
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
 
 
@@ -128,6 +131,7 @@ class Cluster:
         self.tunnel = tunnel or os.environ.get("POC_TUNNEL", "websocket")  # or "grpc"
         self.components: dict[str, Component] = {}
         self.tenants_file = self.workdir / "tenants.yaml"
+        self.admin_token = secrets.token_hex(16)  # the gateway's /health view
 
     def __enter__(self) -> "Cluster":
         try:
@@ -162,7 +166,8 @@ class Cluster:
         ports = ("--ws-port", "0", "--flight-port", "0", "--http-port", "0", "--grpc-tunnel-port", "0")
         gateway = start_component(
             "gateway", ["gateway", "--tenants", str(self.tenants_file), "--host", self.host, *ports,
-                        *self._tls_args(), *self.gateway_args, *extra], self.log_dir)
+                        *self._tls_args(), *self.gateway_args, *extra], self.log_dir,
+            env={"POC_ADMIN_TOKEN": self.admin_token})
         self.components["gateway"] = gateway
         return gateway
 
@@ -233,7 +238,8 @@ class Cluster:
         return f"http://{self.host}:{self.gateway.ready['http_port']}/health"
 
     def health(self) -> dict:
-        return get_json(self.health_url)
+        """The gateway's per-tenant view (with the cluster's admin token)."""
+        return get_json(self.health_url, token=self.admin_token)
 
     def wait_online(self, tenant_ids: list[str], timeout: float = 30.0, session_not: dict | None = None) -> dict:
         """Wait until /health shows each tenant online (with a session other than `session_not[tenant]`)."""

@@ -17,9 +17,11 @@ from websockets.exceptions import InvalidHandshake
 
 from .. import config
 from ..catalog import Dataset
+from ..transports.base import TunnelTransport
 from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint, FrameType, TunnelClosed
 from ..tunnel import endpoint as ev
+from ..tunnel.messages import clip
 
 log = logging.getLogger("poc.connector")
 
@@ -77,6 +79,8 @@ class Connector:
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc)
             except (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError) as exc:
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc or type(exc).__name__)
+            except Exception:  # whatever else ended the session, a new link may cure it: reconnect, never exit
+                log.exception("session with %s failed", self.cfg.gateway)
             if stop.is_set():
                 return
             attempt = 0 if self.sessions > sessions_before else attempt + 1
@@ -132,7 +136,7 @@ class Connector:
                 stopper.cancel()
 
     @staticmethod
-    async def _close_on(stop: asyncio.Event, transport: WebSocketLink) -> None:
+    async def _close_on(stop: asyncio.Event, transport: TunnelTransport) -> None:
         await stop.wait()
         await transport.close(1001, "connector shutting down")
 
@@ -140,7 +144,7 @@ class Connector:
 class _Session:
     """One registered link: answers requests and runs one task per stream."""
 
-    def __init__(self, connector: Connector, transport: WebSocketLink) -> None:
+    def __init__(self, connector: Connector, transport: TunnelTransport) -> None:
         self.connector = connector
         self.transport = transport
         self.endpoint: ConnectorEndpoint = transport.endpoint
@@ -205,8 +209,10 @@ class _Session:
             self.endpoint.reply_flight_info(event.request_id, ds.schema_message, ds.rows, ds.ipc_bytes)
 
     async def _heartbeats(self) -> None:
+        """At the gateway's interval (§10), or this connector's own when that is shorter."""
+        interval = min(self.connector.cfg.heartbeat_s, self.endpoint.registered.heartbeat_s)
         while True:
-            await asyncio.sleep(self.connector.cfg.heartbeat_s)
+            await asyncio.sleep(interval)
             await self.transport.call(self.endpoint.heartbeat, time.time())
 
     async def _stream(self, stream_id: int, name: str) -> None:
@@ -217,7 +223,7 @@ class _Session:
         except Exception as exc:  # a failed transfer must end in an error frame, never in silence
             log.exception("stream %d of %r failed", stream_id, name)
             if self.endpoint.credit(stream_id) >= 0:
-                await self.transport.call(self.endpoint.fail_request, stream_id, "internal", str(exc))
+                await self.transport.call(self.endpoint.fail_request, stream_id, "internal", clip(str(exc)))
 
     async def _stream_dataset(self, stream_id: int, name: str) -> None:
         ds = self.connector.datasets.get(name)

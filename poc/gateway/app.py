@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
@@ -16,6 +17,7 @@ from websockets.http11 import Request, Response
 from .. import config
 from ..auth import TicketSigner, flight_certificate
 from ..config import TenantCredentials
+from ..transports.base import TunnelTransport
 from ..transports.websocket import WebSocketLink
 from ..tunnel import HEADER, CloseCode, GatewayEndpoint, Limits, TunnelClosed
 from ..tunnel.limits import TokenBucket
@@ -23,7 +25,7 @@ from ..tunnel.messages import PROTOCOL_VERSION, Register
 from .bridge import TunnelBridge
 from .flight_server import GatewayFlightServer
 from .health import HealthServer
-from .link import TenantLink
+from .link import BufferBudget, TenantLink
 from .registry import TenantRegistry
 
 log = logging.getLogger("poc.gateway")
@@ -39,9 +41,12 @@ class GatewayConfig:
     heartbeat_s: float = config.HEARTBEAT_S
     offline_after_s: float = config.OFFLINE_AFTER_S
     request_timeout_s: float = config.REQUEST_TIMEOUT_S
-    register_timeout_s: float = 10.0
+    register_timeout_s: float = config.REGISTER_TIMEOUT_S
     limits: Limits = field(default_factory=lambda: Limits(config.MAX_FRAME_BYTES, config.WINDOW_BYTES,
-                                                          config.MAX_STREAMS))
+                                                          config.MAX_STREAMS, config.MAX_MESSAGE_BYTES))
+    max_buffered_bytes: int = config.MAX_BUFFERED_BYTES  # 0: no gateway-wide cap
+    ticket_ttl_s: float = config.TICKET_TTL_S
+    admin_token: str | None = None  # the per-tenant /health view; off without one
     ticket_secret: bytes | None = None
     max_requests_per_s: float = 0.0  # per tenant link; 0 = unlimited
     shutdown_grace_s: float = 10.0
@@ -67,6 +72,8 @@ class Gateway:
         self._http: HealthServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self.ports: dict[str, int] = {}
+        self.budget = BufferBudget(cfg.max_buffered_bytes)
+        self.state = "starting"  # then "ready", then "draining" (GET /readyz)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -90,7 +97,7 @@ class Gateway:
         bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s)
         scheme, tls = ("grpc+tls", [flight_certificate(cfg.tls_cert, cfg.tls_key)]) if cfg.tls else ("grpc", None)
         self._flight = GatewayFlightServer(f"{scheme}://{cfg.host}:{cfg.flight_port}", bridge, cfg.tenants,
-                                           TicketSigner(cfg.ticket_secret), tls_certificates=tls)
+                                           TicketSigner(cfg.ticket_secret, cfg.ticket_ttl_s), tls_certificates=tls)
         # The Flight server already serves once constructed. Its serve() would install signal handlers that
         # shut Flight down before the tunnels, so it is not called: SIGTERM goes to stop() below.
         if cfg.grpc_tunnel_port is not None:
@@ -103,13 +110,15 @@ class Gateway:
             self._grpc_server, grpc_port = await serve_grpc(
                 self._serve_link, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port,
                 cfg.limits.max_frame_bytes + HEADER.size, tls_pair)
-        self._http = HealthServer((cfg.host, cfg.http_port), self.registry.snapshot)
+        self._http = HealthServer((cfg.host, cfg.http_port), self.registry.snapshot, lambda: self.state,
+                                  cfg.admin_token, lambda: self.budget.reserved)
         self._http.start()
         self._spawn(self._watch_heartbeats())
         self.ports = {"ws_port": self._ws_server.sockets[0].getsockname()[1],
                       "flight_port": self._flight.port, "http_port": self._http.server_address[1]}
         if self._grpc_server is not None:
             self.ports["grpc_tunnel_port"] = grpc_port
+        self.state = "ready"
         log.info("gateway ready: %s", self.ports)
 
     async def stop(self) -> None:
@@ -117,6 +126,7 @@ class Gateway:
         close every tunnel (1001), stop Flight."""
         for task in self._tasks:
             task.cancel()
+        self.state = "draining"
         self.registry.draining = True
         if self._ws_server is not None:
             self._stop_accepting()  # open tunnels are closed below, after the grace period
@@ -147,12 +157,17 @@ class Gateway:
     async def _handle(self, ws: ServerConnection) -> None:
         await self._serve_link(WebSocketLink(ws, GatewayEndpoint(self.cfg.limits)))
 
-    async def _serve_link(self, transport) -> None:
-        """One tunnel from its register to its close, whatever WebSocket implementation carries it."""
+    async def _serve_link(self, transport: TunnelTransport) -> None:
+        """One tunnel from its register to its close, whatever transport carries it. However it ends — a
+        close, a broken rule, a timeout or a bug — the socket is closed and the link's calls fail."""
         events = transport.events()
         link: TenantLink | None = None
         reason = "closed"
+        code, close_reason = CloseCode.NORMAL, None  # close_reason set: this side must still close the socket
         try:
+            if self.registry.draining:
+                code, close_reason = CloseCode.GOING_AWAY, "gateway shutting down; connect to another gateway"
+                return
             async with asyncio.timeout(self.cfg.register_timeout_s):
                 first = await anext(events)
             link = await self._register(transport, first[0])
@@ -162,18 +177,25 @@ class Gateway:
                 for event in batch:
                     link.handle(event)
         except TimeoutError:
-            await transport.close(CloseCode.PROTOCOL_ERROR, f"no register within {self.cfg.register_timeout_s:.0f} s")
+            code, close_reason = CloseCode.PROTOCOL_ERROR, f"no register within {self.cfg.register_timeout_s:g} s"
         except (TunnelClosed, StopAsyncIteration) as exc:
             reason = str(exc) or reason
+        except Exception:  # a bug on this side: this link ends, the gateway and every other link go on
+            log.exception("link of tenant %s failed", link.tenant_id if link else "(unregistered)")
+            code, close_reason = 1011, "internal error in the gateway"
         finally:
             await events.aclose()
+            if close_reason is not None and transport.closed is None:
+                reason = close_reason
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(transport.close(code, close_reason), 5)
             if link is not None:
                 self.registry.unregister(link)
                 link.fail_all(link.closing_reason or reason)
                 log.info("tenant %s session %s disconnected: %s", link.tenant_id, link.session_id,
                          link.closing_reason or reason)
 
-    async def _register(self, transport: WebSocketLink, event) -> TenantLink | None:
+    async def _register(self, transport: TunnelTransport, event) -> TenantLink | None:
         register: Register = event.register  # the core lets nothing else come first
         creds = self.cfg.tenants.get(register.tenant_id)
         expected = creds.connector_token if creds else secrets.token_hex(16)
@@ -188,7 +210,7 @@ class Gateway:
                                       f"invalid token for tenant {register.tenant_id!r}", CloseCode.UNAUTHENTICATED)
         session_id = "sess_" + secrets.token_hex(8)
         await transport.call(transport.endpoint.accept, session_id, self.cfg.heartbeat_s)
-        link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport)
+        link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport, self.budget)
         if self.cfg.max_requests_per_s > 0:
             link.request_rate = TokenBucket(self.cfg.max_requests_per_s)
         link.last_heartbeat = time.time()
@@ -198,7 +220,7 @@ class Gateway:
         log.info("tenant %s registered: session %s, datasets %s", link.tenant_id, session_id, link.datasets)
         return link
 
-    async def _refuse(self, transport: WebSocketLink, code: str, message: str, close_code: int) -> None:
+    async def _refuse(self, transport: TunnelTransport, code: str, message: str, close_code: int) -> None:
         await transport.call(transport.endpoint.refuse, code, message)
         await transport.close(close_code, message)
         return None

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from .link import StreamItem, StreamSink, TenantLink
 from .registry import TenantRegistry
+
+_DECODE_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, pa.ArrowIndexError, OSError,
+                  ValueError)
 
 
 class TunnelBridge:
@@ -42,43 +46,77 @@ class TunnelBridge:
         async def ask():
             return await self.registry.live(tenant_id).flight_info(dataset, self.timeout_s)
         reply = self._await(ask())
-        try:
-            schema = pa.ipc.read_schema(pa.py_buffer(reply.schema))
-        except pa.ArrowInvalid as exc:
-            raise flight.FlightInternalError(f"connector of tenant {tenant_id} sent an invalid schema: {exc}") from None
+        schema = read_schema(reply.schema, tenant_id)
         return schema, reply.rows, reply.bytes
 
-    def open_stream(self, tenant_id: str, dataset: str) -> "TunnelStream":
-        """Open a stream through the tenant's tunnel and wait for its schema."""
+    def open_stream(self, tenant_id: str, dataset: str, cancelled: Callable[[], bool] = lambda: False
+                    ) -> "TunnelStream":
+        """Open a stream through the tenant's tunnel and wait for its schema (or for the client to leave)."""
         def start():
             link = self.registry.live(tenant_id)
             return (link, *link.open_stream(dataset))
         link, stream_id, sink = self._on_loop(start)
-        stream = TunnelStream(self, link, stream_id, sink)
+        stream = TunnelStream(self, link, stream_id, sink, cancelled)
         stream.read_schema()
         return stream
 
 
-class TunnelStream:
-    """The Flight side of one tunnel stream: IPC messages in, record batches out, credit back."""
+def read_schema(payload, tenant_id: str) -> pa.Schema:
+    """A connector's schema message, refused when Arrow cannot read it or it has dictionary fields (§4a)."""
+    try:
+        schema = pa.ipc.read_schema(pa.py_buffer(payload))
+    except _DECODE_ERRORS as exc:
+        raise flight.FlightInternalError(f"connector of tenant {tenant_id} sent an invalid schema: "
+                                         f"{str(exc)[:300]}") from None
+    if any(_has_dictionary(f.type) for f in schema):
+        raise flight.FlightInternalError(f"connector of tenant {tenant_id} sent a schema with dictionary-encoded "
+                                         "fields, which protocol version 1 does not carry")
+    return schema
 
-    def __init__(self, bridge: TunnelBridge, link: TenantLink, stream_id: int, sink: StreamSink) -> None:
+
+def _has_dictionary(t: pa.DataType) -> bool:
+    return pa.types.is_dictionary(t) or any(_has_dictionary(t.field(i).type) for i in range(t.num_fields))
+
+
+def _cancel_on_loop(loop: asyncio.AbstractEventLoop, link: TenantLink, stream_id: int, reason: str) -> None:
+    try:
+        loop.call_soon_threadsafe(link.cancel, stream_id, reason)
+    except RuntimeError:
+        pass  # the loop is closed: the gateway is gone, and the link with it
+
+
+class TunnelStream:
+    """The Flight side of one tunnel stream: IPC messages in, validated record batches out, credit back.
+
+    However the stream ends — END, an error, the client cancelling or leaving, its deadline, or Flight
+    dropping a generator it never started — the link's stream is freed: `batches()` cancels in its
+    `finally`, and a finalizer cancels when this object is collected without having run it."""
+
+    def __init__(self, bridge: TunnelBridge, link: TenantLink, stream_id: int, sink: StreamSink,
+                 cancelled: Callable[[], bool]) -> None:
         self._bridge = bridge
         self._link = link
         self.stream_id = stream_id
         self._sink = sink
-        self._grant_at = link.endpoint.limits.window_bytes // 4
+        self._cancelled = cancelled
+        self._grant_at = link.endpoint.grant_threshold
         self.schema: pa.Schema | None = None
         self._done = False
+        self._finalizer = weakref.finalize(self, _cancel_on_loop, bridge.loop, link, stream_id,
+                                           "the Flight call ended before the stream started")
 
     def _next(self) -> tuple[str, object]:
         try:
-            kind, value = self._sink.get(self._bridge.timeout_s)
+            kind, value = self._sink.get(self._bridge.timeout_s, self._cancelled)
         except flight.FlightTimedOutError:
             self._cancel("timed out waiting for the connector")
             raise
+        except flight.FlightCancelledError:
+            self._cancel("the Flight client cancelled the call")
+            raise
         if kind in (StreamItem.END, StreamItem.ERROR):
             self._done = True
+            self._finalizer.detach()
         if kind == StreamItem.ERROR:
             raise value
         return kind, value
@@ -89,33 +127,42 @@ class TunnelStream:
     def _cancel(self, reason: str) -> None:
         if not self._done:
             self._done = True
-            self._bridge.loop.call_soon_threadsafe(self._link.cancel, self.stream_id, reason)
+            self._finalizer.detach()
+            _cancel_on_loop(self._bridge.loop, self._link, self.stream_id, reason)
 
     def read_schema(self) -> None:
         kind, payload = self._next()
         if kind != StreamItem.SCHEMA:
+            self._cancel("no schema")
             raise flight.FlightInternalError("connector ended the stream before sending its schema")
-        self.schema = self._decode(lambda: pa.ipc.read_schema(pa.py_buffer(payload)))
+        try:
+            self.schema = read_schema(payload, self._link.tenant_id)
+        except flight.FlightError:
+            self._cancel("invalid schema")
+            raise
         self._grant(len(payload))
 
-    def _decode(self, read):
+    def _decode(self, payload) -> pa.RecordBatch:
+        """Read a batch in place and validate it fully before Flight's writer touches it: buffer sizes,
+        offsets within their data, UTF-8 (docs/security.md; the cost is in docs/results.md)."""
         try:
-            return read()
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(payload)), self.schema)
+            batch.validate(full=True)
+            return batch
+        except _DECODE_ERRORS as exc:
             self._cancel("invalid Arrow IPC")
-            raise flight.FlightInternalError(f"connector sent invalid Arrow IPC: {exc}") from None
+            raise flight.FlightInternalError(f"connector of tenant {self._link.tenant_id} sent invalid Arrow "
+                                             f"IPC: {str(exc)[:300]}") from None
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        """Yield each batch as read in place from the received frame; grant credit as Flight takes them."""
+        """Yield each validated batch; grant credit as Flight takes them; cancel however it ends early."""
         consumed = 0
         try:
             while True:
                 kind, payload = self._next()
                 if kind == StreamItem.END:
                     return
-                batch = self._decode(lambda: pa.ipc.read_record_batch(
-                    pa.ipc.read_message(pa.py_buffer(payload)), self.schema))
-                yield batch
+                yield self._decode(payload)
                 consumed += len(payload)
                 if consumed >= self._grant_at:
                     self._grant(consumed)

@@ -1,7 +1,14 @@
-"""`GET /health` on the HTTP port: each tenant's status, session, last heartbeat and streams in flight."""
+"""The gateway's HTTP port: public liveness and readiness, and each tenant's status for operators only.
+
+- `GET /livez`  200 while the process serves HTTP; nothing about tenants.
+- `GET /readyz` 200 once the Flight server serves, 503 before that and while draining; nothing about tenants.
+- `GET /health` the per-tenant view (sessions, heartbeats, streams, datasets), only with
+  `authorization: Bearer <admin token>`; 401 without it, 403 when the gateway has no admin token.
+"""
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
@@ -12,8 +19,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class HealthServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], snapshot: Callable[[], dict]) -> None:
+    def __init__(self, address: tuple[str, int], snapshot: Callable[[], dict], state: Callable[[], str],
+                 admin_token: str | None, reserved_bytes: Callable[[], int] = lambda: 0) -> None:
         self.snapshot = snapshot
+        self.reserved_bytes = reserved_bytes
+        self.state = state  # "starting", "ready" or "draining"
+        self.admin_token = admin_token
         super().__init__(address, _HealthHandler)
 
     def start(self) -> threading.Thread:
@@ -24,18 +35,37 @@ class HealthServer(ThreadingHTTPServer):
 
 class _HealthHandler(BaseHTTPRequestHandler):
     server: HealthServer
+    timeout = 10  # a client that sends its request slowly is cut off, not given a thread forever
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.split("?")[0] != "/health":
-            self._reply(404, {"error": f"no such path {self.path}; try /health"})
+        path = self.path.split("?")[0]
+        if path == "/livez":
+            self._reply(200, {"status": "alive"})
+        elif path == "/readyz":
+            state = self.server.state()
+            self._reply(200 if state == "ready" else 503, {"status": state})
+        elif path == "/health":
+            self._detailed()
+        else:
+            self._reply(404, {"error": "no such path; try /livez, /readyz or /health"})
+
+    def _detailed(self) -> None:
+        expected = self.server.admin_token
+        if not expected:
+            self._reply(403, {"error": "the per-tenant view is off: the gateway has no admin token"})
+            return
+        given = self.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            self._reply(401, {"error": "the per-tenant view needs 'authorization: Bearer <admin token>'"})
             return
         tenants = self.server.snapshot()
         online = sum(1 for t in tenants.values() if t["status"] == "online")
         self._reply(200, {
-            "status": "ok",
+            "status": self.server.state(),
             "time": time.time(),
             "tenants_online": online,
             "streams_in_flight": sum(t.get("streams_in_flight", 0) for t in tenants.values()),
+            "buffer_reserved_bytes": self.server.reserved_bytes(),
             "tenants": tenants,
         })
 

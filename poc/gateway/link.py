@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..transports.websocket import WebSocketLink
+from ..transports.base import TunnelTransport
 from ..tunnel import endpoint as ev
 from ..tunnel import LocalProtocolError
 from ..tunnel.endpoint import GatewayEndpoint
 from ..tunnel.limits import TokenBucket
+from ..tunnel.messages import clip
 
 
 class StreamItem:
@@ -22,6 +23,7 @@ class StreamItem:
     BATCH = "batch"
     END = "end"
     ERROR = "error"
+    CANCEL = "cancel"  # not queued: the Flight side went away
 
 
 class StreamSink:
@@ -36,20 +38,50 @@ class StreamSink:
     def put(self, kind: str, value=None) -> None:
         self._queue.put((kind, value))
 
-    def get(self, timeout: float):
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            raise flight.FlightTimedOutError(f"no data from the connector for {timeout:.0f} s") from None
+    def get(self, timeout: float, cancelled=lambda: False):
+        """The next item; FlightTimedOutError after `timeout`, FlightCancelledError as soon as `cancelled()`
+        (the Flight client left or its deadline passed), checked every `POLL_S`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if cancelled():
+                raise flight.FlightCancelledError("the Flight client cancelled the call")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise flight.FlightTimedOutError(f"no data from the connector for {timeout:.0f} s")
+            try:
+                return self._queue.get(timeout=min(left, self.POLL_S))
+            except queue.Empty:
+                pass
+
+    POLL_S = 0.25
+
+
+class BufferBudget:
+    """The gateway-wide cap on bytes that open streams may buffer: each stream reserves its window (§5),
+    so the sum of reservations bounds what the gateway holds, whatever clients and connectors do."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no cap
+        self.reserved = 0
+
+    def reserve(self, size: int) -> None:
+        if self.limit and self.reserved + size > self.limit:
+            raise flight.FlightUnavailableError(
+                f"gateway is at its buffer limit ({self.limit} bytes reserved by open streams); retry later")
+        self.reserved += size
+
+    def release(self, size: int) -> None:
+        self.reserved -= size
 
 
 def request_error(tenant_id: str, code: str, message: str) -> Exception:
     """The Flight error a client sees for a connector's error reply (docs/protocol.md §3.9)."""
+    message = clip(message)
     if code == "not_found":
         return pa.ArrowKeyError(message)
     if code == "invalid_request":
         return pa.ArrowInvalid(message)
-    return flight.FlightServerError(f"connector of tenant {tenant_id} failed the request ({code}): {message}")
+    return flight.FlightServerError(f"connector of tenant {tenant_id} failed the request ({clip(code, 40)}): {message}")
 
 
 @dataclass
@@ -59,7 +91,8 @@ class TenantLink:
     tenant_id: str
     session_id: str
     datasets: list[str]
-    transport: WebSocketLink
+    transport: TunnelTransport
+    budget: BufferBudget = field(default_factory=lambda: BufferBudget(0))
     connected_at: float = field(default_factory=time.time)
     last_heartbeat: float | None = None
     last_seen: float = field(default_factory=time.monotonic)
@@ -67,6 +100,7 @@ class TenantLink:
     request_rate: TokenBucket | None = None
     _infos: dict[int, asyncio.Future] = field(default_factory=dict)
     _sinks: dict[int, StreamSink] = field(default_factory=dict)
+    dropped_events: int = 0  # events for streams or requests the gateway had already closed
 
     @property
     def endpoint(self) -> GatewayEndpoint:
@@ -77,28 +111,47 @@ class TenantLink:
         return len(self._sinks)
 
     def handle(self, event: ev.Event) -> None:
-        """Route one event of the core to the request or stream it belongs to."""
+        """Route one event of the core to the request or stream it belongs to; an event for a stream or
+        request this side already closed (a cancel crossed it) is dropped and counted, never raised."""
         self.last_seen = time.monotonic()
-        if isinstance(event, ev.BatchReceived):
-            self._sinks[event.stream_id].put(StreamItem.BATCH, event.payload)
-        elif isinstance(event, ev.SchemaReceived):
-            self._sinks[event.stream_id].put(StreamItem.SCHEMA, event.payload)
+        if isinstance(event, (ev.BatchReceived, ev.SchemaReceived)):
+            sink = self._sinks.get(event.stream_id)
+            if sink is None:
+                self.dropped_events += 1
+            else:
+                sink.put(StreamItem.BATCH if isinstance(event, ev.BatchReceived) else StreamItem.SCHEMA,
+                         event.payload)
         elif isinstance(event, ev.StreamEnded):
-            self._sinks.pop(event.stream_id).put(StreamItem.END)
+            self._end_stream(event.stream_id, StreamItem.END)
+        elif isinstance(event, ev.StreamRejected):
+            self._end_stream(event.stream_id, StreamItem.ERROR, flight.FlightInternalError(
+                f"connector of tenant {self.tenant_id} sent {clip(event.reason, 300)}"))
         elif isinstance(event, ev.FlightInfoReceived):
             future = self._infos.pop(event.request_id, None)
             if future is not None and not future.done():
                 future.set_result(event)
+            else:
+                self.dropped_events += 1
         elif isinstance(event, ev.RequestFailed):
             error = request_error(self.tenant_id, event.code, event.message)
             future = self._infos.pop(event.request_id, None)
             if future is not None and not future.done():
                 future.set_exception(error)
-            sink = self._sinks.pop(event.request_id, None)
-            if sink is not None:
-                sink.put(StreamItem.ERROR, error)
+            else:
+                self._end_stream(event.request_id, StreamItem.ERROR, error)
         elif isinstance(event, ev.HeartbeatReceived):
             self.last_heartbeat = time.time()
+
+    def _end_stream(self, stream_id: int, kind: str, value=None) -> bool:
+        """Take a stream out of the link, free its reservation and hand its last item to the Flight side."""
+        sink = self._sinks.pop(stream_id, None)
+        if sink is None:
+            self.dropped_events += 1
+            return False
+        self.budget.release(self.endpoint.limits.window_bytes)
+        if kind != StreamItem.CANCEL:
+            sink.put(kind, value)
+        return True
 
     def _admit(self) -> None:
         """The per-link request rate (docs/protocol.md §7): refuse at once rather than queue."""
@@ -124,9 +177,12 @@ class TenantLink:
     def open_stream(self, dataset: str) -> tuple[int, StreamSink]:
         """Send a do_get; return the stream id and the sink its frames will arrive in."""
         self._admit()
+        window = self.endpoint.limits.window_bytes
+        self.budget.reserve(window)
         try:
             sid = self.endpoint.open_stream(dataset)
         except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
+            self.budget.release(window)
             raise flight.FlightUnavailableError(f"tenant {self.tenant_id}: {exc}") from None
         sink = self._sinks[sid] = StreamSink()
         self.transport.flush_soon()
@@ -137,7 +193,9 @@ class TenantLink:
         self.transport.flush_soon()
 
     def cancel(self, stream_id: int, reason: str) -> None:
-        if self._sinks.pop(stream_id, None) is not None:
+        """The Flight side is done with a stream before its end: stop the connector; a no-op once it ended."""
+        if stream_id in self._sinks:
+            self._end_stream(stream_id, StreamItem.CANCEL)
             self.endpoint.cancel_stream(stream_id, reason)
             self.transport.flush_soon()
 
@@ -147,10 +205,9 @@ class TenantLink:
         for future in self._infos.values():
             if not future.done():
                 future.set_exception(error)
-        for sink in self._sinks.values():
-            sink.put(StreamItem.ERROR, error)
+        for stream_id in list(self._sinks):
+            self._end_stream(stream_id, StreamItem.ERROR, error)
         self._infos.clear()
-        self._sinks.clear()
         self.endpoint.close()
 
     def snapshot(self) -> dict:
@@ -161,5 +218,6 @@ class TenantLink:
             "last_heartbeat": self.last_heartbeat,
             "silent_s": round(time.monotonic() - self.last_seen, 3),
             "streams_in_flight": self.streams_in_flight,
+            "dropped_events": self.dropped_events,
             "datasets": list(self.datasets),
         }

@@ -1,42 +1,128 @@
-"""What every transport shares: one writer at a time, so frames leave in the order the core queued them."""
+"""The seam between the protocol core and a real connection: one interface, one receive loop, one writer.
+
+    TunnelTransport (typing.Protocol)   what the gateway and the connector use
+    └── Link                            the shared loop: received messages into the core, events out,
+        ├── WebSocketLink               queued messages out in order, close on a broken rule
+        ├── PicowsLink
+        ├── GrpcServerLink
+        └── GrpcClientLink
+
+Each adapter supplies `_receive()` (the messages of its connection), `_transmit()` (send what the core
+queued), `_close_for()` (close with a code, reading the peer's reply) and `_ended()` (how the connection
+ended). Errors of the lower library are mapped to `TunnelClosed` here, once.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
-from ..tunnel.endpoint import _Endpoint
+from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
+from ..tunnel.endpoint import Endpoint, Event
+
+log = logging.getLogger("poc.transports")
 
 
-class OrderedWriter:
-    """Mixin: `call`, `flush` and `flush_soon` over a subclass's `_send_queued()`."""
+class TunnelTransport(Protocol):
+    """One tunnel over one connection, whatever library carries it."""
 
-    endpoint: _Endpoint
-    _closed_errors: tuple[type[BaseException], ...] = ()
+    endpoint: Endpoint
+    closed: TunnelClosed | None
 
-    def _init_writer(self) -> None:
+    def events(self) -> AsyncIterator[list[Event]]:
+        """The core's events for each received message; ends by raising TunnelClosed."""
+
+    async def call(self, produce: Callable[..., Any], *args: Any) -> Any:
+        """Run `produce` on the endpoint and send what it queued."""
+
+    async def flush(self) -> None:
+        """Send whatever the endpoint has queued."""
+
+    def flush_soon(self) -> None:
+        """Schedule a flush if the endpoint queued something."""
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close with a code and a reason (docs/protocol.md §8)."""
+
+
+class Link:
+    """The receive loop and the ordered writer every transport shares."""
+
+    endpoint: Endpoint
+    closed: TunnelClosed | None = None
+    _closed_errors: tuple[type[BaseException], ...] = ()  # what a write raises once the connection is gone
+
+    def _init_link(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.closed = None
         self._write_lock = asyncio.Lock()
         self._flush_scheduled = False
 
-    async def _send_queued(self) -> None:
+    # -- to be supplied by each adapter
+    def _receive(self) -> AsyncIterator[str | bytes | bytearray | memoryview]:
         raise NotImplementedError
 
+    async def _transmit(self, item: str | bytes | bytearray) -> None:
+        raise NotImplementedError
+
+    async def _close_for(self, code: int, reason: str) -> None:
+        """Close after a broken rule, reading what the peer still sends until its close reply."""
+        await self.close(code, reason)
+
+    def _ended(self) -> TunnelClosed:
+        raise NotImplementedError
+
+    # -- the shared loop
+    async def events(self) -> AsyncIterator[list[Event]]:
+        """Drive the core, then flush: each received message goes to the endpoint, its events are yielded,
+        and what the caller queued while handling them is sent. A broken rule closes the link with its code."""
+        try:
+            async for message in self._receive():
+                events = self.feed(message)
+                if events:
+                    yield events
+                self.flush_soon()
+        except RemoteProtocolError as exc:
+            log.warning("closing link: %s", exc)
+            self.closed = self.closed or TunnelClosed(exc.close_code, str(exc))
+            await self._close_for(exc.close_code, str(exc))
+            raise TunnelClosed(exc.close_code, str(exc)) from exc
+        raise self._ended()
+
+    def feed(self, message: str | bytes | bytearray | memoryview, text: bool | None = None) -> list[Event]:
+        """One received message into the core. `text` says the kind when `message` is bytes of a text frame."""
+        now = time.monotonic()
+        if text or isinstance(message, str):
+            if not isinstance(message, str):
+                try:
+                    message = str(message, "utf-8")
+                except UnicodeDecodeError:
+                    raise RemoteProtocolError("text frame is not valid UTF-8") from None
+            return self.endpoint.receive_text(message, now)
+        return self.endpoint.receive_binary(message, now)
+
+    # -- the ordered writer
+    async def _send_queued(self) -> None:
+        for item in self.endpoint.data_to_send():
+            if self.closed is not None:
+                return
+            await self._transmit(item)
+
     async def call(self, produce: Callable[..., Any], *args: Any) -> Any:
-        """Run `produce` on the endpoint and send what it queued, holding the writer."""
         async with self._write_lock:
             result = produce(*args)
             await self._send_queued()
             return result
 
     async def flush(self) -> None:
-        """Send whatever the endpoint has queued."""
         async with self._write_lock:
             await self._send_queued()
 
     def flush_soon(self) -> None:
-        """Schedule a flush when the endpoint queued something; calls made before it runs share it.
-        Called after every received frame, so most calls (data frames queue nothing) create no task."""
+        """Called after every received frame: most (data frames) queue nothing and create no task."""
         if not self._flush_scheduled and self.endpoint.has_data_to_send:
             self._flush_scheduled = True
             asyncio.get_running_loop().create_task(self._flush_later())
@@ -47,3 +133,10 @@ class OrderedWriter:
             await self.flush()
         except self._closed_errors:
             pass  # the reader sees the close and fails what was in flight
+        except Exception as exc:  # a write that fails otherwise leaves the link unusable: close it
+            log.warning("closing link: write failed: %s: %s", type(exc).__name__, exc)
+            self.closed = self.closed or TunnelClosed(1011, "write failed")
+            await self.close(1011, "write failed")
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        raise NotImplementedError

@@ -14,18 +14,15 @@ Envelopes are encoded here by hand (two protobuf fields), so no generated code i
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 import grpc.aio
 
 from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
-from ..tunnel.endpoint import Event, _Endpoint
-from .base import OrderedWriter
+from ..tunnel.endpoint import Endpoint
+from .base import Link
 
-log = logging.getLogger(__name__)
 SERVICE = "poc.tunnel.v1.Tunnel"
 METHOD = f"/{SERVICE}/Connect"
 _TEXT, _BINARY = 0x0A, 0x12  # protobuf tags: field 1 and field 2, length-delimited
@@ -68,99 +65,82 @@ def decode(data: bytes) -> str | memoryview:
     return payload
 
 
-class _GrpcLink(OrderedWriter):
-    """What both ends share: feed envelopes to the endpoint, raise TunnelClosed at the end."""
-
-    _closed_errors = (grpc.aio.AioRpcError, asyncio.CancelledError, TunnelClosed)
-
-    def __init__(self, endpoint: _Endpoint) -> None:
-        self.endpoint = endpoint
-        self.closed: TunnelClosed | None = None
-        self._init_writer()
-
-    def _feed(self, data: bytes) -> list[Event]:
-        item = decode(data)
-        now = time.monotonic()
-        if isinstance(item, str):
-            return self.endpoint.receive_text(item, now)
-        return self.endpoint.receive_binary(item, now)
-
-    async def _send_queued(self) -> None:
-        for item in self.endpoint.data_to_send():
-            if self.closed is not None:
-                return
-            await self._write(encode(item))
-
-    async def _write(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    async def _events_from(self, reader: AsyncIterator[bytes]) -> AsyncIterator[list[Event]]:
-        try:
-            async for data in reader:
-                events = self._feed(data)
-                if events:
-                    yield events
-                self.flush_soon()
-        except RemoteProtocolError as exc:
-            log.warning("closing link: %s", exc)
-            await self.close(exc.close_code, str(exc))
-            raise TunnelClosed(exc.close_code, str(exc)) from exc
+def _own_cancellation() -> bool:
+    """True when the running task itself is being cancelled (then CancelledError must propagate), False when
+    grpc raised it because the call was cancelled under us."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
-class GrpcServerLink(_GrpcLink):
+class GrpcServerLink(Link):
     """The gateway's side of one Connect call."""
 
-    def __init__(self, endpoint: _Endpoint, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        super().__init__(endpoint)
+    _closed_errors = (grpc.aio.AioRpcError, grpc.aio.UsageError, TunnelClosed)
+
+    def __init__(self, endpoint: Endpoint, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        self._init_link(endpoint)
         self._requests = requests
         self._context = context
         self.finished = asyncio.Event()
 
-    async def events(self) -> AsyncIterator[list[Event]]:
+    async def _receive(self) -> AsyncIterator[str | memoryview]:
         try:
-            async for events in self._events_from(self._requests):
-                yield events
-        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
-            self.closed = self.closed or TunnelClosed(1006, f"stream broken: {exc}")
-        if self.closed is None:
-            self.closed = TunnelClosed(CloseCode.GOING_AWAY, "connector ended the stream")
-        raise self.closed
+            async for data in self._requests:
+                yield decode(data)
+        except grpc.aio.AioRpcError as exc:
+            self.closed = self.closed or TunnelClosed(1006, f"stream broken: {exc.code().name}")
+        except asyncio.CancelledError:
+            if _own_cancellation():
+                raise
+            self.closed = self.closed or TunnelClosed(1006, "stream cancelled")
 
-    async def _write(self, data: bytes) -> None:
-        await self._context.write(data)
+    def _ended(self) -> TunnelClosed:
+        return self.closed or TunnelClosed(CloseCode.GOING_AWAY, "connector ended the stream")
+
+    async def _transmit(self, item: str | bytes | bytearray) -> None:
+        await self._context.write(encode(item))
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self.closed is None:
             self.closed = TunnelClosed(code, reason)
-        self._context.set_trailing_metadata((("tunnel-close-code", str(code)),
-                                             ("tunnel-close-reason", reason[:120])))
+        if not self.finished.is_set():
+            self._context.set_trailing_metadata((("tunnel-close-code", str(code)),
+                                                 ("tunnel-close-reason", reason[:120])))
         self.finished.set()
 
 
-class GrpcClientLink(_GrpcLink):
+class GrpcClientLink(Link):
     """The connector's side: one Connect call on its own channel."""
 
-    def __init__(self, endpoint: _Endpoint, channel: grpc.aio.Channel) -> None:
-        super().__init__(endpoint)
+    _closed_errors = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TunnelClosed)
+
+    def __init__(self, endpoint: Endpoint, channel: grpc.aio.Channel) -> None:
+        self._init_link(endpoint)
         self._channel = channel
         self._call = channel.stream_stream(METHOD)()
 
-    async def events(self) -> AsyncIterator[list[Event]]:
-        async def reader():
-            while (data := await self._call.read()) is not grpc.aio.EOF:
-                yield data
+    async def _receive(self) -> AsyncIterator[str | memoryview]:
         try:
-            async for events in self._events_from(reader()):
-                yield events
+            while (data := await self._call.read()) is not grpc.aio.EOF:
+                yield decode(data)
             metadata = dict(await self._call.trailing_metadata() or ())
-            self.closed = self.closed or TunnelClosed(int(metadata.get("tunnel-close-code", 1000)),
-                                                      metadata.get("tunnel-close-reason", "closed"))
+            try:
+                code = int(metadata.get("tunnel-close-code", 1000))
+            except ValueError:
+                code = 1000
+            self.closed = self.closed or TunnelClosed(code, metadata.get("tunnel-close-reason", "closed"))
         except grpc.aio.AioRpcError as exc:
             self.closed = self.closed or TunnelClosed(1006, f"{exc.code().name}: {exc.details()}")
-        raise self.closed
+        except asyncio.CancelledError:  # grpc raises it when the call was cancelled: a lost link, not an exit
+            if _own_cancellation():
+                raise
+            self.closed = self.closed or TunnelClosed(1006, "call cancelled")
 
-    async def _write(self, data: bytes) -> None:
-        await self._call.write(data)
+    def _ended(self) -> TunnelClosed:
+        return self.closed or TunnelClosed(1006, "stream ended")
+
+    async def _transmit(self, item: str | bytes | bytearray) -> None:
+        await self._call.write(encode(item))
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self.closed is None:
@@ -180,7 +160,7 @@ def channel_options(max_receive: int, keepalive_s: float | None = None) -> list[
     return options
 
 
-async def serve_grpc(on_link: Callable[[GrpcServerLink], object], endpoint_factory: Callable[[], _Endpoint],
+async def serve_grpc(on_link: Callable[[GrpcServerLink], object], endpoint_factory: Callable[[], Endpoint],
                      host: str, port: int, max_message: int, tls: tuple[bytes, bytes] | None = None
                      ) -> tuple[grpc.aio.Server, int]:
     """Serve Connect; each call runs `on_link(link)` until the link closes."""
@@ -202,7 +182,7 @@ async def serve_grpc(on_link: Callable[[GrpcServerLink], object], endpoint_facto
     return server, bound
 
 
-async def dial_grpc(target: str, endpoint_factory: Callable[[], _Endpoint], ca: bytes | None, tls: bool,
+async def dial_grpc(target: str, endpoint_factory: Callable[[], Endpoint], ca: bytes | None, tls: bool,
                     heartbeat_s: float, max_message: int) -> GrpcClientLink:
     """Open the Connect stream to HOST:PORT; TLS when `tls` (roots from `ca`, else the system's)."""
     options = channel_options(max_message + 64, heartbeat_s)

@@ -1,6 +1,7 @@
 """The same tunnel over picows, a WebSocket implementation in Cython: fewer copies per frame.
 
-Same contract as `websocket.WebSocketLink`: `events()`, `call()`, `flush()`, `flush_soon()`, `close()`.
+Same contract as every transport (`base.TunnelTransport`); frames are queued by picows' callbacks and fed
+to the core by the reader, so events are handled in the same step as the core produced them.
 Received payloads are copied once out of picows' read buffer (it reuses that buffer); sent frames are
 copied once into its write buffer, masked on the way for a client.
 """
@@ -19,27 +20,27 @@ from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WS
                     WSUpgradeResponseWithListener, ws_connect, ws_create_server)
 
 from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
-from ..tunnel.endpoint import Event, _Endpoint
-from .base import OrderedWriter
+from ..tunnel.endpoint import Endpoint
+from .base import Link
 
 log = logging.getLogger(__name__)
 _CLOSED = object()
 
 
-class PicowsLink(WSListener, OrderedWriter):
+class PicowsLink(WSListener, Link):
     """One endpoint moved over one picows connection; also its listener."""
 
-    def __init__(self, endpoint_factory: Callable[[], _Endpoint]) -> None:
+    def __init__(self, endpoint_factory: Callable[[], Endpoint], max_message: int) -> None:
         super().__init__()
-        self.endpoint = endpoint_factory()
+        self._init_link(endpoint_factory())
         self.transport: WSTransport | None = None
+        self._max_message = max_message  # a whole message, fragments included
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._init_writer()
         self._writable = asyncio.Event()
         self._writable.set()
         self._fragments: list[bytes] = []
+        self._fragment_bytes = 0
         self._fragment_type: WSMsgType | None = None
-        self.closed: TunnelClosed | None = None
         self.connected = asyncio.get_running_loop().create_future()
 
     # -- picows callbacks (run on the event loop)
@@ -53,34 +54,26 @@ class PicowsLink(WSListener, OrderedWriter):
         if kind == WSMsgType.CLOSE:
             self._on_close(frame)
             return
-        if kind in (WSMsgType.PING, WSMsgType.PONG):
+        if kind in (WSMsgType.PING, WSMsgType.PONG) or self.closed is not None:
             return  # picows answers pings itself
-        if kind == WSMsgType.CONTINUATION or not frame.fin:  # a fragmented message: rare, reassembled
+        if kind == WSMsgType.CONTINUATION or not frame.fin:  # a fragmented message: rare, reassembled, capped
             if kind != WSMsgType.CONTINUATION:
-                self._fragment_type, self._fragments = kind, []
+                self._fragment_type, self._fragments, self._fragment_bytes = kind, [], 0
+            elif self._fragment_type is None:
+                self._close_now(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+                return
+            self._fragment_bytes += frame.payload_size
+            if self._fragment_bytes > self._max_message:
+                self._close_now(CloseCode.MESSAGE_TOO_BIG, f"fragmented message over {self._max_message} bytes")
+                return
             self._fragments.append(frame.get_payload_as_bytes())
             if not frame.fin:
                 return
             kind, data = self._fragment_type, b"".join(self._fragments)
-            self._fragments = []
+            self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
         else:
             data = frame.get_payload_as_bytes()  # the one copy: picows reuses its read buffer
-        if self.closed is not None:
-            return
-        try:
-            now = time.monotonic()
-            if kind == WSMsgType.TEXT:
-                events = self.endpoint.receive_text(data.decode("utf-8"), now)
-            else:
-                events = self.endpoint.receive_binary(data, now)
-        except (RemoteProtocolError, UnicodeDecodeError) as exc:
-            code = getattr(exc, "close_code", CloseCode.PROTOCOL_ERROR)
-            log.warning("closing link: %s", exc)
-            self._close_now(code, str(exc))
-            return
-        if events:
-            self._queue.put_nowait(events)
-        self.flush_soon()  # what the core queued itself (heartbeat acks); replies are flushed in events()
+        self._queue.put_nowait((kind == WSMsgType.TEXT, data))
 
     def _on_close(self, frame: WSFrame) -> None:
         code = int(frame.get_close_code() or 1005)
@@ -105,35 +98,42 @@ class PicowsLink(WSListener, OrderedWriter):
     def resume_writing(self) -> None:
         self._writable.set()
 
-    # -- the link contract
-    async def events(self) -> AsyncIterator[list[Event]]:
-        while True:
-            item = await self._queue.get()
-            if item is _CLOSED:
-                raise self.closed
-            yield item
-            self.flush_soon()  # what the caller queued while handling these events
+    # -- the adapter of base.Link
+    async def _receive(self) -> AsyncIterator[str | bytes]:
+        while (item := await self._queue.get()) is not _CLOSED:
+            text, data = item
+            if text:
+                try:
+                    data = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RemoteProtocolError("text frame is not valid UTF-8") from None
+            yield data
 
-    async def _send_queued(self) -> None:
-        for item in self.endpoint.data_to_send():
-            if self.closed is not None:
-                return
-            if isinstance(item, str):
-                self.transport.send(WSMsgType.TEXT, item.encode())
-            else:
-                self.transport.send(WSMsgType.BINARY, item)
-            if not self._writable.is_set():
-                await self._writable.wait()  # the socket buffer is over its high-water mark
+    def _ended(self) -> TunnelClosed:
+        return self.closed or TunnelClosed(1006, "connection lost without a close frame")
+
+    async def _transmit(self, item: str | bytes | bytearray) -> None:
+        if isinstance(item, str):
+            self.transport.send(WSMsgType.TEXT, item.encode())
+        else:
+            self.transport.send(WSMsgType.BINARY, item)
+        if not self._writable.is_set():
+            await self._writable.wait()  # the socket buffer is over its high-water mark
 
     def _close_now(self, code: int, reason: str) -> None:
         if self.closed is None:
             self.closed = TunnelClosed(code, reason)
+            log.warning("closing link: %s", reason)
         if self.transport.is_close_frame_sent:
             return
         self.transport.send_close(_close_code(code), reason.encode()[:120])
         # The peer's close reply ends the link (_on_close); a peer that never answers is cut off after 3 s.
         # Cutting at once would reset a peer that is still sending, and it would never read the close code.
         asyncio.get_running_loop().call_later(3.0, self.transport.disconnect)
+
+    async def _close_for(self, code: int, reason: str) -> None:
+        self._close_now(code, reason)
+        await self.transport.wait_disconnected()
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self.transport is None:
@@ -149,7 +149,7 @@ def _close_code(code: int) -> WSCloseCode:
         return code  # picows passes application codes (4000-4999) through as ints
 
 
-async def serve_picows(on_link: Callable[[PicowsLink], Any], endpoint_factory: Callable[[], _Endpoint], host: str,
+async def serve_picows(on_link: Callable[[PicowsLink], Any], endpoint_factory: Callable[[], Endpoint], host: str,
                        port: int, ssl: ssl_module.SSLContext | None, max_frame_size: int) -> asyncio.AbstractServer:
     """Accept tunnels on /connect; `on_link(link)` runs as a task per connection."""
     loop = asyncio.get_running_loop()
@@ -159,7 +159,7 @@ async def serve_picows(on_link: Callable[[PicowsLink], Any], endpoint_factory: C
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(HTTPStatus.NOT_FOUND, b"the tunnel endpoint is /connect\n"),
                 None)
-        link = PicowsLink(endpoint_factory)
+        link = PicowsLink(endpoint_factory, max_frame_size)
         link.connected.add_done_callback(lambda f: not f.exception() and loop.create_task(on_link(link)))
         return link
 
@@ -167,10 +167,10 @@ async def serve_picows(on_link: Callable[[PicowsLink], Any], endpoint_factory: C
                                   websocket_handshake_timeout=10)
 
 
-async def dial_picows(url: str, endpoint_factory: Callable[[], _Endpoint], ssl: ssl_module.SSLContext | None,
+async def dial_picows(url: str, endpoint_factory: Callable[[], Endpoint], ssl: ssl_module.SSLContext | None,
                       heartbeat_s: float, max_frame_size: int) -> PicowsLink:
     """Open a tunnel to the gateway; the link is connected when this returns."""
-    _, link = await ws_connect(lambda: PicowsLink(endpoint_factory), url, ssl_context=ssl,
+    _, link = await ws_connect(lambda: PicowsLink(endpoint_factory, max_frame_size), url, ssl_context=ssl,
                                enable_auto_ping=True, auto_ping_idle_timeout=heartbeat_s,
                                auto_ping_reply_timeout=heartbeat_s, max_frame_size=max_frame_size,
                                websocket_handshake_timeout=10)

@@ -11,6 +11,7 @@ import base64
 import enum
 from dataclasses import dataclass
 
+from . import ipc
 from . import messages as m
 from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
 from .frames import HEADER, DataFrame, FrameType
@@ -108,6 +109,15 @@ class StreamEnded(Event):
     stream_id: int
 
 
+@dataclass(frozen=True)
+class StreamRejected(Event):
+    """The connector sent a frame that is not an acceptable Arrow IPC message (§4a): the gateway cancelled
+    the stream; its client must see an error."""
+
+    stream_id: int
+    reason: str
+
+
 # ----------------------------------------------------------------------------- endpoints
 
 class LinkState(enum.Enum):
@@ -131,7 +141,9 @@ class Limits:
             raise ValueError("window_bytes must be at least max_frame_bytes, or a full-size frame could never be sent")
 
 
-class _Endpoint:
+class Endpoint:
+    """What both ends share: the outbox, the link state and the open streams."""
+
     def __init__(self) -> None:
         self._outbox: list[str | bytes] = []
         self.state = LinkState.AWAITING_REGISTER
@@ -179,7 +191,7 @@ class _Endpoint:
         return RemoteProtocolError(f"unexpected {message.ACTION!r} in state {self.state.name}")
 
 
-class GatewayEndpoint(_Endpoint):
+class GatewayEndpoint(Endpoint):
     """The gateway's end: accepts a registration, asks for flight info, opens streams, grants credit."""
 
     def __init__(self, limits: Limits = Limits()) -> None:
@@ -189,6 +201,9 @@ class GatewayEndpoint(_Endpoint):
         self._unsolicited = TokenBucket(limits.unsolicited_per_s, 2 * limits.unsolicited_per_s)
         self._next_id = 1
         self._pending_info: set[int] = set()
+        # Streams the gateway cancelled or rejected → credit the connector may still spend on them: frames
+        # already on the wire when the cancel crossed them are discarded without counting (§6). Bounded.
+        self._cancelled: dict[int, int] = {}
 
     # -- input
     def _handle(self, message: m.Message) -> list[Event]:
@@ -201,7 +216,8 @@ class GatewayEndpoint(_Endpoint):
             self._send(m.HeartbeatAck(ts=message.ts))
             return [HeartbeatReceived(message.ts)]
         if isinstance(message, m.FlightInfoReply):
-            self._take_pending(message.request_id, message.ACTION)
+            if not self._take_pending(message.request_id, message.ACTION):
+                return []
             try:
                 schema = base64.b64decode(message.schema, validate=True)
             except ValueError:
@@ -213,18 +229,25 @@ class GatewayEndpoint(_Endpoint):
                 self._pending_info.discard(rid)
             elif rid in self.streams:
                 self.streams.pop(rid).advance(StreamEvent.ERROR, RemoteProtocolError)
+            elif self._cancelled.pop(rid, None) is not None:
+                return []  # the connector failed a stream the gateway had already cancelled (§6)
             elif rid >= self._next_id:
                 raise RemoteProtocolError(f"error for request {rid} that the gateway never sent")
             else:
                 self._count_unsolicited("error for a closed request")
                 return []  # a request the gateway already closed (§6)
-            return [RequestFailed(rid, message.code, message.message)]
+            return [RequestFailed(rid, message.code, m.clip(message.message))]
         raise self._unexpected(message)
 
-    def _take_pending(self, request_id: int, action: str) -> None:
-        if request_id not in self._pending_info:
+    def _take_pending(self, request_id: int, action: str) -> bool:
+        """True for a reply the gateway waits for; False for a late one (dropped, counted as unsolicited)."""
+        if request_id in self._pending_info:
+            self._pending_info.discard(request_id)
+            return True
+        if request_id >= self._next_id:
             raise RemoteProtocolError(f"{action} for request {request_id} that the gateway did not send")
-        self._pending_info.discard(request_id)
+        self._count_unsolicited(f"{action} for a closed request")
+        return False
 
     def _count_unsolicited(self, what: str) -> None:
         if self._now is not None and not self._unsolicited.take(self._now):
@@ -239,23 +262,38 @@ class GatewayEndpoint(_Endpoint):
         if self.state is not LinkState.REGISTERED:
             raise RemoteProtocolError("binary frame before register")
         frame = DataFrame.parse(data, self.limits.max_frame_bytes)
-        stream = self.streams.get(frame.stream_id)
+        sid = frame.stream_id
+        stream = self.streams.get(sid)
         if stream is None:
-            if frame.stream_id < self._next_id:
-                self._count_unsolicited("frame for a closed stream")
-                return []  # late frame of a stream the gateway cancelled (§6)
-            raise RemoteProtocolError(f"{frame.type.name} frame for stream {frame.stream_id} that the gateway never opened")
-        if frame.type is FrameType.SCHEMA:
-            stream.advance(StreamEvent.SCHEMA, RemoteProtocolError)
-            stream.spend(len(frame.payload), remote=True)
-            return [SchemaReceived(frame.stream_id, frame.payload)]
-        if frame.type is FrameType.BATCH:
-            stream.advance(StreamEvent.BATCH, RemoteProtocolError)
-            stream.spend(len(frame.payload), remote=True)
-            return [BatchReceived(frame.stream_id, frame.payload)]
-        stream.advance(StreamEvent.END, RemoteProtocolError)
-        del self.streams[frame.stream_id]
-        return [StreamEnded(frame.stream_id)]
+            if sid >= self._next_id:
+                raise RemoteProtocolError(f"{frame.type.name} frame for stream {sid} that the gateway never opened")
+            self._discard_late(sid, frame)
+            return []
+        if frame.type is FrameType.END:
+            stream.advance(StreamEvent.END, RemoteProtocolError)
+            del self.streams[sid]
+            return [StreamEnded(sid)]
+        schema = frame.type is FrameType.SCHEMA
+        stream.advance(StreamEvent.SCHEMA if schema else StreamEvent.BATCH, RemoteProtocolError)
+        stream.spend(len(frame.payload), remote=True)
+        try:
+            ipc.check_message(frame.payload, ipc.SCHEMA if schema else ipc.RECORD_BATCH)
+        except ipc.InvalidMessage as exc:  # the stream fails, the link goes on (§4a)
+            reason = f"invalid Arrow IPC in a {frame.type.name} frame: {exc}"
+            self.cancel_stream(sid, reason)
+            return [StreamRejected(sid, reason)]
+        return [SchemaReceived(sid, frame.payload) if schema else BatchReceived(sid, frame.payload)]
+
+    def _discard_late(self, stream_id: int, frame: DataFrame) -> None:
+        """A frame of a stream the gateway closed: free within the credit the stream had left (§6),
+        counted as unsolicited beyond it."""
+        left = self._cancelled.get(stream_id)
+        if left is not None and frame.type is FrameType.END:
+            del self._cancelled[stream_id]
+        elif left is not None and len(frame.payload) <= left:
+            self._cancelled[stream_id] = left - len(frame.payload)
+        else:
+            self._count_unsolicited("frame for a closed stream")
 
     # -- output
     def accept(self, session_id: str, heartbeat_s: float) -> None:
@@ -266,7 +304,7 @@ class GatewayEndpoint(_Endpoint):
         lim = self.limits
         self._send(m.Registered(session_id=session_id, heartbeat_s=heartbeat_s,
                                 max_frame_bytes=lim.max_frame_bytes, window_bytes=lim.window_bytes,
-                                max_streams=lim.max_streams))
+                                max_streams=lim.max_streams, max_message_bytes=lim.max_message_bytes))
 
     def refuse(self, code: str, message: str) -> None:
         """Answer the register with an error; the transport then closes the socket (4001)."""
@@ -296,6 +334,13 @@ class GatewayEndpoint(_Endpoint):
         self._send(m.DoGet(request_id=sid, dataset=dataset, window=self.limits.window_bytes))
         return sid
 
+    @property
+    def grant_threshold(self) -> int:
+        """Consumed bytes after which credit is granted back (§5.4): a quarter of the window, sooner when the
+        window is small, so that a caught-up stream always has credit for a frame of max_frame_bytes."""
+        lim = self.limits
+        return max(1, min(lim.window_bytes // 4, lim.window_bytes - lim.max_frame_bytes))
+
     def grant_credit(self, stream_id: int, size: int) -> None:
         """Let the connector send `size` more bytes on a stream; a no-op once it closed."""
         stream = self.streams.get(stream_id)
@@ -309,7 +354,10 @@ class GatewayEndpoint(_Endpoint):
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             stream.advance(StreamEvent.CANCEL)
-            self._send(m.Cancel(request_id=stream_id, reason=reason))
+            self._cancelled[stream_id] = stream.credit
+            if len(self._cancelled) > self.limits.max_streams:
+                del self._cancelled[next(iter(self._cancelled))]  # oldest first: the bound of §6
+            self._send(m.Cancel(request_id=stream_id, reason=m.clip(reason)))
 
     def forget_request(self, request_id: int) -> None:
         """Stop waiting for a flight_info reply (the caller gave up); a late reply is ignored."""
@@ -320,7 +368,7 @@ class GatewayEndpoint(_Endpoint):
         return len(self.streams)
 
 
-class ConnectorEndpoint(_Endpoint):
+class ConnectorEndpoint(Endpoint):
     """The connector's end: registers, answers requests, streams frames within its credit."""
 
     def __init__(self) -> None:
@@ -341,6 +389,9 @@ class ConnectorEndpoint(_Endpoint):
     def _handle(self, message: m.Message) -> list[Event]:
         if self.state is LinkState.AWAITING_REGISTER:
             if isinstance(message, m.Registered):
+                if not (message.heartbeat_s > 0 and 0 < message.max_frame_bytes <= message.window_bytes
+                        and message.max_streams > 0 and message.max_message_bytes > 0):
+                    raise RemoteProtocolError(f"registered announces impossible limits: {message}")
                 self.state = LinkState.REGISTERED
                 self.registered = message
                 return [Registered(message)]

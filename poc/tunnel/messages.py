@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass
 
 from .errors import RemoteProtocolError
 
 PROTOCOL_VERSION = "1"
+INT64_MAX = 2**63 - 1
+MAX_TEXT_CHARS = 1024  # connector-provided texts (error messages) are cut to this before a client sees them
+DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # §3a
+
+
+def valid_dataset_name(name: object) -> bool:
+    """A dataset name of §3a: 1-128 ASCII letters, digits, `_`, `-` or `.`, not starting with `-` or `.`."""
+    return isinstance(name, str) and DATASET_NAME.fullmatch(name) is not None
+
+
+def clip(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """`text` cut to `limit` characters, marked when cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _is_text(value: object) -> bool:
+    """A str that is valid Unicode: JSON lets a lone surrogate (`"\\ud800"`) through, UTF-8 does not."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -INT64_MAX - 1 <= value <= INT64_MAX
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,7 @@ class Registered(Message):
     window_bytes: int
     max_streams: int
     status: str = "ok"
+    max_message_bytes: int = 1024 * 1024  # added in 1.1: the largest control message the gateway accepts
 
 
 @dataclass(frozen=True)
@@ -114,12 +145,14 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 _CHECKS = {
-    "str": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-    "int | None": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "str": _is_text,
+    "int": _is_int,
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
+    "int | None": lambda v: v is None or _is_int(v),
 }
+_NAMED = {"datasets", "dataset"}  # fields that hold dataset names (§3a)
+_NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes"}
 
 
 def parse_message(text: str | bytes) -> Message:
@@ -128,6 +161,8 @@ def parse_message(text: str | bytes) -> Message:
         body = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"control message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RemoteProtocolError("control message is nested too deeply") from None
     if not isinstance(body, dict):
         raise RemoteProtocolError("control message must be a JSON object")
     action = body.get("action")
@@ -142,7 +177,12 @@ def parse_message(text: str | bytes) -> Message:
             continue
         value = body[f.name]
         if not _CHECKS[f.type](value):
-            raise RemoteProtocolError(f"{action}: field {f.name!r} must be {f.type}, got {type(value).__name__}")
+            raise RemoteProtocolError(f"{action}: field {f.name!r} must be {f.type} (ints within int64, finite "
+                                      f"numbers, valid Unicode), got {type(value).__name__}")
+        if f.name in _NAMED and not all(map(valid_dataset_name, value if isinstance(value, list) else [value])):
+            raise RemoteProtocolError(f"{action}: {f.name!r} holds a name that is not a dataset name (§3a)")
+        if f.name in _NON_NEGATIVE and value < 0 or f.name in ("rows", "bytes") and value < -1:
+            raise RemoteProtocolError(f"{action}: field {f.name!r} must not be negative")
         values[f.name] = value
     message = cls(**values)
     request_id = values.get("request_id")

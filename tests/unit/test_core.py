@@ -15,8 +15,10 @@ from poc.tunnel import endpoint as ev
 from poc.tunnel.frames import HEADER
 from poc.tunnel.messages import DoGet, Register, parse_message
 from poc.tunnel.streams import Stream
+from tests.ipc_samples import MIN_BATCH, batch_message, schema_message
 
-LIMITS = Limits(max_frame_bytes=100, window_bytes=200, max_streams=3)
+LIMITS = Limits(max_frame_bytes=400, window_bytes=800, max_streams=3)
+SCHEMA = schema_message()  # 120 bytes
 
 
 def deliver(sender, receiver) -> list[ev.Event]:
@@ -128,12 +130,12 @@ def test_stream_delivers_schema_batches_and_end_in_order():
     sid = gateway.open_stream("sales")
     [req] = deliver(gateway, connector)
     assert req == ev.StreamRequested(sid, "sales", LIMITS.window_bytes)
-    connector.send_frame(FrameType.SCHEMA, sid, b"s" * 10)
-    connector.send_frame(FrameType.BATCH, sid, b"b" * 100)
+    connector.send_frame(FrameType.SCHEMA, sid, SCHEMA)
+    connector.send_frame(FrameType.BATCH, sid, batch_message(200))
     connector.send_frame(FrameType.END, sid)
     events = deliver(connector, gateway)
     assert [type(e) for e in events] == [ev.SchemaReceived, ev.BatchReceived, ev.StreamEnded]
-    assert bytes(events[1].payload) == b"b" * 100
+    assert bytes(events[1].payload) == batch_message(200)
     assert gateway.streams_in_flight == 0 and connector.credit(sid) == -1
 
 
@@ -141,11 +143,12 @@ def test_connector_cannot_send_beyond_its_credit_until_granted():
     gateway, connector = registered_pair()
     sid = gateway.open_stream("sales")
     deliver(gateway, connector)
-    connector.send_frame(FrameType.SCHEMA, sid, b"s" * 100)
-    connector.send_frame(FrameType.BATCH, sid, b"b" * 100)
+    connector.send_frame(FrameType.SCHEMA, sid, SCHEMA)
+    connector.send_frame(FrameType.BATCH, sid, batch_message(400))
+    connector.send_frame(FrameType.BATCH, sid, batch_message(280))
     assert connector.credit(sid) == 0
     with pytest.raises(LocalProtocolError, match="with only 0 bytes of credit"):
-        connector.send_frame(FrameType.BATCH, sid, b"b")
+        connector.send_frame(FrameType.BATCH, sid, batch_message(MIN_BATCH))
     deliver(connector, gateway)
     gateway.grant_credit(sid, 150)
     assert deliver(gateway, connector) == [ev.CreditGranted(sid, 150)]
@@ -156,10 +159,11 @@ def test_gateway_closes_a_connector_that_sends_beyond_credit():
     gateway, connector = registered_pair()
     sid = gateway.open_stream("sales")
     deliver(gateway, connector)
-    gateway.receive_binary(HEADER.pack(FrameType.SCHEMA, sid) + b"s" * 100)
-    gateway.receive_binary(HEADER.pack(FrameType.BATCH, sid) + b"b" * 100)
+    gateway.receive_binary(HEADER.pack(FrameType.SCHEMA, sid) + SCHEMA)
+    gateway.receive_binary(HEADER.pack(FrameType.BATCH, sid) + batch_message(400))
+    gateway.receive_binary(HEADER.pack(FrameType.BATCH, sid) + batch_message(280))
     with pytest.raises(FlowControlError) as info:
-        gateway.receive_binary(HEADER.pack(FrameType.BATCH, sid) + b"b")
+        gateway.receive_binary(HEADER.pack(FrameType.BATCH, sid) + batch_message(MIN_BATCH))
     assert info.value.close_code == CloseCode.FLOW_CONTROL
 
 
@@ -167,13 +171,13 @@ def test_cancel_stops_the_stream_and_late_frames_are_dropped():
     gateway, connector = registered_pair()
     sid = gateway.open_stream("sales")
     deliver(gateway, connector)
-    connector.send_frame(FrameType.SCHEMA, sid, b"s")
+    connector.send_frame(FrameType.SCHEMA, sid, SCHEMA)
     in_flight = connector.data_to_send()
     gateway.cancel_stream(sid, "client went away")
     assert deliver(gateway, connector) == [ev.StreamCancelled(sid, "client went away")]
     assert connector.credit(sid) == -1
     with pytest.raises(LocalProtocolError, match="not open"):
-        connector.send_frame(FrameType.BATCH, sid, b"b")
+        connector.send_frame(FrameType.BATCH, sid, batch_message(MIN_BATCH))
     assert gateway.receive_binary(in_flight[0]) == []  # crossed the cancel on the wire
 
 
@@ -186,6 +190,7 @@ def test_frames_for_a_stream_never_opened_are_a_protocol_error():
 def test_a_connector_can_only_answer_requests_the_gateway_sent():
     gateway, _ = registered_pair()
     forged = json.dumps({"action": "flight_info", "request_id": 9, "schema": "", "rows": 1, "bytes": 1})
+    # 9 was never issued; a late reply to an issued request is another matter (test_late_replies_...)
     with pytest.raises(RemoteProtocolError, match="did not send"):
         gateway.receive_text(forged)
     with pytest.raises(RemoteProtocolError, match="never sent"):

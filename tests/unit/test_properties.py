@@ -13,6 +13,7 @@ from poc.tunnel import endpoint as ev
 from poc.tunnel.errors import LocalProtocolError, RemoteProtocolError
 from poc.tunnel.frames import HEADER
 from poc.tunnel.messages import MESSAGE_TYPES, parse_message
+from tests.ipc_samples import MIN_BATCH, batch_message, schema_message
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
@@ -75,7 +76,7 @@ class TunnelPair(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.limits = Limits(max_frame_bytes=50, window_bytes=120, max_streams=4)
+        self.limits = Limits(max_frame_bytes=400, window_bytes=960, max_streams=4)
         self.gateway, self.connector = GatewayEndpoint(self.limits), ConnectorEndpoint()
         self.connector.register("t", "tok-12345", ["sales"])
         self._move(self.connector, self.gateway)
@@ -103,15 +104,16 @@ class TunnelPair(RuleBasedStateMachine):
         self.gateway.open_stream("sales")
         self._move(self.gateway, self.connector)
 
-    @rule(size=st.integers(1, 50), kind=st.sampled_from([FrameType.SCHEMA, FrameType.BATCH, FrameType.END]),
-          pick=st.integers(0, 10))
+    @rule(size=st.integers(MIN_BATCH // 8, 50).map(lambda n: n * 8),
+          kind=st.sampled_from([FrameType.SCHEMA, FrameType.BATCH, FrameType.END]), pick=st.integers(0, 10))
     def connector_sends(self, size, kind, pick):
         ids = sorted(self.connector.streams)
         if not ids:
             return
         sid = ids[pick % len(ids)]
+        payload = {FrameType.SCHEMA: schema_message(), FrameType.BATCH: batch_message(size), FrameType.END: b""}
         try:
-            self.connector.send_frame(kind, sid, b"x" * (0 if kind is FrameType.END else size))
+            self.connector.send_frame(kind, sid, payload[kind])
         except LocalProtocolError:
             return  # refused locally: nothing was queued
         self._deliver_to_gateway()
@@ -146,6 +148,45 @@ class TunnelPair(RuleBasedStateMachine):
 
 
 TestTunnelPair = TunnelPair.TestCase
+
+
+@given(max_frame=st.integers(MIN_BATCH // 8, 200).map(lambda n: n * 8), extra=st.integers(0, 2000),
+       sizes=st.lists(st.integers(MIN_BATCH // 8, 200), min_size=1, max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_a_caught_up_stream_always_has_credit_for_its_next_frame(max_frame, extra, sizes):
+    """§5.4-5.5: however the window compares to max_frame_bytes and however batches vary, once the client has
+    read everything the connector may send a frame of any allowed size. The gateway side grants as the bridge
+    does: the schema at once, batches once `grant_threshold` bytes were consumed."""
+    limits = Limits(max_frame_bytes=max_frame, window_bytes=max_frame + extra, max_streams=1)
+    gateway, connector = GatewayEndpoint(limits), ConnectorEndpoint()
+    connector.register("t", "tok-12345", ["sales"])
+    for event in [*_feed(connector, gateway)]:
+        assert isinstance(event, ev.RegisterRequested)
+    gateway.accept("s", 60)
+    _feed(gateway, connector)
+    sid = gateway.open_stream("sales")
+    _feed(gateway, connector)
+    connector.send_frame(FrameType.SCHEMA, sid, schema_message())
+    consumed = 0
+    for size in (min(n * 8, max_frame) for n in sizes):
+        for event in _feed(connector, gateway):  # the client reads all that arrived
+            if isinstance(event, ev.SchemaReceived):
+                gateway.grant_credit(sid, len(event.payload))
+            elif isinstance(event, ev.BatchReceived):
+                consumed += len(event.payload)
+                if consumed >= gateway.grant_threshold:
+                    gateway.grant_credit(sid, consumed)
+                    consumed = 0
+        _feed(gateway, connector)
+        assert connector.credit(sid) >= max_frame, "stalled: the client is caught up but no frame fits"
+        connector.send_frame(FrameType.BATCH, sid, batch_message(max(size, MIN_BATCH)))
+
+
+def _feed(sender, receiver) -> list[ev.Event]:
+    events = []
+    for item in sender.data_to_send():
+        events += receiver.receive_text(item) if isinstance(item, str) else receiver.receive_binary(item)
+    return events
 TestTunnelPair.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
 
