@@ -65,6 +65,12 @@ def decode(data: bytes) -> str | memoryview:
     return payload
 
 
+def ascii_reason(reason: str) -> str:
+    """A close reason fit for gRPC metadata, which takes printable ASCII only (§12): a reason may quote what
+    the peer sent, so anything else is replaced, never passed through to break the call's trailers."""
+    return "".join(c if " " <= c <= "~" else "?" for c in reason[:120])
+
+
 def _own_cancellation() -> bool:
     """True when the running task itself is being cancelled (then CancelledError must propagate), False when
     grpc raised it because the call was cancelled under us."""
@@ -105,7 +111,7 @@ class GrpcServerLink(Link):
             self.closed = TunnelClosed(code, reason)
         if not self.finished.is_set():
             self._context.set_trailing_metadata((("tunnel-close-code", str(code)),
-                                                 ("tunnel-close-reason", reason[:120])))
+                                                 ("tunnel-close-reason", ascii_reason(reason))))
         self.finished.set()
 
 

@@ -1,0 +1,159 @@
+"""A hostile connector written from docs/protocol.md alone: plain `websockets` (or one raw gRPC stream of
+Envelopes) and bytes, so it can send whatever an attacker would. And the malformed Arrow IPC it sends."""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import struct
+import threading
+
+import grpc
+import numpy as np
+import pyarrow as pa
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from poc.transports.grpc_tunnel import METHOD, decode, encode
+
+_END = object()
+
+
+def frame(kind: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """A data frame of §4: `!B3xI` header then the payload."""
+    return struct.pack("!B3xI", kind, stream_id) + payload
+
+
+class RawConnector:
+    """One tunnel to the gateway over `transport` ("websocket" or "grpc"); nothing is checked on our side."""
+
+    def __init__(self, url: str, transport: str) -> None:
+        self.transport = transport
+        self.close_code: int | None = None
+        self.close_reason = ""
+        if transport == "grpc":
+            self._outbox: queue.Queue = queue.Queue()
+            self._inbox: queue.Queue = queue.Queue()
+            self._channel = grpc.insecure_channel(url.split("://", 1)[1], options=[
+                ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+            self._call = self._channel.stream_stream(METHOD)(iter(self._outbox.get, _END), timeout=120)
+            threading.Thread(target=self._read_grpc, daemon=True).start()
+        else:
+            self._ws = connect(url, compression=None, max_size=None, open_timeout=10)
+
+    def _read_grpc(self) -> None:
+        try:
+            for envelope in self._call:
+                item = decode(envelope)
+                self._inbox.put(item if isinstance(item, str) else bytes(item))
+            trailers = dict(self._call.trailing_metadata() or ())
+            self.close_code = int(trailers.get("tunnel-close-code", 1000))
+            self.close_reason = trailers.get("tunnel-close-reason", "")
+        except grpc.RpcError as exc:
+            self.close_code, self.close_reason = 1006, f"{exc.code().name}: {exc.details()}"
+        self._inbox.put(_END)
+
+    def send(self, item: str | bytes) -> None:
+        """One message: text (str) or binary (bytes). A closed tunnel is not an error here."""
+        if self.transport == "grpc":
+            self._outbox.put(encode(item))
+            return
+        try:
+            self._ws.send(item)
+        except ConnectionClosed:
+            pass
+
+    def send_fragments(self, fragments: list[str]) -> None:
+        """One text message cut into fragments (WebSocket only)."""
+        try:
+            self._ws.send(iter(fragments))
+        except ConnectionClosed:
+            pass
+
+    def recv(self, timeout: float = 10) -> dict:
+        """The next control message from the gateway."""
+        if self.transport == "grpc":
+            item = self._inbox.get(timeout=timeout)
+            if item is _END:
+                raise ConnectionError(f"tunnel closed ({self.close_code}): {self.close_reason}")
+            return json.loads(item)
+        return json.loads(self._ws.recv(timeout))
+
+    def recv_until(self, action: str, timeout: float = 10) -> dict:
+        while (message := self.recv(timeout))["action"] != action:
+            pass
+        return message
+
+    def closed(self, timeout: float = 15) -> tuple[int, str]:
+        """Wait for the gateway to close the tunnel; its close code and reason."""
+        try:
+            while True:
+                self.recv(timeout)
+        except (ConnectionClosed, ConnectionError):
+            pass
+        if self.transport != "grpc":
+            self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason
+        return self.close_code, self.close_reason
+
+    def register(self, tenant_id: str, token: str, datasets=("sales",)) -> dict:
+        self.send(json.dumps({"action": "register", "tenant_id": tenant_id, "token": token, "version": "1",
+                              "datasets": list(datasets)}))
+        return self.recv()
+
+    def answer_flight_info(self, schema: pa.Schema, rows: int = 10) -> None:
+        request = self.recv_until("get_flight_info")
+        self.send(json.dumps({"action": "flight_info", "request_id": request["request_id"], "rows": rows,
+                              "bytes": 1000, "schema": base64.b64encode(schema.serialize().to_pybytes()).decode()}))
+
+    def close(self) -> None:
+        if self.transport == "grpc":
+            self._outbox.put(_END)
+            self._channel.close()
+        else:
+            self._ws.close()
+
+
+# -- malformed Arrow IPC, made from real messages
+
+STRINGS = pa.schema([("value", pa.string())])
+INTS = pa.schema([("id", pa.int64())])
+ROWS = 4951  # a row count whose int64 bytes appear nowhere else in the message metadata
+
+
+def strings_batch(rows: int = ROWS) -> bytes:
+    return pa.record_batch([pa.array([f"value-{i:05d}" for i in range(rows)])], schema=STRINGS).serialize().to_pybytes()
+
+
+def with_length(message: bytes, rows: int, claimed: int) -> bytes:
+    """The message with every int64 `rows` of its metadata (the batch's length and its field nodes') made
+    `claimed`: the data stays as it was."""
+    meta_len = struct.unpack_from("<i", message, 4)[0]
+    meta = message[8:8 + meta_len].replace(struct.pack("<q", rows), struct.pack("<q", claimed))
+    return message[:8] + meta + message[8 + meta_len:]
+
+
+def with_offset(message: bytes, index: int, value: int) -> bytes:
+    """A one-string-column batch with offset `index` set to `value` (offsets start the body)."""
+    meta_len = struct.unpack_from("<i", message, 4)[0]
+    patched = bytearray(message)
+    struct.pack_into("<i", patched, 8 + meta_len + 4 * index, value)
+    return bytes(patched)
+
+
+def compressed_zeros(mib: int) -> bytes:
+    """A zstd-compressed batch of `mib` MiB of int64 zeros: a few KB on the wire."""
+    batch = pa.record_batch([pa.array(np.zeros((mib << 20) // 8, dtype=np.int64))], schema=INTS)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, INTS, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_batch(batch)
+    return list(pa.ipc.MessageReader.open_stream(sink.getvalue()))[1].serialize().to_pybytes()  # [0]: schema
+
+
+def dictionary_messages() -> list[bytes]:
+    """Schema, dictionary batch and record batch of a dictionary-encoded column."""
+    batch = pa.record_batch({"value": pa.array(["a", "b", "a"]).dictionary_encode()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return [m.serialize().to_pybytes() for m in pa.ipc.MessageReader.open_stream(sink.getvalue())]
