@@ -7,7 +7,7 @@ import pytest
 from poc import config
 
 WEBSOCKET_ONLY = {"test_bad_input", "test_protocol_doc"}  # raw WebSocket clients
-EVERY_TRANSPORT = {"test_tunnel", "test_errors", "test_faults", "test_flow_control", "test_security",
+EVERY_TRANSPORT = {"test_tunnel", "test_errors", "test_faults", "test_flow_control", "test_security", "test_stream_lifecycle",
                    "test_grpc_bad_input"} | WEBSOCKET_ONLY
 GRPC = "grpc"
 
