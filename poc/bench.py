@@ -18,6 +18,7 @@ from .config import make_tenants
 from .dataset import dataset_folder
 from .runner import Cluster, machine_info
 
+TICKET_REFRESH_S = 60.0  # well inside the servers' ticket lifetime
 GOALS = {  # figure: (goal, "min" = at least, "max" = at most)
     "ratio_c10": (0.60, "min"),
     "ratio_c100": (0.60, "min"),
@@ -58,6 +59,7 @@ class Path_:
     uri: str
     token: str
     ticket: flight.Ticket | None = None
+    _ticket_at: float = 0.0
     client: flight.FlightClient | None = field(default=None, repr=False)
 
     def options(self) -> flight.FlightCallOptions:
@@ -65,10 +67,15 @@ class Path_:
 
     def open(self) -> None:
         self.client = flight.connect(self.uri)
+        self._refresh_ticket()
+
+    def _refresh_ticket(self) -> None:
         info = self.client.get_flight_info(flight.FlightDescriptor.for_path("dataset", "sales"), self.options())
-        self.ticket = info.endpoints[0].ticket
+        self.ticket, self._ticket_at = info.endpoints[0].ticket, time.monotonic()
 
     def do_get_bytes(self) -> int:
+        if time.monotonic() - self._ticket_at > TICKET_REFRESH_S:  # tickets expire (--ticket-ttl-s)
+            self._refresh_ticket()
         reader = self.client.do_get(self.ticket, self.options())
         total = 0
         while True:

@@ -222,6 +222,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from .soak import TRANSPORTS, SoakParams, run_soak, table, write_json
+
+    transports = tuple(t.strip() for t in args.transports.split(","))
+    if not transports or set(transports) - set(TRANSPORTS):
+        raise ConfigError(f"--transports takes {', '.join(TRANSPORTS)}, comma-separated; got {args.transports!r}")
+    if args.seconds <= 0 or args.clients < 1 or not 0 <= args.abandoning <= args.clients or args.tenants < 1:
+        raise ConfigError("need --seconds > 0, --clients >= 1, 0 <= --abandoning <= --clients, --tenants >= 1")
+    params = SoakParams(seconds=args.seconds, clients=args.clients, abandoning=args.abandoning, tenants=args.tenants,
+                        rows=args.rows, transports=transports, sample_s=min(args.sample_s, args.seconds),
+                        data_dir=args.data_dir, gateway_args=tuple(args.gateway_arg or ()))
+    results = run_soak(params, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(results))
+    if args.json:
+        write_json(params, results, args.json)
+        print(f"figures: {args.json}")
+    return 0 if all(not r.errors and not r.reconnects and r.streams_left == 0 for r in results) else 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import run_report
 
@@ -365,6 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="parameters/seed.yaml", help="YAML parameter file (default %(default)s)")
     p.add_argument("--output-root", default="outputs", help="where run folders go (default %(default)s)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("soak", help="clients that abandon their streams, for minutes, on each tunnel transport",
+                       description="Start a gateway and connectors per transport; CLIENTS readers loop DoGets, "
+                                   "ABANDONING of them leave after the first batch. Prints full reads, abandoned "
+                                   "reads, errors, reconnects, streams left and memory growth per process; exits 1 "
+                                   "if any transport had an error, a reconnect or a stream left in flight.")
+    p.add_argument("--seconds", type=float, default=300.0, help="per transport (default %(default)s)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent readers (default %(default)s)")
+    p.add_argument("--abandoning", type=int, default=2, help="readers that leave after one batch (default %(default)s)")
+    p.add_argument("--tenants", type=int, default=2, help="tenants the readers spread over (default %(default)s)")
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows of the table (default %(default)s)")
+    p.add_argument("--transports", default=",".join(("picows", "websockets", "grpc")),
+                   help="comma-separated: picows, websockets, grpc (default %(default)s)")
+    p.add_argument("--sample-s", type=float, default=5.0, help="memory sample interval (default %(default)s)")
+    p.add_argument("--data-dir", default="outputs/data", help="where the dataset is made or reused")
+    p.add_argument("--gateway-arg", action="append", help="extra gateway argument (repeatable)")
+    p.add_argument("--json", help="also write the figures and the machine to this file")
+    p.set_defaults(func=cmd_soak)
     return parser
 
 

@@ -48,6 +48,26 @@ class TunnelTransport(Protocol):
         """Close with a code and a reason (docs/protocol.md §8)."""
 
 
+async def finish_even_if_cancelled(coro) -> None:
+    """Run `coro` to its end even when the task awaiting it is cancelled, then let the cancel go on.
+
+    Sending takes every message the core queued, whichever task queued it; a connector cancelling one
+    stream's task (§6) in the middle must not drop the replies and credits of others with it. And grpc.aio
+    cancels the whole call when a pending write is cancelled."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 class Link:
     """The receive loop and the ordered writer every transport shares."""
 
@@ -114,12 +134,12 @@ class Link:
     async def call(self, produce: Callable[..., Any], *args: Any) -> Any:
         async with self._write_lock:
             result = produce(*args)
-            await self._send_queued()
+            await finish_even_if_cancelled(self._send_queued())
             return result
 
     async def flush(self) -> None:
         async with self._write_lock:
-            await self._send_queued()
+            await finish_even_if_cancelled(self._send_queued())
 
     def flush_soon(self) -> None:
         """Called after every received frame: most (data frames) queue nothing and create no task."""
