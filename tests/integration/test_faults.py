@@ -174,3 +174,44 @@ def test_gateway_sigterm_lets_a_stream_that_is_being_read_finish(tmp_path, tenan
         stopper.join()
         client.close()
     assert rows == info.total_records
+
+
+def test_a_draining_gateway_is_not_ready_and_refuses_new_tunnels(tmp_path, tenants, datasets):
+    """During the SIGTERM grace: /readyz answers 503, /livez 200, and a new tunnel is closed with 1001
+    (gRPC included) instead of registering into a gateway that is going away."""
+    from poc.runner import get_json
+    from tests.hostile import RawConnector
+    import urllib.error
+
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=SMALL_WINDOW, with_direct=False) as c:
+        base = c.health_url.rsplit("/", 1)[0]
+        assert get_json(f"{base}/readyz") == {"status": "ready"}
+        client, reader, first, info = slow_stream(c, tenants["tenant_001"].client_token)
+        stopper = threading.Thread(target=c.gateway.stop, kwargs={"timeout": 20})
+        stopper.start()
+        time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            get_json(f"{base}/readyz")
+        assert not_ready.value.code == 503 and get_json(f"{base}/livez") == {"status": "alive"}
+        if c.tunnel == "grpc":  # the WebSocket server stops accepting at once; gRPC must refuse the tunnel itself
+            tunnel = RawConnector(c.ws_url, "grpc")
+            tunnel.send('{"action":"register","tenant_id":"tenant_002","token":"%s","version":"1","datasets":[]}'
+                        % tenants["tenant_002"].connector_token)
+            assert tunnel.closed()[0] == 1001
+            tunnel.close()
+        drain(reader, first.num_rows)
+        stopper.join()
+        client.close()
+
+
+def test_connectors_heartbeat_at_the_gateways_interval(tmp_path, tenants, datasets):
+    """The gateway announces heartbeat_s in `registered`; a connector configured for 60 s must follow it,
+    or a gateway whose offline timeout is shorter would take it offline."""
+    args = ("--heartbeat-s", "0.3", "--offline-after-s", "1.5")
+    with Cluster(tmp_path, tenants, datasets["small"], gateway_args=args, with_direct=False,
+                 connector_args=("--heartbeat-s", "60")) as c:
+        sessions = {t: s["session_id"] for t, s in c.health()["tenants"].items()}
+        time.sleep(4)
+        health = c.health()["tenants"]
+    assert all(health[t]["status"] == "online" and health[t]["session_id"] == sessions[t] for t in tenants)
+    assert all(health[t]["last_heartbeat"] is not None for t in tenants)

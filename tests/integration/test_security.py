@@ -104,3 +104,29 @@ def test_tokens_never_reach_the_logs(tmp_path, tenants, datasets):
     secrets = [t.connector_token for t in tenants.values()] + [t.client_token for t in tenants.values()]
     for secret in secrets + ["wrong-client-token", "wrong-connector-token"]:
         assert secret not in logs
+
+
+def test_the_per_tenant_view_needs_the_admin_token(tmp_path, tenants, datasets):
+    import json
+    import urllib.error
+    import urllib.request
+
+    def get(url: str, token: str | None = None) -> tuple[int, str]:
+        request = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    with Cluster(tmp_path, tenants, datasets["small"], with_direct=False) as c:
+        base = c.health_url.rsplit("/", 1)[0]
+        public = [get(f"{base}/livez"), get(f"{base}/readyz")]
+        refused = [get(c.health_url), get(c.health_url, "not-the-admin-token"),
+                   get(c.health_url, tenants["tenant_001"].client_token)]
+        status, body = get(c.health_url, c.admin_token)
+    assert [s for s, _ in public] == [200, 200]
+    assert [s for s, _ in refused] == [401, 401, 401]
+    for _, text in public + refused:
+        assert not any(t in text for t in tenants) and "sess_" not in text
+    assert status == 200 and set(json.loads(body)["tenants"]) == set(tenants)
