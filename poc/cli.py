@@ -223,7 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from .soak import TRANSPORTS, SoakParams, run_soak, table, write_json
+    from .soak import TRANSPORTS, SoakParams, passed, run_soak, table, write_json
 
     transports = tuple(t.strip() for t in args.transports.split(","))
     if not transports or set(transports) - set(TRANSPORTS):
@@ -238,7 +238,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     if args.json:
         write_json(params, results, args.json)
         print(f"figures: {args.json}")
-    return 0 if all(not r.errors and not r.reconnects and r.streams_left == 0 for r in results) else 1
+    return 0 if all(map(passed, results)) else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ class SoakResult:
     reconnects: int = 0
     streams_left: int = -1
     reserved_left: int = -1
+    exited: list[str] = field(default_factory=list)  # processes that ended during the run (none should)
     rss_mb: dict[str, list[float]] = field(default_factory=dict)  # process → samples
 
     def growth_mb(self, process: str) -> float:
@@ -122,12 +123,18 @@ def soak_one(params: SoakParams, transport: str, work: Path, log=print) -> SoakR
                 break
             time.sleep(0.1)
         result.reconnects = sum(1 for t, s in health["tenants"].items() if s.get("session_id") != sessions[t])
+        result.exited = [name for name, c in cluster.components.items() if c.popen.poll() is not None]
     return result
 
 
 def run_soak(params: SoakParams, log=print) -> list[SoakResult]:
-    with tempfile.TemporaryDirectory(prefix="poc-soak-") as work:  # noqa
+    with tempfile.TemporaryDirectory(prefix="poc-soak-") as work:
         return [soak_one(params, transport, Path(work), log) for transport in params.transports]
+
+
+def passed(result: SoakResult) -> bool:
+    """Every tenant served throughout: no error, no reconnect, no process gone, no stream left behind."""
+    return not result.errors and not result.reconnects and not result.exited and result.streams_left == 0
 
 
 def table(results: list[SoakResult]) -> str:

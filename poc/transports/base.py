@@ -112,15 +112,10 @@ class Link:
             raise TunnelClosed(exc.close_code, str(exc)) from exc
         raise self._ended()
 
-    def feed(self, message: str | bytes | bytearray | memoryview, text: bool | None = None) -> list[Event]:
-        """One received message into the core. `text` says the kind when `message` is bytes of a text frame."""
+    def feed(self, message: str | bytes | bytearray | memoryview) -> list[Event]:
+        """One received message into the core: a str is a text frame, bytes a binary one."""
         now = time.monotonic()
-        if text or isinstance(message, str):
-            if not isinstance(message, str):
-                try:
-                    message = str(message, "utf-8")
-                except UnicodeDecodeError:
-                    raise RemoteProtocolError("text frame is not valid UTF-8") from None
+        if isinstance(message, str):
             return self.endpoint.receive_text(message, now)
         return self.endpoint.receive_binary(message, now)
 

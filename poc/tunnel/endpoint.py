@@ -436,9 +436,18 @@ class ConnectorEndpoint(Endpoint):
         self._send(m.Heartbeat(ts=ts))
 
     def reply_flight_info(self, request_id: int, schema: bytes, rows: int, size: int) -> None:
+        """Answer a get_flight_info; a schema too large for the gateway's message limit (§2) is answered with
+        an `invalid_request` error instead, which the gateway can take."""
         self._require_registered()
-        self._send(m.FlightInfoReply(request_id=request_id, schema=base64.b64encode(schema).decode("ascii"),
-                                     rows=rows, bytes=size))
+        reply = m.FlightInfoReply(request_id=request_id, schema=base64.b64encode(schema).decode("ascii"),
+                                  rows=rows, bytes=size).serialize()
+        limit = self.registered.max_message_bytes
+        if len(reply.encode()) > limit:
+            self._send(m.Error(code="invalid_request", request_id=request_id,
+                               message=f"the dataset's schema needs a {len(reply)}-byte flight_info, over the "
+                                       f"gateway's message limit of {limit} bytes"))
+            return
+        self._outbox.append(reply)
 
     def fail_request(self, request_id: int, code: str, message: str) -> None:
         """Answer a request or end a stream with an error (§3.9)."""

@@ -16,4 +16,5 @@ def test_abandoned_streams_leave_every_tenant_served(tmp_path, transport, datase
     result = soak_one(params, transport, tmp_path, log=lambda line: None)
     assert result.errors == [], result.errors[:5]
     assert result.abandoned >= 10 and result.full_reads >= 10
-    assert result.reconnects == 0 and result.streams_left == 0 and result.reserved_left == 0
+    assert result.reconnects == 0 and result.exited == []
+    assert result.streams_left == 0 and result.reserved_left == 0

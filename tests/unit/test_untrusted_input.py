@@ -170,3 +170,13 @@ def test_a_connector_refuses_impossible_limits():
                       "window_bytes": 5, "max_streams": 1})
     with pytest.raises(RemoteProtocolError, match="impossible limits"):
         connector.receive_text(bad)
+
+
+def test_a_schema_too_large_for_the_gateways_message_limit_is_answered_with_an_error():
+    gateway, connector = registered_pair(Limits(max_frame_bytes=4096, window_bytes=8192, max_message_bytes=2048))
+    rid = gateway.request_flight_info("sales")
+    connector.receive_text(gateway.data_to_send()[0])
+    connector.reply_flight_info(rid, b"s" * 4096, rows=1, size=1)
+    [reply] = connector.data_to_send()
+    [event] = gateway.receive_text(reply)
+    assert isinstance(event, ev.RequestFailed) and event.code == "invalid_request" and "message limit" in event.message
