@@ -45,6 +45,14 @@ def _add_tunnel_limits(p: argparse.ArgumentParser) -> None:
                         "once with FlightUnavailableError; 0 = unlimited (default %(default)s)")
 
 
+def _add_measurement_options(p: argparse.ArgumentParser) -> None:
+    """What `bench` and `soak` share: the table, where it is kept, gateway options, the JSON output."""
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows of the table (default %(default)s)")
+    p.add_argument("--data-dir", default="outputs/data", help="where the dataset is made or reused")
+    p.add_argument("--gateway-arg", action="append", help="extra gateway argument (repeatable)")
+    p.add_argument("--json", help="also write the figures, raw runs and the machine to this file")
+
+
 def _add_ws_impl(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ws-impl", choices=config.WS_IMPLS, default=os.environ.get("POC_WS_IMPL", config.WS_IMPL),
                    help="WebSocket implementation; both speak the same wire protocol "
@@ -361,19 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "for each repetition measure: aggregate DoGet throughput at each concurrency "
                                    "level, one DoGet alone, GetFlightInfo P50, gateway peak RSS and CPU per GB. "
                                    "Prints each figure's median and spread against its goal.")
-    p.add_argument("--rows", type=int, default=1_000_000, help="rows of the table (default %(default)s)")
+    _add_measurement_options(p)
     p.add_argument("--concurrency", default="10,100", help="comma-separated levels (default %(default)s)")
     p.add_argument("--requests", type=int, default=0, help="DoGets per level; 0 = twice the level (default)")
     p.add_argument("--repetitions", type=int, default=3, help="repetitions (default %(default)s)")
     p.add_argument("--single-runs", type=int, default=5, help="lone DoGets per repetition (default %(default)s)")
     p.add_argument("--info-calls", type=int, default=50, help="GetFlightInfo calls per repetition (default %(default)s)")
-    p.add_argument("--data-dir", default="outputs/data", help="where the dataset is made or reused")
-    p.add_argument("--gateway-arg", action="append", help="extra gateway argument (repeatable)")
     p.add_argument("--connector-arg", action="append", help="extra connector argument (repeatable)")
     p.add_argument("--tunnels", default="websocket,grpc",
                    help="tunnel transports to measure against direct in the same run; the first gets the plain "
                         "JSON keys, the others a prefix such as grpc_ (default %(default)s)")
-    p.add_argument("--json", help="also write figures, raw runs and the machine to this file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="run the experiment notebook with a parameter file (what `make report` does)",
@@ -394,13 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=8, help="concurrent readers (default %(default)s)")
     p.add_argument("--abandoning", type=int, default=2, help="readers that leave after one batch (default %(default)s)")
     p.add_argument("--tenants", type=int, default=2, help="tenants the readers spread over (default %(default)s)")
-    p.add_argument("--rows", type=int, default=1_000_000, help="rows of the table (default %(default)s)")
+    _add_measurement_options(p)
     p.add_argument("--transports", default=",".join(("picows", "websockets", "grpc")),
                    help="comma-separated: picows, websockets, grpc (default %(default)s)")
     p.add_argument("--sample-s", type=float, default=5.0, help="memory sample interval (default %(default)s)")
-    p.add_argument("--data-dir", default="outputs/data", help="where the dataset is made or reused")
-    p.add_argument("--gateway-arg", action="append", help="extra gateway argument (repeatable)")
-    p.add_argument("--json", help="also write the figures and the machine to this file")
     p.set_defaults(func=cmd_soak)
     return parser
 
