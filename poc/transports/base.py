@@ -136,6 +136,11 @@ class Link:
         async with self._write_lock:
             await finish_even_if_cancelled(self._send_queued())
 
+    async def _flush_uncancelled(self) -> None:
+        """`flush` for the tasks of `flush_soon`, which nothing cancels: no task to shield the send."""
+        async with self._write_lock:
+            await self._send_queued()
+
     def flush_soon(self) -> None:
         """Called after every received frame: most (data frames) queue nothing and create no task."""
         if not self._flush_scheduled and self.endpoint.has_data_to_send:
@@ -145,7 +150,7 @@ class Link:
     async def _flush_later(self) -> None:
         self._flush_scheduled = False
         try:
-            await self.flush()
+            await self._flush_uncancelled()
         except self._closed_errors:
             pass  # the reader sees the close and fails what was in flight
         except Exception as exc:  # a write that fails otherwise leaves the link unusable: close it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -42,6 +43,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -INT64_MAX - 1 <= value <= INT64_MAX
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 @dataclass(frozen=True)
 class Message:
     """A control message; subclasses set ACTION and declare their fields."""
@@ -51,8 +60,9 @@ class Message:
     def serialize(self) -> str:
         """Return the message as the text of one WebSocket text frame."""
         body = {"action": self.ACTION}
-        body.update(dataclasses.asdict(self))
-        return json.dumps(body, separators=(",", ":"))
+        for name in _field_names(type(self)):  # fields hold plain values: no deep copy (dataclasses.asdict)
+            body[name] = getattr(self, name)
+        return _ENCODER.encode(body)
 
 
 @dataclass(frozen=True)
