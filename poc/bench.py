@@ -209,8 +209,38 @@ def summarize(runs: list[dict], params: BenchParams) -> dict:
             values = [r[key] for r in runs]
             figures[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     result = {key: figures[key]["median"] for key in GOALS if key in figures}
-    result.update({"figures": figures, "runs": runs, "params": asdict(params), "machine": machine_info()})
+    result.update({"figures": figures, "runs": runs, "params": asdict(params), "machine": machine_info(),
+                   "validation_s_per_gb": validation_cost(data)})
     return result
+
+
+def validation_cost(data: Path, rounds: int = 10) -> dict[str, float]:
+    """Core-seconds per GB of IPC that the gateway's batch checks cost, measured in this process on the
+    bench's own table: the bounds check it runs (string types read as binary) and full validation with UTF-8."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .catalog import cut_batches
+    from .gateway.bridge import bounds_schema
+
+    table = pq.read_table(next(data.glob("*.parquet")))
+    messages = [b.serialize() for b in cut_batches(table)]
+    size_gb = sum(m.size for m in messages) / 1e9
+    bounds = bounds_schema(table.schema)
+
+    def seconds(check) -> float:
+        start = time.process_time()
+        for _ in range(rounds):
+            for m in messages:
+                message = pa.ipc.read_message(m)
+                check(message)
+                pa.ipc.read_record_batch(message, table.schema)
+        return (time.process_time() - start) / rounds
+
+    none = seconds(lambda m: None)
+    return {name: max(0.0, seconds(check) - none) / size_gb for name, check in (
+        ("bounds", lambda m: pa.ipc.read_record_batch(m, bounds).validate(full=True)),
+        ("full_with_utf8", lambda m: pa.ipc.read_record_batch(m, table.schema).validate(full=True)))}
 
 
 def table(result: dict) -> str:
@@ -249,6 +279,10 @@ def _detail_rows(result: dict) -> list[str]:
     parts = [f"direct {fig['direct_flightinfo_p50_ms']['median']:.2f} ms"]
     parts += [f"{t} {fig[f'{_prefix(t, tunnels[0])}tunnel_flightinfo_p50_ms']['median']:.2f} ms" for t in tunnels]
     lines.append("  GetFlightInfo P50: " + ", ".join(parts))
+    cost = result.get("validation_s_per_gb")
+    if cost:
+        lines.append(f"  batch validation in the gateway: {cost['bounds']:.3f} core-s/GB (bounds and offsets; "
+                     f"{cost['full_with_utf8']:.3f} with UTF-8, not used)")
     lines.append(f"machine: {result['machine']['label']}; {len(result['runs'])} repetitions")
     return lines
 
