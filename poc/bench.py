@@ -191,7 +191,9 @@ def run_bench(params: BenchParams, log=print) -> dict:
             runs.append(run)
         for p in paths.values():
             p.client.close()
-    return summarize(runs, params)
+    result = summarize(runs, params)
+    result["validation_s_per_gb"] = validation_cost(data)
+    return result
 
 
 def _prefix(tunnel: str, first: str) -> str:
@@ -209,8 +211,7 @@ def summarize(runs: list[dict], params: BenchParams) -> dict:
             values = [r[key] for r in runs]
             figures[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     result = {key: figures[key]["median"] for key in GOALS if key in figures}
-    result.update({"figures": figures, "runs": runs, "params": asdict(params), "machine": machine_info(),
-                   "validation_s_per_gb": validation_cost(data)})
+    result.update({"figures": figures, "runs": runs, "params": asdict(params), "machine": machine_info()})
     return result
 
 

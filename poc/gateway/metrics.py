@@ -1,0 +1,63 @@
+"""The gateway's Prometheus metrics (docs/operations.md) and per-tenant usage for billing.
+
+Names follow Prometheus conventions: base units, counters end in `_total`, few labels. `tenant` labels
+only the relayed bytes and rows, where metering needs it; tenants come from the tenants file, so their
+number is bounded by configuration, never by what peers send.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class GatewayMetrics:
+    """One registry per gateway, so several gateways can live in one process (tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tunnels = Gauge("poc_gateway_tunnels", "Registered tunnels", ["transport"], registry=r)
+        self.registrations = Counter("poc_gateway_registrations_total", "Registrations by result",
+                                     ["result"], registry=r)
+        self.streams_active = Gauge("poc_gateway_streams_active", "DoGet streams open through tunnels", registry=r)
+        self.buffered_bytes = Gauge("poc_gateway_buffered_bytes",
+                                    "Bytes reserved by open streams (their windows) against --max-buffered-bytes",
+                                    registry=r)
+        self.flight_requests = Counter("poc_gateway_flight_requests_total", "Flight calls by method and outcome",
+                                       ["method", "outcome"], registry=r)
+        self.flight_seconds = Histogram("poc_gateway_flight_request_seconds", "Flight call duration",
+                                        ["method"], buckets=REQUEST_BUCKETS, registry=r)
+        self.relayed_bytes = Counter("poc_gateway_relayed_bytes_total", "Arrow IPC bytes relayed to clients",
+                                     ["tenant"], registry=r)
+        self.relayed_rows = Counter("poc_gateway_relayed_rows_total", "Rows relayed to clients", ["tenant"],
+                                    registry=r)
+        self.tunnel_closes = Counter("poc_gateway_tunnel_closes_total", "Tunnels closed, by close code",
+                                     ["code"], registry=r)
+        self.usage = Usage()
+
+
+class Usage:
+    """Requests, rows and bytes per tenant and dataset since start: the JSON of GET /v1/usage."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by = defaultdict(lambda: {"requests": 0, "rows": 0, "bytes": 0})
+
+    def add(self, tenant: str, dataset: str, requests: int = 0, rows: int = 0, size: int = 0) -> None:
+        with self._lock:
+            entry = self._by[(tenant, dataset)]
+            entry["requests"] += requests
+            entry["rows"] += rows
+            entry["bytes"] += size
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            result: dict = {}
+            for (tenant, dataset), entry in sorted(self._by.items()):
+                result.setdefault(tenant, {})[dataset] = dict(entry)
+            return result
