@@ -114,13 +114,21 @@ def cmd_connector(args: argparse.Namespace) -> int:
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
                           ca_file=args.ca_file, ws_impl=args.ws_impl)
     connector = Connector(cfg, datasets)
+    metrics_port = {}
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(args.metrics_port, args.metrics_host, registry=connector.metrics.registry)
+        metrics_port = {"metrics_port": server.server_address[1]}
+        logging.getLogger("poc.connector").info("metrics on http://%s:%d/metrics", args.metrics_host,
+                                                server.server_address[1])
     first = threading.Event()
 
     def registered(session_id: str) -> None:
         if not first.is_set():
             first.set()
             _emit_ready(component="connector", pid=os.getpid(), tenant_id=args.tenant, session_id=session_id,
-                        datasets=sorted(datasets))
+                        datasets=sorted(datasets), **metrics_port)
 
     connector.on_registered = registered
 
@@ -319,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")
     p.add_argument("--ca-file", help="CA bundle to verify a wss:// or grpcs:// gateway")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics (poc_connector_*) on this port; off by default; 0 picks one")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default %(default)s)")
     p.add_argument("--batch-bytes", type=int, default=config.BATCH_BYTES,
                    help="target size of each record batch sent (default %(default)s); batches larger than the "
                         "gateway's max_frame_bytes are halved until they fit")

@@ -22,6 +22,7 @@ from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint, FrameType, TunnelClosed
 from ..tunnel import endpoint as ev
 from ..tunnel.messages import clip
+from .metrics import ConnectorMetrics
 
 log = logging.getLogger("poc.connector")
 
@@ -63,6 +64,7 @@ class Connector:
         self.session_id: str | None = None
         self.sessions = 0
         self.on_registered = None
+        self.metrics = ConnectorMetrics()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until `stop` is set; reconnect with backoff; raise RegistrationRefused."""
@@ -83,6 +85,8 @@ class Connector:
                 log.exception("session with %s failed", self.cfg.gateway)
             if stop.is_set():
                 return
+            self.metrics.registered.set(0)
+            self.metrics.reconnects.inc()
             attempt = 0 if self.sessions > sessions_before else attempt + 1
             delay = backoff_delay(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
             log.info("reconnecting in %.2f s (attempt %d)", delay, attempt + 1)
@@ -175,12 +179,15 @@ class _Session:
         connector = self.connector
         connector.session_id = event.registered.session_id
         connector.sessions += 1
+        connector.metrics.registered.set(1)
         log.info("registered tenant %s as session %s", connector.cfg.tenant_id, connector.session_id)
         if connector.on_registered:
             connector.on_registered(connector.session_id)
 
     def _handle(self, event: ev.Event) -> None:
         if isinstance(event, ev.StreamRequested):
+            self.connector.metrics.requests.labels("do_get").inc()
+            self.connector.metrics.streams.inc()
             self.credit[event.stream_id] = asyncio.Event()
             task = asyncio.get_running_loop().create_task(self._stream(event.stream_id, event.dataset))
             self.tasks[event.stream_id] = task
@@ -193,11 +200,13 @@ class _Session:
                 task.cancel()
                 log.info("stream %d cancelled by the gateway: %s", event.stream_id, event.reason)
         elif isinstance(event, ev.FlightInfoRequested):
+            self.connector.metrics.requests.labels("get_flight_info").inc()
             self._answer_flight_info(event)
         elif isinstance(event, ev.RequestFailed):
             log.warning("gateway reported an error (%s): %s", event.code, event.message)
 
     def _forget(self, stream_id: int) -> None:
+        self.connector.metrics.streams.dec()
         self.tasks.pop(stream_id, None)
         self.credit.pop(stream_id, None)
 
@@ -244,6 +253,8 @@ class _Session:
         A `framed` buffer is shared by every stream of the dataset: its header is written and the frame
         sent while the link's writer is held, so no other stream touches it meanwhile."""
         size = len(framed) - 8 if framed is not None else len(payload)
+        if 0 <= self.endpoint.credit(stream_id) < size:
+            self.connector.metrics.credit_waits.inc()
         while self.endpoint.credit(stream_id) < size:
             if self.endpoint.credit(stream_id) < 0:
                 raise asyncio.CancelledError
@@ -252,3 +263,4 @@ class _Session:
             await event.wait()
         await self.transport.call(lambda: self.endpoint.send_frame(frame_type, stream_id, memoryview(payload),
                                                                    framed=framed))
+        self.connector.metrics.sent_bytes.inc(size)

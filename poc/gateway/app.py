@@ -26,6 +26,7 @@ from .bridge import TunnelBridge
 from .flight_server import GatewayFlightServer
 from .health import HealthServer
 from .link import BufferBudget, TenantLink
+from .metrics import GatewayMetrics, close_label
 from .registry import TenantRegistry
 
 log = logging.getLogger("poc.gateway")
@@ -73,6 +74,7 @@ class Gateway:
         self._tasks: set[asyncio.Task] = set()
         self.ports: dict[str, int] = {}
         self.budget = BufferBudget(cfg.max_buffered_bytes)
+        self.metrics = self._make_metrics()
         self.state = "starting"  # then "ready", then "draining" (GET /readyz)
 
     async def start(self) -> None:
@@ -94,10 +96,11 @@ class Gateway:
                 compression=None, max_size=cfg.limits.max_frame_bytes + HEADER.size,
                 ping_interval=None, write_limit=1024 * 1024, close_timeout=3)
             self._stop_accepting = lambda: self._ws_server.close(close_connections=False)
-        bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s)
+        bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s, self.metrics)
         scheme, tls = ("grpc+tls", [flight_certificate(cfg.tls_cert, cfg.tls_key)]) if cfg.tls else ("grpc", None)
         self._flight = GatewayFlightServer(f"{scheme}://{cfg.host}:{cfg.flight_port}", bridge, cfg.tenants,
-                                           TicketSigner(cfg.ticket_secret, cfg.ticket_ttl_s), tls_certificates=tls)
+                                           TicketSigner(cfg.ticket_secret, cfg.ticket_ttl_s), self.metrics,
+                                           tls_certificates=tls)
         # The Flight server already serves once constructed. Its serve() would install signal handlers that
         # shut Flight down before the tunnels, so it is not called: SIGTERM goes to stop() below.
         if cfg.grpc_tunnel_port is not None:
@@ -111,7 +114,7 @@ class Gateway:
                 self._serve_link, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port,
                 cfg.limits.max_frame_bytes + HEADER.size, tls_pair)
         self._http = HealthServer((cfg.host, cfg.http_port), self.registry.snapshot, lambda: self.state,
-                                  cfg.admin_token, lambda: self.budget.reserved)
+                                  cfg.admin_token, lambda: self.budget.reserved, self.metrics)
         self._http.start()
         self._spawn(self._watch_heartbeats())
         self.ports = {"ws_port": self._ws_server.sockets[0].getsockname()[1],
@@ -143,6 +146,16 @@ class Gateway:
         if self._flight is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._flight.shutdown)
 
+    def _make_metrics(self) -> GatewayMetrics:
+        """Gauges read their value when scraped, so they never drift from the registry and the budget."""
+        metrics = GatewayMetrics()
+        for kind in ("picows", "websockets", "grpc"):
+            metrics.tunnels.labels(kind).set_function(
+                lambda kind=kind: sum(1 for link in self.registry.links() if link.transport.KIND == kind))
+        metrics.streams_active.set_function(lambda: sum(link.streams_in_flight for link in self.registry.links()))
+        metrics.buffered_bytes.set_function(lambda: self.budget.reserved)
+        return metrics
+
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -163,7 +176,8 @@ class Gateway:
         events = transport.events()
         link: TenantLink | None = None
         reason = "closed"
-        code, close_reason = CloseCode.NORMAL, None  # close_reason set: this side must still close the socket
+        code: int | None = None  # how the tunnel closed, when known
+        close_reason = None  # set: this side must still close the socket, with `code`
         try:
             if self.registry.draining:
                 code, close_reason = CloseCode.GOING_AWAY, "gateway shutting down; connect to another gateway"
@@ -178,13 +192,18 @@ class Gateway:
                     link.handle(event)
         except TimeoutError:
             code, close_reason = CloseCode.PROTOCOL_ERROR, f"no register within {self.cfg.register_timeout_s:g} s"
-        except (TunnelClosed, StopAsyncIteration) as exc:
-            reason = str(exc) or reason
+        except TunnelClosed as exc:
+            reason, code = str(exc) or reason, exc.code
+        except StopAsyncIteration:
+            pass
         except Exception:  # a bug on this side: this link ends, the gateway and every other link go on
             log.exception("link of tenant %s failed", link.tenant_id if link else "(unregistered)")
             code, close_reason = 1011, "internal error in the gateway"
         finally:
             await events.aclose()
+            if transport.closed is not None and not isinstance(code, int):
+                code = transport.closed.code
+            self.metrics.tunnel_closes.labels(close_label(code)).inc()
             if close_reason is not None and transport.closed is None:
                 reason = close_reason
                 with contextlib.suppress(Exception):
@@ -201,11 +220,13 @@ class Gateway:
         expected = creds.connector_token if creds else secrets.token_hex(16)
         token_ok = hmac.compare_digest(register.token.encode(), expected.encode()) and creds is not None
         if register.version.split(".")[0] != PROTOCOL_VERSION:
+            self.metrics.registrations.labels("refused").inc()
             return await self._refuse(transport, "unsupported_version",
                                       f"protocol version {register.version!r} is not supported; "
                                       f"this gateway speaks {PROTOCOL_VERSION}", CloseCode.PROTOCOL_ERROR)
         if not token_ok:
             log.warning("refused a connector for tenant %r: invalid token", register.tenant_id)
+            self.metrics.registrations.labels("refused").inc()
             return await self._refuse(transport, "unauthenticated",
                                       f"invalid token for tenant {register.tenant_id!r}", CloseCode.UNAUTHENTICATED)
         session_id = "sess_" + secrets.token_hex(8)
@@ -215,7 +236,9 @@ class Gateway:
             link.request_rate = TokenBucket(self.cfg.max_requests_per_s)
         link.last_heartbeat = time.time()
         old = self.registry.register(link)
+        self.metrics.registrations.labels("ok").inc()
         if old is not None:
+            self.metrics.registrations.labels("replaced").inc()
             self._drop(old, f"replaced by a new registration ({session_id})", CloseCode.REPLACED)
         log.info("tenant %s registered: session %s, datasets %s", link.tenant_id, session_id, link.datasets)
         return link

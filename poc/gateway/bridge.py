@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from .link import StreamItem, StreamSink, TenantLink
+from .metrics import GatewayMetrics
 from .registry import TenantRegistry
 
 _DECODE_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, pa.ArrowIndexError, OSError,
@@ -20,10 +21,12 @@ _DECODE_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedErro
 class TunnelBridge:
     """Called from gRPC threads; runs each step on the loop and waits for it with a deadline."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, registry: TenantRegistry, timeout_s: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, registry: TenantRegistry, timeout_s: float,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.loop = loop
         self.registry = registry
         self.timeout_s = timeout_s
+        self.metrics = metrics or GatewayMetrics()
 
     def _on_loop(self, fn, *args):
         async def step():
@@ -56,7 +59,8 @@ class TunnelBridge:
             link = self.registry.live(tenant_id)
             return (link, *link.open_stream(dataset))
         link, stream_id, sink = self._on_loop(start)
-        stream = TunnelStream(self, link, stream_id, sink, cancelled)
+        self.metrics.usage.add(tenant_id, dataset, requests=1)
+        stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)
         stream.read_schema()
         return stream
 
@@ -121,8 +125,13 @@ class TunnelStream:
     `finally`, and a finalizer cancels when this object is collected without having run it."""
 
     def __init__(self, bridge: TunnelBridge, link: TenantLink, stream_id: int, sink: StreamSink,
-                 cancelled: Callable[[], bool]) -> None:
+                 cancelled: Callable[[], bool], dataset: str = "") -> None:
         self._bridge = bridge
+        self.dataset = dataset
+        metrics = bridge.metrics
+        self._relayed_bytes = metrics.relayed_bytes.labels(link.tenant_id)
+        self._relayed_rows = metrics.relayed_rows.labels(link.tenant_id)
+        self._usage = metrics.usage
         self._link = link
         self.stream_id = stream_id
         self._sink = sink
@@ -172,6 +181,14 @@ class TunnelStream:
         bounds = bounds_schema(self.schema)
         self._bounds = self.schema if bounds.equals(self.schema) else bounds
         self._grant(len(payload))
+        self._count(len(payload), 0)
+
+    def _count(self, size: int, rows: int) -> None:
+        """Relayed bytes (schema and batch messages, as on the wire) and rows, for metrics and billing."""
+        self._relayed_bytes.inc(size)
+        if rows:
+            self._relayed_rows.inc(rows)
+        self._usage.add(self._link.tenant_id, self.dataset, rows=rows, size=size)
 
     def _decode(self, payload) -> pa.RecordBatch:
         """Read a batch in place and validate it before Flight's writer touches it: every buffer large enough
@@ -198,7 +215,9 @@ class TunnelStream:
                 kind, payload = self._next()
                 if kind == StreamItem.END:
                     return
-                yield self._decode(payload)
+                batch = self._decode(payload)
+                yield batch
+                self._count(len(payload), batch.num_rows)
                 consumed += len(payload)
                 if consumed >= self._grant_at:
                     self._grant(consumed)

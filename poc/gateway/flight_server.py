@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -11,42 +12,86 @@ import pyarrow.flight as flight
 from ..auth import BearerAuthFactory, TicketSigner, caller_tenant, dataset_from_descriptor
 from ..config import TenantCredentials
 from .bridge import TunnelBridge
+from .metrics import GatewayMetrics
 
 log = logging.getLogger("poc.gateway")
 
+OUTCOMES = ((flight.FlightUnauthenticatedError, "unauthenticated"), (flight.FlightUnauthorizedError, "unauthorized"),
+            (flight.FlightUnavailableError, "unavailable"), (flight.FlightTimedOutError, "timed_out"),
+            (flight.FlightCancelledError, "cancelled"), (flight.FlightServerError, "connector_error"),
+            (pa.ArrowKeyError, "not_found"), (pa.ArrowInvalid, "invalid"), (GeneratorExit, "cancelled"))
 
-def clients_see_messages_only(handler):
-    """Errors reach clients as Flight or Arrow errors with a message; anything else is a gateway bug, logged
-    here with its traceback and shown to the client as an internal error without one (docs/security.md)."""
+
+def outcome_of(error: BaseException | None) -> str:
+    """The `outcome` label of a Flight call: ok, or its error's kind (a fixed set)."""
+    if error is None:
+        return "ok"
+    return next((name for kind, name in OUTCOMES if isinstance(error, kind)), "internal")
+
+
+def _as_client_error(handler_name: str, exc: Exception) -> Exception:
+    """Flight and Arrow errors pass; anything else is a gateway bug, logged here with its traceback and shown
+    to the client as an internal error without one (docs/security.md)."""
+    if isinstance(exc, (flight.FlightError, pa.ArrowException)):
+        return exc
+    log.error("%s failed", handler_name, exc_info=exc)
+    return flight.FlightInternalError("internal error in the gateway")
+
+
+def served(handler):
+    """Clients see messages only; every call is counted and timed by method and outcome, a DoGet until its
+    stream ends (poc_gateway_flight_requests_total, poc_gateway_flight_request_seconds)."""
+    method = handler.__name__
+
     @functools.wraps(handler)
     def guarded(self, context, *args):
+        start = time.perf_counter()
         try:
-            return handler(self, context, *args)
-        except (flight.FlightError, pa.ArrowException):
-            raise
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            raise flight.FlightInternalError("internal error in the gateway") from None
+            result = handler(self, context, *args)
+        except Exception as exc:
+            self._observe(method, start, exc)
+            raise _as_client_error(method, exc) from None
+        if isinstance(result, flight.GeneratorStream):
+            return result  # observed when its stream ends (`_observed_batches`)
+        self._observe(method, start, None)
+        return result
     return guarded
 
 
 class GatewayFlightServer(flight.FlightServerBase):
     def __init__(self, location: str, bridge: TunnelBridge, tenants: dict[str, TenantCredentials],
-                 tickets: TicketSigner, **kwargs) -> None:
+                 tickets: TicketSigner, metrics: GatewayMetrics | None = None, **kwargs) -> None:
         super().__init__(location, middleware={"auth": BearerAuthFactory(tenants)}, **kwargs)
         self._bridge = bridge
         self._tickets = tickets
+        self._metrics = metrics or bridge.metrics
+
+    def _observe(self, method: str, start: float, error: BaseException | None) -> None:
+        self._metrics.flight_requests.labels(method, outcome_of(error)).inc()
+        self._metrics.flight_seconds.labels(method).observe(time.perf_counter() - start)
+
+    def _observed_batches(self, batches, start: float):
+        error = None
+        try:
+            yield from batches
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, Exception):
+                raise _as_client_error("do_get", exc) from None
+            raise
+        finally:
+            self._observe("do_get", start, error)
 
     def _info(self, tenant: str, name: str, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         schema, rows, size = self._bridge.flight_info(tenant, name)
         endpoint = flight.FlightEndpoint(self._tickets.issue(tenant, name), [])
         return flight.FlightInfo(schema, descriptor, [endpoint], rows, size)
 
-    @clients_see_messages_only
+    @served
     def get_flight_info(self, context, descriptor):
         return self._info(caller_tenant(context), dataset_from_descriptor(descriptor), descriptor)
 
-    @clients_see_messages_only
+    @served
     def list_flights(self, context, criteria):
         tenant = caller_tenant(context)
         return [self._info(tenant, name, flight.FlightDescriptor.for_path("dataset", name))
@@ -55,8 +100,9 @@ class GatewayFlightServer(flight.FlightServerBase):
     def list_actions(self, context):
         return []  # an authenticated call that touches no data: the load client's connect probe
 
-    @clients_see_messages_only
+    @served
     def do_get(self, context, ticket):
+        start = time.perf_counter()
         tenant = caller_tenant(context)
         stream = self._bridge.open_stream(tenant, self._tickets.redeem(ticket.ticket, tenant), context.is_cancelled)
-        return flight.GeneratorStream(stream.schema, stream.batches())
+        return flight.GeneratorStream(stream.schema, self._observed_batches(stream.batches(), start))

@@ -4,6 +4,8 @@
 - `GET /readyz` 200 once the Flight server serves, 503 before that and while draining; nothing about tenants.
 - `GET /health` the per-tenant view (sessions, heartbeats, streams, datasets), only with
   `authorization: Bearer <admin token>`; 401 without it, 403 when the gateway has no admin token.
+- `GET /metrics` Prometheus metrics (docs/operations.md), with the admin token: they name tenants.
+- `GET /v1/usage` requests, rows and bytes per tenant and dataset since start (JSON, for billing), likewise.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .metrics import GatewayMetrics
+
 
 class HealthServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], snapshot: Callable[[], dict], state: Callable[[], str],
-                 admin_token: str | None, reserved_bytes: Callable[[], int] = lambda: 0) -> None:
+                 admin_token: str | None, reserved_bytes: Callable[[], int] = lambda: 0,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.snapshot = snapshot
+        self.metrics = metrics or GatewayMetrics()
         self.reserved_bytes = reserved_bytes
         self.state = state  # "starting", "ready" or "draining"
         self.admin_token = admin_token
@@ -44,20 +52,29 @@ class _HealthHandler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             state = self.server.state()
             self._reply(200 if state == "ready" else 503, {"status": state})
-        elif path == "/health":
-            self._detailed()
-        else:
-            self._reply(404, {"error": "no such path; try /livez, /readyz or /health"})
+        elif path in ("/health", "/metrics", "/v1/usage") and self._admin():
+            if path == "/health":
+                self._detailed()
+            elif path == "/metrics":
+                self._send(200, generate_latest(self.server.metrics.registry), CONTENT_TYPE_LATEST)
+            else:
+                self._reply(200, self.server.metrics.usage.snapshot())
+        elif path not in ("/health", "/metrics", "/v1/usage"):
+            self._reply(404, {"error": "no such path; try /livez, /readyz, /health, /metrics or /v1/usage"})
 
-    def _detailed(self) -> None:
+    def _admin(self) -> bool:
+        """True for a request with the admin token; otherwise answers 401 (or 403 without one) and is False."""
         expected = self.server.admin_token
         if not expected:
-            self._reply(403, {"error": "the per-tenant view is off: the gateway has no admin token"})
-            return
+            self._reply(403, {"error": "per-tenant views are off: the gateway has no admin token"})
+            return False
         given = self.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            self._reply(401, {"error": "the per-tenant view needs 'authorization: Bearer <admin token>'"})
-            return
+            self._reply(401, {"error": "this view needs 'authorization: Bearer <admin token>'"})
+            return False
+        return True
+
+    def _detailed(self) -> None:
         tenants = self.server.snapshot()
         online = sum(1 for t in tenants.values() if t["status"] == "online")
         self._reply(200, {
@@ -70,9 +87,11 @@ class _HealthHandler(BaseHTTPRequestHandler):
         })
 
     def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+        self._send(status, json.dumps(body).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

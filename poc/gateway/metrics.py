@@ -12,6 +12,15 @@ from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005}
+
+
+def close_label(code: int | None) -> str:
+    """A close code as a label: the documented ones (docs/protocol.md §8) and "other", so that a peer
+    choosing its own close codes cannot grow the number of series."""
+    return str(code) if code in CLOSE_CODES else "other"
+
+
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 

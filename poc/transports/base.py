@@ -29,6 +29,7 @@ log = logging.getLogger("poc.transports")
 class TunnelTransport(Protocol):
     """One tunnel over one connection, whatever library carries it."""
 
+    KIND: str  # "picows", "websockets" or "grpc": the transport label of metrics
     endpoint: Endpoint
     closed: TunnelClosed | None
 
@@ -71,6 +72,7 @@ async def finish_even_if_cancelled(coro) -> None:
 class Link:
     """The receive loop and the ordered writer every transport shares."""
 
+    KIND = ""
     endpoint: Endpoint
     closed: TunnelClosed | None = None
     _closed_errors: tuple[type[BaseException], ...] = ()  # what a write raises once the connection is gone

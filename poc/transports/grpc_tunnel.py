@@ -81,6 +81,8 @@ def _own_cancellation() -> bool:
 class GrpcServerLink(Link):
     """The gateway's side of one Connect call."""
 
+    KIND = "grpc"
+
     _closed_errors = (grpc.aio.AioRpcError, grpc.aio.UsageError, TunnelClosed)
 
     def __init__(self, endpoint: Endpoint, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
@@ -117,6 +119,8 @@ class GrpcServerLink(Link):
 
 class GrpcClientLink(Link):
     """The connector's side: one Connect call on its own channel."""
+
+    KIND = "grpc"
 
     _closed_errors = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TunnelClosed)
 

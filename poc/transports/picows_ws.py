@@ -30,6 +30,8 @@ _CLOSED = object()
 class PicowsLink(WSListener, Link):
     """One endpoint moved over one picows connection; also its listener."""
 
+    KIND = "picows"
+
     def __init__(self, endpoint_factory: Callable[[], Endpoint], max_message: int) -> None:
         super().__init__()
         self._init_link(endpoint_factory())

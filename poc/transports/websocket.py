@@ -16,6 +16,7 @@ from .base import Link
 class WebSocketLink(Link):
     """One endpoint moved over one WebSocket connection."""
 
+    KIND = "websockets"
     _closed_errors = (ConnectionClosed,)
 
     def __init__(self, ws: Connection, endpoint: Endpoint) -> None:

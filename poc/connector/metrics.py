@@ -1,0 +1,19 @@
+"""The connector's Prometheus metrics (docs/operations.md), served on --metrics-port when it is set."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class ConnectorMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.registered = Gauge("poc_connector_registered", "1 while a tunnel is registered, else 0", registry=r)
+        self.streams = Gauge("poc_connector_streams", "Streams being served", registry=r)
+        self.requests = Counter("poc_connector_requests_total", "Requests from the gateway by kind", ["kind"],
+                                registry=r)
+        self.sent_bytes = Counter("poc_connector_sent_bytes_total", "Arrow IPC bytes sent in data frames",
+                                  registry=r)
+        self.reconnects = Counter("poc_connector_reconnects_total", "Links lost and dialled again", registry=r)
+        self.credit_waits = Counter("poc_connector_credit_waits_total",
+                                    "Times a stream had to wait for credit before its next frame", registry=r)
