@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 
@@ -32,9 +33,19 @@ class TenantTokens:
         return found
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,64}")
+
+
 class TenantAuthMiddleware(flight.ServerMiddleware):
-    def __init__(self, tenant_id: str) -> None:
+    """The call's tenant and request id: the client's `x-request-id` when it is a plain token of at most 64
+    characters, else one made here. It is logged at the gateway and the connector (docs/operations.md)."""
+
+    def __init__(self, tenant_id: str, request_id: str) -> None:
         self.tenant_id = tenant_id
+        self.request_id = request_id
+
+    def sending_headers(self):
+        return {"x-request-id": self.request_id}
 
 
 class BearerAuthFactory(flight.ServerMiddlewareFactory):
@@ -53,15 +64,23 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
         claimed = headers.get("tenant-id") or []
         if claimed and list(claimed) != [tenant_id]:
             raise flight.FlightUnauthenticatedError("tenant-id header does not match the client token")
-        return TenantAuthMiddleware(tenant_id)
+        given = headers.get("x-request-id") or []
+        request_id = str(given[0]) if len(given) == 1 and REQUEST_ID.fullmatch(str(given[0])) else \
+            "req_" + secrets.token_hex(8)
+        return TenantAuthMiddleware(tenant_id, request_id)
 
 
-def caller_tenant(context: flight.ServerCallContext) -> str:
-    """The authenticated tenant of a call (set by BearerAuthFactory)."""
+def caller(context: flight.ServerCallContext) -> TenantAuthMiddleware:
+    """The authenticated tenant and request id of a call (set by BearerAuthFactory)."""
     middleware = context.get_middleware("auth")
     if middleware is None:
         raise flight.FlightUnauthenticatedError("call is not authenticated")
-    return middleware.tenant_id
+    return middleware
+
+
+def caller_tenant(context: flight.ServerCallContext) -> str:
+    """The authenticated tenant of a call."""
+    return caller(context).tenant_id
 
 
 class TicketSigner:

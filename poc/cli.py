@@ -10,9 +10,8 @@ import os
 import signal
 import sys
 import threading
-import traceback
 
-from . import config
+from . import config, logs
 from .config import ConfigError
 
 
@@ -273,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the direct baseline, or make the seed's dataset. Each server prints one JSON line "
                     "{\"ready\": true, ...ports} on stdout once it serves; logs go to stderr.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text for people, or one JSON object per line with tenant, session, request_id and "
+                             "stream_id fields where they apply (default %(default)s); before the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("gateway", help="cloud gateway: WebSocket /connect, Flight, GET /health",
@@ -418,13 +420,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _LogFormatter(logging.Formatter):
-    """Tracebacks in the log in full, whatever sys.tracebacklimit says (see `_hide_tracebacks_from_clients`)."""
-
-    def formatException(self, ei) -> str:  # noqa: N802 (logging's naming)
-        return "".join(traceback.format_exception(*ei, limit=64)).rstrip("\n")
-
-
 def _hide_tracebacks_from_clients() -> None:
     """pyarrow's Flight server appends a Python error's formatted traceback (file paths, code) to the message
     a client receives; with no frames to format, the client sees the message only (docs/security.md)."""
@@ -433,10 +428,7 @@ def _hide_tracebacks_from_clients() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level, handlers=[handler])
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+    logs.setup(args.log_level, args.log_format)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -75,12 +75,13 @@ class Component:
 
 
 def start_component(name: str, args: list[str], log_dir: Path, env: dict | None = None,
-                    ready_timeout: float = 60.0, wait: bool = True) -> Component:
+                    ready_timeout: float = 60.0, wait: bool = True, log_format: str = "text") -> Component:
     """Run `python -m poc ARGS` with its stderr in LOG_DIR/NAME.log; wait for its ready line."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
-        popen = subprocess.Popen([sys.executable, "-m", "poc", *args], stdout=subprocess.PIPE, stderr=log,
+        popen = subprocess.Popen([sys.executable, "-m", "poc", "--log-format", log_format, *args],
+                                 stdout=subprocess.PIPE, stderr=log,
                                  stdin=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
     component = Component(name, popen, log_path)
     if wait:
@@ -117,7 +118,7 @@ class Cluster:
     def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path,
                  delay_ms: str = "0", gateway_args: tuple[str, ...] = (), connector_args: tuple[str, ...] = (),
                  with_connectors: bool = True, with_direct: bool = True, host: str = "127.0.0.1",
-                 tls: TlsFiles | None = None, tunnel: str | None = None) -> None:
+                 tls: TlsFiles | None = None, tunnel: str | None = None, log_format: str = "text") -> None:
         self.workdir = Path(workdir)
         self.tenants = tenants
         self.data = Path(data)
@@ -132,6 +133,7 @@ class Cluster:
         self.components: dict[str, Component] = {}
         self.tenants_file = self.workdir / "tenants.yaml"
         self.admin_token = secrets.token_hex(16)  # the gateway's /health view
+        self.log_format = log_format
 
     def __enter__(self) -> "Cluster":
         try:
@@ -167,7 +169,7 @@ class Cluster:
         gateway = start_component(
             "gateway", ["gateway", "--tenants", str(self.tenants_file), "--host", self.host, *ports,
                         *self._tls_args(), *self.gateway_args, *extra], self.log_dir,
-            env={"POC_ADMIN_TOKEN": self.admin_token})
+            env={"POC_ADMIN_TOKEN": self.admin_token}, log_format=self.log_format)
         self.components["gateway"] = gateway
         return gateway
 
@@ -181,7 +183,7 @@ class Cluster:
             ["connector", "--gateway", url or self.ws_url, "--tenant", tenant_id, "--data", str(data or self.data),
              "--delay-ms", self.delay_ms, *(("--ca-file", str(self.tls.ca)) if self.tls else ()),
              *self.connector_args, *extra],
-            self.log_dir, env={"POC_CONNECTOR_TOKEN": token}, wait=wait)
+            self.log_dir, env={"POC_CONNECTOR_TOKEN": token}, wait=wait, log_format=self.log_format)
         self.components[component.name] = component
         return component
 

@@ -154,6 +154,7 @@ class _Session:
         self.endpoint: ConnectorEndpoint = transport.endpoint
         self.tasks: dict[int, asyncio.Task] = {}
         self.credit: dict[int, asyncio.Event] = {}
+        self.traces: dict[int, str | None] = {}  # stream → the Flight call's request id, for log lines
 
     async def serve(self) -> None:
         events = self.transport.events()
@@ -188,6 +189,8 @@ class _Session:
         if isinstance(event, ev.StreamRequested):
             self.connector.metrics.requests.labels("do_get").inc()
             self.connector.metrics.streams.inc()
+            self.traces[event.stream_id] = event.trace_id
+            log.info("do_get %s", event.dataset, extra=self._context(event.stream_id))
             self.credit[event.stream_id] = asyncio.Event()
             task = asyncio.get_running_loop().create_task(self._stream(event.stream_id, event.dataset))
             self.tasks[event.stream_id] = task
@@ -198,15 +201,24 @@ class _Session:
             task = self.tasks.get(event.stream_id)
             if task is not None:
                 task.cancel()
-                log.info("stream %d cancelled by the gateway: %s", event.stream_id, event.reason)
+                log.info("stream cancelled by the gateway: %s", event.reason, extra=self._context(event.stream_id))
         elif isinstance(event, ev.FlightInfoRequested):
             self.connector.metrics.requests.labels("get_flight_info").inc()
+            log.info("get_flight_info %s", event.dataset, extra={**self._context(), "request_id": event.trace_id})
             self._answer_flight_info(event)
         elif isinstance(event, ev.RequestFailed):
             log.warning("gateway reported an error (%s): %s", event.code, event.message)
 
+    def _context(self, stream_id: int | None = None) -> dict:
+        """The fields of a log line about this session, or one of its streams (poc.logs)."""
+        context = {"tenant": self.connector.cfg.tenant_id, "session": self.connector.session_id}
+        if stream_id is not None:
+            context.update(stream_id=stream_id, request_id=self.traces.get(stream_id))
+        return context
+
     def _forget(self, stream_id: int) -> None:
         self.connector.metrics.streams.dec()
+        self.traces.pop(stream_id, None)
         self.tasks.pop(stream_id, None)
         self.credit.pop(stream_id, None)
 
@@ -230,7 +242,7 @@ class _Session:
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:  # a failed transfer must end in an error frame, never in silence
-            log.exception("stream %d of %r failed", stream_id, name)
+            log.exception("stream of %r failed", name, extra=self._context(stream_id))
             if self.endpoint.credit(stream_id) >= 0:
                 await self.transport.call(self.endpoint.fail_request, stream_id, "internal", clip(str(exc)))
 
@@ -246,6 +258,7 @@ class _Session:
         for framed in ds.framed_messages(self.endpoint.registered.max_frame_bytes):
             await self._send(stream_id, FrameType.BATCH, framed=framed)
         await self.transport.call(self.endpoint.send_frame, FrameType.END, stream_id)
+        log.info("stream of %r sent: %d rows", name, ds.rows, extra=self._context(stream_id))
 
     async def _send(self, stream_id: int, frame_type: FrameType, payload=b"", framed: bytearray | None = None) -> None:
         """Send one frame once the stream has credit for it (docs/protocol.md §5).

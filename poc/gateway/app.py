@@ -212,7 +212,7 @@ class Gateway:
                 self.registry.unregister(link)
                 link.fail_all(link.closing_reason or reason)
                 log.info("tenant %s session %s disconnected: %s", link.tenant_id, link.session_id,
-                         link.closing_reason or reason)
+                         link.closing_reason or reason, extra={"tenant": link.tenant_id, "session": link.session_id})
 
     async def _register(self, transport: TunnelTransport, event) -> TenantLink | None:
         register: Register = event.register  # the core lets nothing else come first
@@ -240,7 +240,8 @@ class Gateway:
         if old is not None:
             self.metrics.registrations.labels("replaced").inc()
             self._drop(old, f"replaced by a new registration ({session_id})", CloseCode.REPLACED)
-        log.info("tenant %s registered: session %s, datasets %s", link.tenant_id, session_id, link.datasets)
+        log.info("tenant %s registered: session %s, datasets %s", link.tenant_id, session_id, link.datasets,
+                 extra={"tenant": link.tenant_id, "session": session_id})
         return link
 
     async def _refuse(self, transport: TunnelTransport, code: str, message: str, close_code: int) -> None:

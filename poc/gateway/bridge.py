@@ -44,20 +44,20 @@ class TunnelBridge:
     def datasets(self, tenant_id: str) -> list[str]:
         return list(self._on_loop(self.registry.live, tenant_id).datasets)
 
-    def flight_info(self, tenant_id: str, dataset: str) -> tuple[pa.Schema, int, int]:
+    def flight_info(self, tenant_id: str, dataset: str, trace_id: str | None = None) -> tuple[pa.Schema, int, int]:
         """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector."""
         async def ask():
-            return await self.registry.live(tenant_id).flight_info(dataset, self.timeout_s)
+            return await self.registry.live(tenant_id).flight_info(dataset, self.timeout_s, trace_id)
         reply = self._await(ask())
         schema = read_schema(reply.schema, tenant_id)
         return schema, reply.rows, reply.bytes
 
-    def open_stream(self, tenant_id: str, dataset: str, cancelled: Callable[[], bool] = lambda: False
-                    ) -> "TunnelStream":
+    def open_stream(self, tenant_id: str, dataset: str, cancelled: Callable[[], bool] = lambda: False,
+                    trace_id: str | None = None) -> "TunnelStream":
         """Open a stream through the tenant's tunnel and wait for its schema (or for the client to leave)."""
         def start():
             link = self.registry.live(tenant_id)
-            return (link, *link.open_stream(dataset))
+            return (link, *link.open_stream(dataset, trace_id))
         link, stream_id, sink = self._on_loop(start)
         self.metrics.usage.add(tenant_id, dataset, requests=1)
         stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)

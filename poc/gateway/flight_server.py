@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..auth import BearerAuthFactory, TicketSigner, caller_tenant, dataset_from_descriptor
+from ..auth import BearerAuthFactory, TicketSigner, caller, dataset_from_descriptor
 from ..config import TenantCredentials
 from .bridge import TunnelBridge
 from .metrics import GatewayMetrics
@@ -46,14 +46,15 @@ def served(handler):
     @functools.wraps(handler)
     def guarded(self, context, *args):
         start = time.perf_counter()
+        who = caller(context)
         try:
-            result = handler(self, context, *args)
+            result = handler(self, who, *args)
         except Exception as exc:
-            self._observe(method, start, exc)
+            self._observe(method, who, start, exc)
             raise _as_client_error(method, exc) from None
         if isinstance(result, flight.GeneratorStream):
             return result  # observed when its stream ends (`_observed_batches`)
-        self._observe(method, start, None)
+        self._observe(method, who, start, None)
         return result
     return guarded
 
@@ -66,11 +67,16 @@ class GatewayFlightServer(flight.FlightServerBase):
         self._tickets = tickets
         self._metrics = metrics or bridge.metrics
 
-    def _observe(self, method: str, start: float, error: BaseException | None) -> None:
-        self._metrics.flight_requests.labels(method, outcome_of(error)).inc()
-        self._metrics.flight_seconds.labels(method).observe(time.perf_counter() - start)
+    def _observe(self, method: str, who, start: float, error: BaseException | None) -> None:
+        """Count, time and log one call: one log line per call, with its request id."""
+        outcome, seconds = outcome_of(error), time.perf_counter() - start
+        self._metrics.flight_requests.labels(method, outcome).inc()
+        self._metrics.flight_seconds.labels(method).observe(seconds)
+        log.info("%s %s in %.1f ms%s", method, outcome, seconds * 1000,
+                 f": {str(error).splitlines()[0][:200]}" if error is not None and str(error) else "",
+                 extra={"tenant": who.tenant_id, "request_id": who.request_id})
 
-    def _observed_batches(self, batches, start: float):
+    def _observed_batches(self, batches, who, start: float):
         error = None
         try:
             yield from batches
@@ -80,29 +86,31 @@ class GatewayFlightServer(flight.FlightServerBase):
                 raise _as_client_error("do_get", exc) from None
             raise
         finally:
-            self._observe("do_get", start, error)
+            self._observe("do_get", who, start, error)
 
-    def _info(self, tenant: str, name: str, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        schema, rows, size = self._bridge.flight_info(tenant, name)
-        endpoint = flight.FlightEndpoint(self._tickets.issue(tenant, name), [])
+    def _info(self, who, name: str, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        schema, rows, size = self._bridge.flight_info(who.tenant_id, name, who.request_id)
+        endpoint = flight.FlightEndpoint(self._tickets.issue(who.tenant_id, name), [])
         return flight.FlightInfo(schema, descriptor, [endpoint], rows, size)
 
     @served
-    def get_flight_info(self, context, descriptor):
-        return self._info(caller_tenant(context), dataset_from_descriptor(descriptor), descriptor)
+    def get_flight_info(self, who, descriptor):
+        return self._info(who, dataset_from_descriptor(descriptor), descriptor)
 
     @served
-    def list_flights(self, context, criteria):
-        tenant = caller_tenant(context)
-        return [self._info(tenant, name, flight.FlightDescriptor.for_path("dataset", name))
-                for name in self._bridge.datasets(tenant)]
+    def list_flights(self, who, criteria):
+        return [self._info(who, name, flight.FlightDescriptor.for_path("dataset", name))
+                for name in self._bridge.datasets(who.tenant_id)]
 
     def list_actions(self, context):
         return []  # an authenticated call that touches no data: the load client's connect probe
 
-    @served
     def do_get(self, context, ticket):
+        return self._do_get(context, ticket, context.is_cancelled)
+
+    @served
+    def _do_get(self, who, ticket, cancelled):
         start = time.perf_counter()
-        tenant = caller_tenant(context)
-        stream = self._bridge.open_stream(tenant, self._tickets.redeem(ticket.ticket, tenant), context.is_cancelled)
-        return flight.GeneratorStream(stream.schema, self._observed_batches(stream.batches(), start))
+        stream = self._bridge.open_stream(who.tenant_id, self._tickets.redeem(ticket.ticket, who.tenant_id),
+                                          cancelled, who.request_id)
+        return flight.GeneratorStream(stream.schema, self._observed_batches(stream.batches(), who, start))

@@ -159,10 +159,10 @@ class TenantLink:
             raise flight.FlightUnavailableError(
                 f"tenant {self.tenant_id} is over its request rate of {self.request_rate.rate:g}/s; retry later")
 
-    async def flight_info(self, dataset: str, timeout: float) -> ev.FlightInfoReceived:
+    async def flight_info(self, dataset: str, timeout: float, trace_id: str | None = None) -> ev.FlightInfoReceived:
         """Ask the connector for a dataset's schema and size."""
         self._admit()
-        rid = self.endpoint.request_flight_info(dataset)
+        rid = self.endpoint.request_flight_info(dataset, trace_id)
         future = asyncio.get_running_loop().create_future()
         self._infos[rid] = future
         self.transport.flush_soon()
@@ -174,13 +174,13 @@ class TenantLink:
             self._infos.pop(rid, None)
             self.endpoint.forget_request(rid)
 
-    def open_stream(self, dataset: str) -> tuple[int, StreamSink]:
+    def open_stream(self, dataset: str, trace_id: str | None = None) -> tuple[int, StreamSink]:
         """Send a do_get; return the stream id and the sink its frames will arrive in."""
         self._admit()
         window = self.endpoint.limits.window_bytes
         self.budget.reserve(window)
         try:
-            sid = self.endpoint.open_stream(dataset)
+            sid = self.endpoint.open_stream(dataset, trace_id)
         except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
             self.budget.release(window)
             raise flight.FlightUnavailableError(f"tenant {self.tenant_id}: {exc}") from None

@@ -59,10 +59,11 @@ def _status_of(exc: BaseException) -> str:
 
 
 def _one_request(cfg: LoadConfig, index: int, tenant_id: str, queued_ms: float, t0: float) -> RequestRecord:
-    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {cfg.tokens[tenant_id]}".encode())],
-                                       timeout=cfg.timeout_s)
+    request_id = f"req-{index:06d}"  # sent as x-request-id: the gateway's and the connector's logs carry it
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {cfg.tokens[tenant_id]}".encode()),
+                                                (b"x-request-id", request_id.encode())], timeout=cfg.timeout_s)
     start = time.perf_counter()
-    record = RequestRecord(f"req-{index:06d}", tenant_id, cfg.target,
+    record = RequestRecord(request_id, tenant_id, cfg.target,
                            dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
                            start - t0, 0.0, queued_ms, None, None, None, 0.0, 0, 0, SUCCESS, None)
     client = None

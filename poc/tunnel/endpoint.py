@@ -56,6 +56,7 @@ class HeartbeatAcked(Event):
 class FlightInfoRequested(Event):
     request_id: int
     dataset: str
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class StreamRequested(Event):
     stream_id: int
     dataset: str
     window: int
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -318,20 +320,20 @@ class GatewayEndpoint(Endpoint):
         self._next_id += 1
         return rid
 
-    def request_flight_info(self, dataset: str) -> int:
+    def request_flight_info(self, dataset: str, trace_id: str | None = None) -> int:
         """Queue a get_flight_info; return its request id."""
         rid = self._new_id()
         self._pending_info.add(rid)
-        self._send(m.GetFlightInfo(request_id=rid, dataset=dataset))
+        self._send(m.GetFlightInfo(request_id=rid, dataset=dataset, trace_id=trace_id))
         return rid
 
-    def open_stream(self, dataset: str) -> int:
+    def open_stream(self, dataset: str, trace_id: str | None = None) -> int:
         """Queue a do_get with a full window; return the stream id."""
         if len(self.streams) >= self.limits.max_streams:
             raise LocalProtocolError(f"{len(self.streams)} streams already in flight (limit {self.limits.max_streams})")
         sid = self._new_id()
         self.streams[sid] = Stream(sid, dataset, self.limits.window_bytes)
-        self._send(m.DoGet(request_id=sid, dataset=dataset, window=self.limits.window_bytes))
+        self._send(m.DoGet(request_id=sid, dataset=dataset, window=self.limits.window_bytes, trace_id=trace_id))
         return sid
 
     @property
@@ -400,14 +402,14 @@ class ConnectorEndpoint(Endpoint):
                 return [RegistrationRefused(message.code, message.message)]
             raise RemoteProtocolError(f"{message.ACTION!r} before the registration was answered")
         if isinstance(message, m.GetFlightInfo):
-            return [FlightInfoRequested(message.request_id, message.dataset)]
+            return [FlightInfoRequested(message.request_id, message.dataset, message.trace_id)]
         if isinstance(message, m.DoGet):
             if message.request_id in self.streams:
                 raise RemoteProtocolError(f"do_get reuses the id {message.request_id} of an open stream")
             if message.window < self.registered.max_frame_bytes:
                 raise RemoteProtocolError(f"do_get window {message.window} is below max_frame_bytes")
             self.streams[message.request_id] = Stream(message.request_id, message.dataset, message.window)
-            return [StreamRequested(message.request_id, message.dataset, message.window)]
+            return [StreamRequested(message.request_id, message.dataset, message.window, message.trace_id)]
         if isinstance(message, m.Credit):
             stream = self.streams.get(message.request_id)
             if stream is None:

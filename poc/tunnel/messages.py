@@ -16,6 +16,7 @@ PROTOCOL_VERSION = "1"
 INT64_MAX = 2**63 - 1
 MAX_TEXT_CHARS = 1024  # connector-provided texts (error messages) are cut to this before a client sees them
 DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # §3a
+TRACE_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
 
 
 def valid_dataset_name(name: object) -> bool:
@@ -44,6 +45,7 @@ def _is_int(value: object) -> bool:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+_OMITTED_WHEN_NONE = {"trace_id"}  # optional fields of later minor versions are left out when unset
 
 
 @functools.cache
@@ -61,7 +63,9 @@ class Message:
         """Return the message as the text of one WebSocket text frame."""
         body = {"action": self.ACTION}
         for name in _field_names(type(self)):  # fields hold plain values: no deep copy (dataclasses.asdict)
-            body[name] = getattr(self, name)
+            value = getattr(self, name)
+            if value is not None or name not in _OMITTED_WHEN_NONE:
+                body[name] = value
         return _ENCODER.encode(body)
 
 
@@ -106,6 +110,7 @@ class GetFlightInfo(Message):
     ACTION = "get_flight_info"
     request_id: int
     dataset: str
+    trace_id: str | None = None  # 1.2: the Flight call's x-request-id, for logs at both ends (§3)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class DoGet(Message):
     request_id: int
     dataset: str
     window: int
+    trace_id: str | None = None  # 1.2, as in GetFlightInfo
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ _CHECKS = {
     "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
     "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
     "int | None": lambda v: v is None or _is_int(v),
+    "str | None": lambda v: v is None or (_is_text(v) and TRACE_ID.fullmatch(v) is not None),
 }
 _NAMED = {"datasets", "dataset"}  # fields that hold dataset names (§3a)
 _NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes"}
