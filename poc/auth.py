@@ -54,6 +54,10 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
     def __init__(self, tenants: dict[str, TenantCredentials]) -> None:
         self._tokens = TenantTokens(tenants, "client_token")
 
+    def reload(self, tenants: dict[str, TenantCredentials]) -> None:
+        """Take new client tokens: calls that start from now on are checked against them."""
+        self._tokens = TenantTokens(tenants, "client_token")
+
     def start_call(self, info, headers):
         values = headers.get("authorization") or []
         if len(values) != 1 or not str(values[0]).startswith("Bearer "):

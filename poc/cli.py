@@ -75,7 +75,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     _check_tls(args)
     _hide_tracebacks_from_clients()
     cfg = GatewayConfig(
-        tenants=config.load_tenants(args.tenants), host=args.host, ws_port=args.ws_port,
+        tenants=config.load_tenants(args.tenants), tenants_file=args.tenants, host=args.host, ws_port=args.ws_port,
         flight_port=args.flight_port, http_port=args.http_port, heartbeat_s=args.heartbeat_s,
         offline_after_s=args.offline_after_s, request_timeout_s=args.request_timeout_s,
         limits=Limits(args.max_frame_bytes, args.window_bytes, args.max_streams,

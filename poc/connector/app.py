@@ -78,6 +78,8 @@ class Connector:
             except TunnelClosed as exc:
                 if exc.code == CloseCode.REPLACED:
                     raise Replaced(f"gateway closed the link: {exc.reason}") from None
+                if exc.code == CloseCode.TENANT_REMOVED:
+                    raise RegistrationRefused(f"gateway closed the link: {exc.reason}") from None
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc)
             except (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError) as exc:
                 log.warning("link to %s lost: %s", self.cfg.gateway, exc or type(exc).__name__)

@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import logging
 import secrets
+import signal
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ log = logging.getLogger("poc.gateway")
 @dataclass
 class GatewayConfig:
     tenants: dict[str, TenantCredentials]
+    tenants_file: str | None = None  # reread on SIGHUP and POST /v1/tenants/reload
     host: str = "127.0.0.1"
     ws_port: int = config.WS_PORT
     flight_port: int = config.FLIGHT_PORT
@@ -114,7 +116,8 @@ class Gateway:
                 self._serve_link, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port,
                 cfg.limits.max_frame_bytes + HEADER.size, tls_pair)
         self._http = HealthServer((cfg.host, cfg.http_port), self.registry.snapshot, lambda: self.state,
-                                  cfg.admin_token, lambda: self.budget.reserved, self.metrics)
+                                  cfg.admin_token, lambda: self.budget.reserved, self.metrics,
+                                  reload=lambda: asyncio.run_coroutine_threadsafe(self._reload(), loop).result(10))
         self._http.start()
         self._spawn(self._watch_heartbeats())
         self.ports = {"ws_port": self._ws_server.sockets[0].getsockname()[1],
@@ -145,6 +148,36 @@ class Gateway:
             self._http.shutdown()
         if self._flight is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._flight.shutdown)
+
+    def reload_tenants(self) -> dict:
+        """Reread the tenants file (SIGHUP, POST /v1/tenants/reload); on the event loop. New tenants register
+        at once; a removed tenant's tunnel closes with 4006 and its clients are refused; new client tokens
+        count from the next call; a new connector token from the next registration (docs/operations.md).
+        A file that does not load changes nothing."""
+        if not self.cfg.tenants_file:
+            return {"status": "error", "error": "the gateway was not started with a tenants file"}
+        try:
+            new = config.load_tenants(self.cfg.tenants_file)
+        except config.ConfigError as exc:
+            log.error("tenants file not reloaded, the previous configuration stays in force: %s", exc)
+            return {"status": "error", "error": str(exc)}
+        old = self.registry.tenants
+        kept = new.keys() & old.keys()
+        change = {"added": sorted(new.keys() - old.keys()), "removed": sorted(old.keys() - new.keys()),
+                  "client_tokens_rotated": sorted(t for t in kept if new[t].client_token != old[t].client_token),
+                  "connector_tokens_rotated": sorted(t for t in kept
+                                                     if new[t].connector_token != old[t].connector_token)}
+        self.registry.tenants = new
+        self._flight.auth.reload(new)
+        for link in self.registry.links():
+            if link.tenant_id not in new:
+                self._drop(link, "tenant removed from the gateway's configuration", CloseCode.TENANT_REMOVED)
+        log.info("tenants file reloaded: %d tenants; %s", len(new),
+                 ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in change.items() if v) or "no change")
+        return {"status": "ok", "tenants": len(new), **change}
+
+    async def _reload(self) -> dict:
+        return self.reload_tenants()
 
     def _make_metrics(self) -> GatewayMetrics:
         """Gauges read their value when scraped, so they never drift from the registry and the budget."""
@@ -216,7 +249,7 @@ class Gateway:
 
     async def _register(self, transport: TunnelTransport, event) -> TenantLink | None:
         register: Register = event.register  # the core lets nothing else come first
-        creds = self.cfg.tenants.get(register.tenant_id)
+        creds = self.registry.tenants.get(register.tenant_id)
         expected = creds.connector_token if creds else secrets.token_hex(16)
         token_ok = hmac.compare_digest(register.token.encode(), expected.encode()) and creds is not None
         if register.version.split(".")[0] != PROTOCOL_VERSION:
@@ -271,6 +304,8 @@ async def run_gateway(cfg: GatewayConfig, stop: asyncio.Event, on_ready=None) ->
     """Run until `stop` is set, then shut down cleanly."""
     gateway = Gateway(cfg)
     await gateway.start()
+    if cfg.tenants_file:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.reload_tenants)
     if on_ready:
         on_ready(gateway.ports)
     try:

@@ -62,7 +62,8 @@ def served(handler):
 class GatewayFlightServer(flight.FlightServerBase):
     def __init__(self, location: str, bridge: TunnelBridge, tenants: dict[str, TenantCredentials],
                  tickets: TicketSigner, metrics: GatewayMetrics | None = None, **kwargs) -> None:
-        super().__init__(location, middleware={"auth": BearerAuthFactory(tenants)}, **kwargs)
+        self.auth = BearerAuthFactory(tenants)
+        super().__init__(location, middleware={"auth": self.auth}, **kwargs)
         self._bridge = bridge
         self._tickets = tickets
         self._metrics = metrics or bridge.metrics

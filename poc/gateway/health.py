@@ -27,8 +27,9 @@ class HealthServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], snapshot: Callable[[], dict], state: Callable[[], str],
                  admin_token: str | None, reserved_bytes: Callable[[], int] = lambda: 0,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, reload: Callable[[], dict] | None = None) -> None:
         self.snapshot = snapshot
+        self.reload = reload
         self.metrics = metrics or GatewayMetrics()
         self.reserved_bytes = reserved_bytes
         self.state = state  # "starting", "ready" or "draining"
@@ -61,6 +62,13 @@ class _HealthHandler(BaseHTTPRequestHandler):
                 self._reply(200, self.server.metrics.usage.snapshot())
         elif path not in ("/health", "/metrics", "/v1/usage"):
             self._reply(404, {"error": "no such path; try /livez, /readyz, /health, /metrics or /v1/usage"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.split("?")[0] != "/v1/tenants/reload":
+            self._reply(404, {"error": "no such path; POST /v1/tenants/reload"})
+        elif self._admin():
+            result = self.server.reload() if self.server.reload else {"status": "error", "error": "no reload"}
+            self._reply(200 if result.get("status") == "ok" else 422, result)
 
     def _admin(self) -> bool:
         """True for a request with the admin token; otherwise answers 401 (or 403 without one) and is False."""

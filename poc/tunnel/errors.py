@@ -63,3 +63,4 @@ class CloseCode:
     HEARTBEAT_TIMEOUT = 4003   # silent for longer than the offline timeout
     FLOW_CONTROL = 4004        # data sent beyond credit
     LIMIT_EXCEEDED = 4005      # request rate or streams in flight over the limit
+    TENANT_REMOVED = 4006      # the tenant was removed from the gateway's configuration

@@ -10,6 +10,22 @@ from poc.runner import Cluster
 from tests.helpers import sales
 
 
+class ResponseHeaders(flight.ClientMiddlewareFactory):
+    """Collects the x-request-id headers the gateway sends back."""
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+
+    def start_call(self, info):
+        factory = self
+
+        class Middleware(flight.ClientMiddleware):
+            def received_headers(self, headers):
+                factory.request_ids += [str(v) for v in headers.get("x-request-id", [])]
+
+        return Middleware()
+
+
 def json_lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
@@ -18,7 +34,8 @@ def test_a_request_id_travels_from_client_to_connector(tmp_path, tenants, datase
     with Cluster(tmp_path, tenants, datasets["small"], with_direct=False, log_format="json") as c:
         headers = [(b"authorization", f"Bearer {tenants['tenant_001'].client_token}".encode()),
                    (b"x-request-id", b"trace-abc-123")]
-        with flight.connect(c.flight_uri) as client:
+        seen = ResponseHeaders()
+        with flight.connect(c.flight_uri, middleware=[seen]) as client:
             options = flight.FlightCallOptions(headers=headers)
             info = client.get_flight_info(sales(), options)
             assert client.do_get(info.endpoints[0].ticket, options).read_all().num_rows == 20_000
@@ -27,6 +44,7 @@ def test_a_request_id_travels_from_client_to_connector(tmp_path, tenants, datase
                 client.get_flight_info(missing, flight.FlightCallOptions(headers=headers[:1]))
             except KeyError:
                 pass
+    assert seen.request_ids[:2] == ["trace-abc-123", "trace-abc-123"] and seen.request_ids[2].startswith("req_")
     gateway = json_lines(tmp_path / "logs" / "gateway.log")
     connector = json_lines(tmp_path / "logs" / "connector-tenant_001.log")
     assert all({"time", "level", "logger", "message"} <= set(line) for line in gateway + connector)
