@@ -15,6 +15,10 @@ from . import config, logs
 from .config import ConfigError
 
 
+WORKBOOK_DEPENDENCIES = {"numpy", "polars", "altair", "vl_convert", "papermill", "jupyterlab", "ipykernel",
+                         "nbconvert", "psutil", "tqdm", "cryptography"}  # pyproject.toml [workbook]
+
+
 def _emit_ready(**fields) -> None:
     """One JSON line on stdout once a component serves: how the runner and tests learn its ports."""
     print(json.dumps({"ready": True, **fields}), flush=True)
@@ -169,7 +173,7 @@ def cmd_direct(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from .dataset import write_dataset
+    from .workbook.dataset import write_dataset
 
     path = write_dataset(args.rows, args.out, args.seed)
     print(json.dumps({"path": str(path), "rows": args.rows, "bytes": path.stat().st_size}))
@@ -179,8 +183,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .load.client import LoadConfig, records_as_dicts, run_load
-    from .load.metrics import summarize, to_frame
+    from .workbook.load.client import LoadConfig, records_as_dicts, run_load
+    from .workbook.load.metrics import summarize, to_frame
 
     tenants = config.load_tenants(args.tenants)
     chosen = list(tenants.values())[: args.tenant_count]
@@ -217,7 +221,7 @@ def _summary_text(summary: dict, label: str) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchParams, run_bench, table, write_json
+    from .workbook.bench import BenchParams, run_bench, table, write_json
 
     levels = tuple(int(x) for x in args.concurrency.split(","))
     tunnels = tuple(t.strip() for t in args.tunnels.split(","))
@@ -238,7 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from .soak import TRANSPORTS, SoakParams, passed, run_soak, table, write_json
+    from .workbook.soak import TRANSPORTS, SoakParams, passed, run_soak, table, write_json
 
     transports = tuple(t.strip() for t in args.transports.split(","))
     if not transports or set(transports) - set(TRANSPORTS):
@@ -257,7 +261,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import run_report
+    from .workbook.report import run_report
 
     out = run_report(args.params, args.output_root)
     print(f"report: {out / 'report.html'}")
@@ -433,4 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in WORKBOOK_DEPENDENCIES:
+            raise
+        print(f"error: `{args.command}` is part of the workbook, which needs {exc.name}: "
+              "pip install 'poc[workbook]'", file=sys.stderr)
         return 2

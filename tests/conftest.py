@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from poc.config import make_tenants
-from poc.dataset import write_dataset
-from poc.runner import Cluster
+from poc.workbook.dataset import write_dataset
+from poc.workbook.runner import Cluster
 
 
 @pytest.fixture(scope="session")

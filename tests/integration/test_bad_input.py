@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from poc.runner import Cluster
+from poc.workbook.runner import Cluster
 from tests.helpers import bearer, read, sales
 
 LIMITS = ("--max-message-bytes", "4096", "--max-frame-bytes", str(256 << 10), "--window-bytes", str(512 << 10),
@@ -139,7 +139,7 @@ def serve_one_do_get(gateway, tenants, respond):
     assert request["action"] == "get_flight_info"
     import base64
 
-    from poc.dataset import SCHEMA
+    from poc.workbook.dataset import SCHEMA
     ws.send(json.dumps({"action": "flight_info", "request_id": request["request_id"],
                         "schema": base64.b64encode(SCHEMA.serialize().to_pybytes()).decode(), "rows": 10,
                         "bytes": 100}))
@@ -151,7 +151,7 @@ def serve_one_do_get(gateway, tenants, respond):
 
 
 def test_invalid_arrow_ipc_fails_the_client_not_the_gateway(gateway, tenants):
-    from poc.dataset import SCHEMA
+    from poc.workbook.dataset import SCHEMA
 
     def respond(ws, sid):
         ws.send(frame(1, sid, SCHEMA.serialize().to_pybytes()))
@@ -167,7 +167,7 @@ def test_invalid_arrow_ipc_fails_the_client_not_the_gateway(gateway, tenants):
 
 
 def test_sending_beyond_credit_closes_the_link_and_fails_the_client(gateway, tenants):
-    from poc.dataset import SCHEMA, make_table
+    from poc.workbook.dataset import SCHEMA, make_table
 
     batch = make_table(4000).to_batches()[0].serialize().to_pybytes()  # ~200 KB, window is 512 KiB
 

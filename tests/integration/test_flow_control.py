@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from poc.runner import Cluster
+from poc.workbook.runner import Cluster
 from tests.helpers import bearer, sales
 
 WINDOW = 2 << 20

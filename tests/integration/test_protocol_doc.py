@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from websockets.sync.client import connect
 
-from poc.runner import Cluster
+from poc.workbook.runner import Cluster
 from tests.helpers import read
 
 

@@ -8,7 +8,7 @@ import pyarrow.flight as flight
 import pytest
 
 from poc.auth import TicketSigner
-from poc.runner import Cluster
+from poc.workbook.runner import Cluster
 from tests.helpers import bearer, sales
 
 SECRET = "lifecycle-ticket-secret"

@@ -12,9 +12,9 @@ import polars as pl
 import psutil
 import pytest
 
-from poc.load.client import LoadConfig, run_load
-from poc.report import run_report
-from poc.runner import Cluster
+from poc.workbook.load.client import LoadConfig, run_load
+from poc.workbook.report import run_report
+from poc.workbook.runner import Cluster
 
 RECORD_FIELDS = {"request_id", "tenant_id", "timestamp", "connect_ms", "metadata_ms", "data_transfer_ms", "total_ms",
                  "queued_ms", "rows_transferred", "bytes", "status", "error"}

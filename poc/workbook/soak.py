@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pyarrow.flight as flight
 
-from .config import make_tenants
+from ..config import make_tenants
 from .dataset import dataset_folder
 from .runner import Cluster, machine_info
 

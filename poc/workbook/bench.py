@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pyarrow.flight as flight
 
-from .config import make_tenants
+from ..config import make_tenants
 from .dataset import dataset_folder
 from .runner import Cluster, machine_info
 
@@ -221,8 +221,8 @@ def validation_cost(data: Path, rounds: int = 10) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .catalog import cut_batches
-    from .gateway.bridge import bounds_schema
+    from ..catalog import cut_batches
+    from ..gateway.bridge import bounds_schema
 
     table = pq.read_table(next(data.glob("*.parquet")))
     messages = [b.serialize() for b in cut_batches(table)]

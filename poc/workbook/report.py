@@ -7,9 +7,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..config import PROJECT_ROOT
 from .experiment import ExperimentParams, ExperimentResult
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PROJECT_ROOT
 NOTEBOOKS = ROOT / "notebooks"
 
 
@@ -43,7 +44,7 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     import yaml
     from nbconvert import HTMLExporter
 
-    from .config import ConfigError
+    from ..config import ConfigError
     from .resilience import ResilienceParams
 
     params_file = Path(params_file)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.flight as flight
 from tqdm import tqdm
 
-from ..config import ConfigError
+from ...config import ConfigError
 
 SUCCESS, ERROR, TIMEOUT = "success", "error", "timeout"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .config import ConfigError, make_tenants, params_from_yaml, project_path, parse_delay
+from ..config import ConfigError, make_tenants, params_from_yaml, project_path, parse_delay
 from .dataset import dataset_folder
 from .load.client import LoadConfig, records_as_dicts, run_load
 from .load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame

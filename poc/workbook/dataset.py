@@ -55,7 +55,7 @@ def ensure_dataset(rows: int, out: str | Path, seed: int = 42) -> Path:
 
 def dataset_folder(data_dir: str | Path, rows: int, seed: int = 42, name: str = "sales") -> Path:
     """A folder holding NAME.parquet of `rows` rows, made once and reused by later runs."""
-    from .config import project_path
+    from ..config import project_path
 
     folder = project_path(data_dir) / f"rows-{rows}-seed-{seed}"
     ensure_dataset(rows, folder / f"{name}.parquet", seed)

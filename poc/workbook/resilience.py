@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from .config import ConfigError, make_tenants, params_from_yaml, project_path
+from ..config import ConfigError, make_tenants, params_from_yaml, project_path
 from .dataset import dataset_folder
 from .faults import TcpProxy
 from .load.client import LoadConfig, RequestRecord, run_load
