@@ -142,16 +142,15 @@ class TenantLink:
         elif isinstance(event, ev.HeartbeatReceived):
             self.last_heartbeat = time.time()
 
-    def _end_stream(self, stream_id: int, kind: str, value=None) -> bool:
+    def _end_stream(self, stream_id: int, kind: str, value=None) -> None:
         """Take a stream out of the link, free its reservation and hand its last item to the Flight side."""
         sink = self._sinks.pop(stream_id, None)
         if sink is None:
             self.dropped_events += 1
-            return False
+            return
         self.budget.release(self.endpoint.limits.window_bytes)
         if kind != StreamItem.CANCEL:
             sink.put(kind, value)
-        return True
 
     def _admit(self) -> None:
         """The per-link request rate (docs/protocol.md §7): refuse at once rather than queue."""

@@ -42,7 +42,7 @@ def latency_distribution(requests: pl.DataFrame, machine: str) -> alt.Chart:
     return (alt.Chart(ok, title=f"Total latency distribution ({machine})")
             .transform_density("total_ms", groupby=["target"], as_=["total_ms", "density"])
             .mark_area(opacity=0.5)
-            .encode(x=alt.X("total_ms:Q", title="total ms"), y=alt.Y("density:Q"), color="target:N")
+            .encode(x=alt.X("total_ms:Q", title="total ms"), y=alt.Y("density:Q", stack=None), color="target:N")
             .properties(width=600, height=220))
 
 

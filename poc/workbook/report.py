@@ -65,6 +65,7 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     papermill.execute_notebook(str(notebook), str(executed), parameters=asdict(params), cwd=str(ROOT),
                                kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=True,
                                stderr_file=sys.stderr)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    body, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(
+        nbformat.read(executed, as_version=4))  # what gets shared: results, not code (the .ipynb keeps it)
     (out / "report.html").write_text(body)
     return out

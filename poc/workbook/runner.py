@@ -332,7 +332,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     libs = {}
-    for name in ("pyarrow", "websockets", "grpcio", "polars", "altair", "papermill", "psutil"):
+    for name in ("pyarrow", "picows", "websockets", "grpcio", "prometheus_client", "polars", "altair", "papermill",
+                 "psutil"):
         try:
             libs[name] = version(name)
         except PackageNotFoundError:
