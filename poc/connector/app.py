@@ -203,7 +203,8 @@ class _Session:
             task = self.tasks.get(event.stream_id)
             if task is not None:
                 task.cancel()
-                log.info("stream cancelled by the gateway: %s", event.reason, extra=self._context(event.stream_id))
+                log.info("stream %d cancelled by the gateway: %s", event.stream_id, event.reason,
+                         extra=self._context(event.stream_id))
         elif isinstance(event, ev.FlightInfoRequested):
             self.connector.metrics.requests.labels("get_flight_info").inc()
             log.info("get_flight_info %s", event.dataset, extra={**self._context(), "request_id": event.trace_id})

@@ -1,0 +1,79 @@
+"""`python -m poc swarm`: thousands of connectors in one process, to load a gateway with idle tunnels.
+
+Each tunnel is a real `Connector` (the product's, with its registration, heartbeats and reconnect with
+backoff and jitter) for one tenant of the tenants file, serving a ten-row dataset named `tiny`. They share
+one event loop, so thousands fit on a small machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from ..catalog import Dataset
+from ..config import TenantCredentials
+from ..connector.app import Connector, ConnectorConfig
+
+log = logging.getLogger("poc.swarm")
+
+
+def tiny_dataset() -> dict[str, Dataset]:
+    table = pa.table({"id": pa.array(range(10), pa.int64()), "value": [f"v{i}" for i in range(10)]})
+    return {"tiny": Dataset("tiny", table.schema, table.to_batches())}
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one (each tunnel is a socket); return the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+class Swarm:
+    """`count` connectors, one per tenant, started `per_second` at a time so the gateway sees no SYN flood."""
+
+    def __init__(self, gateway: str, tenants: list[TenantCredentials], heartbeat_s: float, ws_impl: str,
+                 per_second: float = 1000.0) -> None:
+        datasets = tiny_dataset()
+        self.connectors = [Connector(ConnectorConfig(gateway=gateway, tenant_id=t.tenant_id, token=t.connector_token,
+                                                     delay_ms=(0.0, 0.0), heartbeat_s=heartbeat_s, ws_impl=ws_impl),
+                                     datasets) for t in tenants]
+        self.per_second = per_second
+        self.failed: list[str] = []
+
+    @property
+    def registered(self) -> int:
+        return sum(1 for c in self.connectors if c.metrics.registered._value.get() == 1)
+
+    async def run(self, stop: asyncio.Event, on_progress: Callable[[int, int], None] = lambda done, total: None
+                  ) -> None:
+        """Run every connector until `stop`; a connector that gives up (refused) is counted in `failed`."""
+        tasks = []
+        for i, connector in enumerate(self.connectors):
+            tasks.append(asyncio.get_running_loop().create_task(self._one(connector, stop)))
+            if (i + 1) % 100 == 0:
+                await asyncio.sleep(100 / self.per_second)
+        started = time.monotonic()
+        while not stop.is_set():
+            on_progress(self.registered, len(self.connectors))
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0 if time.monotonic() - started < 60 else 5.0)
+            except asyncio.TimeoutError:
+                pass
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self, connector: Connector, stop: asyncio.Event) -> None:
+        try:
+            await connector.run(stop)
+        except Exception as exc:  # refused or replaced: this tunnel stops, the others go on
+            self.failed.append(f"{connector.cfg.tenant_id}: {exc}")
