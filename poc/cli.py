@@ -78,6 +78,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     _check_tls(args)
     _hide_tracebacks_from_clients()
+    files = config.raise_open_files_limit()
+    logging.getLogger("poc.gateway").info("open-files limit %d: room for about %d tunnels", files, max(0, files - 64))
     cfg = GatewayConfig(
         tenants=config.load_tenants(args.tenants), tenants_file=args.tenants, host=args.host, ws_port=args.ws_port,
         flight_port=args.flight_port, http_port=args.http_port, heartbeat_s=args.heartbeat_s,
@@ -260,6 +262,36 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if all(map(passed, results)) else 1
 
 
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from .workbook.swarm import Swarm
+
+    tenants = list(config.load_tenants(args.tenants).values())
+    count = args.count or len(tenants)
+    if not 1 <= count <= len(tenants):
+        raise ConfigError(f"--count must be between 1 and the {len(tenants)} tenants of {args.tenants}")
+    limit = config.raise_open_files_limit()
+    if limit < count + 64:
+        raise ConfigError(f"{count} tunnels need {count + 64} open files; the limit is {limit} (ulimit -n)")
+    logging.getLogger("poc.connector").setLevel(logging.WARNING)  # thousands of registrations are not news
+    swarm = Swarm(args.gateway, tenants[:count], args.heartbeat_s, args.ws_impl, args.per_second)
+    announced = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done == total and not announced.is_set():
+            announced.set()
+            _emit_ready(component="swarm", pid=os.getpid(), tunnels=total)
+        logging.getLogger("poc.swarm").info("%d of %d tunnels registered", done, total)
+
+    async def main() -> None:
+        stop = _stop_event_for_signals(asyncio.get_running_loop())
+        await swarm.run(stop, progress)
+
+    asyncio.run(main())
+    for failure in swarm.failed[:10]:
+        logging.getLogger("poc.swarm").error("%s", failure)
+    return 0 if not swarm.failed else 3
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .workbook.report import run_report
 
@@ -406,6 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="parameters/seed.yaml", help="YAML parameter file (default %(default)s)")
     p.add_argument("--output-root", default="outputs", help="where run folders go (default %(default)s)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("swarm", help="thousands of connectors in one process: idle tunnels to load a gateway",
+                       description="Open one registered tunnel for each of the first COUNT tenants of the tenants "
+                                   "file (each with its own connector token), each serving a ten-row dataset "
+                                   "'tiny', with heartbeats and reconnects as a real connector. Prints a ready line "
+                                   "once all are registered; runs until SIGTERM/SIGINT.")
+    p.add_argument("--gateway", required=True, help="ws[s]://HOST:PORT/connect or grpc[s]://HOST:PORT")
+    p.add_argument("--tenants", required=True, help="the gateway's tenants YAML (connector tokens are read from it)")
+    p.add_argument("--count", type=int, default=0, help="tunnels; 0 = one per tenant of the file (default)")
+    p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S,
+                   help="heartbeat interval, at most the gateway's (default %(default)s)")
+    p.add_argument("--per-second", type=float, default=1000.0,
+                   help="tunnels opened per second at start (default %(default)s)")
+    _add_ws_impl(p)
+    p.set_defaults(func=cmd_swarm)
 
     p = sub.add_parser("soak", help="clients that abandon their streams, for minutes, on each tunnel transport",
                        description="Start a gateway and connectors per transport; CLIENTS readers loop DoGets, "

@@ -41,6 +41,22 @@ def project_path(path: str | Path) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one (every tunnel is a socket); return the limit in force.
+    A limit that cannot be raised is logged and returned as it is."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logging.getLogger("poc").warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
 class ConfigError(ValueError):
     """A configuration file or option is wrong; the message says which and how."""
 

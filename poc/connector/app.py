@@ -63,6 +63,7 @@ class Connector:
         self.datasets = datasets
         self.session_id: str | None = None
         self.sessions = 0
+        self.online = False  # registered on a live link right now
         self.on_registered = None
         self.metrics = ConnectorMetrics()
 
@@ -87,6 +88,7 @@ class Connector:
                 log.exception("session with %s failed", self.cfg.gateway)
             if stop.is_set():
                 return
+            self.online = False
             self.metrics.registered.set(0)
             self.metrics.reconnects.inc()
             attempt = 0 if self.sessions > sessions_before else attempt + 1
@@ -182,6 +184,7 @@ class _Session:
         connector = self.connector
         connector.session_id = event.registered.session_id
         connector.sessions += 1
+        connector.online = True
         connector.metrics.registered.set(1)
         log.info("registered tenant %s as session %s", connector.cfg.tenant_id, connector.session_id)
         if connector.on_registered:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import time
 from collections.abc import Callable
 
@@ -27,18 +26,6 @@ def tiny_dataset() -> dict[str, Dataset]:
     return {"tiny": Dataset("tiny", table.schema, table.to_batches())}
 
 
-def raise_open_files_limit() -> int:
-    """Lift the soft limit on open files to the hard one (each tunnel is a socket); return the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
-    return soft
-
-
 class Swarm:
     """`count` connectors, one per tenant, started `per_second` at a time so the gateway sees no SYN flood."""
 
@@ -53,7 +40,7 @@ class Swarm:
 
     @property
     def registered(self) -> int:
-        return sum(1 for c in self.connectors if c.metrics.registered._value.get() == 1)
+        return sum(1 for c in self.connectors if c.online)
 
     async def run(self, stop: asyncio.Event, on_progress: Callable[[int, int], None] = lambda done, total: None
                   ) -> None:
