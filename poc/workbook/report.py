@@ -46,6 +46,7 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
 
     from ..config import ConfigError
     from .resilience import ResilienceParams
+    from .scale import ScaleParams
 
     params_file = Path(params_file)
     try:
@@ -53,7 +54,7 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read parameter file {params_file}: {exc}") from None
     name = doc.get("notebook", "experiment")
-    kinds = {"experiment": ExperimentParams, "resilience": ResilienceParams}
+    kinds = {"experiment": ExperimentParams, "resilience": ResilienceParams, "scale": ScaleParams}
     if name not in kinds:
         raise ConfigError(f"{params_file}: notebook must be one of {sorted(kinds)}, got {name!r}")
     notebook = NOTEBOOKS / f"{name}.ipynb"
@@ -62,7 +63,8 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     out = params.out_dir
     out.mkdir(parents=True, exist_ok=True)
     executed = out / notebook.name
-    papermill.execute_notebook(str(notebook), str(executed), parameters=asdict(params), cwd=str(ROOT),
+    papermill.execute_notebook(str(notebook), str(executed), parameters={k: list(v) if isinstance(v, tuple) else v  # papermill writes lists, not tuples
+                                                                for k, v in asdict(params).items()}, cwd=str(ROOT),
                                kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=True,
                                stderr_file=sys.stderr)
     body, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(
