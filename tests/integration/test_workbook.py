@@ -122,6 +122,20 @@ def test_resilience_notebook_measures_faults_and_isolation(tmp_path):
     assert (out / "charts" / "recovery_and_detection.png").exists()
 
 
+def test_scale_notebook_measures_idle_tunnels(tmp_path):
+    params = tmp_path / "scale.yaml"
+    params.write_text(f"notebook: scale\ncounts: [50, 150]\ncpu_window_s: 2\nlatency_calls: 3\n"
+                      f"data_dir: {tmp_path / 'data'}\n")
+    out = run_report(params, output_root=str(tmp_path / "outputs"))
+    nb = nbformat.read(out / "scale.ipynb", as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    scale = pl.read_csv(out / "scale.csv")
+    assert scale["tunnels"].to_list() == [50, 150]
+    assert scale["register_again_after_restart_s"].null_count() == 0 and (scale["kib_per_idle_tunnel"] > 0).all()
+    assert (scale["info_p50_ms_with_idle"] > 0).all() and (out / "charts" / "kib_per_tunnel.png").exists()
+    assert "run_scale(params" not in (out / "report.html").read_text()  # the code cells are left out of the report
+
+
 def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
     from poc.config import ConfigError
 
