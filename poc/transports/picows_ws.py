@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
-import time
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any

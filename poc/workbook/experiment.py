@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import polars as pl
 
-from ..config import ConfigError, make_tenants, params_from_yaml, project_path, parse_delay
+from ..config import ConfigError, make_tenants, parse_delay
 from .dataset import dataset_folder
+from .params import RunParams
 from .load.client import LoadConfig, records_as_dicts, run_load
 from .load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
 from .runner import Cluster, ProcessSampler, machine_info
@@ -20,12 +20,9 @@ TUNNEL_TARGETS = {"websocket": "tunnel", "grpc": "grpc_tunnel"}  # transport →
 
 
 @dataclass
-class ExperimentParams:
+class ExperimentParams(RunParams):
     """The parameters cell of the notebooks, and the keys of parameters/*.yaml."""
 
-    run_name: str = ""
-    output_root: str = "outputs"
-    data_dir: str = "outputs/data"
     rows: int = 1_000_000
     requests: int = 1000
     concurrency: int = 100
@@ -44,8 +41,7 @@ class ExperimentParams:
         for name in ("rows", "requests", "concurrency", "tenant_count", "repetitions"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.run_name:
-            self.run_name = "run-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        super().__post_init__()
         if not self.tunnel_list or set(self.tunnel_list) - set(TUNNEL_TARGETS):
             raise ConfigError(f"parameter tunnels must name websocket and/or grpc, got {self.tunnels!r}")
 
@@ -57,13 +53,6 @@ class ExperimentParams:
     def targets(self) -> list[str]:
         return ["direct"] + [TUNNEL_TARGETS[t] for t in self.tunnel_list]
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "ExperimentParams":
-        return params_from_yaml(cls, path, **overrides)
-
-    @property
-    def out_dir(self) -> Path:
-        return project_path(self.output_root) / self.run_name
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 import threading
 import time
@@ -14,8 +13,9 @@ import polars as pl
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, make_tenants, params_from_yaml, project_path
+from ..config import ConfigError, make_tenants
 from .dataset import dataset_folder
+from .params import RunParams
 from .faults import TcpProxy
 from .load.client import LoadConfig, RequestRecord, run_load
 from .runner import Cluster, machine_info
@@ -24,10 +24,9 @@ FAULTS = ("gateway_restart", "dropped_link", "half_open_link")
 
 
 @dataclass
-class ResilienceParams:
-    run_name: str = ""
-    output_root: str = "outputs"
-    data_dir: str = "outputs/data"
+class ResilienceParams(RunParams):
+    RUN_PREFIX = "resilience"
+
     rows: int = 200_000
     trials: int = 3
     tenant_count: int = 2
@@ -40,16 +39,7 @@ class ResilienceParams:
     def __post_init__(self) -> None:
         if self.trials < 1 or self.tenant_count < 2 or self.offline_after_s <= self.heartbeat_s:
             raise ConfigError("need trials >= 1, tenant_count >= 2 and offline_after_s > heartbeat_s")
-        if not self.run_name:
-            self.run_name = "resilience-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "ResilienceParams":
-        return params_from_yaml(cls, path, **overrides)
-
-    @property
-    def out_dir(self) -> Path:
-        return project_path(self.output_root) / self.run_name
+        super().__post_init__()
 
 
 def _wait(predicate, timeout: float) -> float | None:

@@ -8,7 +8,6 @@ tunnel at all.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import statistics
 import time
@@ -19,18 +18,18 @@ import polars as pl
 import psutil
 import pyarrow.flight as flight
 
-from ..config import ConfigError, TenantCredentials, make_tenants, params_from_yaml, project_path
+from ..config import ConfigError, TenantCredentials, make_tenants, write_tenants
 from .dataset import dataset_folder
+from .params import RunParams
 from .runner import Cluster, machine_info, start_component
 
 ACTIVE = "tenant_active"
 
 
 @dataclass
-class ScaleParams:
-    run_name: str = ""
-    output_root: str = "outputs"
-    data_dir: str = "outputs/data"
+class ScaleParams(RunParams):
+    RUN_PREFIX = "scale"
+
     counts: tuple[int, ...] = (100, 500)  # idle tunnels per measurement
     heartbeat_s: float = 60.0
     cpu_window_s: float = 20.0  # how long gateway CPU is sampled with the tunnels idle
@@ -41,16 +40,7 @@ class ScaleParams:
         self.counts = tuple(int(c) for c in self.counts)
         if not self.counts or min(self.counts) < 1 or self.latency_calls < 1 or self.cpu_window_s <= 0:
             raise ConfigError("need counts >= 1, latency_calls >= 1 and cpu_window_s > 0")
-        if not self.run_name:
-            self.run_name = "scale-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "ScaleParams":
-        return params_from_yaml(cls, path, **overrides)
-
-    @property
-    def out_dir(self) -> Path:
-        return project_path(self.output_root) / self.run_name
+        super().__post_init__()
 
 
 def _latency_ms(cluster: Cluster, token: str, calls: int) -> tuple[float, float]:
@@ -94,10 +84,7 @@ def measure(params: ScaleParams, count: int, work: Path, log=print) -> dict:
         gateway = psutil.Process(cluster.gateway.pid)
         rss_before = gateway.memory_info().rss
         start = time.monotonic()
-        swarm_tenants = cluster.workdir / "swarm-tenants.yaml"
-        from ..config import write_tenants
-
-        write_tenants(swarm_tenants, idle)
+        swarm_tenants = write_tenants(cluster.workdir / "swarm-tenants.yaml", idle)
         cluster.components["swarm"] = start_component(
             "swarm", ["swarm", "--gateway", cluster.ws_url, "--tenants", str(swarm_tenants),
                       "--heartbeat-s", str(params.heartbeat_s)], cluster.log_dir, ready_timeout=900)

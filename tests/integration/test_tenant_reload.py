@@ -12,7 +12,7 @@ import pytest
 
 from poc.config import TenantCredentials, make_tenants, write_tenants
 from poc.workbook.runner import Cluster
-from tests.helpers import bearer, read, sales
+from tests.helpers import read
 
 
 def reloaded(cluster: Cluster, count: int, timeout: float = 10) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poc.tunnel import CloseCode, FrameType, GatewayEndpoint, Limits, RemoteProtocolError
+from poc.tunnel import CloseCode, FrameType, Limits, RemoteProtocolError
 from poc.tunnel import endpoint as ev
 from poc.tunnel import ipc
 from poc.tunnel.frames import HEADER

@@ -1,0 +1,33 @@
+"""What every experiment's parameters share: where a run's files go, and reading them from parameters/*.yaml."""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import params_from_yaml, project_path
+
+
+@dataclass
+class RunParams:
+    """Base of each experiment's parameters (the notebook's parameters cell, the YAML file's keys)."""
+
+    RUN_PREFIX: typing.ClassVar[str] = "run"
+
+    run_name: str = ""          # empty: <RUN_PREFIX>-<time>
+    output_root: str = "outputs"
+    data_dir: str = "outputs/data"
+
+    def __post_init__(self) -> None:
+        if not self.run_name:
+            self.run_name = f"{self.RUN_PREFIX}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides):
+        return params_from_yaml(cls, path, **overrides)
+
+    @property
+    def out_dir(self) -> Path:
+        return project_path(self.output_root) / self.run_name
