@@ -24,6 +24,7 @@ from .base import Link
 
 log = logging.getLogger(__name__)
 _CLOSED = object()
+IDLE_READ_BUFFER = 2048  # picows' default is 16 KiB per connection
 
 
 class PicowsLink(WSListener, Link):
@@ -164,8 +165,10 @@ async def serve_picows(on_link: Callable[[PicowsLink], Any], endpoint_factory: C
         link.connected.add_done_callback(lambda f: not f.exception() and loop.create_task(on_link(link)))
         return link
 
+    # An idle tunnel only ever reads heartbeats: a small first read buffer (picows grows it as frames need)
+    # keeps thousands of idle tunnels cheap (docs/results.md, scale).
     return await ws_create_server(factory, host, port, ssl=ssl, max_frame_size=max_frame_size,
-                                  websocket_handshake_timeout=10)
+                                  websocket_handshake_timeout=10, read_buffer_init_size=IDLE_READ_BUFFER)
 
 
 async def dial_picows(url: str, endpoint_factory: Callable[[], Endpoint], ssl: ssl_module.SSLContext | None,
