@@ -196,12 +196,9 @@ class TunnelStream:
         zero-copy; the cost is in docs/results.md."""
         try:
             message = pa.ipc.read_message(pa.py_buffer(payload))
-            if self._bounds is not self.schema:
-                pa.ipc.read_record_batch(message, self._bounds).validate(full=True)
-            batch = pa.ipc.read_record_batch(message, self.schema)
-            if self._bounds is self.schema:
-                batch.validate(full=True)
-            return batch
+            checked = pa.ipc.read_record_batch(message, self._bounds)
+            checked.validate(full=True)
+            return checked if self._bounds is self.schema else pa.ipc.read_record_batch(message, self.schema)
         except _DECODE_ERRORS as exc:
             self._cancel("invalid Arrow IPC")
             raise flight.FlightInternalError(f"connector of tenant {self._link.tenant_id} sent invalid Arrow "

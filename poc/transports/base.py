@@ -39,9 +39,6 @@ class TunnelTransport(Protocol):
     async def call(self, produce: Callable[..., Any], *args: Any) -> Any:
         """Run `produce` on the endpoint and send what it queued."""
 
-    async def flush(self) -> None:
-        """Send whatever the endpoint has queued."""
-
     def flush_soon(self) -> None:
         """Schedule a flush if the endpoint queued something."""
 
@@ -103,7 +100,7 @@ class Link:
         and what the caller queued while handling them is sent. A broken rule closes the link with its code."""
         try:
             async for message in self._receive():
-                events = self.feed(message)
+                events = self._feed(message)
                 if events:
                     yield events
                 self.flush_soon()
@@ -114,7 +111,7 @@ class Link:
             raise TunnelClosed(exc.close_code, str(exc)) from exc
         raise self._ended()
 
-    def feed(self, message: str | bytes | bytearray | memoryview) -> list[Event]:
+    def _feed(self, message: str | bytes | bytearray | memoryview) -> list[Event]:
         """One received message into the core: a str is a text frame, bytes a binary one."""
         now = time.monotonic()
         if isinstance(message, str):
@@ -134,25 +131,18 @@ class Link:
             await finish_even_if_cancelled(self._send_queued())
             return result
 
-    async def flush(self) -> None:
-        async with self._write_lock:
-            await finish_even_if_cancelled(self._send_queued())
-
-    async def _flush_uncancelled(self) -> None:
-        """`flush` for the tasks of `flush_soon`, which nothing cancels: no task to shield the send."""
-        async with self._write_lock:
-            await self._send_queued()
-
     def flush_soon(self) -> None:
         """Called after every received frame: most (data frames) queue nothing and create no task."""
         if not self._flush_scheduled and self.endpoint.has_data_to_send:
             self._flush_scheduled = True
-            asyncio.get_running_loop().create_task(self._flush_later())
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())  # held: not collected
 
     async def _flush_later(self) -> None:
+        """Send what is queued; nothing cancels this task, so the send needs no shield (unlike `call`)."""
         self._flush_scheduled = False
         try:
-            await self._flush_uncancelled()
+            async with self._write_lock:
+                await self._send_queued()
         except self._closed_errors:
             pass  # the reader sees the close and fails what was in flight
         except Exception as exc:  # a write that fails otherwise leaves the link unusable: close it
