@@ -94,6 +94,12 @@ def load_tenants(path: str | Path) -> dict[str, TenantCredentials]:
                 raise ConfigError(f"tenants file {path}: tenant {tenant_id!r} needs a {key} of at least 8 characters")
             tokens[key] = value
         result[str(tenant_id)] = TenantCredentials(str(tenant_id), **tokens)
+    owners: dict[str, str] = {}
+    for tenant in result.values():  # a client token names exactly one tenant
+        other = owners.setdefault(tenant.client_token, tenant.tenant_id)
+        if other != tenant.tenant_id:
+            raise ConfigError(f"tenants file {path}: tenants {other!r} and {tenant.tenant_id!r} have the same "
+                              "client_token; each client token must belong to one tenant")
     return result
 
 

@@ -26,12 +26,26 @@ def test_tenants_file_roundtrip(tmp_path):
     ("tenants: {a: {connector_token: short, client_token: longenough}}", "connector_token of at least 8"),
     ("tenants: {a: {connector_token: longenough}}", "client_token"),
     ("tenants: [unclosed", "not valid YAML"),
+    ("tenants: {a: {connector_token: aaaaaaaa, client_token: samesame},"
+     " b: {connector_token: bbbbbbbb, client_token: samesame}}", "'a' and 'b' have the same client_token"),
 ])
 def test_bad_tenants_files_say_what_is_wrong(tmp_path, text, match):
     path = tmp_path / "t.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_tenants(path)
+
+
+def test_a_client_token_finds_its_tenant_among_ten_thousand():
+    from poc.auth import TenantTokens
+
+    tenants = make_tenants(10_000, seed=3)
+    tokens = TenantTokens(tenants, "client_token")
+    for tenant in (tenants["tenant_001"], tenants["tenant_5000"], tenants["tenant_10000"]):
+        assert tokens.tenant_for(tenant.client_token) == tenant.tenant_id
+    some = tenants["tenant_042"].client_token
+    for wrong in ("", some[:-1], some + "0", some.upper(), tenants["tenant_042"].connector_token):
+        assert tokens.tenant_for(wrong) is None
 
 
 def test_missing_tenants_file_is_a_clear_error(tmp_path):
