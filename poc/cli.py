@@ -273,7 +273,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     if limit < count + 64:
         raise ConfigError(f"{count} tunnels need {count + 64} open files; the limit is {limit} (ulimit -n)")
     logging.getLogger("poc.connector").setLevel(logging.WARNING)  # thousands of registrations are not news
-    swarm = Swarm(args.gateway, tenants[:count], args.heartbeat_s, args.ws_impl, args.per_second)
+    swarm = Swarm(args.gateway, tenants[:count], args.heartbeat_s, args.ws_impl, args.per_second, args.ca_file)
     announced = threading.Event()
 
     def progress(done: int, total: int) -> None:
@@ -451,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heartbeat interval, at most the gateway's (default %(default)s)")
     p.add_argument("--per-second", type=float, default=1000.0,
                    help="tunnels opened per second at start (default %(default)s)")
+    p.add_argument("--ca-file", help="CA bundle for wss:// or grpcs:// gateways (default: the system's)")
     _add_ws_impl(p)
     p.set_defaults(func=cmd_swarm)
 

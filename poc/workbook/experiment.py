@@ -30,7 +30,7 @@ class ExperimentParams(RunParams):
     delay_ms: str = "250"
     dataset: str = "sales"
     repetitions: int = 1
-    timeout_s: float = 120.0
+    timeout_s: float = 300.0
     sample_interval_s: float = 0.5
     seed: int = 42
     tunnels: str = "websocket,grpc"  # tunnel transports measured beside direct, each with its own tenants

@@ -14,6 +14,9 @@ ROOT = PROJECT_ROOT
 NOTEBOOKS = ROOT / "notebooks"
 
 
+PATH_NAMES = {"direct": "direct Flight", "tunnel": "WebSocket tunnel", "grpc_tunnel": "gRPC tunnel"}
+
+
 def ratio_lines(result: ExperimentResult) -> list[str]:
     """Plain sentences comparing each tunnel with direct, from figures of the same run."""
     s = result.summaries
@@ -26,14 +29,45 @@ def ratio_lines(result: ExperimentResult) -> list[str]:
         for phase in ("metadata_ms", "data_transfer_ms", "total_ms"):
             tp, dp = t.get(phase, {}).get("p50"), d.get(phase, {}).get("p50")
             if tp is not None and dp:
-                lines.append(f"{target} {phase} P50: {tp:.1f} ms vs direct {dp:.1f} ms ({tp / dp:.2f}×, "
-                             f"{tp - dp:+.1f} ms)")
+                lines.append(f"{PATH_NAMES[target]}, {phase.removesuffix('_ms').replace('_', ' ')} P50: {tp:,.1f} ms "
+                             f"vs direct {dp:,.1f} ms ({tp / dp:.2f}×, {tp - dp:+,.1f} ms)")
         if t.get("throughput_rps") and d.get("throughput_rps"):
-            lines.append(f"{target} throughput: {t['throughput_rps']:.1f} req/s vs direct {d['throughput_rps']:.1f} "
+            lines.append(f"{PATH_NAMES[target]}, throughput: {t['throughput_rps']:.1f} req/s vs direct {d['throughput_rps']:.1f} "
                          f"req/s ({t['throughput_rps'] / d['throughput_rps']:.2f}×)")
-        lines.append(f"{target} errors: {t['errors']} + {t['timeouts']} timeouts of {t['requests']} requests "
+        lines.append(f"{PATH_NAMES[target]}, errors: {t['errors']} + {t['timeouts']} timeouts of {t['requests']} requests "
                      f"(direct: {d['errors']} + {d['timeouts']})")
     return lines
+
+
+def answer(result: ExperimentResult) -> str:
+    """The report's first lines: which path to take, what it costs against direct (same run), and how each
+    tunnel fares against the seed's success criteria."""
+    s = result.summaries
+    direct = s.get("direct", {}).get("overall", {})
+    costs = []
+    for target in result.tunnel_targets:
+        o = s[target]["overall"]
+        ratio = (o["throughput_rps"] / direct["throughput_rps"]
+                 if o.get("throughput_rps") and direct.get("throughput_rps") else None)
+        added = (o["total_ms"]["p50"] - direct["total_ms"]["p50"]
+                 if o.get("total_ms", {}).get("p50") is not None and direct.get("total_ms", {}).get("p50") is not None
+                 else None)
+        verdicts = result.success(target).select("metric", "result").rows()
+        costs.append((target, ratio, added, o["errors"] + o["timeouts"], o["requests"], verdicts))
+    if not costs:
+        return "**Answer:** only the direct path was measured; there is nothing to compare."
+    best = max(costs, key=lambda c: (c[1] or 0.0, -(c[2] or 0.0)))
+    lines = [f"**Answer: take the {PATH_NAMES[best[0]]}.** Measured in one run against direct Flight on the same "
+             "machine:"]
+    for target, ratio, added, failed, requests, verdicts in costs:
+        passed = sum(1 for _, v in verdicts if v.startswith("pass"))
+        fails = [metric for metric, v in verdicts if v == "fail"]
+        lines.append(
+            f"- {PATH_NAMES[target]}: {'—' if ratio is None else f'{ratio:.2f}×'} the direct throughput, "
+            f"{'—' if added is None else f'{added:+,.1f} ms'} at P50, {failed:,} of {requests:,} requests failed; "
+            f"seed criteria: {passed} of {len(verdicts)} pass"
+            + (f" (fail: {', '.join(fails)})" if fails else "") + ".")
+    return "\n".join(lines)
 
 
 def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
@@ -63,11 +97,14 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     out = params.out_dir
     out.mkdir(parents=True, exist_ok=True)
     executed = out / notebook.name
-    papermill.execute_notebook(str(notebook), str(executed), parameters={k: list(v) if isinstance(v, tuple) else v  # papermill writes lists, not tuples
-                                                                for k, v in asdict(params).items()}, cwd=str(ROOT),
+    overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()}  # lists for papermill
+    papermill.execute_notebook(str(notebook), str(executed), parameters={"overrides": overrides}, cwd=str(ROOT),
                                kernel_name="python3", progress_bar=sys.stderr.isatty(), log_output=True,
                                stderr_file=sys.stderr)
+    shared = nbformat.read(executed, as_version=4)
+    for cell in shared.cells:  # progress lines went to the terminal; the shared page keeps results only
+        cell["outputs"] = [o for o in cell.get("outputs", []) if o.get("output_type") != "stream"]
     body, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(
-        nbformat.read(executed, as_version=4))  # what gets shared: results, not code (the .ipynb keeps it)
+        shared)  # what gets shared: results, not code (the .ipynb keeps it)
     (out / "report.html").write_text(body)
     return out

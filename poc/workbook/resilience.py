@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from ..config import ConfigError, make_tenants
 from .dataset import dataset_folder
 from .params import RunParams
+from .present import number
 from .faults import TcpProxy
 from .load.client import LoadConfig, RequestRecord, run_load
 from .runner import Cluster, machine_info
@@ -28,7 +29,7 @@ class ResilienceParams(RunParams):
     RUN_PREFIX = "resilience"
 
     rows: int = 200_000
-    trials: int = 3
+    trials: int = 5
     tenant_count: int = 2
     inflight_requests: int = 6
     delay_ms: str = "300"
@@ -209,3 +210,27 @@ def summary(trials: pl.DataFrame) -> pl.DataFrame:
                  pl.col("inflight_success").sum(), pl.col("silently_short").sum(),
                  pl.col("served_after").all())
             .sort("fault"))
+
+
+FAULT_NAMES = {"gateway_restart": "gateway restart", "dropped_link": "dropped link", "half_open_link": "half-open link"}
+
+
+def answer(trials: pl.DataFrame, isolation: pl.DataFrame) -> str:
+    """The report's first lines: did every fault recover, how fast, what happened to the requests in flight,
+    and the isolation checks."""
+    faults = summary(trials)
+    recovered = trials["recovery_s"].null_count() == 0 and bool(trials["served_after"].all())
+    short = int(trials["silently_short"].sum())
+    passed = int(isolation["passed"].sum())
+    ok = recovered and short == 0 and passed == isolation.height
+    lines = [f"**Answer: {'every' if recovered else 'not every'} fault was recovered from, "
+             f"{short} in-flight request{'' if short == 1 else 's'} ended as a silently short table, and "
+             f"{passed} of {isolation.height} isolation checks passed — {'pass' if ok else 'FAIL'}.**"]
+    for row in faults.iter_rows(named=True):
+        inflight = row["inflight_success"] + row["inflight_error"] + row["inflight_timeout"]
+        lines.append(f"- {FAULT_NAMES.get(row['fault'], row['fault'])} ({row['trials']} trials): all tenants served "
+                     f"again {number(row['recovery_s_p50'])} s after the fault ended (median; max "
+                     f"{number(row['recovery_s_max'])} s); of {inflight} requests in flight, "
+                     f"{row['inflight_success']} finished, {row['inflight_error']} failed with an error, "
+                     f"{row['inflight_timeout']} timed out.")
+    return "\n".join(lines)

@@ -19,8 +19,10 @@ import psutil
 import pyarrow.flight as flight
 
 from ..config import ConfigError, TenantCredentials, make_tenants, write_tenants
+from .certs import make_test_pki
 from .dataset import dataset_folder
 from .params import RunParams
+from .present import number
 from .runner import Cluster, machine_info, start_component
 
 ACTIVE = "tenant_active"
@@ -30,25 +32,31 @@ ACTIVE = "tenant_active"
 class ScaleParams(RunParams):
     RUN_PREFIX = "scale"
 
-    counts: tuple[int, ...] = (100, 500)  # idle tunnels per measurement
+    counts: tuple[int, ...] = (1000, 5000, 10000)  # idle tunnels per measurement, without TLS
+    tls_counts: tuple[int, ...] = (1000, 10000)    # the same with TLS (wss://), measured after; () for none
     heartbeat_s: float = 60.0
-    cpu_window_s: float = 20.0  # how long gateway CPU is sampled with the tunnels idle
-    latency_calls: int = 20
-    rows: int = 20_000  # the active tenant's table
+    cpu_window_s: float = 30.0  # how long gateway CPU is sampled with the tunnels idle
+    latency_calls: int = 200    # per latency figure (P50), after 10 calls of warm-up
+    rows: int = 20_000          # the active tenant's table
 
     def __post_init__(self) -> None:
         self.counts = tuple(int(c) for c in self.counts)
-        if not self.counts or min(self.counts) < 1 or self.latency_calls < 1 or self.cpu_window_s <= 0:
+        self.tls_counts = tuple(int(c) for c in self.tls_counts)
+        if (not self.counts or min(self.counts + self.tls_counts) < 1 or self.latency_calls < 1
+                or self.cpu_window_s <= 0):
             raise ConfigError("need counts >= 1, latency_calls >= 1 and cpu_window_s > 0")
         super().__post_init__()
 
 
-def _latency_ms(cluster: Cluster, token: str, calls: int) -> tuple[float, float]:
-    """P50 of GetFlightInfo and of a whole DoGet of the active tenant, in ms."""
+def _latency_ms(cluster: Cluster, token: str, calls: int, warmup: int = 10) -> tuple[float, float]:
+    """P50 of GetFlightInfo and of a whole DoGet of the active tenant, in ms (after `warmup` unmeasured calls)."""
     options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())], timeout=60)
     descriptor = flight.FlightDescriptor.for_path("dataset", "sales")
     info_ms, get_ms = [], []
-    with flight.connect(cluster.flight_uri) as client:
+    tls = {"tls_root_certs": cluster.tls.ca.read_bytes()} if cluster.tls else {}
+    with flight.connect(cluster.flight_uri, **tls) as client:
+        for _ in range(warmup):
+            client.do_get(client.get_flight_info(descriptor, options).endpoints[0].ticket, options).read_all()
         for _ in range(calls):
             start = time.perf_counter()
             ticket = client.get_flight_info(descriptor, options).endpoints[0].ticket
@@ -71,13 +79,15 @@ def _wait_online(cluster: Cluster, count: int, timeout: float) -> float | None:
     return None
 
 
-def measure(params: ScaleParams, count: int, work: Path, log=print) -> dict:
+def measure(params: ScaleParams, count: int, work: Path, tls: bool = False, log=print) -> dict:
     """One gateway, one active tenant with a real connector, then `count` idle tunnels from a swarm."""
     idle = make_tenants(count, seed=count)
     active = TenantCredentials(ACTIVE, "active-connector-token", "active-client-token")
     tenants = {**idle, ACTIVE: active}
     data = dataset_folder(params.data_dir, params.rows)
-    with Cluster(work / f"n{count}", tenants, data, with_direct=False, with_connectors=False) as cluster:
+    name = f"n{count}-tls" if tls else f"n{count}"
+    pki = make_test_pki(work / name / "pki") if tls else None
+    with Cluster(work / name, tenants, data, with_direct=False, with_connectors=False, tls=pki) as cluster:
         cluster.start_connector(ACTIVE)
         cluster.wait_online([ACTIVE])
         baseline = _latency_ms(cluster, active.client_token, params.latency_calls)
@@ -87,7 +97,8 @@ def measure(params: ScaleParams, count: int, work: Path, log=print) -> dict:
         swarm_tenants = write_tenants(cluster.workdir / "swarm-tenants.yaml", idle)
         cluster.components["swarm"] = start_component(
             "swarm", ["swarm", "--gateway", cluster.ws_url, "--tenants", str(swarm_tenants),
-                      "--heartbeat-s", str(params.heartbeat_s)], cluster.log_dir, ready_timeout=900)
+                      "--heartbeat-s", str(params.heartbeat_s), *(("--ca-file", str(pki.ca)) if pki else ())],
+            cluster.log_dir, ready_timeout=900)
         registered_s = time.monotonic() - start
         time.sleep(3)
         rss_after = gateway.memory_info().rss
@@ -95,13 +106,13 @@ def measure(params: ScaleParams, count: int, work: Path, log=print) -> dict:
         time.sleep(params.cpu_window_s)
         cpu_pct = 100 * (sum(gateway.cpu_times()[:2]) - cpu_before) / params.cpu_window_s
         loaded = _latency_ms(cluster, active.client_token, params.latency_calls)
-        log(f"{count} tunnels: registered in {registered_s:.1f} s, "
+        log(f"{count} tunnels{' with TLS' if tls else ''}: registered in {registered_s:.1f} s, "
             f"{(rss_after - rss_before) / count / 1024:.1f} KiB each, gateway CPU {cpu_pct:.2f} %")
         restart = time.monotonic()
         cluster.restart_gateway()
         again_s = _wait_online(cluster, count + 1, 900)
         again_s = None if again_s is None else time.monotonic() - restart
-    return {"tunnels": count, "register_all_s": round(registered_s, 2),
+    return {"tunnels": count, "tls": tls, "heartbeat_s": params.heartbeat_s, "register_all_s": round(registered_s, 2),
             "gateway_rss_mb": round(rss_after / 2**20, 1),
             "kib_per_idle_tunnel": round((rss_after - rss_before) / count / 1024, 2),
             "gateway_cpu_pct_of_one_core": round(cpu_pct, 3),
@@ -113,7 +124,8 @@ def measure(params: ScaleParams, count: int, work: Path, log=print) -> dict:
 def run_scale(params: ScaleParams, log=print) -> tuple[pl.DataFrame, dict]:
     out = params.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    rows = [measure(params, count, out / "clusters", log) for count in params.counts]
+    rows = [measure(params, count, out / "clusters", tls, log)
+            for tls, counts in ((False, params.counts), (True, params.tls_counts)) for count in counts]
     frame = pl.DataFrame(rows)
     machine = machine_info()
     frame.write_csv(out / "scale.csv")
@@ -121,3 +133,30 @@ def run_scale(params: ScaleParams, log=print) -> tuple[pl.DataFrame, dict]:
                                                indent=1))
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     return frame, machine
+
+
+def answer(frame: pl.DataFrame) -> str:
+    """The report's first lines: the largest count measured, without TLS and with, against the issue's goals."""
+    lines, met, total = [], 0, 0
+    for tls in (False, True):
+        rows = frame.filter(pl.col("tls") == tls).sort("tunnels")
+        if rows.is_empty():
+            continue
+        r = rows.row(-1, named=True)
+        info = r["info_p50_ms_with_idle"] / r["info_p50_ms_alone"] - 1
+        get = r["doget_p50_ms_with_idle"] / r["doget_p50_ms_alone"] - 1
+        again = r["register_again_after_restart_s"]
+        goals = [(f"{number(r['kib_per_idle_tunnel'])} KiB of gateway memory per idle tunnel", None if tls else 20,
+                  r["kib_per_idle_tunnel"], "≤ 20 KiB"),
+                 (f"gateway CPU {number(r['gateway_cpu_pct_of_one_core'])} % of one core at "
+                  f"{number(r['heartbeat_s'])} s heartbeats", 5, r["gateway_cpu_pct_of_one_core"], "< 5 %"),
+                 ("all registered again " + ("never" if again is None else f"{number(again)} s") + " after a restart",
+                  30, again, "≤ 30 s"),
+                 (f"one active tenant's P50 with the idle tunnels: GetFlightInfo {info:+.0%}, DoGet {get:+.0%}",
+                  0.10, max(info, get), "within 10 %")]
+        verdicts = [f"{text} ({'goal ' + goal + ': ' + ('met' if value is not None and value <= limit else 'NOT met') if limit is not None else 'no goal with TLS'})"
+                    for text, limit, value, goal in goals]
+        met += sum(1 for _, limit, value, _ in goals if limit is not None and value is not None and value <= limit)
+        total += sum(1 for _, limit, _, _ in goals if limit is not None)
+        lines.append(f"- **{r['tunnels']:,} idle tunnels {'with TLS' if tls else 'without TLS'}:** " + "; ".join(verdicts) + ".")
+    return "\n".join([f"**Answer: {met} of {total} goals met at the largest count measured.**", *lines])

@@ -30,10 +30,11 @@ class Swarm:
     """`count` connectors, one per tenant, started `per_second` at a time so the gateway sees no SYN flood."""
 
     def __init__(self, gateway: str, tenants: list[TenantCredentials], heartbeat_s: float, ws_impl: str,
-                 per_second: float = 1000.0) -> None:
+                 per_second: float = 1000.0, ca_file: str | None = None) -> None:
         datasets = tiny_dataset()
         self.connectors = [Connector(ConnectorConfig(gateway=gateway, tenant_id=t.tenant_id, token=t.connector_token,
-                                                     delay_ms=(0.0, 0.0), heartbeat_s=heartbeat_s, ws_impl=ws_impl),
+                                                     delay_ms=(0.0, 0.0), heartbeat_s=heartbeat_s, ws_impl=ws_impl,
+                                                     ca_file=ca_file),
                                      datasets) for t in tenants]
         self.per_second = per_second
         self.failed: list[str] = []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +78,20 @@ def test_bad_load_parameters_are_refused(cluster, tmp_path):
     assert proc.returncode == 2 and "has only 2 tenants" in proc.stderr
 
 
+def shared_text(out: Path, tmp_path: Path) -> str:
+    """report.html as a reader sees it, after checking it is fit to share: no code listing, no progress lines,
+    no truncated or raw-repr tables, no long unrounded floats, no machine paths; it opens with the answer."""
+    page = (out / "report.html").read_text()
+    assert str(tmp_path) not in page and str(Path(__file__).resolve().parents[2]) not in page
+    text = re.sub(r"<(style|script)\b.*?</\1>", "", page, flags=re.S)
+    text = html.unescape(re.sub(r"<[^>]+>", " ", text))
+    assert "shape: (" not in text and "…" not in text and "requests done" not in text
+    assert "Params(" not in text and "import " not in text
+    assert not re.findall(r"\d\.\d{4,}", text), re.findall(r".{30}\d\.\d{4,}.{10}", text)
+    assert 0 < text.index("Answer") < min(1500, text.index("Machine:"))  # the answer comes first
+    return text
+
+
 def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
     root = Path(__file__).resolve().parents[2]
     params = tmp_path / "smoke.yaml"
@@ -102,6 +118,12 @@ def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
     assert "cores" in success["machine"][0]
     samples = pl.read_parquet(out / "samples.parquet")
     assert {"gateway", "direct", "connector-tenant_001"} <= set(samples["process"].unique().to_list())
+    text = shared_text(out, tmp_path)
+    assert re.search(r"Answer: take the (WebSocket|gRPC) tunnel\.", text)
+    assert "seed criteria: " in text and "the direct throughput" in text
+    criteria = text[text.index("seed target"):text.index("Percentiles per path")]
+    for path in ("WebSocket tunnel", "gRPC tunnel"):  # every row of the criteria table, both tunnels
+        assert criteria.count(path) >= 6 and criteria.count("latency P99 (ms)") == 2
 
 
 def test_resilience_notebook_measures_faults_and_isolation(tmp_path):
@@ -120,20 +142,24 @@ def test_resilience_notebook_measures_faults_and_isolation(tmp_path):
     assert 1.5 <= half_open <= 6
     assert pl.read_csv(out / "isolation.csv")["passed"].all()
     assert (out / "charts" / "recovery_and_detection.png").exists()
+    text = shared_text(out, tmp_path)
+    assert "Answer: every fault was recovered from, 0 in-flight requests ended as a silently short table" in text
 
 
 def test_scale_notebook_measures_idle_tunnels(tmp_path):
     params = tmp_path / "scale.yaml"
-    params.write_text(f"notebook: scale\ncounts: [50, 150]\ncpu_window_s: 2\nlatency_calls: 3\n"
+    params.write_text(f"notebook: scale\ncounts: [50, 150]\ntls_counts: [50]\ncpu_window_s: 2\nlatency_calls: 3\n"
                       f"data_dir: {tmp_path / 'data'}\n")
     out = run_report(params, output_root=str(tmp_path / "outputs"))
     nb = nbformat.read(out / "scale.ipynb", as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     scale = pl.read_csv(out / "scale.csv")
-    assert scale["tunnels"].to_list() == [50, 150]
+    assert scale["tunnels"].to_list() == [50, 150, 50] and scale["tls"].to_list() == [False, False, True]
     assert scale["register_again_after_restart_s"].null_count() == 0 and (scale["kib_per_idle_tunnel"] > 0).all()
     assert (scale["info_p50_ms_with_idle"] > 0).all() and (out / "charts" / "kib_per_tunnel.png").exists()
     assert "run_scale(params" not in (out / "report.html").read_text()  # the code cells are left out of the report
+    text = shared_text(out, tmp_path)
+    assert "150 idle tunnels without TLS:" in text and "50 idle tunnels with TLS:" in text
 
 
 def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
