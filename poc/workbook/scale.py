@@ -36,20 +36,20 @@ class ScaleParams(RunParams):
     tls_counts: tuple[int, ...] = (1000, 10000)    # the same with TLS (wss://), measured after; () for none
     heartbeat_s: float = 60.0
     cpu_window_s: float = 30.0  # how long gateway CPU is sampled with the tunnels idle
-    latency_calls: int = 200    # per latency figure (P50), after 10 calls of warm-up
+    latency_calls: int = 200    # per latency figure (P50): half before, half after (warm-up: 10 calls each)
     rows: int = 20_000          # the active tenant's table
 
     def __post_init__(self) -> None:
         self.counts = tuple(int(c) for c in self.counts)
         self.tls_counts = tuple(int(c) for c in self.tls_counts)
-        if (not self.counts or min(self.counts + self.tls_counts) < 1 or self.latency_calls < 1
+        if (not self.counts or min(self.counts + self.tls_counts) < 1 or self.latency_calls < 2
                 or self.cpu_window_s <= 0):
-            raise ConfigError("need counts >= 1, latency_calls >= 1 and cpu_window_s > 0")
+            raise ConfigError("need counts >= 1, latency_calls >= 2 and cpu_window_s > 0")
         super().__post_init__()
 
 
-def _latency_ms(cluster: Cluster, token: str, calls: int, warmup: int = 10) -> tuple[float, float]:
-    """P50 of GetFlightInfo and of a whole DoGet of the active tenant, in ms (after `warmup` unmeasured calls)."""
+def _latency_ms(cluster: Cluster, token: str, calls: int, warmup: int = 10) -> tuple[list[float], list[float]]:
+    """GetFlightInfo and whole-DoGet times of the active tenant, in ms (after `warmup` unmeasured calls)."""
     options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())], timeout=60)
     descriptor = flight.FlightDescriptor.for_path("dataset", "sales")
     info_ms, get_ms = [], []
@@ -64,14 +64,21 @@ def _latency_ms(cluster: Cluster, token: str, calls: int, warmup: int = 10) -> t
             start = time.perf_counter()
             client.do_get(ticket, options).read_all()
             get_ms.append((time.perf_counter() - start) * 1000)
-    return statistics.median(info_ms), statistics.median(get_ms)
+    return info_ms, get_ms
 
 
-def _wait_online(cluster: Cluster, count: int, timeout: float) -> float | None:
+def _p50s(*runs: tuple[list[float], list[float]]) -> tuple[float, float]:
+    """P50 of GetFlightInfo and of DoGet over the calls of several runs."""
+    return (statistics.median([x for run in runs for x in run[0]]),
+            statistics.median([x for run in runs for x in run[1]]))
+
+
+def _wait_tunnels(cluster: Cluster, done, timeout: float) -> float | None:
+    """Seconds until `done(tenants_online)` holds, or None if it never did within `timeout`."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         try:
-            if cluster.health()["tenants_online"] >= count:
+            if done(cluster.health()["tenants_online"]):
                 return time.monotonic() - start
         except OSError:
             pass  # the gateway is restarting
@@ -90,7 +97,7 @@ def measure(params: ScaleParams, count: int, work: Path, tls: bool = False, log=
     with Cluster(work / name, tenants, data, with_direct=False, with_connectors=False, tls=pki) as cluster:
         cluster.start_connector(ACTIVE)
         cluster.wait_online([ACTIVE])
-        baseline = _latency_ms(cluster, active.client_token, params.latency_calls)
+        alone = [_latency_ms(cluster, active.client_token, params.latency_calls // 2)]
         gateway = psutil.Process(cluster.gateway.pid)
         rss_before = gateway.memory_info().rss
         start = time.monotonic()
@@ -102,16 +109,23 @@ def measure(params: ScaleParams, count: int, work: Path, tls: bool = False, log=
         registered_s = time.monotonic() - start
         time.sleep(3)
         rss_after = gateway.memory_info().rss
+        loaded = [_latency_ms(cluster, active.client_token, params.latency_calls // 2)]
         cpu_before = sum(gateway.cpu_times()[:2])
         time.sleep(params.cpu_window_s)
         cpu_pct = 100 * (sum(gateway.cpu_times()[:2]) - cpu_before) / params.cpu_window_s
-        loaded = _latency_ms(cluster, active.client_token, params.latency_calls)
+        loaded.append(_latency_ms(cluster, active.client_token, params.latency_calls - params.latency_calls // 2))
         log(f"{count} tunnels{' with TLS' if tls else ''}: registered in {registered_s:.1f} s, "
             f"{(rss_after - rss_before) / count / 1024:.1f} KiB each, gateway CPU {cpu_pct:.2f} %")
         restart = time.monotonic()
         cluster.restart_gateway()
-        again_s = _wait_online(cluster, count + 1, 900)
+        again_s = _wait_tunnels(cluster, lambda online: online >= count + 1, 900)
         again_s = None if again_s is None else time.monotonic() - restart
+        # the same tenant alone again, on the restarted gateway once the swarm's tunnels are gone: "alone" is
+        # measured before and after the idle tunnels, so drift over the run does not pass for their cost
+        cluster.components.pop("swarm").stop()
+        if _wait_tunnels(cluster, lambda online: online <= 1, 300) is not None:
+            alone.append(_latency_ms(cluster, active.client_token, params.latency_calls - params.latency_calls // 2))
+        baseline, loaded = _p50s(*alone), _p50s(*loaded)
     return {"tunnels": count, "tls": tls, "heartbeat_s": params.heartbeat_s, "register_all_s": round(registered_s, 2),
             "gateway_rss_mb": round(rss_after / 2**20, 1),
             "kib_per_idle_tunnel": round((rss_after - rss_before) / count / 1024, 2),
