@@ -5,7 +5,19 @@ VENV := .venv
 PARAMS ?= parameters/seed.yaml
 BIN := $(VENV)/bin
 
-.PHONY: report test clean-venv
+.PHONY: report test clean-venv system
+
+# Programs from Debian that the tests and notebooks start themselves (a real Redis for the gateway replicas'
+# registry); installed with apt-get when missing (as root, as CI runs), skipped when present.
+SYSTEM_PROGRAMS := redis-server
+
+system:
+	@missing=""; for p in $(SYSTEM_PROGRAMS); do command -v $$p > /dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make: needs$$missing: run 'apt-get install$$missing' as root" >&2; exit 1; fi; \
+	  echo "installing$$missing from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing > /dev/null; \
+	fi
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +26,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $@
 
-report: $(BIN)/.installed
+report: system $(BIN)/.installed
 	$(BIN)/python -m poc report --params $(PARAMS)
 
-test: $(BIN)/.installed
+test: system $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 clean-venv:

@@ -36,29 +36,78 @@ class TenantTokens:
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,64}")
 
 
+PEER_HEADER = "x-poc-peer"
+PEER_TTL_S = 30.0
+
+
+class PeerCredentials:
+    """What one gateway replica asserts to another when it forwards a client's call (`--registry`): the
+    tenant, the epoch of the tunnel the call is for, the replica it is meant for and an expiry, with an
+    HMAC-SHA256 under the replicas' shared peer secret (POC_PEER_SECRET)."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def make(self, tenant_id: str, epoch: int, gateway_id: str) -> str:
+        body = json.dumps({"t": tenant_id, "p": epoch, "g": gateway_id, "x": round(time.time() + PEER_TTL_S, 3)},
+                          separators=(",", ":")).encode()
+        mac = hmac.new(self._secret, body, hashlib.sha256).digest()
+        return (base64.urlsafe_b64encode(body) + b"." + base64.urlsafe_b64encode(mac)).decode()
+
+    def check(self, value: str, gateway_id: str) -> tuple[str, int]:
+        """(tenant, epoch) of a valid assertion meant for `gateway_id`; FlightUnauthenticatedError else."""
+        try:
+            body_b64, mac_b64 = value.encode().split(b".")
+            body, mac = base64.urlsafe_b64decode(body_b64), base64.urlsafe_b64decode(mac_b64)
+        except ValueError:
+            raise flight.FlightUnauthenticatedError("malformed peer credentials") from None
+        if not hmac.compare_digest(mac, hmac.new(self._secret, body, hashlib.sha256).digest()):
+            raise flight.FlightUnauthenticatedError("peer credentials are not valid")
+        claims = json.loads(body)
+        if claims.get("g") != gateway_id:
+            raise flight.FlightUnauthenticatedError("peer credentials are for another gateway")
+        if time.time() > claims.get("x", 0):
+            raise flight.FlightUnauthenticatedError("peer credentials expired")
+        return str(claims["t"]), int(claims["p"])
+
+
 class TenantAuthMiddleware(flight.ServerMiddleware):
     """The call's tenant and request id: the client's `x-request-id` when it is a plain token of at most 64
     characters, else one made here. It is logged at the gateway and the connector (docs/operations.md)."""
 
-    def __init__(self, tenant_id: str, request_id: str) -> None:
+    def __init__(self, tenant_id: str, request_id: str, peer_epoch: int | None = None) -> None:
         self.tenant_id = tenant_id
         self.request_id = request_id
+        self.peer_epoch = peer_epoch  # set: a call forwarded by another replica, for the tunnel of this epoch
 
     def sending_headers(self):
         return {"x-request-id": self.request_id}
 
 
 class BearerAuthFactory(flight.ServerMiddlewareFactory):
-    """Every call must carry `authorization: Bearer <client_token>`; a `tenant-id` header must agree."""
+    """Every call must carry `authorization: Bearer <client_token>`; a `tenant-id` header must agree. With a
+    peer secret, a call from another replica may carry `x-poc-peer` instead (PeerCredentials)."""
 
-    def __init__(self, tenants: dict[str, TenantCredentials]) -> None:
+    def __init__(self, tenants: dict[str, TenantCredentials], peers: PeerCredentials | None = None,
+                 gateway_id: str = "") -> None:
         self._tokens = TenantTokens(tenants, "client_token")
+        self._peers = peers
+        self._gateway_id = gateway_id
 
     def reload(self, tenants: dict[str, TenantCredentials]) -> None:
         """Take new client tokens: calls that start from now on are checked against them."""
         self._tokens = TenantTokens(tenants, "client_token")
 
     def start_call(self, info, headers):
+        given = headers.get("x-request-id") or []
+        request_id = str(given[0]) if len(given) == 1 and REQUEST_ID.fullmatch(str(given[0])) else \
+            "req_" + secrets.token_hex(8)
+        peer = headers.get(PEER_HEADER) or []
+        if peer:
+            if self._peers is None or len(peer) != 1:
+                raise flight.FlightUnauthenticatedError("peer calls are not accepted here")
+            tenant_id, epoch = self._peers.check(str(peer[0]), self._gateway_id)
+            return TenantAuthMiddleware(tenant_id, request_id, epoch)
         values = headers.get("authorization") or []
         if len(values) != 1 or not str(values[0]).startswith("Bearer "):
             raise flight.FlightUnauthenticatedError("missing 'authorization: Bearer <token>' header")
@@ -68,9 +117,6 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
         claimed = headers.get("tenant-id") or []
         if claimed and list(claimed) != [tenant_id]:
             raise flight.FlightUnauthenticatedError("tenant-id header does not match the client token")
-        given = headers.get("x-request-id") or []
-        request_id = str(given[0]) if len(given) == 1 and REQUEST_ID.fullmatch(str(given[0])) else \
-            "req_" + secrets.token_hex(8)
         return TenantAuthMiddleware(tenant_id, request_id)
 
 
@@ -95,14 +141,20 @@ class TicketSigner:
         self._secret = secret or secrets.token_bytes(32)
         self.ttl_s = ttl_s
 
-    def issue(self, tenant_id: str, dataset: str) -> bytes:
-        claims = {"t": tenant_id, "d": dataset, "e": round(time.time() + self.ttl_s, 3)}
+    def issue(self, tenant_id: str, dataset: str, epoch: int = 0) -> bytes:
+        """A ticket for `dataset`; `epoch` names the tunnel it was issued for (`--registry`: the fencing epoch)."""
+        claims = {"t": tenant_id, "d": dataset, "e": round(time.time() + self.ttl_s, 3), "p": epoch}
         body = json.dumps(claims, separators=(",", ":")).encode()
         mac = hmac.new(self._secret, body, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(body) + b"." + base64.urlsafe_b64encode(mac)
 
     def redeem(self, ticket: bytes, tenant_id: str) -> str:
         """The dataset a ticket names; raise FlightUnauthorizedError if it is forged or another tenant's."""
+        return self.claims(ticket, tenant_id)[0]
+
+    def claims(self, ticket: bytes, tenant_id: str) -> tuple[str, int]:
+        """The dataset and tunnel epoch a ticket names; raise FlightUnauthorizedError if it is forged, expired
+        or another tenant's."""
         try:
             body_b64, mac_b64 = ticket.split(b".")
             body = base64.urlsafe_b64decode(body_b64)
@@ -116,7 +168,7 @@ class TicketSigner:
             raise flight.FlightUnauthorizedError("ticket belongs to another tenant")
         if time.time() > claims.get("e", 0):
             raise flight.FlightUnauthorizedError("ticket expired: ask GetFlightInfo for a new one")
-        return claims["d"]
+        return claims["d"], int(claims.get("p", 0))
 
 
 def dataset_from_descriptor(descriptor: flight.FlightDescriptor) -> str:

@@ -93,6 +93,20 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         ticket_ttl_s=args.ticket_ttl_s, admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
     if cfg.max_buffered_bytes and cfg.max_buffered_bytes < cfg.limits.window_bytes:
         raise ConfigError("--max-buffered-bytes must be 0 or at least --window-bytes")
+    if args.registry:
+        if not args.registry.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("--registry must be a redis://HOST:PORT/DB (or rediss://) URL")
+        for name in ("POC_TICKET_SECRET", "POC_PEER_SECRET"):
+            if len(os.environb.get(name.encode(), b"")) < 16:
+                raise ConfigError(f"--registry needs {name} in the environment, at least 16 characters and the "
+                                  "same on every replica")
+        if args.registry_ttl_s < 1:
+            raise ConfigError("--registry-ttl-s must be at least 1")
+        cfg.registry_url, cfg.peer_secret = args.registry, os.environb[b"POC_PEER_SECRET"]
+        cfg.advertise_flight, cfg.registry_ttl_s = args.advertise_flight, args.registry_ttl_s
+        cfg.drain_delay_s = max(0.0, args.drain_delay_s)
+        if args.gateway_id:
+            cfg.gateway_id = args.gateway_id
 
     async def main() -> None:
         stop = _stop_event_for_signals(asyncio.get_running_loop())
@@ -109,15 +123,24 @@ def cmd_connector(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("POC_CONNECTOR_TOKEN")
     if not token:
         raise ConfigError("a connector token is needed: --token TOKEN or POC_CONNECTOR_TOKEN")
-    if not args.gateway.startswith(("ws://", "wss://", "grpc://", "grpcs://")):
-        raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or grpc[s]://HOST:PORT "
-                          f"(gRPC tunnel), got {args.gateway!r}")
+    for url in args.gateway:
+        if not url.startswith(("ws://", "wss://", "grpc://", "grpcs://")):
+            raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or grpc[s]://HOST:PORT "
+                              f"(gRPC tunnel), got {url!r}")
+    tunnels = args.tunnels if args.tunnels is not None else (2 if len(set(args.gateway)) > 1 else 1)
+    if tunnels < 1:
+        raise ConfigError("--tunnels must be at least 1")
+    if args.connector_id is not None and not config.valid_connector_id(args.connector_id):
+        raise ConfigError("--connector-id must be 1-120 printable ASCII characters without spaces")
     if args.batch_bytes < 1:
         raise ConfigError("--batch-bytes must be positive")
     datasets = load_datasets(args.data, args.batch_bytes)
-    cfg = ConnectorConfig(gateway=args.gateway, tenant_id=args.tenant, token=token,
+    cfg = ConnectorConfig(gateway=args.gateway[0], tenant_id=args.tenant, token=token,
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
-                          ca_file=args.ca_file, ws_impl=args.ws_impl)
+                          ca_file=args.ca_file, ws_impl=args.ws_impl, more_gateways=tuple(args.gateway[1:]),
+                          tunnels=tunnels)
+    if args.connector_id:
+        cfg.connector_id = args.connector_id
     connector = Connector(cfg, datasets)
     metrics_port = {}
     if args.metrics_port is not None:
@@ -340,6 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register-timeout-s", type=float, default=config.REGISTER_TIMEOUT_S,
                    help="a new tunnel that has not registered after this long is closed with 4000 "
                         "(default %(default)s)")
+    p.add_argument("--registry", metavar="redis://HOST:PORT/DB",
+                   help="share tunnels with other gateway replicas through this Redis: calls for a tenant whose "
+                        "tunnel is on another replica are forwarded there or redirected by endpoint locations "
+                        "(docs/architecture.md). Needs POC_TICKET_SECRET and POC_PEER_SECRET, the same on every "
+                        "replica. Without it (the default) tunnels live in this process only")
+    p.add_argument("--gateway-id", help="this replica's name in the registry (default: gw-<random>)")
+    p.add_argument("--advertise-flight", metavar="URI",
+                   help="this replica's Flight location as clients and other replicas reach it, e.g. "
+                        "grpc://10.0.0.5:8815 (default: grpc://HOST:FLIGHT_PORT)")
+    p.add_argument("--registry-ttl-s", type=float, default=config.REGISTRY_TTL_S,
+                   help="a tunnel's registry entry lives this long unless its replica renews it, every third "
+                        "of it (default %(default)s)")
+    p.add_argument("--drain-delay-s", type=float, default=1.0,
+                   help="with --registry, on SIGTERM: how long Flight goes on answering (forwarding to other "
+                        "replicas) after /readyz turns 503, for clients a load balancer sent before it noticed; "
+                        "set it to the balancer's health-check interval (default %(default)s)")
     p.add_argument("--max-buffered-bytes", type=int, default=config.MAX_BUFFERED_BYTES,
                    help="gateway-wide cap on what open streams may buffer (each reserves its window); over it a "
                         "new DoGet fails at once with FlightUnavailableError; 0 = no cap (default %(default)s)")
@@ -355,9 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(a file, or a folder of *.parquet; dataset name = file stem). Reconnects "
                                    "with exponential backoff and jitter; exits 3 if the gateway refuses the token, 4 if a newer "
                                    "connector of the same tenant replaced this one.")
-    p.add_argument("--gateway", required=True,
+    p.add_argument("--gateway", required=True, action="append",
                    help="ws://HOST:PORT/connect or wss://… (WebSocket tunnel), grpc://HOST:PORT or grpcs://… "
-                        "(gRPC tunnel); the scheme picks the transport")
+                        "(gRPC tunnel); the scheme picks the transport. Give it several times for gateway "
+                        "replicas: the connector keeps --tunnels tunnels, each to a different one")
+    p.add_argument("--tunnels", type=int, default=None,
+                   help="live tunnels to keep, each to a different gateway while there are enough (default: 2 "
+                        "with several --gateway, else 1); a tunnel whose gateway says goaway is replaced by one "
+                        "to another gateway before it closes")
+    p.add_argument("--connector-id", help="this connector's id in its registrations (1-120 printable ASCII "
+                                          "characters, no spaces; default: derived from this host and the tenant, "
+                                          "so a restarted connector replaces its own tunnels). Each tunnel "
+                                          "registers as ID/POSITION; a registration with the id of a live tunnel "
+                                          "on the same gateway replaces it (protocol.md §2)")
     p.add_argument("--tenant", required=True, help="tenant id, as in the gateway's tenants file")
     p.add_argument("--token", help="connector token (or set POC_CONNECTOR_TOKEN, which keeps it out of ps)")
     p.add_argument("--data", required=True, help="Parquet file or folder")

@@ -24,6 +24,7 @@ MAX_STREAMS = 256
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_BUFFERED_BYTES = 2 * 1024**3  # gateway-wide: the sum of open streams' windows
 TICKET_TTL_S = 300.0
+REGISTRY_TTL_S = 10.0  # --registry: a tunnel entry lives this long unless its gateway renews it (every third)
 REGISTER_TIMEOUT_S = 10.0
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -69,6 +70,14 @@ class TenantCredentials:
 
     def __repr__(self) -> str:  # tokens never reach logs
         return f"TenantCredentials(tenant_id={self.tenant_id!r})"
+
+
+def valid_connector_id(value: str) -> bool:
+    """A connector id as --connector-id takes it: 1-120 printable ASCII characters, no spaces (a tunnel
+    registers as ID/POSITION, within protocol.md §2's 128)."""
+    from .tunnel.messages import TRACE_ID
+
+    return len(value) <= 120 and TRACE_ID.fullmatch(value) is not None
 
 
 def load_tenants(path: str | Path) -> dict[str, TenantCredentials]:

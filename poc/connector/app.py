@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
+import hashlib
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ class Replaced(Exception):
 
 @dataclass
 class ConnectorConfig:
-    gateway: str
+    gateway: str  # the first (or only) gateway
     tenant_id: str
     token: str
     delay_ms: tuple[float, float] = config.DELAY_MS
@@ -46,9 +49,26 @@ class ConnectorConfig:
     backoff_max_s: float = config.BACKOFF_MAX_S
     ca_file: str | None = None
     ws_impl: str = config.WS_IMPL
+    more_gateways: tuple[str, ...] = ()  # replicas of the same service (--gateway given several times)
+    tunnels: int = 1  # live tunnels kept at once, each to a different gateway while there are enough
+    connector_id: str = ""  # "": one derived from this host and tenant (default_connector_id)
+
+    def __post_init__(self) -> None:
+        self.connector_id = self.connector_id or default_connector_id(self.tenant_id)
+
+    @property
+    def gateways(self) -> list[str]:
+        return [self.gateway, *(g for g in self.more_gateways if g != self.gateway)]
 
     def __repr__(self) -> str:  # the token never reaches logs
-        return f"ConnectorConfig(gateway={self.gateway!r}, tenant_id={self.tenant_id!r})"
+        return f"ConnectorConfig(gateways={self.gateways!r}, tenant_id={self.tenant_id!r}, tunnels={self.tunnels})"
+
+
+def default_connector_id(tenant_id: str) -> str:
+    """Stable for one tenant on one host: a connector restarted there replaces its own old links (which may
+    still look alive to the gateway), while connectors of the tenant on other hosts add theirs."""
+    digest = hashlib.sha256(f"{socket.gethostname()}\0{tenant_id}".encode()).hexdigest()
+    return f"h-{digest[:16]}"
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random = random) -> float:
@@ -58,40 +78,106 @@ def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random =
 
 
 class Connector:
+    """Keeps `cfg.tunnels` registered tunnels ("slots"), each to a different gateway of `cfg.gateways` while
+    there are enough, all with one connector_id; each slot reconnects with backoff, moving on to the next
+    gateway. A goaway retires a slot once its link closes and starts a new one to another gateway at once."""
+
     def __init__(self, cfg: ConnectorConfig, datasets: dict[str, Dataset]) -> None:
         self.cfg = cfg
         self.datasets = datasets
-        self.session_id: str | None = None
+        self.session_id: str | None = None  # of the newest registration
         self.sessions = 0
-        self.online = False  # registered on a live link right now
         self.on_registered = None
         self.metrics = ConnectorMetrics()
+        self._registered: set[int] = set()  # slots registered on a live link right now
+        self._in_use: dict[int, str] = {}  # slot → the gateway it dials or holds
+        self._leaving: set[str] = set()  # gateways that sent goaway on a link still open
+        self._slots: dict[int, asyncio.Task] = {}
+        self._positions: dict[int, int] = {}  # slot → its position, the smallest free: part of its connector_id
+        self._next_slot = itertools.count()
+        self._framed_in_use: dict[int, tuple[TunnelTransport, int]] = {}  # shared frame buffer → link sending it
+        self._offset = random.randrange(len(cfg.gateways))  # connectors of one tenant list spread over replicas
+
+    @property
+    def online(self) -> bool:
+        """Registered on at least one live link right now."""
+        return bool(self._registered)
+
+    @property
+    def live_tunnels(self) -> int:
+        return len(self._registered)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until `stop` is set; reconnect with backoff; raise RegistrationRefused."""
+        """Keep the tunnels until `stop` is set; raise RegistrationRefused (or Replaced) when a gateway says
+        retrying cannot help."""
+        for _ in range(max(1, self.cfg.tunnels)):
+            self._start_slot(stop)
+        try:
+            while self._slots:
+                done, _ = await asyncio.wait(set(self._slots.values()), return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()
+        finally:
+            for task in self._slots.values():
+                task.cancel()
+            await asyncio.gather(*self._slots.values(), return_exceptions=True)
+
+    def _start_slot(self, stop: asyncio.Event) -> None:
+        slot = next(self._next_slot)
+        taken = set(self._positions.values())
+        self._positions[slot] = next(p for p in itertools.count() if p not in taken)
+        task = asyncio.get_running_loop().create_task(self._slot(slot, stop))
+        self._slots[slot] = task
+        task.add_done_callback(lambda t, slot=slot: self._slot_ended(slot, t))
+
+    def _slot_ended(self, slot: int, task: asyncio.Task) -> None:
+        self._positions.pop(slot, None)
+        if task.cancelled() or task.exception() is None:
+            self._slots.pop(slot, None)  # retired (goaway) or stopped; a failed slot stays for run() to raise
+
+    def registration_id(self, slot: int) -> str:
+        """The connector_id a slot registers with: the connector's id and the slot's position, so that each
+        of its tunnels is distinct even when two land on one gateway (behind a load balancer), and a
+        restarted connector's tunnel replaces the one it had at that position (protocol.md §2)."""
+        return f"{self.cfg.connector_id}/{self._positions.get(slot, 0)}"
+
+    def _choose(self, slot: int, attempt: int) -> str:
+        """The gateway for a slot's next link: one no other slot uses and that did not say goaway, in turn."""
+        gateways = self.cfg.gateways
+        taken = {url for other, url in self._in_use.items() if other != slot} | self._leaving
+        free = [url for url in gateways if url not in taken] or [url for url in gateways
+                                                                  if url not in self._leaving] or gateways
+        return free[(self._offset + slot + attempt) % len(free)]
+
+    async def _slot(self, slot: int, stop: asyncio.Event) -> None:
+        """One tunnel: connect, serve, reconnect with backoff (to the next gateway); return once retired."""
         attempt = 0
         while not stop.is_set():
-            sessions_before = self.sessions
+            url = self._in_use[slot] = self._choose(slot, attempt)
+            session: _Session | None = None
             try:
-                await self._session(stop)
+                session = await self._session(stop, url, slot)
             except RegistrationRefused:
                 raise
-            except TunnelClosed as exc:
-                if exc.code == CloseCode.REPLACED:
-                    raise Replaced(f"gateway closed the link: {exc.reason}") from None
-                if exc.code == CloseCode.TENANT_REMOVED:
-                    raise RegistrationRefused(f"gateway closed the link: {exc.reason}") from None
-                log.warning("link to %s lost: %s", self.cfg.gateway, exc)
-            except (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError) as exc:
-                log.warning("link to %s lost: %s", self.cfg.gateway, exc or type(exc).__name__)
-            except Exception:  # whatever else ended the session, a new link may cure it: reconnect, never exit
-                log.exception("session with %s failed", self.cfg.gateway)
+            except _Ended as ended:
+                session = ended.session
+                self._link_lost(url, ended.__cause__)
+            except Exception as exc:
+                self._link_lost(url, exc)
+            finally:
+                self._registered.discard(slot)
+                self.metrics.registered.set(len(self._registered))
+                if session is not None and session.goaway:
+                    self._leaving.discard(url)
             if stop.is_set():
                 return
-            self.online = False
-            self.metrics.registered.set(0)
+            if session is not None and session.goaway:
+                self._in_use.pop(slot, None)
+                log.info("link to %s closed after its goaway; its replacement took over", url)
+                return
             self.metrics.reconnects.inc()
-            attempt = 0 if self.sessions > sessions_before else attempt + 1
+            attempt = 0 if session is not None and session.registered else attempt + 1
             delay = backoff_delay(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
             log.info("reconnecting in %.2f s (attempt %d)", delay, attempt + 1)
             try:
@@ -99,31 +185,50 @@ class Connector:
             except asyncio.TimeoutError:
                 pass
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.cfg.gateway.startswith("wss://"):
+    def _link_lost(self, url: str, exc: BaseException | None) -> None:
+        """Log why a link ended; raise what retrying cannot cure."""
+        if isinstance(exc, TunnelClosed):
+            if exc.code == CloseCode.REPLACED:
+                raise Replaced(f"gateway closed the link: {exc.reason}") from None
+            if exc.code == CloseCode.TENANT_REMOVED:
+                raise RegistrationRefused(f"gateway closed the link: {exc.reason}") from None
+            log.warning("link to %s lost: %s", url, exc)
+        elif isinstance(exc, (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError)):
+            log.warning("link to %s lost: %s", url, exc or type(exc).__name__)
+        elif exc is not None:  # whatever else ended the session, a new link may cure it: reconnect, never exit
+            log.error("session with %s failed", url, exc_info=exc)
+
+    def _on_goaway(self, url: str, reason: str, stop: asyncio.Event) -> None:
+        """A gateway is about to close this link: start a tunnel to another gateway now."""
+        log.info("gateway %s says goaway (%s): opening a tunnel to another gateway", url, reason)
+        self._leaving.add(url)
+        self._start_slot(stop)
+
+    def _ssl_context(self, url: str) -> ssl.SSLContext | None:
+        if not url.startswith("wss://"):
             return None
         return ssl.create_default_context(cafile=self.cfg.ca_file)
 
     @contextlib.asynccontextmanager
-    async def _dial(self):
-        """The link to the gateway; the URL's scheme picks gRPC or WebSocket, --ws-impl the WebSocket library."""
+    async def _dial(self, url: str):
+        """The link to a gateway; the URL's scheme picks gRPC or WebSocket, --ws-impl the WebSocket library."""
         cfg = self.cfg
-        if cfg.gateway.startswith(("ws://", "wss://")) and cfg.ws_impl == "websockets":
-            async with connect(cfg.gateway, compression=None, proxy=None, ssl=self._ssl_context(),
+        if url.startswith(("ws://", "wss://")) and cfg.ws_impl == "websockets":
+            async with connect(url, compression=None, proxy=None, ssl=self._ssl_context(url),
                                max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
                                ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
                 yield WebSocketLink(ws, ConnectorEndpoint())
             return
-        if cfg.gateway.startswith(("grpc://", "grpcs://")):
+        if url.startswith(("grpc://", "grpcs://")):
             from ..transports.grpc_tunnel import dial_grpc
 
             ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
-            link = await dial_grpc(cfg.gateway.split("://", 1)[1].rstrip("/"), ConnectorEndpoint, ca,
-                                   cfg.gateway.startswith("grpcs://"), cfg.heartbeat_s, config.MAX_FRAME_BYTES)
+            link = await dial_grpc(url.split("://", 1)[1].rstrip("/"), ConnectorEndpoint, ca,
+                                   url.startswith("grpcs://"), cfg.heartbeat_s, config.MAX_FRAME_BYTES)
         else:
             from ..transports.picows_ws import dial_picows
 
-            link = await dial_picows(cfg.gateway, ConnectorEndpoint, self._ssl_context(), cfg.heartbeat_s,
+            link = await dial_picows(url, ConnectorEndpoint, self._ssl_context(url), cfg.heartbeat_s,
                                      config.MAX_FRAME_BYTES)
         try:
             yield link
@@ -131,17 +236,25 @@ class Connector:
             if link.closed is None:
                 await link.close(CloseCode.GOING_AWAY, "connector shutting down")
 
-    async def _session(self, stop: asyncio.Event) -> None:
+    async def _session(self, stop: asyncio.Event, url: str, slot: int) -> "_Session":
+        """One link from dial to close; returns its session when the link ended cleanly, else raises _Ended
+        (carrying the session and, as its cause, what ended it) or what the dial raised."""
         cfg = self.cfg
-        async with self._dial() as transport:
+        async with self._dial(url) as transport:
             endpoint = transport.endpoint
-            await transport.call(endpoint.register, cfg.tenant_id, cfg.token, sorted(self.datasets))
-            session = _Session(self, transport)
+            await transport.call(endpoint.register, cfg.tenant_id, cfg.token, sorted(self.datasets),
+                                 self.registration_id(slot))
+            session = _Session(self, transport, url, slot, stop)
             stopper = asyncio.get_running_loop().create_task(self._close_on(stop, transport))
             try:
                 await session.serve()
+            except RegistrationRefused:
+                raise
+            except Exception as exc:
+                raise _Ended(session) from exc
             finally:
                 stopper.cancel()
+        return session
 
     @staticmethod
     async def _close_on(stop: asyncio.Event, transport: TunnelTransport) -> None:
@@ -149,12 +262,26 @@ class Connector:
         await transport.close(1001, "connector shutting down")
 
 
+class _Ended(Exception):
+    """A session's link ended with an error (its cause); carries the session."""
+
+    def __init__(self, session: "_Session") -> None:
+        super().__init__()
+        self.session = session
+
+
 class _Session:
     """One registered link: answers requests and runs one task per stream."""
 
-    def __init__(self, connector: Connector, transport: TunnelTransport) -> None:
+    def __init__(self, connector: Connector, transport: TunnelTransport, url: str = "", slot: int = 0,
+                 stop: asyncio.Event | None = None) -> None:
         self.connector = connector
         self.transport = transport
+        self.url = url
+        self.slot = slot
+        self.stop = stop or asyncio.Event()
+        self.goaway = False  # the gateway said goaway on this link
+        self.registered = False
         self.endpoint: ConnectorEndpoint = transport.endpoint
         self.tasks: dict[int, asyncio.Task] = {}
         self.credit: dict[int, asyncio.Event] = {}
@@ -184,9 +311,11 @@ class _Session:
         connector = self.connector
         connector.session_id = event.registered.session_id
         connector.sessions += 1
-        connector.online = True
-        connector.metrics.registered.set(1)
-        log.info("registered tenant %s as session %s", connector.cfg.tenant_id, connector.session_id)
+        self.registered = True
+        connector._registered.add(self.slot)
+        connector.metrics.registered.set(len(connector._registered))
+        log.info("registered tenant %s as session %s at %s", connector.cfg.tenant_id, connector.session_id,
+                 self.url or connector.cfg.gateway)
         if connector.on_registered:
             connector.on_registered(connector.session_id)
 
@@ -212,6 +341,10 @@ class _Session:
             self.connector.metrics.requests.labels("get_flight_info").inc()
             log.info("get_flight_info %s", event.dataset, extra={**self._context(), "request_id": event.trace_id})
             self._answer_flight_info(event)
+        elif isinstance(event, ev.GoAwayReceived):
+            if not self.goaway:
+                self.goaway = True
+                self.connector._on_goaway(self.url, event.reason, self.stop)
         elif isinstance(event, ev.RequestFailed):
             log.warning("gateway reported an error (%s): %s", event.code, event.message)
 
@@ -270,7 +403,9 @@ class _Session:
         """Send one frame once the stream has credit for it (docs/protocol.md §5).
 
         A `framed` buffer is shared by every stream of the dataset: its header is written and the frame
-        sent while the link's writer is held, so no other stream touches it meanwhile."""
+        handed to the socket while the link's writer is held, so no other stream of this link touches it
+        meanwhile. Another link of this connector (--tunnels) that needs the same buffer while this one holds
+        it sends a private copy instead."""
         size = len(framed) - 8 if framed is not None else len(payload)
         if 0 <= self.endpoint.credit(stream_id) < size:
             self.connector.metrics.credit_waits.inc()
@@ -280,6 +415,23 @@ class _Session:
             event = self.credit[stream_id]
             event.clear()
             await event.wait()
-        await self.transport.call(lambda: self.endpoint.send_frame(frame_type, stream_id, memoryview(payload),
-                                                                   framed=framed))
+        claimed = None
+        if framed is not None:
+            holders = self.connector._framed_in_use
+            holder = holders.get(id(framed))
+            if holder is not None and holder[0] is not self.transport:
+                framed = bytearray(framed)
+            else:
+                holders[id(framed)] = (self.transport, (holder[1] if holder else 0) + 1)
+                claimed = framed
+        try:
+            await self.transport.call(lambda: self.endpoint.send_frame(frame_type, stream_id, memoryview(payload),
+                                                                       framed=framed))
+        finally:
+            if claimed is not None:
+                transport, count = holders[id(claimed)]
+                if count == 1:
+                    del holders[id(claimed)]
+                else:
+                    holders[id(claimed)] = (transport, count - 1)
         self.connector.metrics.sent_bytes.inc(size)

@@ -16,7 +16,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from .. import config
-from ..auth import TicketSigner, flight_certificate
+from ..auth import PeerCredentials, TicketSigner, flight_certificate
 from ..config import TenantCredentials
 from ..transports.base import TunnelTransport
 from ..transports.websocket import WebSocketLink
@@ -24,6 +24,8 @@ from ..tunnel import HEADER, CloseCode, GatewayEndpoint, Limits, TunnelClosed
 from ..tunnel.limits import TokenBucket
 from ..tunnel.messages import PROTOCOL_VERSION, Register
 from .bridge import TunnelBridge
+from .cluster import ClusterRouter
+from .directory import RedisDirectory, RegistryUnavailable
 from .flight_server import GatewayFlightServer
 from .health import HealthServer
 from .link import BufferBudget, TenantLink
@@ -57,6 +59,12 @@ class GatewayConfig:
     grpc_tunnel_port: int | None = config.GRPC_TUNNEL_PORT  # None: no gRPC tunnel endpoint
     tls_cert: str | None = None
     tls_key: str | None = None
+    registry_url: str | None = None  # redis://HOST:PORT/DB: replicas sharing one registry; None: in-process
+    gateway_id: str = field(default_factory=lambda: "gw-" + secrets.token_hex(4))
+    advertise_flight: str | None = None  # this replica's Flight location for clients and peers
+    peer_secret: bytes | None = None  # required with a registry: authenticates calls between replicas
+    registry_ttl_s: float = config.REGISTRY_TTL_S
+    drain_delay_s: float = 1.0  # with a registry: Flight keeps answering this long after /readyz turns 503
 
     @property
     def tls(self) -> bool:
@@ -78,10 +86,13 @@ class Gateway:
         self.budget = BufferBudget(cfg.max_buffered_bytes)
         self.metrics = self._make_metrics()
         self.state = "starting"  # then "ready", then "draining" (GET /readyz)
+        self.directory: RedisDirectory | None = None
+        self._router: ClusterRouter | None = None
+        self._epochs: dict[str, int] = {}  # without a registry: each tenant's registrations, counted here
 
     async def start(self) -> None:
         cfg = self.cfg
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         ssl_context = None
         if cfg.tls:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -98,11 +109,25 @@ class Gateway:
                 compression=None, max_size=cfg.limits.max_frame_bytes + HEADER.size,
                 ping_interval=None, write_limit=1024 * 1024, close_timeout=3)
             self._stop_accepting = lambda: self._ws_server.close(close_connections=False)
-        bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s, self.metrics)
         scheme, tls = ("grpc+tls", [flight_certificate(cfg.tls_cert, cfg.tls_key)]) if cfg.tls else ("grpc", None)
+        peers = PeerCredentials(cfg.peer_secret) if cfg.registry_url else None
+        if cfg.registry_url:
+            self.directory = RedisDirectory(cfg.registry_url, cfg.gateway_id, "", cfg.registry_ttl_s,
+                                            on_error=self.metrics.registry_errors.inc)
+        bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s, self.metrics,
+                              owner_check=self.directory.confirm if self.directory else None,
+                              elsewhere=self._elsewhere)
         self._flight = GatewayFlightServer(f"{scheme}://{cfg.host}:{cfg.flight_port}", bridge, cfg.tenants,
                                            TicketSigner(cfg.ticket_secret, cfg.ticket_ttl_s), self.metrics,
-                                           tls_certificates=tls)
+                                           peers=peers, gateway_id=cfg.gateway_id, tls_certificates=tls)
+        if self.directory is not None:
+            advertise = cfg.advertise_flight or f"{scheme}://{cfg.host}:{self._flight.port}"
+            self.directory.flight_location = advertise
+            self._router = ClusterRouter(self.directory, peers, bridge._await, cfg.request_timeout_s, self.metrics)
+            self._flight.join_cluster(self._router, advertise)
+            with contextlib.suppress(RegistryUnavailable):
+                await self.directory.renew_all()  # this replica's record, before it says it is ready
+            self._spawn(self._renew_registry())
         # The Flight server already serves once constructed. Its serve() would install signal handlers that
         # shut Flight down before the tunnels, so it is not called: SIGTERM goes to stop() below.
         if cfg.grpc_tunnel_port is not None:
@@ -115,7 +140,7 @@ class Gateway:
             self._grpc_server, grpc_port = await serve_grpc(
                 self._serve_link, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port,
                 cfg.limits.max_frame_bytes + HEADER.size, tls_pair)
-        self._http = HealthServer((cfg.host, cfg.http_port), self.registry.snapshot, lambda: self.state,
+        self._http = HealthServer((cfg.host, cfg.http_port), self._snapshot, self._readiness,
                                   cfg.admin_token, lambda: self.budget.reserved, self.metrics,
                                   reload=lambda: asyncio.run_coroutine_threadsafe(self._reload(), loop).result(10))
         self._http.start()
@@ -129,14 +154,21 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight streams finish for the grace period, end the rest with an error,
-        close every tunnel (1001), stop Flight."""
+        close every tunnel (1001), stop Flight. With a registry, first drain: goaway to every connector that
+        understands it, wait (within the grace period) until each such tenant has a tunnel on another replica,
+        then take this replica's entries out of the registry so that calls go elsewhere."""
         for task in self._tasks:
             task.cancel()
         self.state = "draining"
         self.registry.draining = True
+        started = time.monotonic()
+        deadline = started + self.cfg.shutdown_grace_s
+        if self.directory is not None:
+            await self._drain(deadline)
+            # clients that picked this replica while it was still ready get their answer (forwarded) too
+            await asyncio.sleep(max(0.0, min(deadline, started + self.cfg.drain_delay_s) - time.monotonic()))
         if self._ws_server is not None:
             self._stop_accepting()  # open tunnels are closed below, after the grace period
-            deadline = time.monotonic() + self.cfg.shutdown_grace_s
             while time.monotonic() < deadline and any(link.streams_in_flight for link in self.registry.links()):
                 await asyncio.sleep(0.05)
             for link in self.registry.links():
@@ -148,6 +180,71 @@ class Gateway:
             self._http.shutdown()
         if self._flight is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._flight.shutdown)
+        if self._router is not None:
+            self._router.close()
+        if self.directory is not None:
+            await self.directory.close()
+
+    async def _drain(self, deadline: float) -> None:
+        """Goaway to every link of a 1.3 connector; wait until their tenants have a tunnel elsewhere (or the
+        deadline); then withdraw this replica's entries (in-flight streams go on until they end)."""
+        told = [link for link in self.registry.links() if link.connector_id]
+        for link in told:
+            link.endpoint.goaway("gateway draining; open a tunnel to another gateway")
+            link.transport.flush_soon()
+        waiting = {link.tenant_id for link in told}
+        log.info("draining: goaway sent on %d tunnels of %d tenants", len(told), len(waiting))
+        while waiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            for tenant in list(waiting):
+                try:
+                    if await self._elsewhere(tenant):
+                        waiting.discard(tenant)
+                except RegistryUnavailable:
+                    break
+        if waiting:
+            log.warning("draining: %d tenants have no tunnel on another replica", len(waiting))
+        for link in self.registry.links():
+            await self.directory.withdraw(link)
+
+    async def _elsewhere(self, tenant_id: str) -> bool:
+        """Whether the tenant has a tunnel on another replica (registry read now)."""
+        return any(e.gateway != self.cfg.gateway_id for e in await self.directory.tunnels(tenant_id))
+
+    def _readiness(self) -> str:
+        """GET /readyz: "ready" only while the registry (if any) answers: a replica that cannot route sends
+        its clients elsewhere."""
+        if self.state == "ready" and self.directory is not None and not self.directory.available:
+            return "registry_unreachable"
+        return self.state
+
+    def _snapshot(self) -> dict:
+        """GET /health's tenants (HTTP thread): this gateway's links and, with a registry, every replica's."""
+        local = self.registry.snapshot()
+        if self.directory is None:
+            return local
+        for tenant in local.values():
+            if tenant["status"] == "online":
+                tenant["gateway"] = self.cfg.gateway_id
+        loop = self._loop
+        try:
+            remote = asyncio.run_coroutine_threadsafe(self.directory.all_tunnels(list(local)), loop).result(10)
+        except Exception as exc:  # the registry is down: this gateway's view only, and why
+            for tenant in local.values():
+                if tenant["status"] != "online":
+                    tenant["status"] = "unknown"
+                    tenant["error"] = str(exc)
+            return local
+        for tenant_id, entries in remote.items():
+            elsewhere = [e for e in entries if e.gateway != self.cfg.gateway_id]
+            if local.get(tenant_id, {}).get("status") != "online" and elsewhere:
+                newest = max(elsewhere, key=lambda e: e.epoch)
+                local[tenant_id] = {"status": "online", "gateway": newest.gateway, "session_id": newest.session,
+                                    "epoch": newest.epoch, "flight": newest.flight}
+            if elsewhere:
+                local[tenant_id]["tunnels"] = [{"gateway": e.gateway, "session_id": e.session, "epoch": e.epoch}
+                                               for e in entries]
+        return local
 
     def reload_tenants(self) -> dict:
         """Reread the tenants file (SIGHUP, POST /v1/tenants/reload); on the event loop. New tenants register
@@ -187,6 +284,8 @@ class Gateway:
                 lambda kind=kind: sum(1 for link in self.registry.links() if link.transport.KIND == kind))
         metrics.streams_active.set_function(lambda: sum(link.streams_in_flight for link in self.registry.links()))
         metrics.buffered_bytes.set_function(lambda: self.budget.reserved)
+        metrics.registry_up.set_function(lambda: 0 if self.directory is not None and not self.directory.available
+                                         else 1)
         return metrics
 
     def _spawn(self, coro) -> None:
@@ -243,6 +342,7 @@ class Gateway:
                     await asyncio.wait_for(transport.close(code, close_reason), 5)
             if link is not None:
                 self.registry.unregister(link)
+                self._withdraw(link)
                 link.fail_all(link.closing_reason or reason)
                 log.info("tenant %s session %s disconnected: %s", link.tenant_id, link.session_id,
                          link.closing_reason or reason, extra={"tenant": link.tenant_id, "session": link.session_id})
@@ -264,16 +364,24 @@ class Gateway:
                                       f"invalid token for tenant {register.tenant_id!r}", CloseCode.UNAUTHENTICATED)
         session_id = "sess_" + secrets.token_hex(8)
         await transport.call(transport.endpoint.accept, session_id, self.cfg.heartbeat_s)
-        link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport, self.budget)
+        link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport, self.budget,
+                          connector_id=register.connector_id or "")
         if self.cfg.max_requests_per_s > 0:
             link.request_rate = TokenBucket(self.cfg.max_requests_per_s)
         link.last_heartbeat = time.time()
+        if self.directory is not None:
+            link.lease_until = 0.0  # not served as owner before the registry has its entry
         old = self.registry.register(link)
+        if self.directory is not None:
+            await self.directory.publish(link)
+        else:
+            link.epoch = self._epochs[link.tenant_id] = self._epochs.get(link.tenant_id, 0) + 1
         self.metrics.registrations.labels("ok").inc()
         if old is not None:
             self.metrics.registrations.labels("replaced").inc()
             self._drop(old, f"replaced by a new registration ({session_id})", CloseCode.REPLACED)
-        log.info("tenant %s registered: session %s, datasets %s", link.tenant_id, session_id, link.datasets,
+        log.info("tenant %s registered: session %s, epoch %d, datasets %s", link.tenant_id, session_id, link.epoch,
+                 link.datasets,
                  extra={"tenant": link.tenant_id, "session": session_id})
         return link
 
@@ -286,8 +394,27 @@ class Gateway:
         """Take a link out of service now; its requests fail at once, the close completes in the background."""
         link.closing_reason = reason
         self.registry.unregister(link)
+        self._withdraw(link)
         link.fail_all(reason)
         self._spawn(link.transport.close(close_code, reason))
+
+    def _withdraw(self, link: TenantLink) -> None:
+        if self.directory is not None:
+            self._spawn(self.directory.withdraw(link))
+
+    async def _renew_registry(self) -> None:
+        """Renew this replica's entries every third of the TTL; a tunnel whose entry ran out while it could
+        not be renewed (and that Redis no longer holds) is closed with 4007: its connector registers again."""
+        while True:
+            await asyncio.sleep(self.cfg.registry_ttl_s / 3)
+            try:
+                lost = await self.directory.renew_all()
+            except RegistryUnavailable:
+                continue
+            for link in lost:
+                log.warning("tenant %s session %s: its registry entry ran out; closing the tunnel", link.tenant_id,
+                            link.session_id, extra={"tenant": link.tenant_id, "session": link.session_id})
+                self._drop(link, "the tunnel's registry entry ran out; register again", CloseCode.LEASE_LOST)
 
     async def _watch_heartbeats(self) -> None:
         interval = max(0.05, min(5.0, self.cfg.offline_after_s / 4))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -18,15 +18,54 @@ _DECODE_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedErro
                   ValueError)
 
 
+class NotHere(Exception):
+    """`--registry`: the tenant has no tunnel this gateway may serve; route the call to another replica."""
+
+
+STALE = "stale owner"
+
+
 class TunnelBridge:
-    """Called from gRPC threads; runs each step on the loop and waits for it with a deadline."""
+    """Called from gRPC threads; runs each step on the loop and waits for it with a deadline.
+
+    Without `owner_check` a tenant's link is this gateway's or the tenant is offline. With one (`--registry`)
+    a call may use a local link only if `owner_check(link, epoch)` confirms this gateway still owns it; a
+    forwarded call (`peer`) must find the tunnel of its epoch here, any other call raises NotHere to be
+    routed to another replica."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, registry: TenantRegistry, timeout_s: float,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None,
+                 owner_check: Callable[[TenantLink, int | None], Awaitable[bool]] | None = None,
+                 elsewhere: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.loop = loop
         self.registry = registry
         self.timeout_s = timeout_s
         self.metrics = metrics or GatewayMetrics()
+        self.owner_check = owner_check
+        self.elsewhere = elsewhere
+
+    async def _live(self, tenant_id: str, epoch: int | None = None) -> TenantLink:
+        """The link to serve the tenant's call from (on the loop); `epoch` is set for forwarded calls. While
+        this replica drains, a client's call goes to another replica if the tenant has a tunnel there, and is
+        served here (by the tunnel still open) if not."""
+        if self.owner_check is None:
+            return self.registry.live(tenant_id)
+        link = self.registry.local(tenant_id, include_draining=True)
+        if (link is not None and epoch is None and self.registry.draining and self.elsewhere is not None
+                and await self._elsewhere(tenant_id)):
+            raise NotHere(tenant_id)
+        if link is not None and await self.owner_check(link, epoch):
+            return link
+        if epoch is not None:
+            raise flight.FlightUnavailableError(f"{STALE}: this gateway does not hold tenant {tenant_id}'s tunnel "
+                                                f"of epoch {epoch} (any more)")
+        raise NotHere(tenant_id)
+
+    async def _elsewhere(self, tenant_id: str) -> bool:
+        try:
+            return await self.elsewhere(tenant_id)
+        except Exception:  # the registry cannot say: serve here while the tunnel is open
+            return False
 
     def _on_loop(self, fn, *args):
         async def step():
@@ -41,24 +80,30 @@ class TunnelBridge:
             future.cancel()
             raise flight.FlightTimedOutError(f"gateway did not answer in {self.timeout_s:.0f} s") from None
 
-    def datasets(self, tenant_id: str) -> list[str]:
-        return list(self._on_loop(self.registry.live, tenant_id).datasets)
-
-    def flight_info(self, tenant_id: str, dataset: str, trace_id: str | None = None) -> tuple[pa.Schema, int, int]:
-        """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector."""
+    def datasets(self, tenant_id: str, epoch: int | None = None) -> tuple[list[str], int]:
+        """The datasets the tenant's connector registered, and its tunnel's epoch."""
         async def ask():
-            return await self.registry.live(tenant_id).flight_info(dataset, self.timeout_s, trace_id)
-        reply = self._await(ask())
+            link = await self._live(tenant_id, epoch)
+            return list(link.datasets), link.epoch
+        return self._await(ask())
+
+    def flight_info(self, tenant_id: str, dataset: str, trace_id: str | None = None,
+                    epoch: int | None = None) -> tuple[pa.Schema, int, int, int]:
+        """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector, and the tunnel's epoch."""
+        async def ask():
+            link = await self._live(tenant_id, epoch)
+            return await link.flight_info(dataset, self.timeout_s, trace_id), link.epoch
+        reply, link_epoch = self._await(ask())
         schema = read_schema(reply.schema, tenant_id)
-        return schema, reply.rows, reply.bytes
+        return schema, reply.rows, reply.bytes, link_epoch
 
     def open_stream(self, tenant_id: str, dataset: str, cancelled: Callable[[], bool] = lambda: False,
-                    trace_id: str | None = None) -> "TunnelStream":
+                    trace_id: str | None = None, epoch: int | None = None) -> "TunnelStream":
         """Open a stream through the tenant's tunnel and wait for its schema (or for the client to leave)."""
-        def start():
-            link = self.registry.live(tenant_id)
+        async def start():
+            link = await self._live(tenant_id, epoch)
             return (link, *link.open_stream(dataset, trace_id))
-        link, stream_id, sink = self._on_loop(start)
+        link, stream_id, sink = self._await(start())
         self.metrics.usage.add(tenant_id, dataset, requests=1)
         stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)
         stream.read_schema()

@@ -9,9 +9,10 @@ import time
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..auth import BearerAuthFactory, TicketSigner, caller, dataset_from_descriptor
+from ..auth import BearerAuthFactory, PeerCredentials, TicketSigner, caller, dataset_from_descriptor
 from ..config import TenantCredentials
-from .bridge import TunnelBridge
+from .bridge import NotHere, TunnelBridge
+from .cluster import ClusterRouter
 from .metrics import GatewayMetrics
 
 log = logging.getLogger("poc.gateway")
@@ -60,13 +61,26 @@ def served(handler):
 
 
 class GatewayFlightServer(flight.FlightServerBase):
+    """Without `cluster` every call is served through this gateway's tunnels. With one (`--registry`),
+    endpoints name `advertise` (this replica's Flight location) and calls for tenants whose tunnel is on
+    another replica go to that replica (gateway/cluster.py)."""
+
     def __init__(self, location: str, bridge: TunnelBridge, tenants: dict[str, TenantCredentials],
-                 tickets: TicketSigner, metrics: GatewayMetrics | None = None, **kwargs) -> None:
-        self.auth = BearerAuthFactory(tenants)
+                 tickets: TicketSigner, metrics: GatewayMetrics | None = None, cluster: ClusterRouter | None = None,
+                 advertise: str | None = None, peers: PeerCredentials | None = None, gateway_id: str = "",
+                 **kwargs) -> None:
+        self.auth = BearerAuthFactory(tenants, peers, gateway_id)
         super().__init__(location, middleware={"auth": self.auth}, **kwargs)
         self._bridge = bridge
         self._tickets = tickets
         self._metrics = metrics or bridge.metrics
+        self._cluster = cluster
+        self._locations = [flight.Location(advertise)] if advertise else []
+
+    def join_cluster(self, cluster: ClusterRouter, advertise: str) -> None:
+        """`--registry`: route calls for other replicas' tenants; name `advertise` in every endpoint."""
+        self._cluster = cluster
+        self._locations = [flight.Location(advertise)]
 
     def _observe(self, method: str, who, start: float, error: BaseException | None) -> None:
         """Count, time and log one call: one log line per call, with its request id."""
@@ -90,18 +104,25 @@ class GatewayFlightServer(flight.FlightServerBase):
             self._observe("do_get", who, start, error)
 
     def _info(self, who, name: str, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        schema, rows, size = self._bridge.flight_info(who.tenant_id, name, who.request_id)
-        endpoint = flight.FlightEndpoint(self._tickets.issue(who.tenant_id, name), [])
+        schema, rows, size, epoch = self._bridge.flight_info(who.tenant_id, name, who.request_id, who.peer_epoch)
+        endpoint = flight.FlightEndpoint(self._tickets.issue(who.tenant_id, name, epoch), self._locations)
         return flight.FlightInfo(schema, descriptor, [endpoint], rows, size)
 
     @served
     def get_flight_info(self, who, descriptor):
-        return self._info(who, dataset_from_descriptor(descriptor), descriptor)
+        name = dataset_from_descriptor(descriptor)
+        try:
+            return self._info(who, name, descriptor)
+        except NotHere:
+            return self._cluster.flight_info(who, descriptor)
 
     @served
     def list_flights(self, who, criteria):
-        return [self._info(who, name, flight.FlightDescriptor.for_path("dataset", name))
-                for name in self._bridge.datasets(who.tenant_id)]
+        try:
+            names, _ = self._bridge.datasets(who.tenant_id, who.peer_epoch)
+        except NotHere:
+            return self._cluster.list_flights(who)
+        return [self._info(who, name, flight.FlightDescriptor.for_path("dataset", name)) for name in names]
 
     def list_actions(self, context):
         return []  # an authenticated call that touches no data: the load client's connect probe
@@ -112,6 +133,10 @@ class GatewayFlightServer(flight.FlightServerBase):
     @served
     def _do_get(self, who, ticket, cancelled):
         start = time.perf_counter()
-        stream = self._bridge.open_stream(who.tenant_id, self._tickets.redeem(ticket.ticket, who.tenant_id),
-                                          cancelled, who.request_id)
+        dataset, epoch = self._tickets.claims(ticket.ticket, who.tenant_id)
+        try:
+            stream = self._bridge.open_stream(who.tenant_id, dataset, cancelled, who.request_id, who.peer_epoch)
+        except NotHere:
+            schema, batches = self._cluster.do_get(who, ticket, epoch)
+            return flight.GeneratorStream(schema, self._observed_batches(batches, who, start))
         return flight.GeneratorStream(stream.schema, self._observed_batches(stream.batches(), who, start))

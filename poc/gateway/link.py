@@ -98,6 +98,9 @@ class TenantLink:
     last_seen: float = field(default_factory=time.monotonic)
     closing_reason: str | None = None
     request_rate: TokenBucket | None = None
+    connector_id: str = ""  # the register's connector_id (1.3); "" for older connectors
+    epoch: int = 0  # the registration's fencing epoch (`--registry`; a local count without one)
+    lease_until: float = float("inf")  # `--registry`: serve as owner only before this (monotonic) time
     _infos: dict[int, asyncio.Future] = field(default_factory=dict)
     _sinks: dict[int, StreamSink] = field(default_factory=dict)
     dropped_events: int = 0  # events for streams or requests the gateway had already closed
@@ -213,6 +216,8 @@ class TenantLink:
         return {
             "status": "online",
             "session_id": self.session_id,
+            "epoch": self.epoch,
+            "connector_id": self.connector_id,
             "connected_at": self.connected_at,
             "last_heartbeat": self.last_heartbeat,
             "silent_s": round(time.monotonic() - self.last_seen, 3),

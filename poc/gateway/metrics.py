@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005}
+CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007}
 
 
 def close_label(code: int | None) -> str:
@@ -47,6 +47,15 @@ class GatewayMetrics:
                                     registry=r)
         self.tunnel_closes = Counter("poc_gateway_tunnel_closes_total", "Tunnels closed, by close code",
                                      ["code"], registry=r)
+        self.registry_up = Gauge("poc_gateway_registry_up",
+                                 "1 while the shared registry (Redis, --registry) answers, 0 when it does not; "
+                                 "1 without --registry", registry=r)
+        self.registry_up.set(1)
+        self.registry_errors = Counter("poc_gateway_registry_errors_total",
+                                       "Registry (Redis) operations that failed", registry=r)
+        self.forwarded = Counter("poc_gateway_forwarded_requests_total",
+                                 "Flight calls forwarded to the replica that holds the tenant's tunnel, by outcome",
+                                 ["method", "outcome"], registry=r)
         self.usage = Usage()
 
 

@@ -107,6 +107,11 @@ class BatchReceived(Event):
 
 
 @dataclass(frozen=True)
+class GoAwayReceived(Event):
+    reason: str
+
+
+@dataclass(frozen=True)
 class StreamEnded(Event):
     stream_id: int
 
@@ -313,6 +318,12 @@ class GatewayEndpoint(Endpoint):
         self._send(m.Error(code=code, message=message))
         self.state = LinkState.CLOSED
 
+    def goaway(self, reason: str) -> None:
+        """Queue a goaway (1.3): the connector should open a tunnel to another gateway before this link closes.
+        Only for links whose register carried a connector_id; a no-op on a link that is not registered."""
+        if self.state is LinkState.REGISTERED:
+            self._send(m.GoAway(reason=reason))
+
     def _new_id(self) -> int:
         if self.state is not LinkState.REGISTERED:
             raise LocalProtocolError(f"cannot send a request in state {self.state.name}")
@@ -378,12 +389,13 @@ class ConnectorEndpoint(Endpoint):
         self.registered: m.Registered | None = None
         self._register_sent = False
 
-    def register(self, tenant_id: str, token: str, datasets: list[str]) -> None:
+    def register(self, tenant_id: str, token: str, datasets: list[str], connector_id: str | None = None) -> None:
         """Queue the register message: the first message on every link (§2)."""
         if self._register_sent:
             raise LocalProtocolError("register was already sent on this link")
         self._register_sent = True
-        self._send(m.Register(tenant_id=tenant_id, token=token, version=m.PROTOCOL_VERSION, datasets=datasets))
+        self._send(m.Register(tenant_id=tenant_id, token=token, version=m.PROTOCOL_VERSION, datasets=datasets,
+                              connector_id=connector_id))
 
     def receive_binary(self, data: bytes | bytearray | memoryview, now: float | None = None) -> list[Event]:
         raise RemoteProtocolError("the gateway must not send binary frames")
@@ -424,6 +436,8 @@ class ConnectorEndpoint(Endpoint):
             return [StreamCancelled(message.request_id, message.reason)]
         if isinstance(message, m.HeartbeatAck):
             return [HeartbeatAcked(message.ts)]
+        if isinstance(message, m.GoAway):
+            return [GoAwayReceived(message.reason)]
         if isinstance(message, m.Error):
             return [RequestFailed(message.request_id or 0, message.code, message.message)]
         raise self._unexpected(message)

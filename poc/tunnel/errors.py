@@ -64,3 +64,4 @@ class CloseCode:
     FLOW_CONTROL = 4004        # data sent beyond credit
     LIMIT_EXCEEDED = 4005      # request rate or streams in flight over the limit
     TENANT_REMOVED = 4006      # the tenant was removed from the gateway's configuration
+    LEASE_LOST = 4007          # --registry: the tunnel's registry entry ran out; register again

@@ -45,7 +45,7 @@ def _is_int(value: object) -> bool:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-_OMITTED_WHEN_NONE = {"trace_id"}  # optional fields of later minor versions are left out when unset
+_OMITTED_WHEN_NONE = {"trace_id", "connector_id"}  # optional fields of later minor versions are left out when unset
 
 
 @functools.cache
@@ -76,9 +76,11 @@ class Register(Message):
     token: str
     version: str
     datasets: list[str]
+    connector_id: str | None = None  # 1.3: the same for every tunnel of one connector process (§2)
 
     def __repr__(self) -> str:  # tokens never reach logs
-        return f"Register(tenant_id={self.tenant_id!r}, version={self.version!r}, datasets={self.datasets!r})"
+        return (f"Register(tenant_id={self.tenant_id!r}, version={self.version!r}, datasets={self.datasets!r}, "
+                f"connector_id={self.connector_id!r})")
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,14 @@ class Cancel(Message):
 
 
 @dataclass(frozen=True)
+class GoAway(Message):
+    """1.3, gateway to connector: this gateway is about to close the link (drain, rebalance); open a tunnel
+    to another gateway first. Sent only on links whose register carried a connector_id (§2)."""
+    ACTION = "goaway"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Error(Message):
     ACTION = "error"
     code: str
@@ -157,7 +167,7 @@ class Error(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.ACTION: cls
     for cls in (Register, Registered, Heartbeat, HeartbeatAck, GetFlightInfo,
-                FlightInfoReply, DoGet, Credit, Cancel, Error)
+                FlightInfoReply, DoGet, Credit, Cancel, GoAway, Error)
 }
 
 _CHECKS = {

@@ -262,3 +262,25 @@ def test_protocol_core_imports_no_io_library():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+def test_register_carries_a_connector_id_only_when_given():
+    assert "connector_id" not in json.loads(Register("t1", "secret-token", "1", ["sales"]).serialize())
+    gateway, connector = GatewayEndpoint(LIMITS), ConnectorEndpoint()
+    connector.register("t1", "secret-token", ["sales"], connector_id="c-42")
+    [req] = deliver(connector, gateway)
+    assert req.register.connector_id == "c-42"
+    with pytest.raises(RemoteProtocolError, match="connector_id"):
+        parse_message('{"action": "register", "tenant_id": "t", "token": "x", "version": "1", "datasets": [], '
+                      '"connector_id": "has space"}')
+
+
+def test_goaway_reaches_the_connector_and_nothing_is_sent_before_registration():
+    gateway, connector = registered_pair()
+    gateway.goaway("gateway draining")
+    assert deliver(gateway, connector) == [ev.GoAwayReceived("gateway draining")]
+    fresh = GatewayEndpoint(LIMITS)
+    fresh.goaway("draining")  # not registered: nothing to say it to
+    assert not fresh.has_data_to_send
+    with pytest.raises(RemoteProtocolError, match="goaway"):
+        gateway.receive_text('{"action": "goaway", "reason": "a connector has no say"}')

@@ -1,0 +1,278 @@
+"""Where every tenant's tunnels are, across gateway replicas (`--registry redis://…`).
+
+Redis holds one entry per live tunnel, `poc:tunnel:<tenant>:<session>` = {tenant, gateway, session, flight,
+epoch}, with a TTL that only the owning gateway renews (a compare-and-renew script: the entry must still be
+the exact value it wrote). `poc:tunnels:<tenant>` indexes a tenant's sessions; `poc:epoch:<tenant>` counts
+its registrations: each registration takes the next epoch, the fencing token that travels in tickets and
+forwarded calls, so a gateway serves as a tunnel's owner only while the registry still holds that tunnel's
+entry with that epoch. `poc:gateway:<id>` (also with a TTL) says each replica's Flight location and load.
+
+Every routing decision reads Redis; nothing is cached. When Redis cannot be reached the gateway goes on
+serving the tunnels it holds, refuses what it cannot route with a FlightUnavailableError naming the cause,
+reports it in /readyz and metrics, and publishes its entries again once Redis answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from .link import TenantLink
+
+log = logging.getLogger("poc.gateway")
+
+PREFIX = "poc:"
+
+# Extend the entry's TTL only if it is still exactly what this gateway wrote.
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# Delete the entry only if it is still this gateway's; always drop the session from the tenant's index.
+WITHDRAW = """
+local removed = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then removed = redis.call('DEL', KEYS[1]) end
+redis.call('SREM', KEYS[2], ARGV[2])
+return removed
+"""
+
+
+@dataclass(frozen=True)
+class TunnelEntry:
+    """One live tunnel as the registry knows it."""
+
+    tenant: str
+    gateway: str   # the owning gateway's id
+    session: str
+    flight: str    # the owner's advertised Flight location
+    epoch: int
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "TunnelEntry | None":
+        try:
+            doc = json.loads(raw)
+            return cls(str(doc["tenant"]), str(doc["gateway"]), str(doc["session"]), str(doc["flight"]),
+                       int(doc["epoch"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # not written by a gateway of this version: ignored
+
+
+class RegistryUnavailable(Exception):
+    """Redis cannot be reached (or answered with an error); the message names the cause."""
+
+
+def _tunnel_key(tenant: str, session: str) -> str:
+    return f"{PREFIX}tunnel:{tenant}:{session}"
+
+
+def _index_key(tenant: str) -> str:
+    return f"{PREFIX}tunnels:{tenant}"
+
+
+class RedisDirectory:
+    """The registry of one gateway replica; its coroutines run on the gateway's event loop."""
+
+    def __init__(self, url: str, gateway_id: str, flight_location: str, ttl_s: float = 10.0,
+                 timeout_s: float = 1.0, on_error=lambda: None) -> None:
+        import redis.asyncio as redis
+
+        self.gateway_id = gateway_id
+        self.flight_location = flight_location
+        self.ttl_ms = int(ttl_s * 1000)
+        self.ttl_s = ttl_s
+        self._redis = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                     retry_on_timeout=False)
+        self._renew = self._redis.register_script(RENEW)
+        self._withdraw = self._redis.register_script(WITHDRAW)
+        self.error: str | None = "not connected yet"  # None while Redis answers
+        self._on_error = on_error
+        self._owned: dict[str, tuple[TenantLink, TunnelEntry | None]] = {}  # session → (link, published entry)
+        self._load = lambda: len(self._owned)
+
+    @property
+    def available(self) -> bool:
+        return self.error is None
+
+    async def _call(self, make):
+        """Run one Redis step; a failure marks the registry unavailable and raises RegistryUnavailable."""
+        from redis.exceptions import RedisError
+
+        try:
+            result = await make()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            cause = f"registry (Redis) unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+            if self.error is None:
+                log.error("%s; serving the tunnels held here only", cause)
+            self.error = cause
+            self._on_error()
+            raise RegistryUnavailable(cause) from None
+        if self.error is not None:
+            log.info("registry (Redis) reachable")
+            self.error = None
+        return result
+
+    # -- this gateway's tunnels ------------------------------------------------------------------------
+
+    async def publish(self, link: TenantLink) -> int:
+        """Take the tenant's next epoch and publish the tunnel's entry; on Redis trouble the tunnel still
+        serves here, gets a provisional epoch of 0 and is published by the next renewal that reaches Redis."""
+        self._owned[link.session_id] = (link, None)
+        try:
+            entry = await self._publish(link)
+        except RegistryUnavailable:
+            link.epoch = 0
+            return 0
+        return entry.epoch
+
+    async def _publish(self, link: TenantLink) -> TunnelEntry:
+        async def step():
+            epoch = await self._redis.incr(f"{PREFIX}epoch:{link.tenant_id}")
+            entry = TunnelEntry(link.tenant_id, self.gateway_id, link.session_id, self.flight_location, int(epoch))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(_tunnel_key(entry.tenant, entry.session), entry.encode(), px=self.ttl_ms)
+                pipe.sadd(_index_key(entry.tenant), entry.session)
+                await pipe.execute()
+            return entry
+        entry = await self._call(step)
+        if link.session_id in self._owned:  # still live
+            self._owned[link.session_id] = (link, entry)
+            link.epoch = entry.epoch
+            link.lease_until = time.monotonic() + self.ttl_s
+        return entry
+
+    async def withdraw(self, link: TenantLink) -> None:
+        """The tunnel closed: its entry goes (if Redis is down, its TTL ends it)."""
+        _, entry = self._owned.pop(link.session_id, (None, None))
+        if entry is None:
+            return
+        try:
+            await self._call(lambda: self._withdraw(keys=[_tunnel_key(entry.tenant, entry.session),
+                                                          _index_key(entry.tenant)],
+                                                    args=[entry.encode(), entry.session]))
+        except RegistryUnavailable:
+            pass
+
+    async def renew_all(self) -> list[TenantLink]:
+        """Extend every entry this gateway owns and its own record; publish what Redis lost or never got.
+        Returns the links whose entry is gone and must not be served as owner any more (another
+        registration took the tenant's place while this gateway could not renew)."""
+        started = time.monotonic()
+        owned = list(self._owned.values())
+        published = [(link, entry) for link, entry in owned if entry is not None]
+
+        async def step():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for _, entry in published:
+                    await self._renew(keys=[_tunnel_key(entry.tenant, entry.session)],
+                                      args=[entry.encode(), self.ttl_ms], client=pipe)
+                pipe.set(f"{PREFIX}gateway:{self.gateway_id}",
+                         json.dumps({"id": self.gateway_id, "flight": self.flight_location,
+                                     "tunnels": self._load()}), px=self.ttl_ms)
+                pipe.sadd(f"{PREFIX}gateways", self.gateway_id)
+                return await pipe.execute()
+        results = await self._call(step)
+        lost = []
+        for (link, entry), renewed in zip(published, results):
+            if renewed:
+                link.lease_until = started + self.ttl_s
+            elif time.monotonic() < link.lease_until:
+                await self._republish(link)  # Redis forgot it within its lease (a restart, a flush)
+            else:
+                lost.append(link)  # the lease ran out: another registration may own the tenant now
+        for link, entry in owned:
+            if entry is None and link.session_id in self._owned:
+                await self._republish(link)
+        return lost
+
+    async def _republish(self, link: TenantLink) -> None:
+        try:
+            await self._publish(link)
+            log.info("tenant %s session %s published again (epoch %d)", link.tenant_id, link.session_id,
+                     link.epoch, extra={"tenant": link.tenant_id, "session": link.session_id})
+        except RegistryUnavailable:
+            pass
+
+    async def confirm(self, link: TenantLink, epoch: int | None = None) -> bool:
+        """Whether this gateway may serve `link` as its tunnel's owner (for a forwarded call: the tunnel of
+        `epoch`). Within its lease (the last renewal Redis acknowledged, plus the TTL) it may; past it — a
+        gateway that stalled, or could not reach Redis — it asks Redis whether the entry is still its own,
+        and may not if the entry is gone (another registration may own the tenant now). When Redis cannot
+        be reached it serves the tunnel it holds (docs/architecture.md: availability over fencing while the
+        registry is down)."""
+        if epoch is not None and link.epoch != epoch:
+            return False
+        if time.monotonic() < link.lease_until:
+            return True
+        _, entry = self._owned.get(link.session_id, (None, None))
+        if entry is None:
+            return not self.available and link.session_id in self._owned  # never published: Redis is down
+        started = time.monotonic()
+        try:
+            renewed = await self._call(lambda: self._renew(keys=[_tunnel_key(entry.tenant, entry.session)],
+                                                           args=[entry.encode(), self.ttl_ms]))
+        except RegistryUnavailable:
+            return True
+        if renewed:
+            link.lease_until = started + self.ttl_s
+        return bool(renewed)
+
+    # -- every replica's tunnels -----------------------------------------------------------------------
+
+    async def tunnels(self, tenant: str) -> list[TunnelEntry]:
+        """The tenant's live tunnels on every replica, read from Redis now."""
+        async def step():
+            sessions = [s.decode() if isinstance(s, bytes) else s
+                        for s in await self._redis.smembers(_index_key(tenant))]
+            if not sessions:
+                return []
+            values = await self._redis.mget([_tunnel_key(tenant, s) for s in sessions])
+            gone = [s for s, v in zip(sessions, values) if v is None]
+            if gone:
+                await self._redis.srem(_index_key(tenant), *gone)
+            return [e for e in (TunnelEntry.decode(v) for v in values if v is not None) if e is not None]
+        return await self._call(step)
+
+    async def all_tunnels(self, tenants: list[str]) -> dict[str, list[TunnelEntry]]:
+        """Every listed tenant's live tunnels on every replica (for GET /health)."""
+        async def step():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tenant in tenants:
+                    pipe.smembers(_index_key(tenant))
+                indexes = await pipe.execute()
+            keys = [_tunnel_key(t, s.decode()) for t, sessions in zip(tenants, indexes) for s in sessions]
+            values = await self._redis.mget(keys) if keys else []
+            found: dict[str, list[TunnelEntry]] = {}
+            for value in values:
+                entry = TunnelEntry.decode(value) if value is not None else None
+                if entry is not None:
+                    found.setdefault(entry.tenant, []).append(entry)
+            return found
+        return await self._call(step)
+
+    async def gateways(self) -> list[dict]:
+        """Every replica with a live record: id, Flight location, tunnels held."""
+        async def step():
+            ids = [i.decode() for i in await self._redis.smembers(f"{PREFIX}gateways")]
+            values = await self._redis.mget([f"{PREFIX}gateway:{i}" for i in ids]) if ids else []
+            gone = [i for i, v in zip(ids, values) if v is None]
+            if gone:
+                await self._redis.srem(f"{PREFIX}gateways", *gone)
+            return [json.loads(v) for v in values if v is not None]
+        return await self._call(step)
+
+    async def close(self) -> None:
+        for link, _ in list(self._owned.values()):
+            await self.withdraw(link)
+        try:
+            await self._call(lambda: self._redis.delete(f"{PREFIX}gateway:{self.gateway_id}"))
+        except RegistryUnavailable:
+            pass
+        await self._redis.aclose()

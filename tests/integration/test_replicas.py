@@ -1,0 +1,233 @@
+"""Gateway replicas sharing a real Redis registry: any replica serves any tenant, by forwarding or by location."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from poc.auth import PEER_HEADER, PeerCredentials
+from poc.config import make_tenants
+from poc.workbook.replicas import LoadLoop, Replicas
+from tests.helpers import bearer, read, sales
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def replicas(tmp_path, datasets):
+    """Three replicas; tenant_00i's connector dials gw-i."""
+    tenants = make_tenants(3)
+    with Replicas(tmp_path, tenants, datasets["small"], count=3) as r:
+        for i, tenant in enumerate(tenants, start=1):
+            r.connect(tenant, f"gw-{i}")
+        r.wait_routable(list(tenants))
+        yield r
+
+
+def expected(datasets):
+    return pq.read_table(datasets["small"] / "sales.parquet")
+
+
+def test_every_replica_serves_every_tenant_exactly_to_a_plain_client(replicas, datasets):
+    table = expected(datasets)
+    for gateway in replicas.gateways:
+        for tenant_id, creds in replicas.tenants.items():
+            _, got = read(replicas.flight_uri(gateway), creds.client_token)
+            assert got.equals(table), (gateway, tenant_id)
+            assert got.num_rows == table.num_rows
+    # gw-1 forwarded the DoGets of the two tenants it does not hold, and counted them
+    metrics = scrape(replicas, "gw-1")
+    assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_get"), ("outcome", "ok")))] == 2
+    assert metrics[("poc_gateway_registry_up", ())] == 1
+
+
+def test_flight_info_names_the_owner_so_clients_can_follow_locations(replicas, datasets):
+    creds = replicas.tenants["tenant_002"]
+    with flight.connect(replicas.flight_uri("gw-1")) as client:
+        info = client.get_flight_info(sales(), bearer(creds.client_token))
+    [endpoint] = info.endpoints
+    owner = replicas.flight_uri("gw-2")
+    assert [location.uri.decode() for location in endpoint.locations] == [owner]
+    with flight.connect(endpoint.locations[0]) as client:  # a client that follows locations reads from the owner
+        got = client.do_get(endpoint.ticket, bearer(creds.client_token)).read_all()
+    assert got.equals(expected(datasets))
+    # and the owner served it itself: nothing was forwarded there
+    assert ("poc_gateway_forwarded_requests_total", (("method", "do_get"), ("outcome", "ok"))) not in \
+        scrape(replicas, "gw-2")
+
+
+def test_list_flights_and_health_at_any_replica_see_every_tenant(replicas):
+    for gateway in replicas.gateways:
+        tenants = replicas.health(gateway)["tenants"]
+        assert {t: s["status"] for t, s in tenants.items()} == {t: "online" for t in replicas.tenants}
+        assert {t: s["gateway"] for t, s in tenants.items()} == {"tenant_001": "gw-1", "tenant_002": "gw-2",
+                                                                 "tenant_003": "gw-3"}
+        with flight.connect(replicas.flight_uri(gateway)) as client:
+            listed = list(client.list_flights(options=bearer(replicas.tenants["tenant_003"].client_token)))
+        assert {info.descriptor.path[1] for info in listed} == {b"sales"}
+
+
+def test_a_forwarded_call_for_a_tunnel_the_owner_no_longer_holds_is_refused_by_epoch(replicas):
+    creds = replicas.tenants["tenant_002"]
+    with flight.connect(replicas.flight_uri("gw-1")) as client:
+        ticket = client.get_flight_info(sales(), bearer(creds.client_token)).endpoints[0].ticket
+    epoch = replicas.health("gw-2")["tenants"]["tenant_002"]["epoch"]
+    peers = PeerCredentials(replicas.env["POC_PEER_SECRET"].encode())
+
+    def as_peer(epoch: int, gateway: str = "gw-2") -> flight.FlightCallOptions:
+        return flight.FlightCallOptions(headers=[(PEER_HEADER.encode(),
+                                                  peers.make("tenant_002", epoch, gateway).encode())], timeout=30)
+    with flight.connect(replicas.flight_uri("gw-2")) as owner:
+        assert owner.do_get(ticket, as_peer(epoch)).read_all().num_rows > 0  # the current epoch is served
+        with pytest.raises(flight.FlightUnavailableError, match="stale owner.*epoch 999"):
+            owner.do_get(ticket, as_peer(999)).read_all()
+        with pytest.raises(flight.FlightUnauthenticatedError, match="another gateway"):
+            owner.do_get(ticket, flight.FlightCallOptions(headers=[(PEER_HEADER.encode(), peers.make(
+                "tenant_002", epoch, "gw-3").encode())])).read_all()
+        forged = PeerCredentials(b"not-the-peer-secret-of-replicas")
+        with pytest.raises(flight.FlightUnauthenticatedError, match="not valid"):
+            owner.do_get(ticket, flight.FlightCallOptions(headers=[(PEER_HEADER.encode(), forged.make(
+                "tenant_002", epoch, "gw-2").encode())])).read_all()
+    # the connector registers again (new epoch); the old ticket still reads the table through any replica
+    replicas.connectors.pop("connector-tenant_002").stop()
+    replicas.connect("tenant_002", "gw-3")
+    deadline = time.monotonic() + 20
+    while replicas.health("gw-1")["tenants"]["tenant_002"].get("epoch", 0) <= epoch:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with flight.connect(replicas.flight_uri("gw-1")) as client:
+        assert client.do_get(ticket, bearer(creds.client_token)).read_all().num_rows > 0
+    with flight.connect(replicas.flight_uri("gw-3")) as owner:
+        with pytest.raises(flight.FlightUnavailableError, match="stale owner"):
+            owner.do_get(ticket, as_peer(epoch, "gw-3")).read_all()  # gw-3 holds the new epoch, not the old one
+
+
+def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_route(replicas, datasets):
+    local, remote = replicas.tenants["tenant_001"], replicas.tenants["tenant_002"]
+    replicas.redis.stop()
+    _, got = read(replicas.flight_uri("gw-1"), local.client_token)  # its own tunnel: served
+    assert got.equals(expected(datasets))
+    with pytest.raises(flight.FlightUnavailableError, match=r"registry \(Redis\) unreachable"):
+        read(replicas.flight_uri("gw-1"), remote.client_token)
+    status, body = replicas.ready("gw-1")
+    assert status == 503 and body["status"] == "registry_unreachable"
+    metrics = scrape(replicas, "gw-1")
+    assert metrics[("poc_gateway_registry_up", ())] == 0
+    assert metrics[("poc_gateway_registry_errors_total", ())] >= 1
+    # Redis comes back empty (no persistence): each replica publishes its tunnels again and routing resumes
+    replicas.redis.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            _, got = read(replicas.flight_uri("gw-1"), remote.client_token)
+            break
+        except flight.FlightUnavailableError:
+            assert time.monotonic() < deadline, replicas.gateways["gw-2"].log_tail()
+            time.sleep(0.2)
+    assert got.equals(expected(datasets))
+    assert replicas.ready("gw-1")[0] == 200
+
+
+def scrape(replicas: Replicas, gateway: str) -> dict:
+    port = replicas.gateways[gateway].ready["http_port"]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                     headers={"authorization": f"Bearer {replicas.admin_token}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def tunnels_of(replicas: Replicas, tenant_id: str, via: str = "gw-1") -> list[dict]:
+    return replicas.health(via)["tenants"][tenant_id].get("tunnels", [])
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return result
+
+
+@pytest.fixture
+def ha(tmp_path, datasets):
+    """Three replicas; each tenant's connector is given all three and keeps two tunnels."""
+    tenants = make_tenants(3)
+    with Replicas(tmp_path, tenants, datasets["small"], count=3, delay_ms="20") as r:
+        for tenant in tenants:
+            r.connect(tenant, "gw-1", "gw-2", "gw-3")
+        for tenant in tenants:
+            wait_for(lambda: len(tunnels_of(r, tenant)) == 2, 20, f"{tenant} has two tunnels")
+        yield r
+
+
+def test_a_connector_given_several_replicas_keeps_two_tunnels_on_distinct_ones(ha):
+    for tenant in ha.tenants:
+        tunnels = tunnels_of(ha, tenant)
+        assert len({t["gateway"] for t in tunnels}) == 2
+        assert len({t["epoch"] for t in tunnels}) == 2
+    # both tunnels of a tenant serve: a replica holding one serves from it, the others forward
+    table = None
+    for gateway in ha.gateways:
+        for creds in ha.tenants.values():
+            _, got = read(ha.flight_uri(gateway), creds.client_token)
+            table = table or got
+            assert got.equals(table)
+
+
+def test_sigkill_of_a_replica_under_load_fails_only_its_streams_and_others_serve_within_two_seconds(ha):
+    holders = [x["gateway"] for t in ha.tenants for x in tunnels_of(ha, t)]
+    victim = max(ha.gateways, key=holders.count)  # the replica holding the most tunnels
+    held = [t for t in ha.tenants if any(x["gateway"] == victim for x in tunnels_of(ha, t))]
+    survivors = [g for g in ha.gateways if g != victim]
+    with LoadLoop(ha, list(ha.tenants), through=survivors, readers=3) as load:
+        time.sleep(2)
+        killed_at = time.time()
+        ha.kill(victim)
+        time.sleep(6)
+    late = [r for r in load.failed(since=killed_at + 2)]
+    assert not late, [(r['through'], r['tenant'], round(r['start'] - killed_at, 2), r['error']) for r in late[:5]]
+    assert not load.short()
+    assert len([r for r in load.records if r["start"] > killed_at + 2 and r["error"] is None]) > 10
+    # the connectors replaced their lost tunnel on the remaining replica
+    for tenant in held:
+        wait_for(lambda: len({x["gateway"] for x in tunnels_of(ha, tenant, via=survivors[0])} - {victim}) == 2, 20,
+                 f"{tenant} has two live tunnels again")
+
+
+def test_a_rolling_restart_under_load_fails_no_request(ha):
+    with LoadLoop(ha, list(ha.tenants), readers=3) as load:
+        time.sleep(1)
+        for gateway in list(ha.gateways):
+            ha.restart(gateway)  # SIGTERM: goaway, replacement tunnels elsewhere, in-flight streams finish
+            for tenant in ha.tenants:
+                wait_for(lambda: len(tunnels_of(ha, tenant, via=gateway)) == 2, 30,
+                         f"{tenant} has two tunnels after {gateway} restarted")
+        time.sleep(1)
+    assert not load.failed(), [(r['through'], r['tenant'], r['error']) for r in load.failed()[:5]]
+    assert not load.short()
+    assert {r["through"] for r in load.records} == set(ha.gateways) and len(load.records) > 30
+    for gateway in ha.gateways:  # every replica told its connectors goaway before it closed
+        assert "goaway sent on" in ha.gateways[gateway].log_tail(10_000) or gateway
+
+
+def test_a_connectors_two_tunnels_stream_the_same_dataset_at_once_without_mixing_frames(tmp_path, datasets):
+    """Both tunnels of one connector send the same frame buffers at once, under socket back-pressure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tenants = make_tenants(1)
+    table = pq.read_table(datasets["a"] / "sales.parquet")
+    with Replicas(tmp_path, tenants, datasets["a"], count=2) as r:
+        r.connect("tenant_001", "gw-1", "gw-2")
+        wait_for(lambda: len(tunnels_of(r, "tenant_001")) == 2, 20, "two tunnels")
+        token = tenants["tenant_001"].client_token
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: read(r.flight_uri(f"gw-{i % 2 + 1}"), token)[1], range(32)))
+        assert all(got.equals(table) for got in results)
+        assert "never opened" not in r.gateways["gw-1"].log_tail(10_000) + r.gateways["gw-2"].log_tail(10_000)
