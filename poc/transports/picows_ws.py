@@ -37,9 +37,11 @@ class PicowsLink(WSListener, Link):
         self._init_link(endpoint_factory())
         self.transport: WSTransport | None = None
         self._max_message = max_message  # a whole message, fragments included
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        # What asyncio.Queue and asyncio.Event would do, for one reader and one writer, without their deques
+        # (about 2 KiB per connection, most of an idle tunnel's cost: docs/results.md, scale).
+        self._inbox: list = []  # received messages not yet taken by _receive
+        self._arrived: asyncio.Future | None = None  # set when _receive waits for the inbox to fill
+        self._resumed: asyncio.Future | None = None  # set while writing is paused
         self._fragments: list[bytes] = []
         self._fragment_bytes = 0
         self._fragment_type: WSMsgType | None = None
@@ -75,7 +77,7 @@ class PicowsLink(WSListener, Link):
             self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
         else:
             data = frame.get_payload_as_bytes()  # the one copy: picows reuses its read buffer
-        self._queue.put_nowait((kind == WSMsgType.TEXT, data))
+        self._put((kind == WSMsgType.TEXT, data))
 
     def _on_close(self, frame: WSFrame) -> None:
         code = int(frame.get_close_code() or 1005)
@@ -89,27 +91,49 @@ class PicowsLink(WSListener, Link):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.closed is None:
             self.closed = TunnelClosed(1006, "connection lost without a close frame")
-        self._writable.set()
-        self._queue.put_nowait(_CLOSED)
+        self.resume_writing()
+        self._put(_CLOSED)
         if not self.connected.done():
             self.connected.set_exception(OSError(str(self.closed)))
 
+    def _put(self, item) -> None:
+        self._inbox.append(item)
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
     def pause_writing(self) -> None:
-        self._writable.clear()
+        if self._resumed is None:
+            self._resumed = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and not resumed.done():
+            resumed.set_result(None)
 
     # -- the adapter of base.Link
     async def _receive(self) -> AsyncIterator[str | bytes]:
-        while (item := await self._queue.get()) is not _CLOSED:
-            text, data = item
-            if text:
+        while True:
+            if not self._inbox:
+                self._arrived = asyncio.get_running_loop().create_future()
                 try:
-                    data = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise RemoteProtocolError("text frame is not valid UTF-8") from None
-            yield data
+                    await self._arrived
+                finally:
+                    self._arrived = None
+            batch, self._inbox = self._inbox, []
+            for item in batch:
+                if item is _CLOSED:
+                    return
+                yield self._message(item)
+
+    @staticmethod
+    def _message(item: tuple[bool, bytes]) -> str | bytes:
+        text, data = item
+        if text:
+            try:
+                data = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RemoteProtocolError("text frame is not valid UTF-8") from None
+        return data
 
     def _ended(self) -> TunnelClosed:
         return self.closed or TunnelClosed(1006, "connection lost without a close frame")
@@ -119,8 +143,8 @@ class PicowsLink(WSListener, Link):
             self.transport.send(WSMsgType.TEXT, item.encode())
         else:
             self.transport.send(WSMsgType.BINARY, item)
-        if not self._writable.is_set():
-            await self._writable.wait()  # the socket buffer is over its high-water mark
+        while self._resumed is not None:
+            await asyncio.shield(self._resumed)  # the socket buffer is over its high-water mark
 
     def _close_now(self, code: int, reason: str) -> None:
         if self.closed is None:
