@@ -105,6 +105,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         cfg.registry_url, cfg.peer_secret = args.registry, os.environb[b"POC_PEER_SECRET"]
         cfg.advertise_flight, cfg.registry_ttl_s = args.advertise_flight, args.registry_ttl_s
         cfg.drain_delay_s = max(0.0, args.drain_delay_s)
+        cfg.advertise_tunnel, cfg.rebalance_s = args.advertise_tunnel, max(0.0, args.rebalance_s)
         if args.gateway_id:
             cfg.gateway_id = args.gateway_id
 
@@ -375,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry-ttl-s", type=float, default=config.REGISTRY_TTL_S,
                    help="a tunnel's registry entry lives this long unless its replica renews it, every third "
                         "of it (default %(default)s)")
+    p.add_argument("--advertise-tunnel", metavar="URL",
+                   help="with --registry: this replica's tunnel URL as connectors reach it, suggested to connectors "
+                        "that another replica asks to move (default: ws[s]://HOST:WS_PORT/connect)")
+    p.add_argument("--rebalance-s", type=float, default=config.REBALANCE_S,
+                   help="with --registry: how often this replica compares the tunnels it holds with its share "
+                        "and, above it, asks one connector to move to the least-loaded replica; 0 turns it off "
+                        "(default %(default)s)")
     p.add_argument("--drain-delay-s", type=float, default=1.0,
                    help="with --registry, on SIGTERM: how long Flight goes on answering (forwarding to other "
                         "replicas) after /readyz turns 503, for clients a load balancer sent before it noticed; "

@@ -24,6 +24,7 @@ MAX_STREAMS = 256
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_BUFFERED_BYTES = 2 * 1024**3  # gateway-wide: the sum of open streams' windows
 TICKET_TTL_S = 300.0
+REBALANCE_S = 10.0  # --registry: a replica compares its tunnels with its share this often
 REGISTRY_TTL_S = 10.0  # --registry: a tunnel entry lives this long unless its gateway renews it (every third)
 REGISTER_TIMEOUT_S = 10.0
 BACKOFF_INITIAL_S = 0.5

@@ -94,6 +94,8 @@ class Connector:
         self._leaving: set[str] = set()  # gateways that sent goaway on a link still open
         self._slots: dict[int, asyncio.Task] = {}
         self._positions: dict[int, int] = {}  # slot → its position, the smallest free: part of its connector_id
+        self._first: dict[int, str] = {}  # slot → the gateway a goaway suggested for its first attempt
+        self._replacing: dict[int, "_Session"] = {}  # slot → the session it takes over from
         self._next_slot = itertools.count()
         self._framed_in_use: dict[int, tuple[TunnelTransport, int]] = {}  # shared frame buffer → link sending it
         self._offset = random.randrange(len(cfg.gateways))  # connectors of one tenant list spread over replicas
@@ -123,8 +125,15 @@ class Connector:
                 task.cancel()
             await asyncio.gather(*self._slots.values(), return_exceptions=True)
 
-    def _start_slot(self, stop: asyncio.Event) -> None:
+    def _start_slot(self, stop: asyncio.Event, first: str | None = None,
+                    replaces: "_Session | None" = None) -> None:
+        """A new tunnel; `first`: the gateway to try first; `replaces`: a session that said goaway, closed
+        by this side once the new tunnel is registered and its own streams have ended."""
         slot = next(self._next_slot)
+        if first is not None:
+            self._first[slot] = first
+        if replaces is not None:
+            self._replacing[slot] = replaces
         taken = set(self._positions.values())
         self._positions[slot] = next(p for p in itertools.count() if p not in taken)
         task = asyncio.get_running_loop().create_task(self._slot(slot, stop))
@@ -154,7 +163,7 @@ class Connector:
         """One tunnel: connect, serve, reconnect with backoff (to the next gateway); return once retired."""
         attempt = 0
         while not stop.is_set():
-            url = self._in_use[slot] = self._choose(slot, attempt)
+            url = self._in_use[slot] = self._first.pop(slot, None) or self._choose(slot, attempt)
             session: _Session | None = None
             try:
                 session = await self._session(stop, url, slot)
@@ -198,11 +207,21 @@ class Connector:
         elif exc is not None:  # whatever else ended the session, a new link may cure it: reconnect, never exit
             log.error("session with %s failed", url, exc_info=exc)
 
-    def _on_goaway(self, url: str, reason: str, stop: asyncio.Event) -> None:
-        """A gateway is about to close this link: start a tunnel to another gateway now."""
-        log.info("gateway %s says goaway (%s): opening a tunnel to another gateway", url, reason)
-        self._leaving.add(url)
-        self._start_slot(stop)
+    def _on_goaway(self, session: "_Session", reason: str, prefer: str | None) -> None:
+        """A gateway asks this link to move (it drains, or holds more than its share): start a tunnel to
+        another gateway now — the one it suggests if this connector was given it — and close this link once
+        that one is registered and this link's streams have ended."""
+        log.info("gateway %s says goaway (%s): opening a tunnel to %s", session.url, reason,
+                 prefer if prefer in self.cfg.gateways else "another gateway")
+        self._leaving.add(session.url)
+        usable = prefer in self.cfg.gateways and prefer not in self._in_use.values()  # not where a tunnel is
+        self._start_slot(session.stop, prefer if usable else None, replaces=session)
+
+    def _took_over(self, slot: int) -> None:
+        """A slot registered: retire the session it replaces, if any."""
+        old = self._replacing.pop(slot, None)
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.retire())
 
     def _ssl_context(self, url: str) -> ssl.SSLContext | None:
         if not url.startswith("wss://"):
@@ -316,6 +335,7 @@ class _Session:
         connector.metrics.registered.set(len(connector._registered))
         log.info("registered tenant %s as session %s at %s", connector.cfg.tenant_id, connector.session_id,
                  self.url or connector.cfg.gateway)
+        connector._took_over(self.slot)
         if connector.on_registered:
             connector.on_registered(connector.session_id)
 
@@ -344,9 +364,21 @@ class _Session:
         elif isinstance(event, ev.GoAwayReceived):
             if not self.goaway:
                 self.goaway = True
-                self.connector._on_goaway(self.url, event.reason, self.stop)
+                self.connector._on_goaway(self, event.reason, event.prefer)
         elif isinstance(event, ev.RequestFailed):
             log.warning("gateway reported an error (%s): %s", event.code, event.message)
+
+    async def retire(self, wait_s: float = 60.0) -> None:
+        """After a goaway, once the replacement is registered: the gateway closes this link when the tenant's
+        new tunnel is in its registry and this link carries no stream (it knows what it has sent). A gateway
+        that has not done so after `wait_s` gets the link closed from here, once its streams have ended."""
+        deadline = time.monotonic() + wait_s
+        while self.transport.closed is None and (time.monotonic() < deadline or self.tasks):
+            await asyncio.sleep(0.1)
+        if self.transport.closed is None:
+            log.info("closing the link to %s: its replacement is registered", self.url)
+            with contextlib.suppress(Exception):
+                await self.transport.close(CloseCode.NORMAL, "moved to another gateway")
 
     def _context(self, stream_id: int | None = None) -> dict:
         """The fields of a log line about this session, or one of its streams (poc.logs)."""

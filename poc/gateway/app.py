@@ -65,6 +65,8 @@ class GatewayConfig:
     peer_secret: bytes | None = None  # required with a registry: authenticates calls between replicas
     registry_ttl_s: float = config.REGISTRY_TTL_S
     drain_delay_s: float = 1.0  # with a registry: Flight keeps answering this long after /readyz turns 503
+    advertise_tunnel: str | None = None  # this replica's tunnel URL as connectors know it (goaway's `prefer`)
+    rebalance_s: float = config.REBALANCE_S  # with a registry: how often to compare load with the others; 0: off
 
     @property
     def tls(self) -> bool:
@@ -123,11 +125,17 @@ class Gateway:
         if self.directory is not None:
             advertise = cfg.advertise_flight or f"{scheme}://{cfg.host}:{self._flight.port}"
             self.directory.flight_location = advertise
+            scheme_ws = "wss" if cfg.tls else "ws"
+            self.directory.record = {"tunnel": cfg.advertise_tunnel or
+                                     f"{scheme_ws}://{cfg.host}:{self._ws_server.sockets[0].getsockname()[1]}/connect",
+                                     "draining": False}
             self._router = ClusterRouter(self.directory, peers, bridge._await, cfg.request_timeout_s, self.metrics)
             self._flight.join_cluster(self._router, advertise)
             with contextlib.suppress(RegistryUnavailable):
                 await self.directory.renew_all()  # this replica's record, before it says it is ready
             self._spawn(self._renew_registry())
+            if cfg.rebalance_s > 0:
+                self._spawn(self._rebalance())
         # The Flight server already serves once constructed. Its serve() would install signal handlers that
         # shut Flight down before the tunnels, so it is not called: SIGTERM goes to stop() below.
         if cfg.grpc_tunnel_port is not None:
@@ -188,6 +196,9 @@ class Gateway:
     async def _drain(self, deadline: float) -> None:
         """Goaway to every link of a 1.3 connector; wait until their tenants have a tunnel elsewhere (or the
         deadline); then withdraw this replica's entries (in-flight streams go on until they end)."""
+        self.directory.record["draining"] = True
+        with contextlib.suppress(RegistryUnavailable):
+            await self.directory.renew_all()  # the others stop suggesting this replica
         told = [link for link in self.registry.links() if link.connector_id]
         for link in told:
             link.endpoint.goaway("gateway draining; open a tunnel to another gateway")
@@ -206,6 +217,67 @@ class Gateway:
             log.warning("draining: %d tenants have no tunnel on another replica", len(waiting))
         for link in self.registry.links():
             await self.directory.withdraw(link)
+
+    async def _rebalance(self) -> None:
+        """Every `rebalance_s`: if this replica holds more than its share of all tunnels (total over the
+        replicas that are not draining, rounded up), ask one connector to move: goaway, suggesting the
+        least-loaded replica. One at a time, and only links whose connector moves without a gap (1.3: it
+        registers elsewhere before it closes this link)."""
+        told: dict[str, float] = {}  # session → when it was asked to move
+        while True:
+            await asyncio.sleep(self.cfg.rebalance_s)
+            try:
+                records = [r for r in await self.directory.gateways() if not r.get("draining")]
+            except RegistryUnavailable:
+                continue
+            mine = [link for link in self.registry.links() if link.closing_reason is None]
+            live = {link.session_id for link in mine}
+            told = {s: t for s, t in told.items() if s in live and time.monotonic() - t < 60}
+            if len(records) < 2 or self.registry.draining:
+                continue
+            others = [r for r in records if r.get("id") != self.cfg.gateway_id and r.get("tunnel")]
+            total = sum(r.get("tunnels", 0) for r in others) + len(mine)  # its own count as of now
+            share = -(-total // (len(others) + 1))
+            movable = [link for link in mine if link.connector_id and link.session_id not in told]
+            if len(mine) <= share or not others or not movable or told:
+                continue  # within its share, or a move still under way
+            target = min(others, key=lambda r: r.get("tunnels", 0))
+            if target.get("tunnels", 0) + 1 >= len(mine):
+                continue  # moving one would not even things out
+            link = None
+            for candidate in sorted(movable, key=lambda x: x.streams_in_flight)[:20]:
+                try:  # not a tenant that already has a tunnel there: its tunnels stay on distinct replicas
+                    if all(e.gateway != target["id"] for e in await self.directory.tunnels(candidate.tenant_id)):
+                        link = candidate
+                        break
+                except RegistryUnavailable:
+                    break
+            if link is None:
+                continue
+            told[link.session_id] = time.monotonic()
+            log.info("holding %d tunnels, share %d: asking tenant %s to move to %s", len(mine), share,
+                     link.tenant_id, target["id"], extra={"tenant": link.tenant_id, "session": link.session_id})
+            link.endpoint.goaway(f"rebalancing: {self.cfg.gateway_id} holds more than its share", target["tunnel"])
+            link.transport.flush_soon()
+            link.moving = True
+            self._spawn(self._close_when_moved(link))
+
+    async def _close_when_moved(self, link: TenantLink, timeout: float = 60.0) -> None:
+        """Close a link told goaway once the tenant has a newer tunnel on another replica and nothing is in
+        flight on this one (the gateway knows what it sent; the connector closing it could cross a do_get)."""
+        deadline = time.monotonic() + timeout
+        while link.closing_reason is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            try:
+                moved = any(e.gateway != self.cfg.gateway_id and e.epoch > link.epoch
+                            for e in await self.directory.tunnels(link.tenant_id))
+            except RegistryUnavailable:
+                continue
+            if moved and link.idle:
+                self._drop(link, "moved to another gateway", CloseCode.NORMAL)
+                return
+        if link.closing_reason is None:
+            link.moving = False  # it did not move: serve from it as before
 
     async def _elsewhere(self, tenant_id: str) -> bool:
         """Whether the tenant has a tunnel on another replica (registry read now)."""
@@ -241,7 +313,7 @@ class Gateway:
                 newest = max(elsewhere, key=lambda e: e.epoch)
                 local[tenant_id] = {"status": "online", "gateway": newest.gateway, "session_id": newest.session,
                                     "epoch": newest.epoch, "flight": newest.flight}
-            if elsewhere:
+            if entries and tenant_id in local:
                 local[tenant_id]["tunnels"] = [{"gateway": e.gateway, "session_id": e.session, "epoch": e.epoch}
                                                for e in entries]
         return local

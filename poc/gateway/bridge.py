@@ -50,10 +50,14 @@ class TunnelBridge:
         served here (by the tunnel still open) if not."""
         if self.owner_check is None:
             return self.registry.live(tenant_id)
-        link = self.registry.local(tenant_id, include_draining=True)
-        if (link is not None and epoch is None and self.registry.draining and self.elsewhere is not None
-                and await self._elsewhere(tenant_id)):
-            raise NotHere(tenant_id)
+        if epoch is not None:  # a forwarded call: the tunnel of that epoch, whichever of the tenant's it is
+            link = next((x for x in self.registry.tenant_links(tenant_id)
+                         if x.epoch == epoch and x.closing_reason is None), None)
+        else:
+            link = self.registry.local(tenant_id, include_draining=True)
+        if (link is not None and epoch is None and (self.registry.draining or link.moving)
+                and self.elsewhere is not None and await self._elsewhere(tenant_id)):
+            raise NotHere(tenant_id)  # this link is on its way out and the tenant has one on another replica
         if link is not None and await self.owner_check(link, epoch):
             return link
         if epoch is not None:

@@ -96,6 +96,7 @@ class RedisDirectory:
         self._on_error = on_error
         self._owned: dict[str, tuple[TenantLink, TunnelEntry | None]] = {}  # session → (link, published entry)
         self._load = lambda: len(self._owned)
+        self.record: dict = {}  # more of this replica's record: its tunnel URL, whether it drains
 
     @property
     def available(self) -> bool:
@@ -175,7 +176,7 @@ class RedisDirectory:
                                       args=[entry.encode(), self.ttl_ms], client=pipe)
                 pipe.set(f"{PREFIX}gateway:{self.gateway_id}",
                          json.dumps({"id": self.gateway_id, "flight": self.flight_location,
-                                     "tunnels": self._load()}), px=self.ttl_ms)
+                                     "tunnels": self._load(), **self.record}), px=self.ttl_ms)
                 pipe.sadd(f"{PREFIX}gateways", self.gateway_id)
                 return await pipe.execute()
         results = await self._call(step)

@@ -100,6 +100,7 @@ class TenantLink:
     request_rate: TokenBucket | None = None
     connector_id: str = ""  # the register's connector_id (1.3); "" for older connectors
     epoch: int = 0  # the registration's fencing epoch (`--registry`; a local count without one)
+    moving: bool = False  # told goaway to rebalance: calls prefer the tenant's other tunnels
     lease_until: float = float("inf")  # `--registry`: serve as owner only before this (monotonic) time
     _infos: dict[int, asyncio.Future] = field(default_factory=dict)
     _sinks: dict[int, StreamSink] = field(default_factory=dict)
@@ -112,6 +113,11 @@ class TenantLink:
     @property
     def streams_in_flight(self) -> int:
         return len(self._sinks)
+
+    @property
+    def idle(self) -> bool:
+        """No stream open and no answer awaited on this link."""
+        return not self._sinks and not self._infos
 
     def handle(self, event: ev.Event) -> None:
         """Route one event of the core to the request or stream it belongs to; an event for a stream or

@@ -48,6 +48,7 @@ class TenantRegistry:
         if self.draining and not include_draining:
             return None
         live = [link for link in self._links.get(tenant_id, {}).values() if link.closing_reason is None]
+        live = [link for link in live if not link.moving] or live
         if not live:
             return None
         if len(live) == 1:

@@ -109,6 +109,7 @@ class BatchReceived(Event):
 @dataclass(frozen=True)
 class GoAwayReceived(Event):
     reason: str
+    prefer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -318,11 +319,11 @@ class GatewayEndpoint(Endpoint):
         self._send(m.Error(code=code, message=message))
         self.state = LinkState.CLOSED
 
-    def goaway(self, reason: str) -> None:
+    def goaway(self, reason: str, prefer: str | None = None) -> None:
         """Queue a goaway (1.3): the connector should open a tunnel to another gateway before this link closes.
         Only for links whose register carried a connector_id; a no-op on a link that is not registered."""
         if self.state is LinkState.REGISTERED:
-            self._send(m.GoAway(reason=reason))
+            self._send(m.GoAway(reason=reason, prefer=prefer))
 
     def _new_id(self) -> int:
         if self.state is not LinkState.REGISTERED:
@@ -437,7 +438,7 @@ class ConnectorEndpoint(Endpoint):
         if isinstance(message, m.HeartbeatAck):
             return [HeartbeatAcked(message.ts)]
         if isinstance(message, m.GoAway):
-            return [GoAwayReceived(message.reason)]
+            return [GoAwayReceived(message.reason, message.prefer)]
         if isinstance(message, m.Error):
             return [RequestFailed(message.request_id or 0, message.code, message.message)]
         raise self._unexpected(message)

@@ -45,7 +45,7 @@ def _is_int(value: object) -> bool:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-_OMITTED_WHEN_NONE = {"trace_id", "connector_id"}  # optional fields of later minor versions are left out when unset
+_OMITTED_WHEN_NONE = {"trace_id", "connector_id", "prefer"}  # optional fields of later minor versions are left out when unset
 
 
 @functools.cache
@@ -153,6 +153,7 @@ class GoAway(Message):
     to another gateway first. Sent only on links whose register carried a connector_id (§2)."""
     ACTION = "goaway"
     reason: str = ""
+    prefer: str | None = None  # the tunnel URL of a gateway with room, as the connector may know it
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ class Replicas:
     against gateway i. Everything is stopped by PID on exit, also when the block fails."""
 
     def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path, count: int = 3,
-                 registry_ttl_s: float = 3.0, gateway_args: tuple[str, ...] = (), delay_ms: str = "0") -> None:
+                 registry_ttl_s: float = 3.0, gateway_args: tuple[str, ...] = ("--rebalance-s", "1"),
+                 delay_ms: str = "0") -> None:
         self.workdir = Path(workdir)
         self.tenants = tenants
         self.data = Path(data)
@@ -35,6 +36,7 @@ class Replicas:
                     "POC_PEER_SECRET": secrets.token_hex(24)}
         self.gateways: dict[str, Component] = {}
         self.connectors: dict[str, Component] = {}
+        self.reserved: dict[str, dict] = {}  # replicas not started yet: their ports, so connectors can know them
 
     @property
     def log_dir(self) -> Path:
@@ -55,9 +57,16 @@ class Replicas:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def reserve(self, gateway_id: str) -> dict:
+        """Free ports for a replica to be started later (`start_gateway` takes them)."""
+        from .redis_server import _free_port
+
+        self.reserved[gateway_id] = {"ws_port": _free_port(), "flight_port": _free_port(), "http_port": _free_port()}
+        return self.reserved[gateway_id]
+
     def start_gateway(self, gateway_id: str, ports: dict | None = None) -> Component:
         """Start (or start again, on the same ports when `ports` is given) the replica `gateway_id`."""
-        ports = ports or {}
+        ports = ports or self.reserved.pop(gateway_id, {})
         args = ["gateway", "--tenants", str(self.tenants_file), "--registry", self.redis.url,
                 "--gateway-id", gateway_id, "--registry-ttl-s", str(self.registry_ttl_s),
                 "--ws-port", str(ports.get("ws_port", 0)), "--flight-port", str(ports.get("flight_port", 0)),
@@ -67,7 +76,8 @@ class Replicas:
         return component
 
     def tunnel_url(self, gateway_id: str) -> str:
-        return f"ws://127.0.0.1:{self.gateways[gateway_id].ready['ws_port']}/connect"
+        ports = self.gateways[gateway_id].ready if gateway_id in self.gateways else self.reserved[gateway_id]
+        return f"ws://127.0.0.1:{ports['ws_port']}/connect"
 
     def connect(self, tenant_id: str, *gateway_ids: str, tunnels: int | None = None,
                 name: str | None = None) -> Component:
@@ -83,6 +93,10 @@ class Replicas:
 
     def flight_uri(self, gateway_id: str) -> str:
         return f"grpc://127.0.0.1:{self.gateways[gateway_id].ready['flight_port']}"
+
+    def gateway_at(self, flight_uri: str) -> str | None:
+        """The replica whose Flight location this is."""
+        return next((g for g, c in self.gateways.items() if c.ready and self.flight_uri(g) == flight_uri), None)
 
     def health(self, gateway_id: str) -> dict:
         port = self.gateways[gateway_id].ready["http_port"]
@@ -137,10 +151,11 @@ class LoadLoop:
     answers /readyz (as a load balancer would pick one), until stopped; every call is recorded."""
 
     def __init__(self, replicas: Replicas, tenant_ids: list[str], through: list[str] | None = None,
-                 readers: int = 3, max_seconds: float = 120.0) -> None:
+                 readers: int = 3, max_seconds: float = 120.0, following: int = 0) -> None:
         self.replicas = replicas
         self.tenant_ids = tenant_ids
-        self.through = through or list(replicas.gateways)
+        self.through = through  # None: every replica started so far
+        self.following = following  # this many readers follow endpoint locations; the others ignore them
         self.readers = readers
         self.max_seconds = max_seconds  # every loop stops by itself
         self.records: list[dict] = []
@@ -161,8 +176,8 @@ class LoadLoop:
             thread.join(60)
 
     def _pick(self, rng: random.Random) -> str | None:
-        ready = [g for g in self.through if self.replicas.gateways[g].popen.poll() is None
-                 and self._ready(g)]
+        ready = [g for g in (self.through or list(self.replicas.gateways))
+                 if self.replicas.gateways[g].popen.poll() is None and self._ready(g)]
         return rng.choice(ready) if ready else None
 
     def _ready(self, gateway_id: str) -> bool:
@@ -175,6 +190,7 @@ class LoadLoop:
         import pyarrow.flight as flight
 
         rng = random.Random(index)
+        follow = index < self.following
         deadline = time.monotonic() + self.max_seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
             tenant = self.tenant_ids[rng.randrange(len(self.tenant_ids))]
@@ -184,13 +200,20 @@ class LoadLoop:
                 continue
             token = self.replicas.tenants[tenant].client_token
             options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())], timeout=30)
-            record = {"start": time.time(), "tenant": tenant, "through": gateway, "rows": 0, "expected": None,
-                      "error": None}
+            record = {"start": time.time(), "tenant": tenant, "through": gateway, "read_from": gateway,
+                      "follows_locations": follow, "rows": 0, "expected": None, "error": None}
             try:
                 with flight.connect(self.replicas.flight_uri(gateway)) as client:
                     info = client.get_flight_info(flight.FlightDescriptor.for_path("dataset", "sales"), options)
                     record["expected"] = info.total_records
-                    record["rows"] = client.do_get(info.endpoints[0].ticket, options).read_all().num_rows
+                    [endpoint] = info.endpoints
+                    if follow and endpoint.locations:
+                        uri = endpoint.locations[0].uri.decode()
+                        record["read_from"] = self.replicas.gateway_at(uri) or uri
+                        with flight.connect(uri) as owner:
+                            record["rows"] = owner.do_get(endpoint.ticket, options).read_all().num_rows
+                    else:
+                        record["rows"] = client.do_get(endpoint.ticket, options).read_all().num_rows
             except Exception as exc:  # recorded: the test decides what may fail
                 record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             record["end"] = time.time()

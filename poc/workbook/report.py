@@ -81,6 +81,7 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     from ..config import ConfigError
     from .resilience import ResilienceParams
     from .scale import ScaleParams
+    from .scaleout import ScaleoutParams
 
     params_file = Path(params_file)
     try:
@@ -88,7 +89,8 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read parameter file {params_file}: {exc}") from None
     name = doc.get("notebook", "experiment")
-    kinds = {"experiment": ExperimentParams, "resilience": ResilienceParams, "scale": ScaleParams}
+    kinds = {"experiment": ExperimentParams, "resilience": ResilienceParams, "scale": ScaleParams,
+             "scaleout": ScaleoutParams}
     if name not in kinds:
         raise ConfigError(f"{params_file}: notebook must be one of {sorted(kinds)}, got {name!r}")
     notebook = NOTEBOOKS / f"{name}.ipynb"

@@ -231,3 +231,29 @@ def test_a_connectors_two_tunnels_stream_the_same_dataset_at_once_without_mixing
             results = list(pool.map(lambda i: read(r.flight_uri(f"gw-{i % 2 + 1}"), token)[1], range(32)))
         assert all(got.equals(table) for got in results)
         assert "never opened" not in r.gateways["gw-1"].log_tail(10_000) + r.gateways["gw-2"].log_tail(10_000)
+
+
+def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, datasets):
+    tenants = make_tenants(6)
+    with Replicas(tmp_path, tenants, datasets["small"], count=2) as r:
+        r.reserve("gw-3")  # its address is known to the connectors before it runs, as a DNS name would be
+        for tenant in tenants:
+            r.connect(tenant, "gw-1", "gw-2", "gw-3", tunnels=1)
+        r.wait_routable(list(tenants))
+
+        def held() -> dict:
+            counts = {g: 0 for g in ("gw-1", "gw-2", "gw-3")}
+            for state in r.health("gw-1")["tenants"].values():
+                for tunnel in state.get("tunnels", [{"gateway": state.get("gateway")}]):
+                    counts[tunnel["gateway"]] = counts.get(tunnel["gateway"], 0) + 1
+            return counts
+        assert held()["gw-3"] == 0
+        with LoadLoop(r, list(tenants), through=["gw-1", "gw-2"], readers=2) as load:
+            r.start_gateway("gw-3")
+            counts = wait_for(lambda: (lambda c: c if c["gw-3"] >= 2 and sum(c.values()) == 6 else None)(held()),
+                              60, "gw-3 gets its share")
+        assert counts == {"gw-1": 2, "gw-2": 2, "gw-3": 2} or max(counts.values()) - min(counts.values()) <= 1
+        assert not load.failed(), [(x["through"], x["tenant"], x["error"]) for x in load.failed()[:5]]
+        assert not load.short()
+        moved = r.gateways["gw-1"].log_tail(10_000) + r.gateways["gw-2"].log_tail(10_000)
+        assert "asking tenant" in moved and "to move to gw-3" in moved

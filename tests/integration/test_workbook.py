@@ -172,3 +172,27 @@ def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
     bad.write_text("rows: 10\nrequets: 5\n")
     with pytest.raises(ConfigError, match="unknown parameters \\['requets'\\]"):
         run_report(bad, output_root=str(tmp_path))
+
+
+def test_scaleout_notebook_runs_replicas_through_a_kill_an_addition_and_a_rolling_restart(tmp_path):
+    params = tmp_path / "scaleout.yaml"
+    params.write_text(f"notebook: scaleout\ntenants: 3\nrows: 20000\nreaders: 2\nphase_s: 4\ncost_calls: 3\n"
+                      f"registry_ttl_s: 3\nrebalance_s: 1\ndata_dir: {tmp_path / 'data'}\n")
+    out = run_report(params, output_root=str(tmp_path / "outputs"))
+    nb = nbformat.read(out / "scaleout.ipynb", as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    events = pl.read_csv(out / "events.csv")["event"].to_list()
+    assert events[1] == "SIGKILL gw-2" and events[2] == "gw-4 added" and events[-1] == "load stops"
+    assert sum("rolling restart" in e for e in events) == 3
+    requests = pl.read_csv(out / "requests.csv")
+    assert requests.height > 20 and set(requests["through"]) >= {"gw-1", "gw-3", "gw-4"}
+    assert requests.filter(pl.col("error").is_null() & (pl.col("rows") != pl.col("expected"))).is_empty()
+    assert requests.filter(pl.col("follows_locations"))["read_from"].n_unique() >= 2  # they read from owners
+    cost = pl.read_csv(out / "forwarding_cost.csv")
+    assert cost["how"].to_list() == ["owner", "forwarded", "redirect"] and (cost["p50_ms"] > 0).all()
+    tunnels = pl.read_csv(out / "tunnels.csv")
+    assert tunnels.filter(pl.col("gateway") == "gw-4")["tunnels"].max() >= 1  # the added replica took tunnels
+    for name in ("requests_per_replica", "tunnels_per_replica", "failover_timeline"):
+        assert (out / "charts" / f"{name}.png").stat().st_size > 5_000
+    text = shared_text(out, tmp_path)
+    assert "SIGKILL of a replica:" in text and "Cost of not reading from the owner" in text
