@@ -106,6 +106,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         cfg.advertise_flight, cfg.registry_ttl_s = args.advertise_flight, args.registry_ttl_s
         cfg.drain_delay_s = max(0.0, args.drain_delay_s)
         cfg.advertise_tunnel, cfg.rebalance_s = args.advertise_tunnel, max(0.0, args.rebalance_s)
+        cfg.peer_ca_file = args.peer_ca_file
         if args.gateway_id:
             cfg.gateway_id = args.gateway_id
 
@@ -376,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry-ttl-s", type=float, default=config.REGISTRY_TTL_S,
                    help="a tunnel's registry entry lives this long unless its replica renews it, every third "
                         "of it (default %(default)s)")
+    p.add_argument("--peer-ca-file", help="with --registry and grpc+tls:// replicas: CA bundle that signed the "
+                                          "other replicas' certificates (default: the system's)")
     p.add_argument("--advertise-tunnel", metavar="URL",
                    help="with --registry: this replica's tunnel URL as connectors reach it, suggested to connectors "
                         "that another replica asks to move (default: ws[s]://HOST:WS_PORT/connect)")

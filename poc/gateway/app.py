@@ -63,6 +63,7 @@ class GatewayConfig:
     gateway_id: str = field(default_factory=lambda: "gw-" + secrets.token_hex(4))
     advertise_flight: str | None = None  # this replica's Flight location for clients and peers
     peer_secret: bytes | None = None  # required with a registry: authenticates calls between replicas
+    peer_ca_file: str | None = None  # with a registry and TLS: the CA that signed the other replicas' certificates
     registry_ttl_s: float = config.REGISTRY_TTL_S
     drain_delay_s: float = 1.0  # with a registry: Flight keeps answering this long after /readyz turns 503
     advertise_tunnel: str | None = None  # this replica's tunnel URL as connectors know it (goaway's `prefer`)
@@ -129,7 +130,9 @@ class Gateway:
             self.directory.record = {"tunnel": cfg.advertise_tunnel or
                                      f"{scheme_ws}://{cfg.host}:{self._ws_server.sockets[0].getsockname()[1]}/connect",
                                      "draining": False}
-            self._router = ClusterRouter(self.directory, peers, bridge._await, cfg.request_timeout_s, self.metrics)
+            peer_ca = open(cfg.peer_ca_file, "rb").read() if cfg.peer_ca_file else None
+            self._router = ClusterRouter(self.directory, peers, bridge._await, cfg.request_timeout_s, self.metrics,
+                                         peer_ca)
             self._flight.join_cluster(self._router, advertise)
             with contextlib.suppress(RegistryUnavailable):
                 await self.directory.renew_all()  # this replica's record, before it says it is ready

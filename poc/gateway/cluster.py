@@ -22,12 +22,13 @@ from .metrics import GatewayMetrics
 
 class ClusterRouter:
     def __init__(self, directory: RedisDirectory, peers: PeerCredentials, await_on_loop: Callable,
-                 timeout_s: float, metrics: GatewayMetrics) -> None:
+                 timeout_s: float, metrics: GatewayMetrics, peer_ca: bytes | None = None) -> None:
         self.directory = directory
         self.peers = peers
         self._await = await_on_loop
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self._tls = {"tls_root_certs": peer_ca} if peer_ca else {}  # grpc+tls:// peers: trust this CA
         self._clients: dict[str, flight.FlightClient] = {}
         self._lock = threading.Lock()
 
@@ -35,7 +36,7 @@ class ClusterRouter:
         with self._lock:
             client = self._clients.get(location)
             if client is None:
-                client = self._clients[location] = flight.connect(location)
+                client = self._clients[location] = flight.connect(location, **self._tls)
             return client
 
     def _options(self, who, entry: TunnelEntry) -> flight.FlightCallOptions:
@@ -53,6 +54,11 @@ class ClusterRouter:
                 f"tenant {tenant_id} has no tunnel on this gateway and the {exc}") from None
         remote = [e for e in entries if e.gateway != self.directory.gateway_id]
         if not remote:
+            uptime = self._await(self.directory.uptime_s())
+            if uptime is not None and uptime < self.directory.ttl_s:
+                raise flight.FlightUnavailableError(
+                    f"tenant {tenant_id} is not in the registry yet: the registry (Redis) restarted {uptime:.0f} s "
+                    "ago and the replicas are publishing their tunnels again; retry")
             raise flight.FlightUnavailableError(f"tenant {tenant_id} is offline: no connector is registered")
         random.shuffle(remote)
         remote.sort(key=lambda e: e.epoch != prefer_epoch)

@@ -51,6 +51,7 @@ class TunnelEntry:
     session: str
     flight: str    # the owner's advertised Flight location
     epoch: int
+    connector: str = ""  # the registration's connector_id (protocol.md §2)
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
@@ -60,7 +61,7 @@ class TunnelEntry:
         try:
             doc = json.loads(raw)
             return cls(str(doc["tenant"]), str(doc["gateway"]), str(doc["session"]), str(doc["flight"]),
-                       int(doc["epoch"]))
+                       int(doc["epoch"]), str(doc.get("connector", "")))
         except (ValueError, KeyError, TypeError):
             return None  # not written by a gateway of this version: ignored
 
@@ -136,7 +137,8 @@ class RedisDirectory:
     async def _publish(self, link: TenantLink) -> TunnelEntry:
         async def step():
             epoch = await self._redis.incr(f"{PREFIX}epoch:{link.tenant_id}")
-            entry = TunnelEntry(link.tenant_id, self.gateway_id, link.session_id, self.flight_location, int(epoch))
+            entry = TunnelEntry(link.tenant_id, self.gateway_id, link.session_id, self.flight_location, int(epoch),
+                                link.connector_id)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(_tunnel_key(entry.tenant, entry.session), entry.encode(), px=self.ttl_ms)
                 pipe.sadd(_index_key(entry.tenant), entry.session)
@@ -184,14 +186,23 @@ class RedisDirectory:
         for (link, entry), renewed in zip(published, results):
             if renewed:
                 link.lease_until = started + self.ttl_s
-            elif time.monotonic() < link.lease_until:
-                await self._republish(link)  # Redis forgot it within its lease (a restart, a flush)
+            elif await self._superseded(entry):
+                lost.append(link)  # its connector registered again elsewhere while this entry could not be renewed
             else:
-                lost.append(link)  # the lease ran out: another registration may own the tenant now
+                await self._republish(link)  # Redis forgot it (a restart, a flush, an outage longer than the TTL)
         for link, entry in owned:
             if entry is None and link.session_id in self._owned:
                 await self._republish(link)
         return lost
+
+    async def _superseded(self, entry: TunnelEntry) -> bool:
+        """Whether a newer registration of the same connector tunnel (same connector_id, higher epoch) is in
+        the registry: then this gateway's tunnel is a stale owner's and must not be published again."""
+        try:
+            return any(e.connector == entry.connector and e.epoch > entry.epoch and e.session != entry.session
+                       for e in await self.tunnels(entry.tenant))
+        except RegistryUnavailable:
+            return False
 
     async def _republish(self, link: TenantLink) -> None:
         try:
@@ -223,7 +234,11 @@ class RedisDirectory:
             return True
         if renewed:
             link.lease_until = started + self.ttl_s
-        return bool(renewed)
+            return True
+        if await self._superseded(entry):
+            return False
+        await self._republish(link)  # Redis lost it (restart, flush): this gateway still holds the tunnel
+        return link.lease_until > time.monotonic()
 
     # -- every replica's tunnels -----------------------------------------------------------------------
 
@@ -257,6 +272,15 @@ class RedisDirectory:
                     found.setdefault(entry.tenant, []).append(entry)
             return found
         return await self._call(step)
+
+    async def uptime_s(self) -> float | None:
+        """How long the Redis server has been up (None if it cannot say): shorter than the TTL means the
+        replicas may not have published their tunnels again yet."""
+        try:
+            info = await self._call(lambda: self._redis.info("server"))
+            return float(info.get("uptime_in_seconds"))
+        except (RegistryUnavailable, TypeError, ValueError):
+            return None
 
     async def gateways(self) -> list[dict]:
         """Every replica with a live record: id, Flight location, tunnels held."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import TenantCredentials, write_tenants
 from .redis_server import RedisServer
-from .runner import Component, ComponentError, get_json, start_component
+from .runner import Component, ComponentError, TlsFiles, get_json, start_component
 
 
 class Replicas:
@@ -21,7 +21,7 @@ class Replicas:
 
     def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path, count: int = 3,
                  registry_ttl_s: float = 3.0, gateway_args: tuple[str, ...] = ("--rebalance-s", "1"),
-                 delay_ms: str = "0") -> None:
+                 delay_ms: str = "0", tls: TlsFiles | None = None) -> None:
         self.workdir = Path(workdir)
         self.tenants = tenants
         self.data = Path(data)
@@ -29,6 +29,7 @@ class Replicas:
         self.registry_ttl_s = registry_ttl_s
         self.gateway_args = list(gateway_args)
         self.delay_ms = delay_ms
+        self.tls = tls  # wss:// tunnels, grpc+tls:// Flight, also between replicas
         self.redis = RedisServer(self.workdir / "redis")
         self.tenants_file = self.workdir / "tenants.yaml"
         self.admin_token = secrets.token_hex(16)
@@ -70,14 +71,15 @@ class Replicas:
         args = ["gateway", "--tenants", str(self.tenants_file), "--registry", self.redis.url,
                 "--gateway-id", gateway_id, "--registry-ttl-s", str(self.registry_ttl_s),
                 "--ws-port", str(ports.get("ws_port", 0)), "--flight-port", str(ports.get("flight_port", 0)),
-                "--http-port", str(ports.get("http_port", 0)), "--grpc-tunnel-port", "-1", *self.gateway_args]
+                "--http-port", str(ports.get("http_port", 0)), "--grpc-tunnel-port", "-1", *self.gateway_args,
+                *((*self.tls.server_args(), "--peer-ca-file", str(self.tls.ca)) if self.tls else ())]
         component = start_component(gateway_id, args, self.log_dir, env=self.env)
         self.gateways[gateway_id] = component
         return component
 
     def tunnel_url(self, gateway_id: str) -> str:
         ports = self.gateways[gateway_id].ready if gateway_id in self.gateways else self.reserved[gateway_id]
-        return f"ws://127.0.0.1:{ports['ws_port']}/connect"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{ports['ws_port']}/connect"
 
     def connect(self, tenant_id: str, *gateway_ids: str, tunnels: int | None = None,
                 name: str | None = None) -> Component:
@@ -86,13 +88,15 @@ class Replicas:
         component = start_component(
             name or f"connector-{tenant_id}",
             ["connector", *dial, "--tenant", tenant_id, "--data", str(self.data), "--delay-ms", self.delay_ms,
-             "--heartbeat-s", "1", *(("--tunnels", str(tunnels)) if tunnels else ())],
+             "--heartbeat-s", "1", *(("--tunnels", str(tunnels)) if tunnels else ()),
+             *(("--ca-file", str(self.tls.ca)) if self.tls else ())],
             self.log_dir, env={"POC_CONNECTOR_TOKEN": self.tenants[tenant_id].connector_token})
         self.connectors[component.name] = component
         return component
 
     def flight_uri(self, gateway_id: str) -> str:
-        return f"grpc://127.0.0.1:{self.gateways[gateway_id].ready['flight_port']}"
+        scheme = "grpc+tls" if self.tls else "grpc"
+        return f"{scheme}://127.0.0.1:{self.gateways[gateway_id].ready['flight_port']}"
 
     def gateway_at(self, flight_uri: str) -> str | None:
         """The replica whose Flight location this is."""
@@ -151,11 +155,12 @@ class LoadLoop:
     answers /readyz (as a load balancer would pick one), until stopped; every call is recorded."""
 
     def __init__(self, replicas: Replicas, tenant_ids: list[str], through: list[str] | None = None,
-                 readers: int = 3, max_seconds: float = 120.0, following: int = 0) -> None:
+                 readers: int = 3, max_seconds: float = 120.0, following: int = 0, check_ready: bool = True) -> None:
         self.replicas = replicas
         self.tenant_ids = tenant_ids
         self.through = through  # None: every replica started so far
         self.following = following  # this many readers follow endpoint locations; the others ignore them
+        self.check_ready = check_ready  # False: call replicas whatever their /readyz says
         self.readers = readers
         self.max_seconds = max_seconds  # every loop stops by itself
         self.records: list[dict] = []
@@ -177,7 +182,7 @@ class LoadLoop:
 
     def _pick(self, rng: random.Random) -> str | None:
         ready = [g for g in (self.through or list(self.replicas.gateways))
-                 if self.replicas.gateways[g].popen.poll() is None and self._ready(g)]
+                 if self.replicas.gateways[g].popen.poll() is None and (not self.check_ready or self._ready(g))]
         return rng.choice(ready) if ready else None
 
     def _ready(self, gateway_id: str) -> bool:

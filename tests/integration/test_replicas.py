@@ -109,28 +109,47 @@ def test_a_forwarded_call_for_a_tunnel_the_owner_no_longer_holds_is_refused_by_e
 
 def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_route(replicas, datasets):
     local, remote = replicas.tenants["tenant_001"], replicas.tenants["tenant_002"]
-    replicas.redis.stop()
-    _, got = read(replicas.flight_uri("gw-1"), local.client_token)  # its own tunnel: served
-    assert got.equals(expected(datasets))
-    with pytest.raises(flight.FlightUnavailableError, match=r"registry \(Redis\) unreachable"):
-        read(replicas.flight_uri("gw-1"), remote.client_token)
-    status, body = replicas.ready("gw-1")
-    assert status == 503 and body["status"] == "registry_unreachable"
-    metrics = scrape(replicas, "gw-1")
-    assert metrics[("poc_gateway_registry_up", ())] == 0
-    assert metrics[("poc_gateway_registry_errors_total", ())] >= 1
-    # Redis comes back empty (no persistence): each replica publishes its tunnels again and routing resumes
-    replicas.redis.start()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            _, got = read(replicas.flight_uri("gw-1"), remote.client_token)
-            break
-        except flight.FlightUnavailableError:
-            assert time.monotonic() < deadline, replicas.gateways["gw-2"].log_tail()
-            time.sleep(0.2)
-    assert got.equals(expected(datasets))
-    assert replicas.ready("gw-1")[0] == 200
+    with LoadLoop(replicas, list(replicas.tenants), through=["gw-1"], readers=2, check_ready=False) as load:
+        time.sleep(1)
+        stopped = time.time()
+        replicas.redis.stop()
+        _, got = read(replicas.flight_uri("gw-1"), local.client_token)  # its own tunnel: served
+        assert got.equals(expected(datasets))
+        with pytest.raises(flight.FlightUnavailableError, match=r"registry \(Redis\) unreachable"):
+            read(replicas.flight_uri("gw-1"), remote.client_token)
+        status, body = replicas.ready("gw-1")
+        assert status == 503 and body["status"] == "registry_unreachable"
+        metrics = scrape(replicas, "gw-1")
+        assert metrics[("poc_gateway_registry_up", ())] == 0
+        assert metrics[("poc_gateway_registry_errors_total", ())] >= 1
+        time.sleep(2)
+        during = len(load.records)
+        # Redis comes back empty (no persistence): each replica publishes its tunnels again, routing resumes
+        replicas.redis.start()
+        restarted = time.time()
+        wait_for(lambda: replicas.ready("gw-1")[0] == 200, 30, "gw-1 ready again")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _, got = read(replicas.flight_uri("gw-1"), remote.client_token)
+                break
+            except flight.FlightUnavailableError:
+                assert time.monotonic() < deadline, replicas.gateways["gw-2"].log_tail()
+                time.sleep(0.2)
+        assert got.equals(expected(datasets))
+        recovered = time.time()
+        time.sleep(2)
+    # under load: the local tenant never failed; the others failed only while Redis was away, saying why
+    assert not [r for r in load.failed() if r["tenant"] == "tenant_001"], \
+        [(round(r["start"] - stopped, 2), r["error"]) for r in load.failed() if r["tenant"] == "tenant_001"][:4]
+    assert all("registry (Redis) unreachable" in r["error"] or "registry (Redis) restarted" in r["error"]
+               for r in load.failed()), \
+        [(round(r["start"] - stopped, 2), round(r["start"] - restarted, 2), r["error"]) for r in load.failed()
+         if "registry (Redis)" not in r["error"]][:4]
+    assert not [r for r in load.failed() if r["start"] > recovered or r["start"] < stopped]
+    assert not load.short() and restarted > stopped
+    assert len([r for r in load.records if r["start"] > recovered and r["error"] is None]) >= 3
+    assert len(load.failed()) >= 1 and during > 5  # the load did run into the outage
 
 
 def scrape(replicas: Replicas, gateway: str) -> dict:
@@ -257,3 +276,22 @@ def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, datasets
         assert not load.short()
         moved = r.gateways["gw-1"].log_tail(10_000) + r.gateways["gw-2"].log_tail(10_000)
         assert "asking tenant" in moved and "to move to gw-3" in moved
+
+
+def test_replicas_with_tls_forward_to_each_other_over_tls(tmp_path, datasets):
+    from poc.workbook.certs import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    tenants = make_tenants(2)
+    with Replicas(tmp_path, tenants, datasets["small"], count=2, tls=pki) as r:
+        r.connect("tenant_001", "gw-1")
+        r.connect("tenant_002", "gw-2")
+        r.wait_routable(list(tenants))
+        with flight.connect(r.flight_uri("gw-1"), tls_root_certs=pki.ca.read_bytes()) as client:
+            options = bearer(tenants["tenant_002"].client_token)
+            info = client.get_flight_info(sales(), options)
+            assert info.endpoints[0].locations[0].uri.decode() == r.flight_uri("gw-2")  # grpc+tls://
+            got = client.do_get(info.endpoints[0].ticket, options).read_all()  # forwarded over TLS
+        assert got.equals(expected(datasets))
+        assert scrape(r, "gw-1")[("poc_gateway_forwarded_requests_total",
+                                  (("method", "do_get"), ("outcome", "ok")))] == 1
