@@ -229,8 +229,10 @@ class Gateway:
         told: dict[str, float] = {}  # session → when it was asked to move
         while True:
             await asyncio.sleep(self.cfg.rebalance_s)
-            try:
-                records = [r for r in await self.directory.gateways() if not r.get("draining")]
+            try:  # replicas that renewed their record lately (a killed one's lingers until its TTL) and stay
+                fresh = time.time() - self.cfg.registry_ttl_s * 2 / 3
+                records = [r for r in await self.directory.gateways()
+                           if not r.get("draining") and r.get("at", 0) >= fresh]
             except RegistryUnavailable:
                 continue
             mine = [link for link in self.registry.links() if link.closing_reason is None]
@@ -247,11 +249,14 @@ class Gateway:
             target = min(others, key=lambda r: r.get("tunnels", 0))
             if target.get("tunnels", 0) + 1 >= len(mine):
                 continue  # moving one would not even things out
-            link = None
+            link, baseline = None, 0
             for candidate in sorted(movable, key=lambda x: x.streams_in_flight)[:20]:
-                try:  # not a tenant that already has a tunnel there: its tunnels stay on distinct replicas
-                    if all(e.gateway != target["id"] for e in await self.directory.tunnels(candidate.tenant_id)):
-                        link = candidate
+                try:  # not a tenant with a tunnel there already (its tunnels stay on distinct replicas), nor
+                    # one another replica is moving right now (one move per tenant at a time, across replicas)
+                    entries = await self.directory.tunnels(candidate.tenant_id)
+                    if (all(e.gateway != target["id"] for e in entries)
+                            and await self.directory.claim_move(candidate.tenant_id, self.cfg.gateway_id)):
+                        link, baseline = candidate, max(e.epoch for e in entries) if entries else 0
                         break
                 except RegistryUnavailable:
                     break
@@ -263,22 +268,24 @@ class Gateway:
             link.endpoint.goaway(f"rebalancing: {self.cfg.gateway_id} holds more than its share", target["tunnel"])
             link.transport.flush_soon()
             link.moving = True
-            self._spawn(self._close_when_moved(link))
+            self._spawn(self._close_when_moved(link, baseline))
 
-    async def _close_when_moved(self, link: TenantLink, timeout: float = 60.0) -> None:
+    async def _close_when_moved(self, link: TenantLink, baseline: int, timeout: float = 60.0) -> None:
         """Close a link told goaway once the tenant has a newer tunnel on another replica and nothing is in
         flight on this one (the gateway knows what it sent; the connector closing it could cross a do_get)."""
         deadline = time.monotonic() + timeout
         while link.closing_reason is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             try:
-                moved = any(e.gateway != self.cfg.gateway_id and e.epoch > link.epoch
+                moved = any(e.gateway != self.cfg.gateway_id and e.epoch > baseline  # registered since the goaway
                             for e in await self.directory.tunnels(link.tenant_id))
             except RegistryUnavailable:
                 continue
             if moved and link.idle:
                 self._drop(link, "moved to another gateway", CloseCode.NORMAL)
-                return
+                break
+        with contextlib.suppress(RegistryUnavailable):
+            await self.directory.release_move(link.tenant_id, self.cfg.gateway_id)
         if link.closing_reason is None:
             link.moving = False  # it did not move: serve from it as before
 

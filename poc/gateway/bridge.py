@@ -44,7 +44,7 @@ class TunnelBridge:
         self.owner_check = owner_check
         self.elsewhere = elsewhere
 
-    async def _live(self, tenant_id: str, epoch: int | None = None) -> TenantLink:
+    async def _live(self, tenant_id: str, epoch: int | None = None, leaving_ok: bool = False) -> TenantLink:
         """The link to serve the tenant's call from (on the loop); `epoch` is set for forwarded calls. While
         this replica drains, a client's call goes to another replica if the tenant has a tunnel there, and is
         served here (by the tunnel still open) if not."""
@@ -55,7 +55,7 @@ class TunnelBridge:
                          if x.epoch == epoch and x.closing_reason is None), None)
         else:
             link = self.registry.local(tenant_id, include_draining=True)
-        if (link is not None and epoch is None and (self.registry.draining or link.moving)
+        if (link is not None and epoch is None and not leaving_ok and (self.registry.draining or link.moving)
                 and self.elsewhere is not None and await self._elsewhere(tenant_id)):
             raise NotHere(tenant_id)  # this link is on its way out and the tenant has one on another replica
         if link is not None and await self.owner_check(link, epoch):
@@ -84,28 +84,30 @@ class TunnelBridge:
             future.cancel()
             raise flight.FlightTimedOutError(f"gateway did not answer in {self.timeout_s:.0f} s") from None
 
-    def datasets(self, tenant_id: str, epoch: int | None = None) -> tuple[list[str], int]:
+    def datasets(self, tenant_id: str, epoch: int | None = None, leaving_ok: bool = False) -> tuple[list[str], int]:
         """The datasets the tenant's connector registered, and its tunnel's epoch."""
         async def ask():
-            link = await self._live(tenant_id, epoch)
+            link = await self._live(tenant_id, epoch, leaving_ok)
             return list(link.datasets), link.epoch
         return self._await(ask())
 
     def flight_info(self, tenant_id: str, dataset: str, trace_id: str | None = None,
-                    epoch: int | None = None) -> tuple[pa.Schema, int, int, int]:
-        """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector, and the tunnel's epoch."""
+                    epoch: int | None = None, leaving_ok: bool = False) -> tuple[pa.Schema, int, int, int]:
+        """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector, and the tunnel's epoch.
+        `leaving_ok`: a link on its way out (draining, moving) will do (the other replicas could not serve)."""
         async def ask():
-            link = await self._live(tenant_id, epoch)
+            link = await self._live(tenant_id, epoch, leaving_ok)
             return await link.flight_info(dataset, self.timeout_s, trace_id), link.epoch
         reply, link_epoch = self._await(ask())
         schema = read_schema(reply.schema, tenant_id)
         return schema, reply.rows, reply.bytes, link_epoch
 
     def open_stream(self, tenant_id: str, dataset: str, cancelled: Callable[[], bool] = lambda: False,
-                    trace_id: str | None = None, epoch: int | None = None) -> "TunnelStream":
+                    trace_id: str | None = None, epoch: int | None = None,
+                    leaving_ok: bool = False) -> "TunnelStream":
         """Open a stream through the tenant's tunnel and wait for its schema (or for the client to leave)."""
         async def start():
-            link = await self._live(tenant_id, epoch)
+            link = await self._live(tenant_id, epoch, leaving_ok)
             return (link, *link.open_stream(dataset, trace_id))
         link, stream_id, sink = self._await(start())
         self.metrics.usage.add(tenant_id, dataset, requests=1)

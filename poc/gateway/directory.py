@@ -33,6 +33,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Delete a key only if it still holds this value.
+DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 # Delete the entry only if it is still this gateway's; always drop the session from the tenant's index.
 WITHDRAW = """
 local removed = 0
@@ -93,6 +98,7 @@ class RedisDirectory:
                                      retry_on_timeout=False)
         self._renew = self._redis.register_script(RENEW)
         self._withdraw = self._redis.register_script(WITHDRAW)
+        self._delete_if = self._redis.register_script(DELETE_IF)
         self.error: str | None = "not connected yet"  # None while Redis answers
         self._on_error = on_error
         self._owned: dict[str, tuple[TenantLink, TunnelEntry | None]] = {}  # session → (link, published entry)
@@ -178,7 +184,8 @@ class RedisDirectory:
                                       args=[entry.encode(), self.ttl_ms], client=pipe)
                 pipe.set(f"{PREFIX}gateway:{self.gateway_id}",
                          json.dumps({"id": self.gateway_id, "flight": self.flight_location,
-                                     "tunnels": self._load(), **self.record}), px=self.ttl_ms)
+                                     "tunnels": self._load(), "at": round(time.time(), 3), **self.record}),
+                         px=self.ttl_ms)
                 pipe.sadd(f"{PREFIX}gateways", self.gateway_id)
                 return await pipe.execute()
         results = await self._call(step)
@@ -272,6 +279,15 @@ class RedisDirectory:
                     found.setdefault(entry.tenant, []).append(entry)
             return found
         return await self._call(step)
+
+    async def claim_move(self, tenant: str, gateway_id: str, hold_s: float = 60.0) -> bool:
+        """Take the right to move one of the tenant's tunnels (rebalancing): one replica at a time, so that
+        two never empty a tenant's tunnels at once. Released by `release_move`, or after `hold_s`."""
+        return bool(await self._call(lambda: self._redis.set(f"{PREFIX}moving:{tenant}", gateway_id, nx=True,
+                                                             px=int(hold_s * 1000))))
+
+    async def release_move(self, tenant: str, gateway_id: str) -> None:
+        await self._call(lambda: self._delete_if(keys=[f"{PREFIX}moving:{tenant}"], args=[gateway_id]))
 
     async def uptime_s(self) -> float | None:
         """How long the Redis server has been up (None if it cannot say): shorter than the TTL means the

@@ -77,6 +77,21 @@ class GatewayFlightServer(flight.FlightServerBase):
         self._cluster = cluster
         self._locations = [flight.Location(advertise)] if advertise else []
 
+    @staticmethod
+    def _routed(route, here):
+        """`route()` to another replica; if none can serve, `here()`: this replica's link that is on its way
+        out (draining, or moving to another replica) still serves while it is open."""
+        try:
+            return route()
+        except flight.FlightUnavailableError:
+            try:
+                result = here()
+            except (NotHere, flight.FlightUnavailableError):
+                result = None
+            if result is None:
+                raise
+            return result
+
     def join_cluster(self, cluster: ClusterRouter, advertise: str) -> None:
         """`--registry`: route calls for other replicas' tenants; name `advertise` in every endpoint."""
         self._cluster = cluster
@@ -103,8 +118,9 @@ class GatewayFlightServer(flight.FlightServerBase):
         finally:
             self._observe("do_get", who, start, error)
 
-    def _info(self, who, name: str, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        schema, rows, size, epoch = self._bridge.flight_info(who.tenant_id, name, who.request_id, who.peer_epoch)
+    def _info(self, who, name: str, descriptor: flight.FlightDescriptor, leaving_ok: bool = False) -> flight.FlightInfo:
+        schema, rows, size, epoch = self._bridge.flight_info(who.tenant_id, name, who.request_id, who.peer_epoch,
+                                                             leaving_ok)
         endpoint = flight.FlightEndpoint(self._tickets.issue(who.tenant_id, name, epoch), self._locations)
         return flight.FlightInfo(schema, descriptor, [endpoint], rows, size)
 
@@ -114,14 +130,17 @@ class GatewayFlightServer(flight.FlightServerBase):
         try:
             return self._info(who, name, descriptor)
         except NotHere:
-            return self._cluster.flight_info(who, descriptor)
+            return self._routed(lambda: self._cluster.flight_info(who, descriptor),
+                                lambda: self._info(who, name, descriptor, leaving_ok=True))
 
     @served
     def list_flights(self, who, criteria):
         try:
             names, _ = self._bridge.datasets(who.tenant_id, who.peer_epoch)
         except NotHere:
-            return self._cluster.list_flights(who)
+            return self._routed(lambda: self._cluster.list_flights(who), lambda: [
+                self._info(who, name, flight.FlightDescriptor.for_path("dataset", name), leaving_ok=True)
+                for name in self._bridge.datasets(who.tenant_id, leaving_ok=True)[0]])
         return [self._info(who, name, flight.FlightDescriptor.for_path("dataset", name)) for name in names]
 
     def list_actions(self, context):
@@ -137,6 +156,9 @@ class GatewayFlightServer(flight.FlightServerBase):
         try:
             stream = self._bridge.open_stream(who.tenant_id, dataset, cancelled, who.request_id, who.peer_epoch)
         except NotHere:
-            schema, batches = self._cluster.do_get(who, ticket, epoch)
+            def here():
+                local = self._bridge.open_stream(who.tenant_id, dataset, cancelled, who.request_id, leaving_ok=True)
+                return local.schema, local.batches()
+            schema, batches = self._routed(lambda: self._cluster.do_get(who, ticket, epoch), here)
             return flight.GeneratorStream(schema, self._observed_batches(batches, who, start))
         return flight.GeneratorStream(stream.schema, self._observed_batches(stream.batches(), who, start))
