@@ -9,12 +9,12 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import TenantCredentials, write_tenants
+from ..config import TenantCredentials
 from .redis_server import RedisServer
-from .runner import Component, ComponentError, TlsFiles, get_json, start_component
+from .runner import Component, ComponentError, Started, TlsFiles, get_json, start_component
 
 
-class Replicas:
+class Replicas(Started):
     """`with Replicas(workdir, tenants, data, count=3) as r:` — a redis-server, `count` gateways
     (`gw-1`…) on free ports with `--registry`, and `connect(tenant, i)` to start a tenant's connector
     against gateway i. Everything is stopped by PID on exit, also when the block fails."""
@@ -39,24 +39,11 @@ class Replicas:
         self.connectors: dict[str, Component] = {}
         self.reserved: dict[str, dict] = {}  # replicas not started yet: their ports, so connectors can know them
 
-    @property
-    def log_dir(self) -> Path:
-        return self.workdir / "logs"
-
-    def __enter__(self) -> "Replicas":
-        try:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            write_tenants(self.tenants_file, self.tenants)
-            self.redis.start()
-            for i in range(1, self.count + 1):
-                self.start_gateway(f"gw-{i}")
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def start(self) -> None:
+        self.prepare()
+        self.redis.start()
+        for i in range(1, self.count + 1):
+            self.start_gateway(f"gw-{i}")
 
     def reserve(self, gateway_id: str) -> dict:
         """Free ports for a replica to be started later (`start_gateway` takes them)."""

@@ -112,7 +112,42 @@ class TlsFiles:
         return ("--tls-cert", str(self.cert), "--tls-key", str(self.key))
 
 
-class Cluster:
+class Started:
+    """`with X(...) as x:` for a group of processes in `workdir` sharing a tenants file: `start()` on entry
+    (and `stop()` if it fails half-way), `stop()` on exit, also when the block fails."""
+
+    workdir: Path
+    tenants: dict[str, TenantCredentials]
+    tenants_file: Path
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def prepare(self) -> None:
+        """The work folder and the tenants file, before any process starts."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        write_tenants(self.tenants_file, self.tenants)
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Cluster(Started):
     """A gateway, one connector per tenant and a direct server, on free loopback ports."""
 
     def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path,
@@ -135,24 +170,8 @@ class Cluster:
         self.admin_token = secrets.token_hex(16)  # the gateway's /health view
         self.log_format = log_format
 
-    def __enter__(self) -> "Cluster":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def log_dir(self) -> Path:
-        return self.workdir / "logs"
-
     def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        write_tenants(self.tenants_file, self.tenants)
+        self.prepare()
         self.start_gateway()
         if self.with_connectors:
             for tenant_id in self.tenants:

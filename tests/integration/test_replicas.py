@@ -295,3 +295,23 @@ def test_replicas_with_tls_forward_to_each_other_over_tls(tmp_path, datasets):
         assert got.equals(expected(datasets))
         assert scrape(r, "gw-1")[("poc_gateway_forwarded_requests_total",
                                   (("method", "do_get"), ("outcome", "ok")))] == 1
+
+
+def test_with_one_tunnel_a_killed_replicas_tenants_come_back_within_ttl_plus_backoff(tmp_path, datasets):
+    tenants = make_tenants(2)
+    with Replicas(tmp_path, tenants, datasets["small"], count=2, registry_ttl_s=3.0) as r:
+        r.connect("tenant_001", "gw-1", "gw-2", tunnels=1)
+        r.wait_routable(["tenant_001"])
+        holder = tunnels_of(r, "tenant_001")[0]["gateway"]
+        other = "gw-2" if holder == "gw-1" else "gw-1"
+        token = tenants["tenant_001"].client_token
+        killed = time.monotonic()
+        r.kill(holder)
+
+        def served() -> bool:
+            try:
+                return read(r.flight_uri(other), token)[1].num_rows == 20_000
+            except flight.FlightUnavailableError:
+                return False
+        wait_for(served, 3.0 + 5.0, "served through the other replica within TTL + backoff")
+        assert time.monotonic() - killed < 3.0 + 5.0

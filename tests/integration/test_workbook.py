@@ -78,6 +78,16 @@ def test_bad_load_parameters_are_refused(cluster, tmp_path):
     assert proc.returncode == 2 and "has only 2 tenants" in proc.stderr
 
 
+def executed(tmp_path: Path, notebook: str, params: str) -> Path:
+    """Run `make report`'s path for a parameter file's text; check no cell failed; return the run's folder."""
+    path = tmp_path / f"{notebook}.yaml"
+    path.write_text(params + f"data_dir: {tmp_path / 'data'}\n")
+    out = run_report(path, output_root=str(tmp_path / "outputs"))
+    nb = nbformat.read(out / f"{notebook}.ipynb", as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    return out
+
+
 def shared_text(out: Path, tmp_path: Path) -> str:
     """report.html as a reader sees it, after checking it is fit to share: no code listing, no progress lines,
     no truncated or raw-repr tables, no long unrounded floats, no machine paths; it opens with the answer."""
@@ -147,12 +157,8 @@ def test_resilience_notebook_measures_faults_and_isolation(tmp_path):
 
 
 def test_scale_notebook_measures_idle_tunnels(tmp_path):
-    params = tmp_path / "scale.yaml"
-    params.write_text(f"notebook: scale\ncounts: [50, 150]\ntls_counts: [50]\ncpu_window_s: 2\nlatency_calls: 3\n"
-                      f"data_dir: {tmp_path / 'data'}\n")
-    out = run_report(params, output_root=str(tmp_path / "outputs"))
-    nb = nbformat.read(out / "scale.ipynb", as_version=4)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    out = executed(tmp_path, "scale", "notebook: scale\ncounts: [50, 150]\ntls_counts: [50]\ncpu_window_s: 2\n"
+                                      "latency_calls: 3\n")
     scale = pl.read_csv(out / "scale.csv")
     assert scale["tunnels"].to_list() == [50, 150, 50] and scale["tls"].to_list() == [False, False, True]
     assert scale["register_again_after_restart_s"].null_count() == 0 and (scale["kib_per_idle_tunnel"] > 0).all()
@@ -175,12 +181,8 @@ def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
 
 
 def test_scaleout_notebook_runs_replicas_through_a_kill_an_addition_and_a_rolling_restart(tmp_path):
-    params = tmp_path / "scaleout.yaml"
-    params.write_text(f"notebook: scaleout\ntenants: 3\nrows: 20000\nreaders: 2\nphase_s: 4\ncost_calls: 3\n"
-                      f"registry_ttl_s: 3\nrebalance_s: 1\ndata_dir: {tmp_path / 'data'}\n")
-    out = run_report(params, output_root=str(tmp_path / "outputs"))
-    nb = nbformat.read(out / "scaleout.ipynb", as_version=4)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    out = executed(tmp_path, "scaleout", "notebook: scaleout\ntenants: 3\nrows: 20000\nreaders: 2\nphase_s: 4\n"
+                                         "cost_calls: 3\nregistry_ttl_s: 3\nrebalance_s: 1\n")
     events = pl.read_csv(out / "events.csv")["event"].to_list()
     assert events[1] == "SIGKILL gw-2" and events[2] == "gw-4 added" and events[-1] == "load stops"
     assert sum("rolling restart" in e for e in events) == 3
