@@ -120,7 +120,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_connector(args: argparse.Namespace) -> int:
     from .catalog import load_datasets
-    from .connector.app import Connector, ConnectorConfig, RegistrationRefused, Replaced
+    from .connector.app import Connector, ConnectorConfig, RegistrationRefused, Replaced, names_several
 
     token = args.token or os.environ.get("POC_CONNECTOR_TOKEN")
     if not token:
@@ -129,7 +129,8 @@ def cmd_connector(args: argparse.Namespace) -> int:
         if not url.startswith(("ws://", "wss://", "grpc://", "grpcs://")):
             raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or grpc[s]://HOST:PORT "
                               f"(gRPC tunnel), got {url!r}")
-    tunnels = args.tunnels if args.tunnels is not None else (2 if len(set(args.gateway)) > 1 else 1)
+    several = len(set(args.gateway)) > 1 or names_several(args.gateway[0])
+    tunnels = args.tunnels if args.tunnels is not None else (2 if several else 1)
     if tunnels < 1:
         raise ConfigError("--tunnels must be at least 1")
     if args.connector_id is not None and not config.valid_connector_id(args.connector_id):
@@ -407,11 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "connector of the same tenant replaced this one.")
     p.add_argument("--gateway", required=True, action="append",
                    help="ws://HOST:PORT/connect or wss://… (WebSocket tunnel), grpc://HOST:PORT or grpcs://… "
-                        "(gRPC tunnel); the scheme picks the transport. Give it several times for gateway "
-                        "replicas: the connector keeps --tunnels tunnels, each to a different one")
+                        "(gRPC tunnel); the scheme picks the transport. For gateway replicas give it several "
+                        "times, or give a ws[s]:// name that resolves to several addresses (resolved again at "
+                        "every reconnect): the connector keeps --tunnels tunnels, each to a different one")
     p.add_argument("--tunnels", type=int, default=None,
                    help="live tunnels to keep, each to a different gateway while there are enough (default: 2 "
-                        "with several --gateway, else 1); a tunnel whose gateway says goaway is replaced by one "
+                        "with several gateways, else 1); a tunnel whose gateway says goaway is replaced by one "
                         "to another gateway before it closes")
     p.add_argument("--connector-id", help="this connector's id in its registrations (1-120 printable ASCII "
                                           "characters, no spaces; default: derived from this host and the tenant, "

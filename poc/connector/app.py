@@ -11,6 +11,7 @@ import hashlib
 import socket
 import ssl
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import grpc.aio
@@ -71,6 +72,18 @@ def default_connector_id(tenant_id: str) -> str:
     return f"h-{digest[:16]}"
 
 
+def names_several(url: str) -> bool:
+    """Whether a ws[s]:// URL's host name resolves to several addresses (several replicas behind one name)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
+        return False
+    try:
+        return len({info[4][0] for info in socket.getaddrinfo(parsed.hostname, parsed.port or 443,
+                                                             type=socket.SOCK_STREAM)}) > 1
+    except OSError:
+        return False
+
+
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random = random) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, so returning connectors spread out."""
     base = min(cap, initial * 2 ** attempt)
@@ -98,7 +111,7 @@ class Connector:
         self._replacing: dict[int, "_Session"] = {}  # slot → the session it takes over from
         self._next_slot = itertools.count()
         self._framed_in_use: dict[int, tuple[TunnelTransport, int]] = {}  # shared frame buffer → link sending it
-        self._offset = random.randrange(len(cfg.gateways))  # connectors of one tenant list spread over replicas
+        self._offset = random.random()  # connectors given the same gateways spread over them
 
     @property
     def online(self) -> bool:
@@ -151,19 +164,37 @@ class Connector:
         restarted connector's tunnel replaces the one it had at that position (protocol.md §2)."""
         return f"{self.cfg.connector_id}/{self._positions.get(slot, 0)}"
 
-    def _choose(self, slot: int, attempt: int) -> str:
+    async def targets(self) -> list[str]:
+        """Where a link may go, resolved now: each --gateway URL, or, for a ws[s]:// URL whose name resolves to
+        several addresses (one name for several replicas), one target per address, written URL#ADDRESS (the
+        link keeps the name for TLS and the Host header and connects to that address)."""
+        found: list[str] = []
+        loop = asyncio.get_running_loop()
+        for url in self.cfg.gateways:
+            parsed = urllib.parse.urlsplit(url)
+            addresses: list[str] = []
+            if parsed.scheme in ("ws", "wss") and parsed.hostname:
+                try:
+                    infos = await loop.getaddrinfo(parsed.hostname, parsed.port or 443, type=socket.SOCK_STREAM)
+                    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+                except OSError:
+                    pass  # the dial says why
+            found += [f"{url}#{address}" for address in addresses] if len(addresses) > 1 else [url]
+        return found
+
+    def _choose(self, slot: int, attempt: int, gateways: list[str]) -> str:
         """The gateway for a slot's next link: one no other slot uses and that did not say goaway, in turn."""
-        gateways = self.cfg.gateways
         taken = {url for other, url in self._in_use.items() if other != slot} | self._leaving
         free = [url for url in gateways if url not in taken] or [url for url in gateways
                                                                   if url not in self._leaving] or gateways
-        return free[(self._offset + slot + attempt) % len(free)]
+        return free[(int(self._offset * len(free)) + slot + attempt) % len(free)]
 
     async def _slot(self, slot: int, stop: asyncio.Event) -> None:
         """One tunnel: connect, serve, reconnect with backoff (to the next gateway); return once retired."""
         attempt = 0
         while not stop.is_set():
-            url = self._in_use[slot] = self._first.pop(slot, None) or self._choose(slot, attempt)
+            url = self._in_use[slot] = self._first.pop(slot, None) or self._choose(slot, attempt,
+                                                                                   await self.targets())
             session: _Session | None = None
             try:
                 session = await self._session(stop, url, slot)
@@ -223,17 +254,34 @@ class Connector:
         if old is not None:
             asyncio.get_running_loop().create_task(old.retire())
 
+    @staticmethod
+    async def _socket_to(url: str, address: str) -> socket.socket:
+        """A TCP socket connected to `address` at the URL's port."""
+        parsed = urllib.parse.urlsplit(url)
+        port = parsed.port or (443 if parsed.scheme == "wss" else 80)
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), 10)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def _ssl_context(self, url: str) -> ssl.SSLContext | None:
         if not url.startswith("wss://"):
             return None
         return ssl.create_default_context(cafile=self.cfg.ca_file)
 
     @contextlib.asynccontextmanager
-    async def _dial(self, url: str):
-        """The link to a gateway; the URL's scheme picks gRPC or WebSocket, --ws-impl the WebSocket library."""
+    async def _dial(self, target: str):
+        """The link to a gateway; the URL's scheme picks gRPC or WebSocket, --ws-impl the WebSocket library;
+        a target URL#ADDRESS connects to that address."""
         cfg = self.cfg
+        url, _, address = target.partition("#")
+        sock = await self._socket_to(url, address) if address else None
         if url.startswith(("ws://", "wss://")) and cfg.ws_impl == "websockets":
-            async with connect(url, compression=None, proxy=None, ssl=self._ssl_context(url),
+            async with connect(url, compression=None, proxy=None, ssl=self._ssl_context(url), sock=sock,
                                max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
                                ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
                 yield WebSocketLink(ws, ConnectorEndpoint())
@@ -248,7 +296,7 @@ class Connector:
             from ..transports.picows_ws import dial_picows
 
             link = await dial_picows(url, ConnectorEndpoint, self._ssl_context(url), cfg.heartbeat_s,
-                                     config.MAX_FRAME_BYTES)
+                                     config.MAX_FRAME_BYTES, sock)
         try:
             yield link
         finally:

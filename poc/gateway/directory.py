@@ -94,8 +94,14 @@ class RedisDirectory:
         self.flight_location = flight_location
         self.ttl_ms = int(ttl_s * 1000)
         self.ttl_s = ttl_s
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        # One immediate retry on a broken connection: after Redis restarts, each pooled connection fails once
+        # ("Connection closed by server") before the pool opens a new one; a call should not pay for that.
         self._redis = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                     retry_on_timeout=False)
+                                     retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
         self._renew = self._redis.register_script(RENEW)
         self._withdraw = self._redis.register_script(WITHDRAW)
         self._delete_if = self._redis.register_script(DELETE_IF)

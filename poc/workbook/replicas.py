@@ -38,6 +38,7 @@ class Replicas(Started):
         self.gateways: dict[str, Component] = {}
         self.connectors: dict[str, Component] = {}
         self.reserved: dict[str, dict] = {}  # replicas not started yet: their ports, so connectors can know them
+        self.hosts: dict[str, str] = {}  # replica → the loopback address it listens on
 
     def start(self) -> None:
         self.prepare()
@@ -52,10 +53,12 @@ class Replicas(Started):
         self.reserved[gateway_id] = {"ws_port": _free_port(), "flight_port": _free_port(), "http_port": _free_port()}
         return self.reserved[gateway_id]
 
-    def start_gateway(self, gateway_id: str, ports: dict | None = None) -> Component:
-        """Start (or start again, on the same ports when `ports` is given) the replica `gateway_id`."""
+    def start_gateway(self, gateway_id: str, ports: dict | None = None, host: str = "127.0.0.1") -> Component:
+        """Start (or start again, on the same ports when `ports` is given) the replica `gateway_id` on `host`
+        (any 127.x.y.z address is loopback)."""
         ports = ports or self.reserved.pop(gateway_id, {})
-        args = ["gateway", "--tenants", str(self.tenants_file), "--registry", self.redis.url,
+        self.hosts[gateway_id] = host
+        args = ["gateway", "--tenants", str(self.tenants_file), "--registry", self.redis.url, "--host", host,
                 "--gateway-id", gateway_id, "--registry-ttl-s", str(self.registry_ttl_s),
                 "--ws-port", str(ports.get("ws_port", 0)), "--flight-port", str(ports.get("flight_port", 0)),
                 "--http-port", str(ports.get("http_port", 0)), "--grpc-tunnel-port", "-1", *self.gateway_args,
@@ -66,24 +69,25 @@ class Replicas(Started):
 
     def tunnel_url(self, gateway_id: str) -> str:
         ports = self.gateways[gateway_id].ready if gateway_id in self.gateways else self.reserved[gateway_id]
-        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{ports['ws_port']}/connect"
+        return f"{'wss' if self.tls else 'ws'}://{self.hosts.get(gateway_id, '127.0.0.1')}:{ports['ws_port']}/connect"
 
-    def connect(self, tenant_id: str, *gateway_ids: str, tunnels: int | None = None,
-                name: str | None = None) -> Component:
-        """Start a connector for `tenant_id` that dials the replicas `gateway_ids` (each a --gateway)."""
-        dial = [arg for g in gateway_ids for arg in ("--gateway", self.tunnel_url(g))]
+    def connect(self, tenant_id: str, *gateway_ids: str, tunnels: int | None = None, name: str | None = None,
+                urls: tuple[str, ...] = (), launcher: tuple[str, ...] = ()) -> Component:
+        """Start a connector for `tenant_id` that dials the replicas `gateway_ids` (each a --gateway), or
+        `urls` as given."""
+        dial = [arg for url in (*(self.tunnel_url(g) for g in gateway_ids), *urls) for arg in ("--gateway", url)]
         component = start_component(
             name or f"connector-{tenant_id}",
             ["connector", *dial, "--tenant", tenant_id, "--data", str(self.data), "--delay-ms", self.delay_ms,
              "--heartbeat-s", "1", *(("--tunnels", str(tunnels)) if tunnels else ()),
              *(("--ca-file", str(self.tls.ca)) if self.tls else ())],
-            self.log_dir, env={"POC_CONNECTOR_TOKEN": self.tenants[tenant_id].connector_token})
+            self.log_dir, env={"POC_CONNECTOR_TOKEN": self.tenants[tenant_id].connector_token}, launcher=launcher)
         self.connectors[component.name] = component
         return component
 
     def flight_uri(self, gateway_id: str) -> str:
         scheme = "grpc+tls" if self.tls else "grpc"
-        return f"{scheme}://127.0.0.1:{self.gateways[gateway_id].ready['flight_port']}"
+        return f"{scheme}://{self.hosts[gateway_id]}:{self.gateways[gateway_id].ready['flight_port']}"
 
     def gateway_at(self, flight_uri: str) -> str | None:
         """The replica whose Flight location this is."""
@@ -91,7 +95,7 @@ class Replicas(Started):
 
     def health(self, gateway_id: str) -> dict:
         port = self.gateways[gateway_id].ready["http_port"]
-        return get_json(f"http://127.0.0.1:{port}/health", token=self.admin_token)
+        return get_json(f"http://{self.hosts[gateway_id]}:{port}/health", token=self.admin_token)
 
     def ready(self, gateway_id: str) -> tuple[int, dict]:
         """GET /readyz of a replica: (status, body)."""
@@ -101,7 +105,7 @@ class Replicas(Started):
 
         port = self.gateways[gateway_id].ready["http_port"]
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            with urllib.request.urlopen(f"http://{self.hosts[gateway_id]}:{port}/readyz", timeout=5) as response:
                 return response.status, json.load(response)
         except urllib.error.HTTPError as exc:
             return exc.code, json.load(exc)
@@ -123,7 +127,7 @@ class Replicas(Started):
         component = self.gateways[gateway_id]
         ports = component.ready
         component.stop(60)
-        return self.start_gateway(gateway_id, ports)
+        return self.start_gateway(gateway_id, ports, self.hosts[gateway_id])
 
     def kill(self, gateway_id: str) -> None:
         """SIGKILL a replica: no drain, no goodbye."""

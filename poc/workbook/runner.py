@@ -75,12 +75,14 @@ class Component:
 
 
 def start_component(name: str, args: list[str], log_dir: Path, env: dict | None = None,
-                    ready_timeout: float = 60.0, wait: bool = True, log_format: str = "text") -> Component:
-    """Run `python -m poc ARGS` with its stderr in LOG_DIR/NAME.log; wait for its ready line."""
+                    ready_timeout: float = 60.0, wait: bool = True, log_format: str = "text",
+                    launcher: tuple[str, ...] = ()) -> Component:
+    """Run `python -m poc ARGS` (behind `launcher`, a command that execs the rest in the same process) with
+    its stderr in LOG_DIR/NAME.log; wait for its ready line."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
-        popen = subprocess.Popen([sys.executable, "-m", "poc", "--log-format", log_format, *args],
+        popen = subprocess.Popen([*launcher, sys.executable, "-m", "poc", "--log-format", log_format, *args],
                                  stdout=subprocess.PIPE, stderr=log,
                                  stdin=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
     component = Component(name, popen, log_path)

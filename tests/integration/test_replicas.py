@@ -129,14 +129,15 @@ def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_rou
         restarted = time.time()
         wait_for(lambda: replicas.ready("gw-1")[0] == 200, 30, "gw-1 ready again")
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                _, got = read(replicas.flight_uri("gw-1"), remote.client_token)
-                break
-            except flight.FlightUnavailableError:
-                assert time.monotonic() < deadline, replicas.gateways["gw-2"].log_tail()
-                time.sleep(0.2)
-        assert got.equals(expected(datasets))
+        for tenant in ("tenant_002", "tenant_003"):  # each replica publishes again at its next renewal
+            while True:
+                try:
+                    _, got = read(replicas.flight_uri("gw-1"), replicas.tenants[tenant].client_token)
+                    break
+                except flight.FlightUnavailableError:
+                    assert time.monotonic() < deadline, replicas.gateways["gw-2"].log_tail()
+                    time.sleep(0.2)
+            assert got.equals(expected(datasets))
         recovered = time.time()
         time.sleep(2)
     # under load: the local tenant never failed; the others failed only while Redis was away, saying why
@@ -146,7 +147,9 @@ def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_rou
                for r in load.failed()), \
         [(round(r["start"] - stopped, 2), round(r["start"] - restarted, 2), r["error"]) for r in load.failed()
          if "registry (Redis)" not in r["error"]][:4]
-    assert not [r for r in load.failed() if r["start"] > recovered or r["start"] < stopped]
+    assert not [r for r in load.failed() if r["start"] > recovered or r["end"] < stopped], \
+        [(r["tenant"], round(r["start"] - recovered, 2), r["error"][:150]) for r in load.failed()
+         if r["start"] > recovered or r["end"] < stopped][:4]
     assert not load.short() and restarted > stopped
     assert len([r for r in load.records if r["start"] > recovered and r["error"] is None]) >= 3
     assert len(load.failed()) >= 1 and during > 5  # the load did run into the outage
@@ -315,3 +318,28 @@ def test_with_one_tunnel_a_killed_replicas_tenants_come_back_within_ttl_plus_bac
                 return False
         wait_for(served, 3.0 + 5.0, "served through the other replica within TTL + backoff")
         assert time.monotonic() - killed < 3.0 + 5.0
+
+
+def test_a_connector_given_one_name_for_two_replicas_keeps_a_tunnel_on_each(tmp_path, datasets):
+    """One --gateway whose name resolves to two addresses (a hosts file of the connector's own, bound over
+    /etc/hosts in a mount namespace of its own): a tunnel to each replica, two by default."""
+    import socket
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 replicas.test\n127.0.0.2 replicas.test\n")
+    with socket.socket() as probe:  # a port free on 127.0.0.1 (and so, almost surely, on 127.0.0.2)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tenants = make_tenants(1)
+    with Replicas(tmp_path, tenants, datasets["small"], count=0) as r:
+        r.start_gateway("gw-1", {"ws_port": port}, host="127.0.0.1")
+        r.start_gateway("gw-2", {"ws_port": port}, host="127.0.0.2")
+        own_hosts = ("unshare", "--mount", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts))
+        r.connect("tenant_001", urls=(f"ws://replicas.test:{port}/connect",), launcher=own_hosts)
+        tunnels = wait_for(lambda: (lambda t: t if len(t) == 2 else None)(tunnels_of(r, "tenant_001")), 20,
+                           "a tunnel on each replica")
+        assert {t["gateway"] for t in tunnels} == {"gw-1", "gw-2"}
+        table = expected(datasets)
+        for gateway in ("gw-1", "gw-2"):
+            assert read(r.flight_uri(gateway), tenants["tenant_001"].client_token)[1].equals(table)
+        assert "#127.0.0.2" in r.connectors["connector-tenant_001"].log_tail(1000)
