@@ -29,7 +29,7 @@ from .directory import RedisDirectory, RegistryUnavailable
 from .flight_server import GatewayFlightServer
 from .health import HealthServer
 from .link import BufferBudget, TenantLink
-from .metrics import GatewayMetrics, close_label
+from .metrics import GatewayMetrics, ReplicaTunnels, close_label
 from .registry import TenantRegistry
 
 log = logging.getLogger("poc.gateway")
@@ -134,6 +134,8 @@ class Gateway:
             self._router = ClusterRouter(self.directory, peers, bridge._await, cfg.request_timeout_s, self.metrics,
                                          peer_ca)
             self._flight.join_cluster(self._router, advertise)
+            self.metrics.registry.register(ReplicaTunnels(
+                lambda: asyncio.run_coroutine_threadsafe(self.directory.gateways(), loop).result(5)))
             with contextlib.suppress(RegistryUnavailable):
                 await self.directory.renew_all()  # this replica's record, before it says it is ready
             self._spawn(self._renew_registry())

@@ -59,6 +59,34 @@ class GatewayMetrics:
         self.usage = Usage()
 
 
+class ReplicaTunnels:
+    """`poc_gateway_registry_tunnels{gateway}` (--registry): the tunnels every replica holds, as the shared
+    registry's records say when scraped, so one replica's /metrics shows the whole cluster."""
+
+    NAME = "poc_gateway_registry_tunnels"
+    HELP = "Tunnels each replica holds, as the shared registry says (--registry)"
+
+    def __init__(self, fetch) -> None:
+        self._fetch = fetch  # () -> list of replica records {id, tunnels, ...}; may raise
+
+    def describe(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["gateway"])
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["gateway"])
+        try:
+            records = self._fetch()
+        except Exception:  # the registry is down: poc_gateway_registry_up says so; no stale figures here
+            records = []
+        for record in records:
+            family.add_metric([str(record.get("id"))], float(record.get("tunnels", 0)))
+        yield family
+
+
 class Usage:
     """Requests, rows and bytes per tenant and dataset since start: the JSON of GET /v1/usage."""
 

@@ -44,6 +44,9 @@ def test_every_replica_serves_every_tenant_exactly_to_a_plain_client(replicas, d
     metrics = scrape(replicas, "gw-1")
     assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_get"), ("outcome", "ok")))] == 2
     assert metrics[("poc_gateway_registry_up", ())] == 1
+    # every replica's tunnels, seen from one (records are rewritten at each renewal, a third of the TTL)
+    wait_for(lambda: all(scrape(replicas, "gw-1").get(("poc_gateway_registry_tunnels", (("gateway", g),))) == 1
+                         for g in ("gw-1", "gw-2", "gw-3")), 10, "one tunnel per replica in gw-1's metrics")
 
 
 def test_flight_info_names_the_owner_so_clients_can_follow_locations(replicas, datasets):
