@@ -244,8 +244,13 @@ class Connector:
         that one is registered and this link's streams have ended."""
         log.info("gateway %s says goaway (%s): opening a tunnel to %s", session.url, reason,
                  prefer if prefer in self.cfg.gateways else "another gateway")
-        self._leaving.add(session.url)
         usable = prefer in self.cfg.gateways and prefer not in self._in_use.values()  # not where a tunnel is
+        if prefer is not None and not usable and all(g == session.url for g in self.cfg.gateways):
+            log.info("staying on %s: it asked this link to move, but it is the only gateway this connector "
+                     "knows", session.url)
+            session.goaway = False  # a rebalancing request this connector cannot follow; drains close the link
+            return
+        self._leaving.add(session.url)
         self._start_slot(session.stop, prefer if usable else None, replaces=session)
 
     def _took_over(self, slot: int) -> None:
