@@ -99,7 +99,6 @@ class Connector:
         self.cfg = cfg
         self.datasets = datasets
         self.session_id: str | None = None  # of the newest registration
-        self.sessions = 0
         self.on_registered = None
         self.metrics = ConnectorMetrics()
         self._registered: set[int] = set()  # slots registered on a live link right now
@@ -107,6 +106,7 @@ class Connector:
         self._leaving: set[str] = set()  # gateways that sent goaway on a link still open
         self._slots: dict[int, asyncio.Task] = {}
         self._positions: dict[int, int] = {}  # slot → its position, the smallest free: part of its connector_id
+        self._retiring: set[asyncio.Task] = set()
         self._first: dict[int, str] = {}  # slot → the gateway a goaway suggested for its first attempt
         self._replacing: dict[int, "_Session"] = {}  # slot → the session it takes over from
         self._next_slot = itertools.count()
@@ -257,7 +257,9 @@ class Connector:
         """A slot registered: retire the session it replaces, if any."""
         old = self._replacing.pop(slot, None)
         if old is not None:
-            asyncio.get_running_loop().create_task(old.retire())
+            task = asyncio.get_running_loop().create_task(old.retire())
+            self._retiring.add(task)  # held until done: a task nothing refers to may be collected
+            task.add_done_callback(self._retiring.discard)
 
     @staticmethod
     async def _socket_to(url: str, address: str) -> socket.socket:
@@ -382,7 +384,6 @@ class _Session:
             raise RegistrationRefused(f"gateway refused the registration ({event.code}): {event.message}")
         connector = self.connector
         connector.session_id = event.registered.session_id
-        connector.sessions += 1
         self.registered = True
         connector._registered.add(self.slot)
         connector.metrics.registered.set(len(connector._registered))

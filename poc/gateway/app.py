@@ -131,7 +131,7 @@ class Gateway:
                                      f"{scheme_ws}://{cfg.host}:{self._ws_server.sockets[0].getsockname()[1]}/connect",
                                      "draining": False}
             peer_ca = open(cfg.peer_ca_file, "rb").read() if cfg.peer_ca_file else None
-            self._router = ClusterRouter(self.directory, peers, bridge._await, cfg.request_timeout_s, self.metrics,
+            self._router = ClusterRouter(self.directory, peers, bridge.await_on_loop, cfg.request_timeout_s, self.metrics,
                                          peer_ca)
             self._flight.join_cluster(self._router, advertise)
             self.metrics.registry.register(ReplicaTunnels(

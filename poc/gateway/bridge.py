@@ -74,9 +74,10 @@ class TunnelBridge:
     def _on_loop(self, fn, *args):
         async def step():
             return fn(*args)
-        return self._await(step())
+        return self.await_on_loop(step())
 
-    def _await(self, coro):
+    def await_on_loop(self, coro):
+        """Run `coro` on the gateway's loop from a Flight thread and wait for it, within the request timeout."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(self.timeout_s + 1)
@@ -89,7 +90,7 @@ class TunnelBridge:
         async def ask():
             link = await self._live(tenant_id, epoch, leaving_ok)
             return list(link.datasets), link.epoch
-        return self._await(ask())
+        return self.await_on_loop(ask())
 
     def flight_info(self, tenant_id: str, dataset: str, trace_id: str | None = None,
                     epoch: int | None = None, leaving_ok: bool = False) -> tuple[pa.Schema, int, int, int]:
@@ -98,7 +99,7 @@ class TunnelBridge:
         async def ask():
             link = await self._live(tenant_id, epoch, leaving_ok)
             return await link.flight_info(dataset, self.timeout_s, trace_id), link.epoch
-        reply, link_epoch = self._await(ask())
+        reply, link_epoch = self.await_on_loop(ask())
         schema = read_schema(reply.schema, tenant_id)
         return schema, reply.rows, reply.bytes, link_epoch
 
@@ -109,7 +110,7 @@ class TunnelBridge:
         async def start():
             link = await self._live(tenant_id, epoch, leaving_ok)
             return (link, *link.open_stream(dataset, trace_id))
-        link, stream_id, sink = self._await(start())
+        link, stream_id, sink = self.await_on_loop(start())
         self.metrics.usage.add(tenant_id, dataset, requests=1)
         stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)
         stream.read_schema()

@@ -61,21 +61,20 @@ def served(handler):
 
 
 class GatewayFlightServer(flight.FlightServerBase):
-    """Without `cluster` every call is served through this gateway's tunnels. With one (`--registry`),
-    endpoints name `advertise` (this replica's Flight location) and calls for tenants whose tunnel is on
-    another replica go to that replica (gateway/cluster.py)."""
+    """Every call is served through this gateway's tunnels until `join_cluster` (`--registry`): then endpoints
+    name this replica's Flight location and calls for tenants whose tunnel is on another replica go to that
+    replica (gateway/cluster.py)."""
 
     def __init__(self, location: str, bridge: TunnelBridge, tenants: dict[str, TenantCredentials],
-                 tickets: TicketSigner, metrics: GatewayMetrics | None = None, cluster: ClusterRouter | None = None,
-                 advertise: str | None = None, peers: PeerCredentials | None = None, gateway_id: str = "",
-                 **kwargs) -> None:
+                 tickets: TicketSigner, metrics: GatewayMetrics | None = None, peers: PeerCredentials | None = None,
+                 gateway_id: str = "", **kwargs) -> None:
         self.auth = BearerAuthFactory(tenants, peers, gateway_id)
         super().__init__(location, middleware={"auth": self.auth}, **kwargs)
         self._bridge = bridge
         self._tickets = tickets
         self._metrics = metrics or bridge.metrics
-        self._cluster = cluster
-        self._locations = [flight.Location(advertise)] if advertise else []
+        self._cluster: ClusterRouter | None = None  # set by join_cluster (`--registry`)
+        self._locations: list[flight.Location] = []
 
     @staticmethod
     def _routed(route, here):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 
@@ -129,7 +130,6 @@ def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_rou
         during = len(load.records)
         # Redis comes back empty (no persistence): each replica publishes its tunnels again, routing resumes
         replicas.redis.start()
-        restarted = time.time()
         wait_for(lambda: replicas.ready("gw-1")[0] == 200, 30, "gw-1 ready again")
         deadline = time.monotonic() + 30
         for tenant in ("tenant_002", "tenant_003"):  # each replica publishes again at its next renewal
@@ -148,12 +148,12 @@ def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_rou
         [(round(r["start"] - stopped, 2), r["error"]) for r in load.failed() if r["tenant"] == "tenant_001"][:4]
     assert all("registry (Redis) unreachable" in r["error"] or "registry (Redis) restarted" in r["error"]
                for r in load.failed()), \
-        [(round(r["start"] - stopped, 2), round(r["start"] - restarted, 2), r["error"]) for r in load.failed()
+        [(round(r["start"] - stopped, 2), r["error"]) for r in load.failed()
          if "registry (Redis)" not in r["error"]][:4]
     assert not [r for r in load.failed() if r["start"] > recovered or r["end"] < stopped], \
         [(r["tenant"], round(r["start"] - recovered, 2), r["error"][:150]) for r in load.failed()
          if r["start"] > recovered or r["end"] < stopped][:4]
-    assert not load.short() and restarted > stopped
+    assert not load.short()
     assert len([r for r in load.records if r["start"] > recovered and r["error"] is None]) >= 3
     assert len(load.failed()) >= 1 and during > 5  # the load did run into the outage
 
@@ -238,8 +238,10 @@ def test_a_rolling_restart_under_load_fails_no_request(ha):
     assert not load.failed(), [(r['through'], r['tenant'], r['error']) for r in load.failed()[:5]]
     assert not load.short()
     assert {r["through"] for r in load.records} == set(ha.gateways) and len(load.records) > 30
-    for gateway in ha.gateways:  # every replica told its connectors goaway before it closed
-        assert "goaway sent on" in ha.gateways[gateway].log_tail(10_000) or gateway
+    # the replicas told their connectors goaway before they closed, and the connectors moved on it
+    told = sum(int(n) for g in ha.gateways
+               for n in re.findall(r"goaway sent on (\d+) tunnels", ha.gateways[g].log_tail(10_000)))
+    assert told >= 1 and any("says goaway" in c.log_tail(10_000) for c in ha.connectors.values())
 
 
 def test_a_connectors_two_tunnels_stream_the_same_dataset_at_once_without_mixing_frames(tmp_path, datasets):
