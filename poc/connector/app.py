@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidHandshake
 
 from .. import config
 from ..catalog import Dataset
-from ..transports.base import TunnelTransport
+from ..transports.base import TunnelTransport, keep_unsent_small
 from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint, FrameType, TunnelClosed
 from ..tunnel import endpoint as ev
@@ -110,7 +110,6 @@ class Connector:
         self._first: dict[int, str] = {}  # slot → the gateway a goaway suggested for its first attempt
         self._replacing: dict[int, "_Session"] = {}  # slot → the session it takes over from
         self._next_slot = itertools.count()
-        self._framed_in_use: dict[int, tuple[TunnelTransport, int]] = {}  # shared frame buffer → link sending it
         self._offset = random.random()  # connectors given the same gateways spread over them
 
     @property
@@ -291,6 +290,7 @@ class Connector:
             async with connect(url, compression=None, proxy=None, ssl=self._ssl_context(url), sock=sock,
                                max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
                                ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
+                keep_unsent_small(ws.transport.get_extra_info("socket"))
                 yield WebSocketLink(ws, ConnectorEndpoint())
             return
         if url.startswith(("grpc://", "grpcs://")):
@@ -427,7 +427,8 @@ class _Session:
         new tunnel is in its registry and this link carries no stream (it knows what it has sent). A gateway
         that has not done so after `wait_s` gets the link closed from here, once its streams have ended."""
         deadline = time.monotonic() + wait_s
-        while self.transport.closed is None and (time.monotonic() < deadline or self.tasks):
+        while self.transport.closed is None and (time.monotonic() < deadline or self.tasks
+                                                 or self.endpoint.has_data_to_send):
             await asyncio.sleep(0.1)
         if self.transport.closed is None:
             log.info("closing the link to %s: its replacement is registered", self.url)
@@ -482,16 +483,14 @@ class _Session:
         await self._send(stream_id, FrameType.SCHEMA, ds.schema_message)
         for framed in ds.framed_messages(self.endpoint.registered.max_frame_bytes):
             await self._send(stream_id, FrameType.BATCH, framed=framed)
-        await self.transport.call(self.endpoint.send_frame, FrameType.END, stream_id)
+        self.endpoint.send_frame(FrameType.END, stream_id)
+        self.transport.flush_soon()
         log.info("stream of %r sent: %d rows", name, ds.rows, extra=self._context(stream_id))
 
     async def _send(self, stream_id: int, frame_type: FrameType, payload=b"", framed: bytearray | None = None) -> None:
-        """Send one frame once the stream has credit for it (docs/protocol.md §5).
-
-        A `framed` buffer is shared by every stream of the dataset: its header is written and the frame
-        handed to the socket while the link's writer is held, so no other stream of this link touches it
-        meanwhile. Another link of this connector (--tunnels) that needs the same buffer while this one holds
-        it sends a private copy instead."""
+        """Queue one frame once the stream has credit for it (docs/protocol.md §5); the link's writer sends it
+        in the stream's turn. A `framed` buffer is shared by every stream of the dataset, on every link: the
+        writer writes its header as it hands it to the socket (poc.tunnel.endpoint)."""
         size = len(framed) - 8 if framed is not None else len(payload)
         if 0 <= self.endpoint.credit(stream_id) < size:
             self.connector.metrics.credit_waits.inc()
@@ -501,23 +500,6 @@ class _Session:
             event = self.credit[stream_id]
             event.clear()
             await event.wait()
-        claimed = None
-        if framed is not None:
-            holders = self.connector._framed_in_use
-            holder = holders.get(id(framed))
-            if holder is not None and holder[0] is not self.transport:
-                framed = bytearray(framed)
-            else:
-                holders[id(framed)] = (self.transport, (holder[1] if holder else 0) + 1)
-                claimed = framed
-        try:
-            await self.transport.call(lambda: self.endpoint.send_frame(frame_type, stream_id, memoryview(payload),
-                                                                       framed=framed))
-        finally:
-            if claimed is not None:
-                transport, count = holders[id(claimed)]
-                if count == 1:
-                    del holders[id(claimed)]
-                else:
-                    holders[id(claimed)] = (transport, count - 1)
+        self.endpoint.send_frame(frame_type, stream_id, memoryview(payload), framed=framed)
+        self.transport.flush_soon()
         self.connector.metrics.sent_bytes.inc(size)

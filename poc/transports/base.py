@@ -2,13 +2,14 @@
 
     TunnelTransport (typing.Protocol)   what the gateway and the connector use
     └── Link                            the shared loop: received messages into the core, events out,
-        ├── WebSocketLink               queued messages out in order, close on a broken rule
+        ├── WebSocketLink               control before data, streams in turn; close on a broken rule
         ├── PicowsLink
         ├── GrpcServerLink
         └── GrpcClientLink
 
-Each adapter supplies `_receive()` (the messages of its connection), `_transmit()` (send what the core
-queued), `_close_for()` (close with a code, reading the peer's reply) and `_ended()` (how the connection
+Each adapter supplies `_receive()` (the messages of its connection), `_transmit()` (send one message the
+core gave; it must take the bytes — copy them or hand them to the socket — before it first waits, since a
+frame buffer may be shared by several streams and its header is rewritten for the next), `_close_for()` (close with a code, reading the peer's reply) and `_ended()` (how the connection
 ended). Errors of the lower library are mapped to `TunnelClosed` here, once.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -24,6 +26,22 @@ from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
 from ..tunnel.endpoint import Endpoint, Event
 
 log = logging.getLogger("poc.transports")
+
+
+UNSENT_LOWAT = 128 * 1024  # bytes the kernel may hold unsent on a sending socket (TCP_NOTSENT_LOWAT)
+
+
+def keep_unsent_small(sock: socket.socket | None) -> None:
+    """Let the socket report room only while it holds less than UNSENT_LOWAT bytes not yet sent, instead of a
+    whole autotuned send buffer (megabytes): data then waits in the endpoint's queue, where a control message
+    can overtake it, rather than in the kernel, where it cannot. Linux only; elsewhere a no-op."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if sock is None or option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_LOWAT)
+    except OSError:
+        pass
 
 
 class TunnelTransport(Protocol):
@@ -46,28 +64,8 @@ class TunnelTransport(Protocol):
         """Close with a code and a reason (docs/protocol.md §8)."""
 
 
-async def finish_even_if_cancelled(coro) -> None:
-    """Run `coro` to its end even when the task awaiting it is cancelled, then let the cancel go on.
-
-    Sending takes every message the core queued, whichever task queued it; a connector cancelling one
-    stream's task (§6) in the middle must not drop the replies and credits of others with it. And grpc.aio
-    cancels the whole call when a pending write is cancelled."""
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.cancelled():
-                raise
-            cancelled = True
-    task.result()
-    if cancelled:
-        raise asyncio.CancelledError
-
-
 class Link:
-    """The receive loop and the ordered writer every transport shares."""
+    """The receive loop and the writer every transport shares."""
 
     KIND = ""
     endpoint: Endpoint
@@ -77,8 +75,8 @@ class Link:
     def _init_link(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.closed = None
-        self._write_lock = asyncio.Lock()
-        self._flush_scheduled = False
+        self._writer: asyncio.Task | None = None  # runs while the endpoint has something queued
+        self._progress: asyncio.Future | None = None  # set when the writer sent a control message, or stopped
 
     # -- to be supplied by each adapter
     def _receive(self) -> AsyncIterator[str | bytes | bytearray | memoryview]:
@@ -118,37 +116,53 @@ class Link:
             return self.endpoint.receive_text(message, now)
         return self.endpoint.receive_binary(message, now)
 
-    # -- the ordered writer
-    async def _send_queued(self) -> None:
-        for item in self.endpoint.data_to_send():
-            if self.closed is not None:
-                return
-            await self._transmit(item)
-
+    # -- the writer
     async def call(self, produce: Callable[..., Any], *args: Any) -> Any:
-        async with self._write_lock:
-            result = produce(*args)
-            await finish_even_if_cancelled(self._send_queued())
-            return result
+        """Run `produce` on the endpoint, then wait until the control messages queued so far have been written
+        (data frames go in their turn; a caller cancelled meanwhile stops waiting, nothing is lost)."""
+        result = produce(*args)
+        target = self.endpoint.control_queued
+        self.flush_soon()
+        while self.endpoint.control_sent < target and self._writer is not None:
+            if self._progress is None:
+                self._progress = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._progress)
+        return result
 
     def flush_soon(self) -> None:
-        """Called after every received frame: most (data frames) queue nothing and create no task."""
-        if not self._flush_scheduled and self.endpoint.has_data_to_send:
-            self._flush_scheduled = True
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())  # held: not collected
+        """Start the writer if something is queued and it is not running: called after every received frame
+        (most queue nothing and create no task) and after the application queued something."""
+        if self._writer is None and self.closed is None and self.endpoint.has_data_to_send:
+            self._writer = asyncio.get_running_loop().create_task(self._write())  # held: not collected
 
-    async def _flush_later(self) -> None:
-        """Send what is queued; nothing cancels this task, so the send needs no shield (unlike `call`)."""
-        self._flush_scheduled = False
+    async def _write(self) -> None:
+        """Send the endpoint's messages one at a time in its order (control first, then data frames in
+        round-robin), asking for the next only once the transport has room, so that a control message queued
+        meanwhile goes before every data frame still waiting. Ends when nothing is queued; nothing cancels it."""
+        endpoint = self.endpoint
         try:
-            async with self._write_lock:
-                await self._send_queued()
+            while self.closed is None:
+                sent_control = endpoint.control_sent
+                item = endpoint.next_to_send()
+                if item is None:
+                    break
+                await self._transmit(item)  # takes the bytes before it first waits (next_to_send's contract)
+                if endpoint.control_sent != sent_control:
+                    self._tell_progress()
         except self._closed_errors:
             pass  # the reader sees the close and fails what was in flight
         except Exception as exc:  # a write that fails otherwise leaves the link unusable: close it
             log.warning("closing link: write failed: %s: %s", type(exc).__name__, exc)
             self.closed = self.closed or TunnelClosed(1011, "write failed")
             await self.close(1011, "write failed")
+        finally:
+            self._writer = None
+            self._tell_progress()
+
+    def _tell_progress(self) -> None:
+        progress, self._progress = self._progress, None
+        if progress is not None and not progress.done():
+            progress.set_result(None)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         raise NotImplementedError

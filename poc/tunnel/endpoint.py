@@ -1,14 +1,21 @@
 """The two ends of a tunnel, sans-I/O: messages in, events out, messages to send queued.
 
 A transport feeds every received WebSocket message to `receive_text` or
-`receive_binary`, handles the events returned, then sends `data_to_send()`.
-Neither class touches a socket, a clock or a thread.
+`receive_binary`, handles the events returned, then sends what `next_to_send()` gives, one message at a time,
+until it gives None. Neither class touches a socket, a clock or a thread.
+
+What is queued leaves in this order (docs/protocol.md §5a): every control message first, in the order queued,
+whatever data waits; then data frames, taken from the streams that have some in deficit round-robin by
+bytes, so concurrent streams share the link evenly however their batches are sized. Within one stream, frames
+keep their order. A writer that asks for the next message only when the socket has room lets a control
+message overtake every data frame still queued.
 """
 
 from __future__ import annotations
 
 import base64
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 from . import ipc
@@ -149,26 +156,91 @@ class Limits:
             raise ValueError("window_bytes must be at least max_frame_bytes, or a full-size frame could never be sent")
 
 
+QUANTUM = 256 * 1024  # bytes a stream's deficit grows by at each of its turns (deficit round-robin)
+
+
 class Endpoint:
     """What both ends share: the outbox, the link state and the open streams."""
 
     def __init__(self) -> None:
-        self._outbox: list[str | bytes] = []
+        self._control: deque[str] = deque()  # control messages, in the order queued
+        self._frames: dict[int, deque] = {}  # stream id → its data frames waiting: (type, payload, framed)
+        self._turns: deque[int] = deque()  # streams with frames waiting, in round-robin order
+        self._deficit: dict[int, int] = {}  # stream id → bytes it may still send in its turn
+        self._head_served = False  # the stream at the head of _turns got its quantum for this turn
+        self.control_queued = 0  # control messages queued since the link began
+        self.control_sent = 0  # … and taken by next_to_send
         self.state = LinkState.AWAITING_REGISTER
         self.streams: dict[int, Stream] = {}
         self._now: float | None = None
 
     @property
     def has_data_to_send(self) -> bool:
-        return bool(self._outbox)
+        return bool(self._control or self._turns)
 
-    def data_to_send(self) -> list[str | bytes]:
-        """Messages queued since the last call, in order: str for text frames, bytes for binary."""
-        out, self._outbox = self._outbox, []
+    @property
+    def frames_waiting(self) -> int:
+        """Data frames queued and not yet taken, over every stream."""
+        return sum(len(q) for q in self._frames.values())
+
+    def next_to_send(self) -> str | bytes | bytearray | None:
+        """The next message to write — str for a text frame, bytes for a binary one — or None when nothing
+        waits. A data frame's header is written here, so a shared frame buffer must be handed to the socket
+        before anything else runs (transports copy or send it in the same step)."""
+        if self._control:
+            self.control_sent += 1
+            return self._control.popleft()
+        while self._turns:
+            sid = self._turns[0]
+            if not self._head_served:
+                self._deficit[sid] += QUANTUM
+                self._head_served = True
+            queue = self._frames[sid]
+            frame_type, payload, framed = queue[0]
+            size = len(framed) - HEADER.size if framed is not None else len(payload)
+            if size <= self._deficit[sid]:
+                self._deficit[sid] -= size
+                queue.popleft()
+                if not queue:
+                    self._drop_frames(sid)
+                if framed is None:
+                    return HEADER.pack(frame_type, sid) + payload
+                HEADER.pack_into(framed, 0, frame_type, sid)
+                return framed
+            self._turns.rotate(-1)  # its turn is over: the next stream's begins
+            self._head_served = False
+        return None
+
+    def data_to_send(self) -> list[str | bytes | bytearray]:
+        """Everything queued, in the order `next_to_send` gives it (tests and simple transports)."""
+        out = []
+        while (item := self.next_to_send()) is not None:
+            out.append(bytes(item) if isinstance(item, bytearray) else item)
         return out
 
     def _send(self, message: m.Message) -> None:
-        self._outbox.append(message.serialize())
+        self._queue_control(message.serialize())
+
+    def _queue_control(self, text: str) -> None:
+        self._control.append(text)
+        self.control_queued += 1
+
+    def _queue_frame(self, stream_id: int, frame_type: FrameType, payload, framed: bytearray | None) -> None:
+        queue = self._frames.get(stream_id)
+        if queue is None:
+            queue = self._frames[stream_id] = deque()
+            self._deficit[stream_id] = 0
+            self._turns.append(stream_id)
+        queue.append((frame_type, payload, framed))
+
+    def _drop_frames(self, stream_id: int) -> None:
+        """Forget a stream's frames not yet sent (it ended, failed or was cancelled)."""
+        if self._frames.pop(stream_id, None) is None:
+            return
+        del self._deficit[stream_id]
+        if self._turns[0] == stream_id:
+            self._head_served = False
+        self._turns.remove(stream_id)
 
     max_text_bytes = 1024 * 1024
 
@@ -193,6 +265,9 @@ class Endpoint:
         self.state = LinkState.CLOSED
         open_ids = [sid for sid, s in self.streams.items() if not s.closed]
         self.streams.clear()
+        self._frames.clear()
+        self._deficit.clear()
+        self._turns.clear()
         return open_ids
 
     def _unexpected(self, message: m.Message) -> RemoteProtocolError:
@@ -430,6 +505,7 @@ class ConnectorEndpoint(Endpoint):
             stream.grant(message.bytes)
             return [CreditGranted(message.request_id, message.bytes)]
         if isinstance(message, m.Cancel):
+            self._drop_frames(message.request_id)  # queued frames of a cancelled stream are never sent (§6)
             stream = self.streams.pop(message.request_id, None)
             if stream is None:
                 return []
@@ -464,11 +540,13 @@ class ConnectorEndpoint(Endpoint):
                                message=f"the dataset's schema needs a {len(reply)}-byte flight_info, over the "
                                        f"gateway's message limit of {limit} bytes"))
             return
-        self._outbox.append(reply)
+        self._queue_control(reply)
 
     def fail_request(self, request_id: int, code: str, message: str) -> None:
-        """Answer a request or end a stream with an error (§3.9)."""
+        """Answer a request or end a stream with an error (§3.9). The error is a control message, so it
+        overtakes the stream's frames still queued: those are dropped, never sent after it."""
         self._require_registered()
+        self._drop_frames(request_id)
         stream = self.streams.pop(request_id, None)
         if stream is not None:
             stream.advance(StreamEvent.ERROR)
@@ -481,10 +559,12 @@ class ConnectorEndpoint(Endpoint):
 
     def send_frame(self, frame_type: FrameType, stream_id: int, payload: bytes | memoryview = b"", *,
                    framed: bytearray | None = None) -> None:
-        """Queue a data frame; raise LocalProtocolError if the stream's state or credit forbids it.
+        """Queue a data frame; raise LocalProtocolError if the stream's state or credit forbids it. Credit is
+        spent now; the frame leaves in its stream's turn (module docstring).
 
         `framed` avoids a copy: a buffer whose first 8 bytes are free for the header and whose rest is the
-        payload. It is queued as it is, so the caller must not change it until it has been sent.
+        payload. It is queued as it is — it may be queued by several streams at once, since the header is
+        written as it leaves — so the caller must not change its payload.
         """
         self._require_registered()
         stream = self.streams.get(stream_id)
@@ -498,11 +578,7 @@ class ConnectorEndpoint(Endpoint):
         stream.spend(size, remote=False)
         if stream.closed:
             del self.streams[stream_id]
-        if framed is None:
-            self._outbox.append(HEADER.pack(frame_type, stream_id) + payload)
-        else:
-            HEADER.pack_into(framed, 0, frame_type, stream_id)
-            self._outbox.append(framed)
+        self._queue_frame(stream_id, frame_type, payload, framed)
 
 
 _FRAME_EVENTS = {FrameType.SCHEMA: StreamEvent.SCHEMA, FrameType.BATCH: StreamEvent.BATCH,

@@ -1,39 +1,136 @@
-"""The writer every transport shares, over a fake connection: no socket."""
+"""The writer every transport shares, and the order the core gives it: no socket."""
 
 from __future__ import annotations
 
 import asyncio
 
 from poc.transports.base import Link
-from poc.tunnel import ConnectorEndpoint
+from poc.tunnel import ConnectorEndpoint, FrameType, GatewayEndpoint, Limits
+from poc.tunnel.endpoint import QUANTUM
+from poc.tunnel.frames import HEADER
+
+MIB = 1024 * 1024
+LIMITS = Limits(max_frame_bytes=2 * MIB, window_bytes=64 * MIB, max_streams=8)
 
 
 class SlowLink(Link):
     """Each message takes a moment to leave, like a write waiting on the socket."""
 
-    def __init__(self) -> None:
-        self._init_link(ConnectorEndpoint())
+    def __init__(self, endpoint=None) -> None:
+        self._init_link(endpoint or ConnectorEndpoint())
         self.sent: list = []
 
     async def _transmit(self, item) -> None:
-        await asyncio.sleep(0.01)
-        self.sent.append(item)
+        self.sent.append(item if isinstance(item, str) else bytes(item))  # taken before the first wait
+        await asyncio.sleep(0.002)
 
 
-def test_a_cancelled_writer_still_sends_what_others_queued():
-    """A connector cancels a stream's task while it sends: the replies other tasks queued meanwhile (taken
-    from the core in the same batch) must still leave, or their requests hang."""
+def streaming_connector(streams: int) -> ConnectorEndpoint:
+    """A registered connector with `streams` open streams of 64 MiB credit each."""
+    gateway, connector = GatewayEndpoint(LIMITS), ConnectorEndpoint()
+    connector.register("t1", "secret-token", ["sales"])
+    gateway.receive_text(connector.data_to_send()[0])
+    gateway.accept("sess_1", heartbeat_s=60)
+    for _ in range(streams):
+        gateway.open_stream("sales")
+    for text in gateway.data_to_send():
+        connector.receive_text(text)
+    return connector
+
+
+def stream_of(item) -> int | None:
+    return None if isinstance(item, str) else HEADER.unpack_from(item)[1]
+
+
+def test_a_cancelled_caller_still_sends_what_others_queued():
+    """A connector cancels a stream's task while it waits in `call`: the replies other tasks queued meanwhile
+    must still leave, or their requests hang."""
     async def main():
         link = SlowLink()
-        queue = link.endpoint._outbox
-        writer = asyncio.get_running_loop().create_task(link.call(lambda: queue.extend(["a", "b", "c"])))
-        await asyncio.sleep(0.005)  # "a" is being written
-        writer.cancel()
+        endpoint = link.endpoint
+        caller = asyncio.get_running_loop().create_task(
+            link.call(lambda: [endpoint._queue_control(t) for t in ("a", "b", "c")]))
+        await asyncio.sleep(0.001)  # "a" is being written
+        caller.cancel()
         try:
-            await writer
+            await caller
         except asyncio.CancelledError:
             pass
-        return link.sent, writer.cancelled()
+        while link._writer is not None:
+            await asyncio.sleep(0.001)
+        return link.sent, caller.cancelled()
 
     sent, cancelled = asyncio.run(main())
     assert sent == ["a", "b", "c"] and cancelled
+
+
+def test_a_control_message_overtakes_a_full_data_queue():
+    """A flight_info reply queued while twenty 2 MiB frames wait leaves right after the frame being written,
+    not behind the other nineteen (docs/protocol.md §5a)."""
+    async def main():
+        link = SlowLink(streaming_connector(1))
+        endpoint = link.endpoint
+        framed = bytearray(HEADER.size + 2 * MIB)
+        for i in range(20):
+            endpoint.send_frame(FrameType.SCHEMA if i == 0 else FrameType.BATCH, 1, framed=framed)
+        link.flush_soon()
+        await asyncio.sleep(0.001)  # the first frame is on its way
+        assert len(link.sent) == 1
+        await link.call(endpoint.reply_flight_info, 2, b"schema", 10, 100)
+        while link._writer is not None:
+            await asyncio.sleep(0.001)
+        return link.sent
+
+    sent = asyncio.run(main())
+    assert len(sent) == 21
+    assert isinstance(sent[1], str) and '"flight_info"' in sent[1]  # second, ahead of nineteen frames
+    assert all(stream_of(item) == 1 for item in sent[:1] + sent[2:])
+
+
+def test_concurrent_streams_interleave_by_bytes():
+    """Stream 1 queues 2 MiB frames, stream 2 frames of 256 KiB, stream 3 one of 64 KiB at the end: at every
+    point of the sending order the first two have sent about the same bytes (within one frame and a
+    quantum), and stream 3 does not wait for the others to finish."""
+    endpoint = streaming_connector(3)
+    big, small = bytearray(HEADER.size + 2 * MIB), bytearray(HEADER.size + MIB // 4)
+    endpoint.send_frame(FrameType.SCHEMA, 1, framed=big)
+    endpoint.send_frame(FrameType.SCHEMA, 2, framed=small)
+    for _ in range(7):
+        endpoint.send_frame(FrameType.BATCH, 1, framed=big)
+    for _ in range(63):
+        endpoint.send_frame(FrameType.BATCH, 2, framed=small)
+    endpoint.send_frame(FrameType.SCHEMA, 3, payload=b"x" * (64 * 1024))
+    sent = {1: 0, 2: 0, 3: 0}
+    order = []
+    while (item := endpoint.next_to_send()) is not None:
+        sid = stream_of(item)
+        order.append(sid)
+        sent[sid] += len(item) - HEADER.size
+        if sent[1] < 16 * MIB and sent[2] < 16 * MIB:
+            assert abs(sent[1] - sent[2]) <= 2 * MIB + QUANTUM, sent
+    assert sent == {1: 16 * MIB, 2: 16 * MIB, 3: 64 * 1024}
+    assert order.index(3) < 10  # its first turn came within the first round
+    assert [stream_of(f) for f in endpoint.data_to_send()] == []
+
+
+def test_a_shared_frame_buffer_gets_each_streams_header_as_it_leaves():
+    """Two streams queue the same buffer: each copy that leaves carries its own stream id."""
+    endpoint = streaming_connector(2)
+    framed = bytearray(HEADER.size + 100)
+    endpoint.send_frame(FrameType.SCHEMA, 1, framed=framed)
+    endpoint.send_frame(FrameType.SCHEMA, 2, framed=framed)
+    assert [stream_of(f) for f in endpoint.data_to_send()] == [1, 2]
+
+
+def test_a_failed_or_cancelled_streams_queued_frames_are_never_sent():
+    """The error overtakes its stream's frames, so they are dropped rather than sent after it; a cancel
+    drops them too."""
+    endpoint = streaming_connector(2)
+    framed = bytearray(HEADER.size + 100)
+    for sid in (1, 2):
+        endpoint.send_frame(FrameType.SCHEMA, sid, framed=framed)
+        endpoint.send_frame(FrameType.BATCH, sid, framed=framed)
+    endpoint.fail_request(1, "internal", "disk gone")
+    endpoint.receive_text('{"action": "cancel", "request_id": 2, "reason": "client left"}')
+    out = endpoint.data_to_send()
+    assert len(out) == 1 and '"error"' in out[0] and not endpoint.has_data_to_send
