@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import BATCH_BYTES, ConfigError
+from .tunnel import ipc
 from .tunnel.frames import HEADER
 from .tunnel.messages import valid_dataset_name
 
@@ -51,6 +52,18 @@ class Dataset:
         if max_bytes not in cache:
             cache[max_bytes] = [_framed(m) for m in self.messages_within(max_bytes)]
         return cache[max_bytes]
+
+    def compressed_frame(self, codec: str, max_bytes: int, index: int) -> tuple[bytearray, int] | None:
+        """Batch `index` of `framed_messages(max_bytes)` with its body compressed by `codec` (protocol §4b),
+        behind 8 free bytes, and the credit it costs; None when compression does not pay for this batch
+        (under 10 % smaller) or its charge would exceed `max_bytes`. Built on first use, then kept."""
+        cache = self.__dict__.setdefault("_compressed", {}).setdefault((codec, max_bytes), {})
+        if index not in cache:
+            raw = self.messages_within(max_bytes)[index]
+            message = compress_message(raw, self.schema, codec)
+            charge = ipc.charge(memoryview(message), codec)
+            cache[index] = (_framed(message), charge) if message.size < 0.9 * raw.size and charge <= max_bytes else None
+        return cache[index]
 
     @property
     def rows(self) -> int:
@@ -101,6 +114,22 @@ def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str,
     if not datasets:
         raise ConfigError(f"no Parquet file in {path} has a valid dataset name")
     return datasets
+
+
+def compress_message(message: pa.Buffer, schema: pa.Schema, codec: str) -> pa.Buffer:
+    """One encapsulated record batch message, its body compressed with `codec` (Arrow IPC body compression)."""
+    batch = pa.ipc.read_record_batch(pa.ipc.read_message(message), schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema, options=pa.ipc.IpcWriteOptions(compression=codec)) as writer:
+        writer.write_batch(batch)
+    reader = pa.ipc.MessageReader.open_stream(sink.getvalue())
+    reader.read_next_message()  # the schema
+    return reader.read_next_message().serialize()
+
+
+def available_codecs() -> list[str]:
+    """The IPC body codecs this pyarrow build can write, best first (protocol §4b)."""
+    return [c for c in ("zstd", "lz4") if pa.Codec.is_available(c)]
 
 
 def _framed(message: pa.Buffer) -> bytearray:

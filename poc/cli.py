@@ -34,8 +34,19 @@ def _stop_event_for_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
 def _add_tunnel_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frame-bytes", type=int, default=config.MAX_FRAME_BYTES,
                    help="largest binary frame payload a connector may send (default %(default)s)")
-    p.add_argument("--window-bytes", type=int, default=config.WINDOW_BYTES,
-                   help="credit window per stream: the most bytes buffered per stream (default %(default)s)")
+    p.add_argument("--window-bytes", type=int, default=config.MAX_WINDOW_BYTES,
+                   help="the largest credit window of a stream: the most bytes buffered per stream "
+                        "(default %(default)s)")
+    p.add_argument("--initial-window-bytes", type=int, default=None,
+                   help=f"a stream's window when it opens (default {config.WINDOW_BYTES}, kept between "
+                        "--max-frame-bytes and --window-bytes); with --window-policy adaptive it grows towards twice the link's measured "
+                        "bandwidth-delay product, up to --window-bytes, while --max-buffered-bytes has room")
+    p.add_argument("--window-policy", choices=("adaptive", "fixed"), default="adaptive",
+                   help="adaptive: windows grow with the link's bandwidth-delay product, measured with pings "
+                        "(protocol 1.4 connectors); fixed: they keep their initial size (default %(default)s)")
+    p.add_argument("--codecs", default="zstd,lz4",
+                   help="IPC body codecs accepted from connectors that offer them, best first, comma-separated; "
+                        "'' or none accepts none (default %(default)s; docs/protocol.md §4b)")
     p.add_argument("--max-streams", type=int, default=config.MAX_STREAMS,
                    help="streams in flight per connector link (default %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=config.MAX_MESSAGE_BYTES,
@@ -56,6 +67,27 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the figures, raw runs and the machine to this file")
 
 
+def _add_event_loop(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--event-loop", choices=("asyncio", "uvloop"),
+                   default=os.environ.get("POC_EVENT_LOOP", "asyncio"),
+                   help="asyncio's own event loop, or uvloop's (libuv; pip install 'poc[uvloop]'). Measured, "
+                        "uvloop did not pay here (docs/results.md): picows already does the socket work in "
+                        "Cython (default %(default)s; POC_EVENT_LOOP sets the default)")
+
+
+def _run(main, args: argparse.Namespace) -> None:
+    """asyncio.run(main()) on the event loop --event-loop names."""
+    if getattr(args, "event_loop", "asyncio") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError("--event-loop uvloop needs uvloop: pip install 'poc[uvloop]'") from None
+        logging.getLogger("poc").info("event loop: uvloop %s", uvloop.__version__)
+        uvloop.run(main())
+        return
+    asyncio.run(main())
+
+
 def _add_ws_impl(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ws-impl", choices=config.WS_IMPLS, default=os.environ.get("POC_WS_IMPL", config.WS_IMPL),
                    help="WebSocket implementation; both speak the same wire protocol "
@@ -72,27 +104,43 @@ def _check_tls(args: argparse.Namespace) -> None:
         raise ConfigError("--tls-cert and --tls-key go together")
 
 
+def _limits(args: argparse.Namespace):
+    from .tunnel import Limits
+
+    codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip() and c.strip() != "none")
+    initial = args.initial_window_bytes or min(max(config.WINDOW_BYTES, args.max_frame_bytes), args.window_bytes)
+    if not args.max_frame_bytes <= initial <= args.window_bytes:
+        raise ConfigError("--initial-window-bytes must lie between --max-frame-bytes and --window-bytes")
+    try:
+        return Limits(args.max_frame_bytes, args.window_bytes, args.max_streams,
+                      max_message_bytes=args.max_message_bytes, unsolicited_per_s=args.max_unsolicited_per_s,
+                      initial_window_bytes=initial, adaptive_window=args.window_policy == "adaptive",
+                      codecs=codecs)
+    except ValueError as exc:
+        raise ConfigError(f"gateway limits: {exc}") from None
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from .gateway.app import GatewayConfig, run_gateway
-    from .tunnel import Limits
 
     _check_tls(args)
     _hide_tracebacks_from_clients()
+    if os.environ.get("POC_SWITCH_S"):
+        sys.setswitchinterval(float(os.environ["POC_SWITCH_S"]))
     files = config.raise_open_files_limit()
     logging.getLogger("poc.gateway").info("open-files limit %d: room for about %d tunnels", files, max(0, files - 64))
     cfg = GatewayConfig(
         tenants=config.load_tenants(args.tenants), tenants_file=args.tenants, host=args.host, ws_port=args.ws_port,
         flight_port=args.flight_port, http_port=args.http_port, heartbeat_s=args.heartbeat_s,
         offline_after_s=args.offline_after_s, request_timeout_s=args.request_timeout_s,
-        limits=Limits(args.max_frame_bytes, args.window_bytes, args.max_streams,
-                      max_message_bytes=args.max_message_bytes, unsolicited_per_s=args.max_unsolicited_per_s),
+        limits=_limits(args),
         ticket_secret=os.environb.get(b"POC_TICKET_SECRET"), max_requests_per_s=args.max_requests_per_s,
         tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl,
         grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port,
         register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,
         ticket_ttl_s=args.ticket_ttl_s, admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
-    if cfg.max_buffered_bytes and cfg.max_buffered_bytes < cfg.limits.window_bytes:
-        raise ConfigError("--max-buffered-bytes must be 0 or at least --window-bytes")
+    if cfg.max_buffered_bytes and cfg.max_buffered_bytes < cfg.limits.initial_window:
+        raise ConfigError("--max-buffered-bytes must be 0 or at least a stream's initial window")
     if args.registry:
         if not args.registry.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("--registry must be a redis://HOST:PORT/DB (or rediss://) URL")
@@ -114,7 +162,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         stop = _stop_event_for_signals(asyncio.get_running_loop())
         await run_gateway(cfg, stop, on_ready=lambda ports: _emit_ready(component="gateway", pid=os.getpid(), **ports))
 
-    asyncio.run(main())
+    _run(main, args)
     return 0
 
 
@@ -141,7 +189,8 @@ def cmd_connector(args: argparse.Namespace) -> int:
     cfg = ConnectorConfig(gateway=args.gateway[0], tenant_id=args.tenant, token=token,
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
                           ca_file=args.ca_file, ws_impl=args.ws_impl, more_gateways=tuple(args.gateway[1:]),
-                          tunnels=tunnels)
+                          tunnels=tunnels, compression=args.compression,
+                          compress_below_mbps=args.compress_below_mbps)
     if args.connector_id:
         cfg.connector_id = args.connector_id
     connector = Connector(cfg, datasets)
@@ -168,7 +217,7 @@ def cmd_connector(args: argparse.Namespace) -> int:
         await connector.run(stop)
 
     try:
-        asyncio.run(main())
+        _run(main, args)
     except RegistrationRefused as exc:
         logging.getLogger("poc.connector").error("%s", exc)
         return 3
@@ -399,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tunnel_limits(p)
     _add_tls(p)
     _add_ws_impl(p)
+    _add_event_loop(p)
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("connector", help="on-premise connector: dials out to the gateway, serves Parquet datasets",
@@ -433,7 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-bytes", type=int, default=config.BATCH_BYTES,
                    help="target size of each record batch sent (default %(default)s); batches larger than the "
                         "gateway's max_frame_bytes are halved until they fit")
+    p.add_argument("--compression", choices=("auto", "always", "off"), default="auto",
+                   help="IPC body compression (zstd, else lz4, if the gateway accepts one; docs/protocol.md §4b): "
+                        "auto compresses batches on a wide-area link (heartbeat round trip of 2 ms or more) while "
+                        "it drains slower than --compress-below-mbps, always compresses every batch it shrinks, "
+                        "off offers no codec (default %(default)s)")
+    p.add_argument("--compress-below-mbps", type=float, default=config.COMPRESS_BELOW_MBPS,
+                   help="with --compression auto: the link speed below which batches are compressed "
+                        "(default %(default)s, from the measurements in docs/results.md)")
     _add_ws_impl(p)
+    _add_event_loop(p)
     p.set_defaults(func=cmd_connector)
 
     p = sub.add_parser("direct", help="direct baseline: the same datasets and delay over plain Flight",

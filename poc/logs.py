@@ -7,8 +7,11 @@ form carries them as fields; the text form appends them.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 import traceback
@@ -48,10 +51,46 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+_listener: logging.handlers.QueueListener | None = None
+
+
+@atexit.register
+def _stop_listener() -> None:
+    """Write what is still queued and stop the writing thread (at exit, and before a new setup)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
+class _FormattingQueueHandler(logging.handlers.QueueHandler):
+    """Formats with the writing handler's formatter in the logging thread (context fields, exceptions),
+    then hands the finished line over."""
+
+    def __init__(self, records: queue.SimpleQueue, formatter: logging.Formatter) -> None:
+        super().__init__(records)
+        self.setFormatter(formatter)
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        line = self.format(record)
+        prepared = logging.makeLogRecord({"msg": line, "levelno": record.levelno, "levelname": record.levelname,
+                                          "name": record.name})
+        return prepared
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
     """Log to stderr in `fmt` ("text" or "json") at `level`; quiet the WebSocket library's own chatter."""
+    formatter = (JsonFormatter() if fmt == "json" else
+                 TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # lines arrive formatted
+    global _listener
+    _stop_listener()
+    # Threads that log only format and enqueue; one thread writes. A Flight call's thread that blocks on the
+    # handler's lock or its write gives up the GIL, and under load winning it back costs that call most of
+    # its time (docs/results.md).
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
+    logging.basicConfig(level=level, handlers=[_FormattingQueueHandler(records, formatter)], force=True)
     logging.getLogger("websockets").setLevel(logging.WARNING)

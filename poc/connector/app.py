@@ -31,6 +31,9 @@ from .metrics import ConnectorMetrics
 log = logging.getLogger("poc.connector")
 
 
+COMPRESS_MIN_RTT_S = 0.002  # --compression auto: links with a shorter round trip are local, never compressed
+
+
 class RegistrationRefused(Exception):
     """The gateway refused the registration (bad token, bad version): retrying would not help."""
 
@@ -53,6 +56,15 @@ class ConnectorConfig:
     more_gateways: tuple[str, ...] = ()  # replicas of the same service (--gateway given several times)
     tunnels: int = 1  # live tunnels kept at once, each to a different gateway while there are enough
     connector_id: str = ""  # "": one derived from this host and tenant (default_connector_id)
+    compression: str = "auto"  # auto | always | off (--compression)
+    compress_below_mbps: float = config.COMPRESS_BELOW_MBPS
+
+    @property
+    def codecs(self) -> list[str]:
+        """What register offers (protocol 1.4): the codecs pyarrow can write, none with --compression off."""
+        from ..catalog import available_codecs
+
+        return [] if self.compression == "off" else available_codecs()
 
     def __post_init__(self) -> None:
         self.connector_id = self.connector_id or default_connector_id(self.tenant_id)
@@ -317,7 +329,7 @@ class Connector:
         async with self._dial(url) as transport:
             endpoint = transport.endpoint
             await transport.call(endpoint.register, cfg.tenant_id, cfg.token, sorted(self.datasets),
-                                 self.registration_id(slot))
+                                 self.registration_id(slot), cfg.codecs)
             session = _Session(self, transport, url, slot, stop)
             stopper = asyncio.get_running_loop().create_task(self._close_on(stop, transport))
             try:
@@ -360,6 +372,8 @@ class _Session:
         self.tasks: dict[int, asyncio.Task] = {}
         self.credit: dict[int, asyncio.Event] = {}
         self.traces: dict[int, str | None] = {}  # stream → the Flight call's request id, for log lines
+        self.compressed = False  # --compression auto: whether batches go compressed on this link now
+        self.rtt_s: float | None = None  # the smallest heartbeat round trip seen on this link
 
     async def serve(self) -> None:
         events = self.transport.events()
@@ -419,6 +433,9 @@ class _Session:
             if not self.goaway:
                 self.goaway = True
                 self.connector._on_goaway(self, event.reason, event.prefer)
+        elif isinstance(event, ev.HeartbeatAcked):
+            rtt = max(0.0, time.time() - event.ts)
+            self.rtt_s = rtt if self.rtt_s is None else min(self.rtt_s, rtt)
         elif isinstance(event, ev.RequestFailed):
             log.warning("gateway reported an error (%s): %s", event.code, event.message)
 
@@ -456,11 +473,12 @@ class _Session:
             self.endpoint.reply_flight_info(event.request_id, ds.schema_message, ds.rows, ds.ipc_bytes)
 
     async def _heartbeats(self) -> None:
-        """At the gateway's interval (§10), or this connector's own when that is shorter."""
+        """At the gateway's interval (§10), or this connector's own when that is shorter; the first at once,
+        so that the link's round trip is known from the start (its ack: `rtt_s`)."""
         interval = min(self.connector.cfg.heartbeat_s, self.endpoint.registered.heartbeat_s)
         while True:
-            await asyncio.sleep(interval)
             await self.transport.call(self.endpoint.heartbeat, time.time())
+            await asyncio.sleep(interval)
 
     async def _stream(self, stream_id: int, name: str) -> None:
         try:
@@ -481,25 +499,64 @@ class _Session:
         if high > 0:
             await asyncio.sleep(random.uniform(low, high) / 1000)  # simulated extraction
         await self._send(stream_id, FrameType.SCHEMA, ds.schema_message)
-        for framed in ds.framed_messages(self.endpoint.registered.max_frame_bytes):
-            await self._send(stream_id, FrameType.BATCH, framed=framed)
+        max_frame = self.endpoint.registered.max_frame_bytes
+        for index, framed in enumerate(ds.framed_messages(max_frame)):
+            compressed = await self._compressed(ds, max_frame, index)
+            if compressed is None:
+                await self._send(stream_id, FrameType.BATCH, framed=framed)
+            else:
+                await self._send(stream_id, FrameType.BATCH, framed=compressed[0], charge=compressed[1])
+                self.connector.metrics.compressed_batches.inc()
         self.endpoint.send_frame(FrameType.END, stream_id)
         self.transport.flush_soon()
         log.info("stream of %r sent: %d rows", name, ds.rows, extra=self._context(stream_id))
 
-    async def _send(self, stream_id: int, frame_type: FrameType, payload=b"", framed: bytearray | None = None) -> None:
+    def compressing(self) -> bool:
+        """Whether the next batch goes compressed: a codec was agreed (protocol §4b) and --compression says
+        always, or auto and the link is a slow wide-area one: its heartbeat round trip is at least
+        COMPRESS_MIN_RTT_S and it drains slower than --compress-below-mbps. Decompressing costs the gateway
+        CPU, which only a slow link repays; a link inside one site that drains slowly does so because the
+        gateway is busy, and compressing would slow it further (docs/results.md)."""
+        cfg = self.connector.cfg
+        if self.endpoint.codec is None or cfg.compression == "off":
+            return False
+        if cfg.compression == "always":
+            return True
+        rate = self.transport.drain_bps
+        slow = (rate is not None and rate * 8 / 1e6 < cfg.compress_below_mbps
+                and self.rtt_s is not None and self.rtt_s >= COMPRESS_MIN_RTT_S)
+        if slow != self.compressed:
+            self.compressed = slow
+            log.info("link drains at %.0f Mbit/s: batches go %s", (rate or 0) * 8 / 1e6,
+                     f"compressed ({self.endpoint.codec})" if slow else "uncompressed", extra=self._context())
+        return slow
+
+    async def _compressed(self, ds: Dataset, max_frame: int, index: int) -> tuple[bytearray, int] | None:
+        """The batch compressed with the link's codec when compressing pays now, else None. The first request
+        for a batch compresses it in a thread (pyarrow lets the event loop run meanwhile); later ones reuse it."""
+        if not self.compressing():
+            return None
+        codec = self.endpoint.codec
+        cached = ds.__dict__.get("_compressed", {}).get((codec, max_frame), {})
+        if index in cached:
+            return cached[index]
+        return await asyncio.to_thread(ds.compressed_frame, codec, max_frame, index)
+
+    async def _send(self, stream_id: int, frame_type: FrameType, payload=b"", framed: bytearray | None = None,
+                    charge: int | None = None) -> None:
         """Queue one frame once the stream has credit for it (docs/protocol.md §5); the link's writer sends it
         in the stream's turn. A `framed` buffer is shared by every stream of the dataset, on every link: the
         writer writes its header as it hands it to the socket (poc.tunnel.endpoint)."""
         size = len(framed) - 8 if framed is not None else len(payload)
-        if 0 <= self.endpoint.credit(stream_id) < size:
+        cost = size if charge is None else charge
+        if 0 <= self.endpoint.credit(stream_id) < cost:
             self.connector.metrics.credit_waits.inc()
-        while self.endpoint.credit(stream_id) < size:
+        while self.endpoint.credit(stream_id) < cost:
             if self.endpoint.credit(stream_id) < 0:
                 raise asyncio.CancelledError
             event = self.credit[stream_id]
             event.clear()
             await event.wait()
-        self.endpoint.send_frame(frame_type, stream_id, memoryview(payload), framed=framed)
+        self.endpoint.send_frame(frame_type, stream_id, memoryview(payload), framed=framed, charge=charge)
         self.transport.flush_soon()
         self.connector.metrics.sent_bytes.inc(size)

@@ -15,5 +15,7 @@ class ConnectorMetrics:
         self.sent_bytes = Counter("poc_connector_sent_bytes_total", "Arrow IPC bytes sent in data frames",
                                   registry=r)
         self.reconnects = Counter("poc_connector_reconnects_total", "Links lost and dialled again", registry=r)
+        self.compressed_batches = Counter("poc_connector_compressed_batches_total",
+                                          "Batches sent with a compressed body (protocol §4b)", registry=r)
         self.credit_waits = Counter("poc_connector_credit_waits_total",
                                     "Times a stream had to wait for credit before its next frame", registry=r)

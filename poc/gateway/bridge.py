@@ -71,10 +71,23 @@ class TunnelBridge:
         except Exception:  # the registry cannot say: serve here while the tunnel is open
             return False
 
-    def _on_loop(self, fn, *args):
-        async def step():
-            return fn(*args)
-        return self.await_on_loop(step())
+    def run_on_loop(self, fn: Callable[[], object]):
+        """Run `fn` on the gateway's loop in its next step and return what it returns (or raise what it
+        raises), from a Flight thread: one turn of the loop, no coroutine, which under load is what a call's
+        control path costs most (docs/results.md)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # handed to the waiting thread
+                done.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        try:
+            return done.result(self.timeout_s + 1)
+        except concurrent.futures.TimeoutError:
+            raise flight.FlightTimedOutError(f"gateway did not answer in {self.timeout_s:.0f} s") from None
 
     def await_on_loop(self, coro):
         """Run `coro` on the gateway's loop from a Flight thread and wait for it, within the request timeout."""
@@ -87,6 +100,10 @@ class TunnelBridge:
 
     def datasets(self, tenant_id: str, epoch: int | None = None, leaving_ok: bool = False) -> tuple[list[str], int]:
         """The datasets the tenant's connector registered, and its tunnel's epoch."""
+        if self.owner_check is None:
+            link = self.run_on_loop(lambda: self.registry.live(tenant_id))
+            return list(link.datasets), link.epoch
+
         async def ask():
             link = await self._live(tenant_id, epoch, leaving_ok)
             return list(link.datasets), link.epoch
@@ -95,22 +112,53 @@ class TunnelBridge:
     def flight_info(self, tenant_id: str, dataset: str, trace_id: str | None = None,
                     epoch: int | None = None, leaving_ok: bool = False) -> tuple[pa.Schema, int, int, int]:
         """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector, and the tunnel's epoch.
-        `leaving_ok`: a link on its way out (draining, moving) will do (the other replicas could not serve)."""
-        async def ask():
-            link = await self._live(tenant_id, epoch, leaving_ok)
-            return await link.flight_info(dataset, self.timeout_s, trace_id), link.epoch
-        reply, link_epoch = self.await_on_loop(ask())
-        schema = read_schema(reply.schema, tenant_id)
-        return schema, reply.rows, reply.bytes, link_epoch
+        `leaving_ok`: a link on its way out (draining, moving) will do (the other replicas could not serve).
+        Without a registry the request is sent in the loop's next step and the connector's answer wakes this
+        thread directly."""
+        if self.owner_check is None:
+            # One wait, one wake-up: the loop sends the request in its next step, and the connector's answer
+            # (or the tenant being offline) is set on `answer` there. Under load each time a Flight thread
+            # waits it must win the GIL back from every busy stream's thread (docs/results.md).
+            answer: concurrent.futures.Future = concurrent.futures.Future()
+            asked: list = []
+
+            def ask_now() -> None:
+                try:
+                    link = self.registry.live(tenant_id)
+                    asked.extend((link, link.ask_flight_info(dataset, trace_id, answer)))
+                except BaseException as exc:
+                    answer.set_exception(exc)
+
+            self.loop.call_soon_threadsafe(ask_now)
+            try:
+                reply = answer.result(self.timeout_s)
+            except concurrent.futures.TimeoutError:
+                if asked:
+                    self.loop.call_soon_threadsafe(asked[0].forget_flight_info, asked[1])
+                raise flight.FlightTimedOutError(f"connector of tenant {tenant_id} did not answer in "
+                                                 f"{self.timeout_s:.0f} s") from None
+            return reply.schema, reply.rows, reply.bytes, asked[0].epoch
+        else:
+            async def ask():
+                link = await self._live(tenant_id, epoch, leaving_ok)
+                return await link.flight_info(dataset, self.timeout_s, trace_id), link.epoch
+            reply, link_epoch = self.await_on_loop(ask())
+        return reply.schema, reply.rows, reply.bytes, link_epoch
 
     def open_stream(self, tenant_id: str, dataset: str, cancelled: Callable[[], bool] = lambda: False,
                     trace_id: str | None = None, epoch: int | None = None,
                     leaving_ok: bool = False) -> "TunnelStream":
         """Open a stream through the tenant's tunnel and wait for its schema (or for the client to leave)."""
-        async def start():
-            link = await self._live(tenant_id, epoch, leaving_ok)
-            return (link, *link.open_stream(dataset, trace_id))
-        link, stream_id, sink = self.await_on_loop(start())
+        if self.owner_check is None:
+            def start_now():
+                link = self.registry.live(tenant_id)
+                return (link, *link.open_stream(dataset, trace_id))
+            link, stream_id, sink = self.run_on_loop(start_now)
+        else:
+            async def start():
+                link = await self._live(tenant_id, epoch, leaving_ok)
+                return (link, *link.open_stream(dataset, trace_id))
+            link, stream_id, sink = self.await_on_loop(start())
         self.metrics.usage.add(tenant_id, dataset, requests=1)
         stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)
         stream.read_schema()
@@ -245,12 +293,20 @@ class TunnelStream:
     def _decode(self, payload) -> pa.RecordBatch:
         """Read a batch in place and validate it before Flight's writer touches it: every buffer large enough
         for the claimed lengths, every offset in order and inside its data (docs/security.md). Both reads are
-        zero-copy; the cost is in docs/results.md."""
+        zero-copy for an uncompressed body; a compressed one (§4b) is decompressed once, within the sizes the
+        core already checked against the stream's credit. The cost is in docs/results.md."""
         try:
             message = pa.ipc.read_message(pa.py_buffer(payload))
             checked = pa.ipc.read_record_batch(message, self._bounds)
             checked.validate(full=True)
-            return checked if self._bounds is self.schema else pa.ipc.read_record_batch(message, self.schema)
+            if self._bounds is self.schema:
+                return checked
+            try:  # the same buffers seen with the stream's own types: no second read (nor decompression)
+                return pa.RecordBatch.from_arrays([column.view(f.type) for column, f in zip(checked.columns,
+                                                                                             self.schema)],
+                                                  schema=self.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                return pa.ipc.read_record_batch(message, self.schema)
         except _DECODE_ERRORS as exc:
             self._cancel("invalid Arrow IPC")
             raise flight.FlightInternalError(f"connector of tenant {self._link.tenant_id} sent invalid Arrow "
@@ -261,13 +317,14 @@ class TunnelStream:
         consumed = 0
         try:
             while True:
-                kind, payload = self._next()
+                kind, value = self._next()
                 if kind == StreamItem.END:
                     return
+                payload, charge = value
                 batch = self._decode(payload)
                 yield batch
                 self._count(len(payload), batch.num_rows)
-                consumed += len(payload)
+                consumed += charge
                 if consumed >= self._grant_at:
                     self._grant(consumed)
                     consumed = 0

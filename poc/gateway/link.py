@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import time
 from dataclasses import dataclass, field
@@ -65,13 +66,35 @@ class BufferBudget:
         self.reserved = 0
 
     def reserve(self, size: int) -> None:
-        if self.limit and self.reserved + size > self.limit:
+        if not self.try_reserve(size):
             raise flight.FlightUnavailableError(
                 f"gateway is at its buffer limit ({self.limit} bytes reserved by open streams); retry later")
+
+    def try_reserve(self, size: int) -> bool:
+        if self.limit and self.reserved + size > self.limit:
+            return False
         self.reserved += size
+        return True
+
+    def try_grow(self, size: int) -> bool:
+        """Reserve for a window that widens (protocol §5b): only within half the cap, so that growth never
+        takes the room new streams need for their initial windows."""
+        if self.limit and self.reserved + size > self.limit // 2:
+            return False
+        self.reserved += size
+        return True
 
     def release(self, size: int) -> None:
         self.reserved -= size
+
+
+@dataclass(frozen=True)
+class FlightInfoReply:
+    """A connector's flight_info, its schema read."""
+
+    schema: pa.Schema
+    rows: int
+    bytes: int
 
 
 def request_error(tenant_id: str, code: str, message: str) -> Exception:
@@ -102,8 +125,10 @@ class TenantLink:
     epoch: int = 0  # the registration's fencing epoch (`--registry`; a local count without one)
     moving: bool = False  # told goaway to rebalance: calls prefer the tenant's other tunnels
     lease_until: float = float("inf")  # `--registry`: serve as owner only before this (monotonic) time
-    _infos: dict[int, asyncio.Future] = field(default_factory=dict)
+    _infos: dict[int, "asyncio.Future | concurrent.futures.Future"] = field(default_factory=dict)
     _sinks: dict[int, StreamSink] = field(default_factory=dict)
+    _reserved: dict[int, int] = field(default_factory=dict)  # stream → bytes it holds of the budget: its window
+    _schemas: dict[bytes, pa.Schema] = field(default_factory=dict)  # flight_info schema message → schema
     dropped_events: int = 0  # events for streams or requests the gateway had already closed
 
     @property
@@ -127,9 +152,10 @@ class TenantLink:
             sink = self._sinks.get(event.stream_id)
             if sink is None:
                 self.dropped_events += 1
+            elif isinstance(event, ev.BatchReceived):
+                sink.put(StreamItem.BATCH, (event.payload, event.charge))
             else:
-                sink.put(StreamItem.BATCH if isinstance(event, ev.BatchReceived) else StreamItem.SCHEMA,
-                         event.payload)
+                sink.put(StreamItem.SCHEMA, event.payload)
         elif isinstance(event, ev.StreamEnded):
             self._end_stream(event.stream_id, StreamItem.END)
         elif isinstance(event, ev.StreamRejected):
@@ -137,10 +163,13 @@ class TenantLink:
                 f"connector of tenant {self.tenant_id} sent {clip(event.reason, 300)}"))
         elif isinstance(event, ev.FlightInfoReceived):
             future = self._infos.pop(event.request_id, None)
-            if future is not None and not future.done():
-                future.set_result(event)
-            else:
+            if future is None or future.done():
                 self.dropped_events += 1
+                return
+            try:
+                future.set_result(FlightInfoReply(self._schema(event.schema), event.rows, event.bytes))
+            except flight.FlightError as exc:
+                future.set_exception(exc)
         elif isinstance(event, ev.RequestFailed):
             error = request_error(self.tenant_id, event.code, event.message)
             future = self._infos.pop(event.request_id, None)
@@ -151,13 +180,26 @@ class TenantLink:
         elif isinstance(event, ev.HeartbeatReceived):
             self.last_heartbeat = time.time()
 
+    def _schema(self, message: bytes) -> pa.Schema:
+        """A flight_info's schema, read once per distinct message on this link (a connector answers with the
+        same bytes every time): the Flight thread waiting for it then has nothing left to decode."""
+        schema = self._schemas.get(message)
+        if schema is None:
+            from .bridge import read_schema
+
+            schema = read_schema(message, self.tenant_id)
+            if len(self._schemas) >= 256:
+                self._schemas.clear()
+            self._schemas[message] = schema
+        return schema
+
     def _end_stream(self, stream_id: int, kind: str, value=None) -> None:
         """Take a stream out of the link, free its reservation and hand its last item to the Flight side."""
         sink = self._sinks.pop(stream_id, None)
         if sink is None:
             self.dropped_events += 1
             return
-        self.budget.release(self.endpoint.limits.window_bytes)
+        self.budget.release(self._reserved.pop(stream_id, 0))
         if kind != StreamItem.CANCEL:
             sink.put(kind, value)
 
@@ -167,37 +209,55 @@ class TenantLink:
             raise flight.FlightUnavailableError(
                 f"tenant {self.tenant_id} is over its request rate of {self.request_rate.rate:g}/s; retry later")
 
-    async def flight_info(self, dataset: str, timeout: float, trace_id: str | None = None) -> ev.FlightInfoReceived:
-        """Ask the connector for a dataset's schema and size."""
+    def ask_flight_info(self, dataset: str, trace_id: str | None, answer) -> int:
+        """Send a get_flight_info now; its reply (or error) will be set on `answer`, an asyncio or a
+        concurrent future. Returns the request id, for `forget_flight_info`."""
         self._admit()
         rid = self.endpoint.request_flight_info(dataset, trace_id)
-        future = asyncio.get_running_loop().create_future()
-        self._infos[rid] = future
+        self._infos[rid] = answer
         self.transport.flush_soon()
+        return rid
+
+    def forget_flight_info(self, request_id: int) -> None:
+        """The asker stopped waiting: a late reply is dropped."""
+        self._infos.pop(request_id, None)
+        self.endpoint.forget_request(request_id)
+
+    async def flight_info(self, dataset: str, timeout: float, trace_id: str | None = None) -> FlightInfoReply:
+        """Ask the connector for a dataset's schema and size."""
+        future = asyncio.get_running_loop().create_future()
+        rid = self.ask_flight_info(dataset, trace_id, future)
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise flight.FlightTimedOutError(f"connector of tenant {self.tenant_id} did not answer in {timeout:.0f} s") from None
         finally:
-            self._infos.pop(rid, None)
-            self.endpoint.forget_request(rid)
+            self.forget_flight_info(rid)
 
     def open_stream(self, dataset: str, trace_id: str | None = None) -> tuple[int, StreamSink]:
         """Send a do_get; return the stream id and the sink its frames will arrive in."""
         self._admit()
-        window = self.endpoint.limits.window_bytes
+        window = self.endpoint.limits.initial_window
         self.budget.reserve(window)
         try:
             sid = self.endpoint.open_stream(dataset, trace_id)
         except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
             self.budget.release(window)
             raise flight.FlightUnavailableError(f"tenant {self.tenant_id}: {exc}") from None
+        self._reserved[sid] = window
         sink = self._sinks[sid] = StreamSink()
         self.transport.flush_soon()
         return sid, sink
 
     def grant(self, stream_id: int, size: int) -> None:
-        self.endpoint.grant_credit(stream_id, size)
+        """Credit back what the client consumed, widening the stream's window towards the link's measured
+        bandwidth-delay product while the gateway-wide budget has room for it (docs/protocol.md §5b)."""
+        grow = self.endpoint.growth(stream_id)
+        if grow and stream_id in self._reserved and self.budget.try_grow(grow):
+            self._reserved[stream_id] += grow
+        else:
+            grow = 0
+        self.endpoint.grant_credit(stream_id, size, grow)
         self.transport.flush_soon()
 
     def cancel(self, stream_id: int, reason: str) -> None:
@@ -219,6 +279,7 @@ class TenantLink:
         self.endpoint.close()
 
     def snapshot(self) -> dict:
+        endpoint = getattr(self.transport, "endpoint", None)
         return {
             "status": "online",
             "session_id": self.session_id,
@@ -228,6 +289,9 @@ class TenantLink:
             "last_heartbeat": self.last_heartbeat,
             "silent_s": round(time.monotonic() - self.last_seen, 3),
             "streams_in_flight": self.streams_in_flight,
+            "rtt_ms": None if endpoint is None or endpoint.rtt_s is None else round(endpoint.rtt_s * 1000, 2),
+            "window_target": None if endpoint is None else endpoint.window_target,
+            "codec": None if endpoint is None else endpoint.codec,
             "dropped_events": self.dropped_events,
             "datasets": list(self.datasets),
         }

@@ -77,6 +77,8 @@ class Link:
         self.closed = None
         self._writer: asyncio.Task | None = None  # runs while the endpoint has something queued
         self._progress: asyncio.Future | None = None  # set when the writer sent a control message, or stopped
+        self.drain_bps: float | None = None  # how fast this link took data while more waited (bytes/s)
+        self._busy = [0, 0.0]  # bytes and seconds of writing with more waiting, since the last estimate
 
     # -- to be supplied by each adapter
     def _receive(self) -> AsyncIterator[str | bytes | bytearray | memoryview]:
@@ -130,10 +132,35 @@ class Link:
         return result
 
     def flush_soon(self) -> None:
-        """Start the writer if something is queued and it is not running: called after every received frame
-        (most queue nothing and create no task) and after the application queued something."""
-        if self._writer is None and self.closed is None and self.endpoint.has_data_to_send:
+        """Send what is queued: control messages at once where the transport can write without waiting
+        (`_send_now`), the rest by the writer, started if it is not running. Called after every received
+        frame (most queue nothing and create no task) and after the application queued something."""
+        if self.closed is not None or not self.endpoint.has_data_to_send:
+            return
+        if self._send_control_now() and not self.endpoint.has_data_to_send:
+            return
+        if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())  # held: not collected
+
+    def _send_control_now(self) -> bool:
+        """Write every queued control message in this step if the transport can (`_send_now`); True if it
+        did. A control message then leaves without waiting a turn of the event loop, which under load is
+        most of its delay (docs/results.md)."""
+        endpoint = self.endpoint
+        sent = False
+        while endpoint._control and self._can_send_now():
+            self._send_now(endpoint.next_control_to_send())
+            sent = True
+        if sent:
+            self._tell_progress()
+        return sent
+
+    def _can_send_now(self) -> bool:
+        """Whether `_send_now` may write a message in this step (transports that cannot: never)."""
+        return False
+
+    def _send_now(self, text: str) -> None:
+        raise NotImplementedError
 
     async def _write(self) -> None:
         """Send the endpoint's messages one at a time in its order (control first, then data frames in
@@ -146,9 +173,12 @@ class Link:
                 item = endpoint.next_to_send()
                 if item is None:
                     break
+                started = time.monotonic()
                 await self._transmit(item)  # takes the bytes before it first waits (next_to_send's contract)
                 if endpoint.control_sent != sent_control:
                     self._tell_progress()
+                elif endpoint.has_data_to_send:
+                    self._measure_drain(len(item), time.monotonic() - started)
         except self._closed_errors:
             pass  # the reader sees the close and fails what was in flight
         except Exception as exc:  # a write that fails otherwise leaves the link unusable: close it
@@ -158,6 +188,17 @@ class Link:
         finally:
             self._writer = None
             self._tell_progress()
+
+    def _measure_drain(self, size: int, seconds: float) -> None:
+        """Bytes written per second while data waited behind them (the link, not the application, was the
+        bound), over spans of at least half a second, the newest span weighing half."""
+        busy = self._busy
+        busy[0] += size
+        busy[1] += seconds
+        if busy[1] >= 0.5:
+            rate = busy[0] / busy[1]
+            self.drain_bps = rate if self.drain_bps is None else (self.drain_bps + rate) / 2
+            busy[0], busy[1] = 0, 0.0
 
     def _tell_progress(self) -> None:
         progress, self._progress = self._progress, None

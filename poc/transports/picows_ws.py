@@ -139,6 +139,14 @@ class PicowsLink(WSListener, Link):
     def _ended(self) -> TunnelClosed:
         return self.closed or TunnelClosed(1006, "connection lost without a close frame")
 
+    def _can_send_now(self) -> bool:
+        """Also while writing is paused: the message then waits behind the frame being written, which is
+        where the writer would put it too."""
+        return self.transport is not None and self.closed is None
+
+    def _send_now(self, text: str) -> None:
+        self.transport.send(WSMsgType.TEXT, text.encode())
+
     async def _transmit(self, item: str | bytes | bytearray) -> None:
         if isinstance(item, str):
             self.transport.send(WSMsgType.TEXT, item.encode())

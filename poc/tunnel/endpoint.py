@@ -111,6 +111,7 @@ class SchemaReceived(Event):
 class BatchReceived(Event):
     stream_id: int
     payload: memoryview
+    charge: int = 0  # the credit it cost: its size, or what it decompresses to as well (§4b)
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,21 @@ class Limits:
     max_streams: int = 256
     max_message_bytes: int = 1024 * 1024  # control messages
     unsolicited_per_s: float = 50.0  # heartbeats and messages for closed streams: a flood is closed with 4005
+    initial_window_bytes: int = 0  # a stream's credit at do_get; 0: window_bytes (then windows never grow)
+    adaptive_window: bool = True  # grow streams' windows towards twice the link's measured BDP (§5b)
+    codecs: tuple[str, ...] = ()  # IPC body codecs the gateway accepts, best first (§4b); () none
 
     def __post_init__(self) -> None:
         if self.window_bytes < self.max_frame_bytes:
             raise ValueError("window_bytes must be at least max_frame_bytes, or a full-size frame could never be sent")
+        if self.initial_window_bytes and not self.max_frame_bytes <= self.initial_window_bytes <= self.window_bytes:
+            raise ValueError("initial_window_bytes must lie between max_frame_bytes and window_bytes")
+        if set(self.codecs) - set(ipc.CODECS):
+            raise ValueError(f"codecs must be among {sorted(ipc.CODECS)}")
+
+    @property
+    def initial_window(self) -> int:
+        return self.initial_window_bytes or self.window_bytes
 
 
 QUANTUM = 256 * 1024  # bytes a stream's deficit grows by at each of its turns (deficit round-robin)
@@ -210,6 +222,14 @@ class Endpoint:
             self._turns.rotate(-1)  # its turn is over: the next stream's begins
             self._head_served = False
         return None
+
+    def next_control_to_send(self) -> str | None:
+        """The next control message only (a transport that can write at once sends these in the same step
+        they were queued, without waiting for its writer)."""
+        if not self._control:
+            return None
+        self.control_sent += 1
+        return self._control.popleft()
 
     def data_to_send(self) -> list[str | bytes | bytearray]:
         """Everything queued, in the order `next_to_send` gives it (tests and simple transports)."""
@@ -287,13 +307,28 @@ class GatewayEndpoint(Endpoint):
         # Streams the gateway cancelled or rejected → credit the connector may still spend on them: frames
         # already on the wire when the cancel crossed them are discarded without counting (§6). Bounded.
         self._cancelled: dict[int, int] = {}
+        self.codec: str | None = None  # the IPC body codec picked for this link (§4b)
+        self.pings = False  # the connector speaks 1.4: it answers ping (§5b)
+        # The link's bandwidth-delay product, measured with pings (§5b): bytes received while one ping is out.
+        self._ping: tuple[int, float, int] | None = None  # (seq, sent at, bytes received when sent)
+        self._ping_seq = 0
+        self._last_ping = float("-inf")
+        self.received_bytes = 0  # credit spent by the data frames received on this link (§4b charges)
+        self.rtt_s: float | None = None  # the smallest round trip a ping measured
+        self.delivery_bps = 0.0  # the highest delivery rate (bytes/s) a ping measured
+        self.window_target = limits.initial_window  # what streams' windows grow to
 
     # -- input
     def _handle(self, message: m.Message) -> list[Event]:
         if self.state is LinkState.AWAITING_REGISTER:
             if isinstance(message, m.Register):
+                self.pings = message.codecs is not None
+                self.codec = next((c for c in self.limits.codecs if c in (message.codecs or ())), None)
                 return [RegisterRequested(message)]
             raise RemoteProtocolError(f"{message.ACTION!r} before register")
+        if isinstance(message, m.Pong):
+            self._measured(message.seq)
+            return []
         if isinstance(message, m.Heartbeat):
             self._count_unsolicited("heartbeat")
             self._send(m.HeartbeatAck(ts=message.ts))
@@ -358,14 +393,66 @@ class GatewayEndpoint(Endpoint):
             return [StreamEnded(sid)]
         schema = frame.type is FrameType.SCHEMA
         stream.advance(StreamEvent.SCHEMA if schema else StreamEvent.BATCH, RemoteProtocolError)
-        stream.spend(len(frame.payload), remote=True)
+        self._maybe_ping()
         try:
-            ipc.check_message(frame.payload, ipc.SCHEMA if schema else ipc.RECORD_BATCH)
+            info = ipc.check_message(frame.payload, ipc.SCHEMA if schema else ipc.RECORD_BATCH, self.codec)
         except ipc.InvalidMessage as exc:  # the stream fails, the link goes on (§4a)
+            self.received_bytes += len(frame.payload)
+            stream.spend(len(frame.payload), remote=True)
             reason = f"invalid Arrow IPC in a {frame.type.name} frame: {exc}"
             self.cancel_stream(sid, reason)
             return [StreamRejected(sid, reason)]
-        return [SchemaReceived(sid, frame.payload) if schema else BatchReceived(sid, frame.payload)]
+        self.received_bytes += info.charge  # in credit's units, which windows are counted in
+        stream.spend(info.charge, remote=True)
+        if info.charge > self.limits.max_frame_bytes:  # a compressed batch that decodes past a frame (§4b)
+            reason = f"a BATCH frame that decodes to {info.charge} bytes, over max_frame_bytes"
+            self.cancel_stream(sid, reason)
+            return [StreamRejected(sid, reason)]
+        if schema:
+            return [SchemaReceived(sid, frame.payload)]
+        return [BatchReceived(sid, frame.payload, info.charge)]
+
+    # -- the link's bandwidth-delay product (§5b)
+    PING_INTERVAL_S = 0.05  # at most one ping this often, and one at a time
+
+    def _maybe_ping(self) -> None:
+        """While data arrives, keep one ping out: the bytes received before its pong are one round trip's."""
+        now = self._now
+        if (not self.pings or self._ping is not None or now is None or not self.limits.adaptive_window
+                or now - self._last_ping < self.PING_INTERVAL_S):
+            return
+        self._ping_seq += 1
+        self._ping = (self._ping_seq, now, self.received_bytes)
+        self._last_ping = now
+        self._send(m.Ping(seq=self._ping_seq))
+
+    def _measured(self, seq: int) -> None:
+        """A pong: one round trip and the bytes received during it. As gRPC's BDP probe does, the windows'
+        target doubles past what one round trip carried only when the open streams' windows were nearly all
+        in flight (the windows, not the link, were the bound) and the delivery rate did not fall: queueing
+        delay alone, which lengthens the round trip without raising the rate, never widens them."""
+        if self._ping is None or seq != self._ping[0] or self._now is None:
+            self._count_unsolicited("pong without its ping")
+            return
+        _, sent_at, received = self._ping
+        self._ping = None
+        rtt = max(self._now - sent_at, 1e-4)
+        sample = self.received_bytes - received
+        rate = sample / rtt
+        self.rtt_s = rtt if self.rtt_s is None else min(self.rtt_s, rtt)
+        open_windows = sum(s.window for s in self.streams.values())
+        if self.streams and 3 * sample >= 2 * open_windows and rate >= self.delivery_bps:
+            lim = self.limits
+            per_stream = 2 * sample // len(self.streams)
+            self.window_target = int(min(lim.window_bytes, max(self.window_target, per_stream)))
+        self.delivery_bps = max(self.delivery_bps, rate)
+
+    def growth(self, stream_id: int) -> int:
+        """Bytes by which a stream's window may grow now: up to the target, never past window_bytes."""
+        stream = self.streams.get(stream_id)
+        if stream is None or not self.limits.adaptive_window:
+            return 0
+        return max(0, min(self.window_target, self.limits.window_bytes) - stream.window)
 
     def _discard_late(self, stream_id: int, frame: DataFrame) -> None:
         """A frame of a stream the gateway closed: free within the credit the stream had left (§6),
@@ -380,14 +467,15 @@ class GatewayEndpoint(Endpoint):
 
     # -- output
     def accept(self, session_id: str, heartbeat_s: float) -> None:
-        """Answer the register with ok and a session id."""
+        """Answer the register with ok, a session id, the link's limits and the codec picked (§4b)."""
         if self.state is not LinkState.AWAITING_REGISTER:
             raise LocalProtocolError(f"cannot accept a registration in state {self.state.name}")
         self.state = LinkState.REGISTERED
         lim = self.limits
         self._send(m.Registered(session_id=session_id, heartbeat_s=heartbeat_s,
                                 max_frame_bytes=lim.max_frame_bytes, window_bytes=lim.window_bytes,
-                                max_streams=lim.max_streams, max_message_bytes=lim.max_message_bytes))
+                                max_streams=lim.max_streams, max_message_bytes=lim.max_message_bytes,
+                                codec=self.codec))
 
     def refuse(self, code: str, message: str) -> None:
         """Answer the register with an error; the transport then closes the socket (4001)."""
@@ -419,24 +507,28 @@ class GatewayEndpoint(Endpoint):
         if len(self.streams) >= self.limits.max_streams:
             raise LocalProtocolError(f"{len(self.streams)} streams already in flight (limit {self.limits.max_streams})")
         sid = self._new_id()
-        self.streams[sid] = Stream(sid, dataset, self.limits.window_bytes)
-        self._send(m.DoGet(request_id=sid, dataset=dataset, window=self.limits.window_bytes, trace_id=trace_id))
+        window = self.limits.initial_window
+        self.streams[sid] = Stream(sid, dataset, window)
+        self._send(m.DoGet(request_id=sid, dataset=dataset, window=window, trace_id=trace_id))
         return sid
 
     @property
     def grant_threshold(self) -> int:
-        """Consumed bytes after which credit is granted back (§5.4): a quarter of the window, sooner when the
-        window is small, so that a caught-up stream always has credit for a frame of max_frame_bytes."""
+        """Consumed bytes after which credit is granted back (§5.4): a quarter of the initial window, sooner
+        when the window is small, so that a caught-up stream always has credit for a frame of max_frame_bytes."""
         lim = self.limits
-        return max(1, min(lim.window_bytes // 4, lim.window_bytes - lim.max_frame_bytes))
+        return max(1, min(lim.initial_window // 4, lim.initial_window - lim.max_frame_bytes))
 
-    def grant_credit(self, stream_id: int, size: int) -> None:
-        """Let the connector send `size` more bytes on a stream; a no-op once it closed."""
+    def grant_credit(self, stream_id: int, size: int, grow: int = 0) -> None:
+        """Let the connector send `size` more bytes on a stream, and `grow` more on top that widen its window
+        (at most `growth()`); a no-op once it closed."""
         stream = self.streams.get(stream_id)
-        if stream is None or size <= 0:
+        if stream is None or size + grow <= 0:
             return
-        stream.grant(size)
-        self._send(m.Credit(request_id=stream_id, bytes=size))
+        grow = max(0, min(grow, self.growth(stream_id)))
+        stream.window += grow
+        stream.grant(size + grow)
+        self._send(m.Credit(request_id=stream_id, bytes=size + grow))
 
     def cancel_stream(self, stream_id: int, reason: str) -> None:
         """Tell the connector to stop a stream; frames already on the wire are discarded."""
@@ -464,14 +556,23 @@ class ConnectorEndpoint(Endpoint):
         super().__init__()
         self.registered: m.Registered | None = None
         self._register_sent = False
+        self._codecs: list[str] | None = None
 
-    def register(self, tenant_id: str, token: str, datasets: list[str], connector_id: str | None = None) -> None:
-        """Queue the register message: the first message on every link (§2)."""
+    def register(self, tenant_id: str, token: str, datasets: list[str], connector_id: str | None = None,
+                 codecs: list[str] | None = None) -> None:
+        """Queue the register message: the first message on every link (§2). `codecs` (1.4, [] for none) are
+        the IPC body codecs this end can send; giving them also says it answers ping."""
         if self._register_sent:
             raise LocalProtocolError("register was already sent on this link")
         self._register_sent = True
+        self._codecs = codecs
         self._send(m.Register(tenant_id=tenant_id, token=token, version=m.PROTOCOL_VERSION, datasets=datasets,
-                              connector_id=connector_id))
+                              connector_id=connector_id, codecs=codecs))
+
+    @property
+    def codec(self) -> str | None:
+        """The codec the gateway picked for this link, if any (§4b)."""
+        return self.registered.codec if self.registered is not None else None
 
     def receive_binary(self, data: bytes | bytearray | memoryview, now: float | None = None) -> list[Event]:
         raise RemoteProtocolError("the gateway must not send binary frames")
@@ -482,6 +583,8 @@ class ConnectorEndpoint(Endpoint):
                 if not (message.heartbeat_s > 0 and 0 < message.max_frame_bytes <= message.window_bytes
                         and message.max_streams > 0 and message.max_message_bytes > 0):
                     raise RemoteProtocolError(f"registered announces impossible limits: {message}")
+                if message.codec is not None and message.codec not in (self._codecs or ()):
+                    raise RemoteProtocolError(f"registered picks codec {message.codec!r}, which was not offered")
                 self.state = LinkState.REGISTERED
                 self.registered = message
                 return [Registered(message)]
@@ -513,6 +616,9 @@ class ConnectorEndpoint(Endpoint):
             return [StreamCancelled(message.request_id, message.reason)]
         if isinstance(message, m.HeartbeatAck):
             return [HeartbeatAcked(message.ts)]
+        if isinstance(message, m.Ping):
+            self._send(m.Pong(seq=message.seq))  # a control message: it overtakes queued data
+            return []
         if isinstance(message, m.GoAway):
             return [GoAwayReceived(message.reason, message.prefer)]
         if isinstance(message, m.Error):
@@ -558,13 +664,14 @@ class ConnectorEndpoint(Endpoint):
         return -1 if stream is None else stream.credit
 
     def send_frame(self, frame_type: FrameType, stream_id: int, payload: bytes | memoryview = b"", *,
-                   framed: bytearray | None = None) -> None:
+                   framed: bytearray | None = None, charge: int | None = None) -> None:
         """Queue a data frame; raise LocalProtocolError if the stream's state or credit forbids it. Credit is
         spent now; the frame leaves in its stream's turn (module docstring).
 
         `framed` avoids a copy: a buffer whose first 8 bytes are free for the header and whose rest is the
         payload. It is queued as it is — it may be queued by several streams at once, since the header is
-        written as it leaves — so the caller must not change its payload.
+        written as it leaves — so the caller must not change its payload. `charge`: the credit a compressed
+        batch costs (`ipc.charge`, §4b); by default the payload's size.
         """
         self._require_registered()
         stream = self.streams.get(stream_id)
@@ -575,7 +682,7 @@ class ConnectorEndpoint(Endpoint):
         if size > max_frame:
             raise LocalProtocolError(f"payload of {size} bytes exceeds max_frame_bytes {max_frame}")
         stream.advance(_FRAME_EVENTS[frame_type])
-        stream.spend(size, remote=False)
+        stream.spend(size if charge is None else charge, remote=False)
         if stream.closed:
             del self.streams[stream_id]
         self._queue_frame(stream_id, frame_type, payload, framed)

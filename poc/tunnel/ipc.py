@@ -1,7 +1,7 @@
 """The structure of one encapsulated Arrow IPC message, checked before any Arrow library reads it.
 
 docs/protocol.md §4a: a SCHEMA frame carries a Schema message and a BATCH frame a RecordBatch message,
-uncompressed, whose buffers all lie inside its body. This module reads only the few flatbuffer fields
+uncompressed unless a codec was negotiated (§4b), whose buffers all lie inside its body. This module reads only the few flatbuffer fields
 that decide that (Arrow's `format/Message.fbs`), with every offset bounds-checked, so that hostile bytes
 can be refused here; Arrow's own full validation of the decoded batch (bounds of offsets, UTF-8) runs
 after it, at the gateway. No pyarrow, no flatbuffers library: struct only.
@@ -20,6 +20,10 @@ _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
 
+# CompressionType (Message.fbs): the codecs a link may negotiate (protocol 1.4, §4b)
+CODECS = {"lz4": 0, "zstd": 1}
+_I8 = struct.Struct("<b")
+
 # MessageHeader union (Message.fbs)
 SCHEMA, DICTIONARY_BATCH, RECORD_BATCH = 1, 2, 3
 _HEADER_NAMES = {1: "Schema", 2: "DictionaryBatch", 3: "RecordBatch", 4: "Tensor", 5: "SparseTensor"}
@@ -36,6 +40,7 @@ class MessageInfo:
     header_type: int
     length: int  # rows of a RecordBatch; 0 for a Schema
     body_length: int
+    charge: int = 0  # credit the frame costs (§4b): its size, plus every buffer's decompressed size if compressed
 
 
 class _Table:
@@ -89,8 +94,9 @@ def _read(fmt: struct.Struct, buf: memoryview, pos: int) -> int:
     return fmt.unpack_from(buf, pos)[0]
 
 
-def check_message(payload: bytes | bytearray | memoryview, expected: int) -> MessageInfo:
-    """Check one SCHEMA (`expected=SCHEMA`) or BATCH (`expected=RECORD_BATCH`) payload; raise InvalidMessage."""
+def check_message(payload: bytes | bytearray | memoryview, expected: int, codec: str | None = None) -> MessageInfo:
+    """Check one SCHEMA (`expected=SCHEMA`) or BATCH (`expected=RECORD_BATCH`) payload; raise InvalidMessage.
+    A batch may have a compressed body only when `codec` (negotiated for the link) is given, and with it."""
     view = memoryview(payload)
     if len(view) < PREFIX.size:
         raise InvalidMessage(f"IPC message of {len(view)} bytes is shorter than its prefix")
@@ -113,24 +119,44 @@ def check_message(payload: bytes | bytearray | memoryview, expected: int) -> Mes
     if header is None:
         raise InvalidMessage("IPC message has no header")
     if expected == SCHEMA:
-        return MessageInfo(SCHEMA, 0, body_length)
-    return _check_record_batch(header, body_length)
+        return MessageInfo(SCHEMA, 0, body_length, len(view))
+    return _check_record_batch(header, view[PREFIX.size + meta_len:], codec)
 
 
-def _check_record_batch(batch: _Table, body_length: int) -> MessageInfo:
+def _check_record_batch(batch: _Table, body: memoryview, codec: str | None) -> MessageInfo:
+    body_length = len(body)
     length = batch.scalar(0, _I64)
     if length < 0:
         raise InvalidMessage(f"record batch length {length} is negative")
-    if batch.table(3) is not None:  # BodyCompression: refused in protocol v1 (§4a)
-        raise InvalidMessage("compressed IPC bodies are not allowed in protocol version 1")
+    compression = batch.table(3)
+    if compression is not None:  # BodyCompression (§4b)
+        if codec is None:
+            raise InvalidMessage("compressed IPC body on a link that negotiated no codec")
+        kind, method = compression.scalar(0, _I8), compression.scalar(1, _I8)
+        if kind != CODECS[codec] or method != 0:
+            raise InvalidMessage(f"IPC body compressed with codec {kind} method {method}, not the link's "
+                                 f"{codec} per buffer")
     nodes, node_count = batch.struct_vector(1, 16)
     for i in range(node_count):
         node_length, null_count = struct.unpack_from("<qq", batch.buf, nodes + 16 * i)
         if node_length < 0 or not 0 <= null_count <= node_length:
             raise InvalidMessage(f"field node {i} has length {node_length} and null count {null_count}")
     buffers, buffer_count = batch.struct_vector(2, 16)
+    decoded = 0
     for i in range(buffer_count):
         offset, size = struct.unpack_from("<qq", batch.buf, buffers + 16 * i)
         if offset < 0 or size < 0 or offset + size > body_length:
             raise InvalidMessage(f"buffer {i} ({offset}+{size}) lies outside the body of {body_length} bytes")
-    return MessageInfo(RECORD_BATCH, length, body_length)
+        if compression is not None and size:
+            if size < _I64.size:
+                raise InvalidMessage(f"compressed buffer {i} of {size} bytes has no length prefix")
+            declared = _I64.unpack_from(body, offset)[0]
+            if declared < -1:
+                raise InvalidMessage(f"compressed buffer {i} declares {declared} decompressed bytes")
+            decoded += max(0, declared)
+    return MessageInfo(RECORD_BATCH, length, body_length, PREFIX.size + len(batch.buf) + body_length + decoded)
+
+
+def charge(payload: bytes | bytearray | memoryview, codec: str | None = None) -> int:
+    """The credit a BATCH payload costs (§4b): its size, plus its buffers' decompressed sizes when compressed."""
+    return check_message(payload, RECORD_BATCH, codec).charge

@@ -45,7 +45,7 @@ def _is_int(value: object) -> bool:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-_OMITTED_WHEN_NONE = {"trace_id", "connector_id", "prefer"}  # optional fields of later minor versions are left out when unset
+_OMITTED_WHEN_NONE = {"trace_id", "connector_id", "prefer", "codecs", "codec"}  # optional fields of later minor versions are left out when unset
 
 
 @functools.cache
@@ -77,10 +77,11 @@ class Register(Message):
     version: str
     datasets: list[str]
     connector_id: str | None = None  # 1.3: the same for every tunnel of one connector process (§2)
+    codecs: list[str] | None = None  # 1.4: IPC body codecs it can send, best first; present: it answers ping
 
     def __repr__(self) -> str:  # tokens never reach logs
         return (f"Register(tenant_id={self.tenant_id!r}, version={self.version!r}, datasets={self.datasets!r}, "
-                f"connector_id={self.connector_id!r})")
+                f"connector_id={self.connector_id!r}, codecs={self.codecs!r})")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,20 @@ class Registered(Message):
     max_streams: int
     status: str = "ok"
     max_message_bytes: int = 1024 * 1024  # added in 1.1: the largest control message the gateway accepts
+    codec: str | None = None  # 1.4: the codec the connector may compress batch bodies with; absent: none
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    """1.4, gateway to connector: answer with a pong of the same seq, ahead of queued data (§5b)."""
+    ACTION = "ping"
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    ACTION = "pong"
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -168,7 +183,7 @@ class Error(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.ACTION: cls
     for cls in (Register, Registered, Heartbeat, HeartbeatAck, GetFlightInfo,
-                FlightInfoReply, DoGet, Credit, Cancel, GoAway, Error)
+                FlightInfoReply, DoGet, Credit, Cancel, GoAway, Ping, Pong, Error)
 }
 
 _CHECKS = {
@@ -176,11 +191,13 @@ _CHECKS = {
     "int": _is_int,
     "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
     "list[str]": lambda v: isinstance(v, list) and all(_is_text(x) for x in v),
+    "list[str] | None": lambda v: v is None or (isinstance(v, list) and len(v) <= 16
+                                                and all(_is_text(x) and len(x) <= 32 for x in v)),
     "int | None": lambda v: v is None or _is_int(v),
     "str | None": lambda v: v is None or (_is_text(v) and TRACE_ID.fullmatch(v) is not None),
 }
 _NAMED = {"datasets", "dataset"}  # fields that hold dataset names (§3a)
-_NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes"}
+_NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes", "seq"}
 
 
 def parse_message(text: str | bytes) -> Message:

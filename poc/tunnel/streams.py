@@ -40,13 +40,14 @@ TRANSITIONS: dict[StreamState, dict[StreamEvent, StreamState]] = {
 class Stream:
     """One logical channel: its state and the bytes the sender may still send."""
 
-    __slots__ = ("stream_id", "dataset", "state", "credit")
+    __slots__ = ("stream_id", "dataset", "state", "credit", "window")
 
     def __init__(self, stream_id: int, dataset: str, window: int) -> None:
         self.stream_id = stream_id
         self.dataset = dataset
         self.state = StreamState.OPEN
         self.credit = window
+        self.window = window  # credit at the start, plus every growth granted since (the gateway's view)
 
     def advance(self, event: StreamEvent, error: type[ProtocolError] = LocalProtocolError) -> None:
         """Apply an event; raise `error` if the table has no such move."""

@@ -16,6 +16,7 @@ import pyarrow.flight as flight
 
 from ..config import make_tenants
 from .dataset import dataset_folder
+from .load.client import read_stream
 from .runner import Cluster, machine_info
 
 TICKET_REFRESH_S = 60.0  # well inside the servers' ticket lifetime
@@ -76,13 +77,7 @@ class Path_:
     def do_get_bytes(self) -> int:
         if time.monotonic() - self._ticket_at > TICKET_REFRESH_S:  # tickets expire (--ticket-ttl-s)
             self._refresh_ticket()
-        reader = self.client.do_get(self.ticket, self.options())
-        total = 0
-        while True:
-            try:
-                total += reader.read_chunk().data.nbytes
-            except StopIteration:
-                return total
+        return read_stream(self.client.do_get(self.ticket, self.options()))[1]
 
 
 def _aggregate_gb_s(path: Path_, concurrency: int, requests: int) -> float:

@@ -53,21 +53,37 @@ def answer(result: ExperimentResult) -> str:
                  if o.get("total_ms", {}).get("p50") is not None and direct.get("total_ms", {}).get("p50") is not None
                  else None)
         verdicts = result.success(target).select("metric", "result").rows()
-        costs.append((target, ratio, added, o["errors"] + o["timeouts"], o["requests"], verdicts))
+        costs.append((target, ratio, added, o["errors"] + o["timeouts"], o["requests"], verdicts,
+                      _info_added(o, direct), _tenant_spread(s[target])))
     if not costs:
         return "**Answer:** only the direct path was measured; there is nothing to compare."
     best = max(costs, key=lambda c: (c[1] or 0.0, -(c[2] or 0.0)))
     lines = [f"**Answer: take the {PATH_NAMES[best[0]]}.** Measured in one run against direct Flight on the same "
              "machine:"]
-    for target, ratio, added, failed, requests, verdicts in costs:
+    for target, ratio, added, failed, requests, verdicts, info_added, spread in costs:
         passed = sum(1 for _, v in verdicts if v.startswith("pass"))
         fails = [metric for metric, v in verdicts if v == "fail"]
         lines.append(
             f"- {PATH_NAMES[target]}: {'—' if ratio is None else f'{ratio:.2f}×'} the direct throughput, "
             f"{'—' if added is None else f'{added:+,.1f} ms'} at P50, {failed:,} of {requests:,} requests failed; "
             f"seed criteria: {passed} of {len(verdicts)} pass"
-            + (f" (fail: {', '.join(fails)})" if fails else "") + ".")
+            + (f" (fail: {', '.join(fails)})" if fails else "") + "; GetFlightInfo under load "
+            f"{'—' if info_added is None else f'{info_added:+,.1f} ms'} over direct at P50 (goal ≤ +20 ms); "
+            f"slowest ÷ fastest tenant's P50 {'—' if spread is None else f'{spread:.2f}'} (goal ≤ 1.5).")
     return "\n".join(lines)
+
+
+def _info_added(summary: dict, direct: dict) -> float | None:
+    """GetFlightInfo P50 under the run's load, this path minus direct (ms)."""
+    mine, theirs = summary.get("metadata_ms", {}).get("p50"), direct.get("metadata_ms", {}).get("p50")
+    return None if mine is None or theirs is None else mine - theirs
+
+
+def _tenant_spread(target_summaries: dict) -> float | None:
+    """The slowest tenant's P50 total over the fastest's: how evenly the path shares itself (1.0: evenly)."""
+    p50s = [t["total_ms"]["p50"] for t in target_summaries.get("tenants", {}).values()
+            if t.get("total_ms", {}).get("p50")]
+    return max(p50s) / min(p50s) if len(p50s) > 1 else None
 
 
 def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
@@ -82,6 +98,7 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     from .resilience import ResilienceParams
     from .scale import ScaleParams
     from .scaleout import ScaleoutParams
+    from .wan import WanParams
 
     params_file = Path(params_file)
     try:
@@ -90,7 +107,7 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
         raise ConfigError(f"cannot read parameter file {params_file}: {exc}") from None
     name = doc.get("notebook", "experiment")
     kinds = {"experiment": ExperimentParams, "resilience": ResilienceParams, "scale": ScaleParams,
-             "scaleout": ScaleoutParams}
+             "scaleout": ScaleoutParams, "wan": WanParams}
     if name not in kinds:
         raise ConfigError(f"{params_file}: notebook must be one of {sorted(kinds)}, got {name!r}")
     notebook = NOTEBOOKS / f"{name}.ipynb"

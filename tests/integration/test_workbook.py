@@ -198,3 +198,20 @@ def test_scaleout_notebook_runs_replicas_through_a_kill_an_addition_and_a_rollin
         assert (out / "charts" / f"{name}.png").stat().st_size > 5_000
     text = shared_text(out, tmp_path)
     assert "SIGKILL of a replica:" in text and "Cost of not reading from the owner" in text
+
+
+def test_wan_notebook_runs_its_grid_in_a_namespace_of_its_own(tmp_path):
+    """Two cells across a 20 ms hop (fixed and adaptive windows), direct across the same hop; the answer and
+    every chart reach the report. The host's own loopback is never shaped (the run's namespace is)."""
+    before = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    out = executed(tmp_path, "wan", "notebook: wan\nrows: 20000\nrtt_ms: '20'\nmbps: '0'\ncompression: 'off'\n"
+                                    "windows: fixed,adaptive\nstreams: 2\nsingle_runs: 1\n")
+    table = pl.read_csv(out / "wan.csv")
+    assert table.height == 2 and set(table["windows"]) == {"fixed", "adaptive"}
+    assert (table["single_mbps"] > 0).all() and (table["direct_single_mbps"] > 0).all()
+    assert (table["info_idle_p50_ms"] >= 20).all()  # a 20 ms round trip is the floor of every call
+    for name in ("throughput_single_mbps", "throughput_aggregate_mbps", "flightinfo_under_load"):
+        assert (out / "charts" / f"{name}.png").stat().st_size > 5_000
+    text = shared_text(out, tmp_path)
+    assert "The emulator is not the bound" in text and "20 ms, unshaped" in text
+    assert subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout == before

@@ -54,6 +54,18 @@ class RequestRecord:
     error: str | None
 
 
+def read_stream(reader) -> tuple[int, int]:
+    """Read a DoGet's stream to its end, discarding the batches: (rows, bytes of their buffers)."""
+    rows = size = 0
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return rows, size
+        rows += chunk.data.num_rows
+        size += chunk.data.nbytes
+
+
 def _status_of(exc: BaseException) -> str:
     return TIMEOUT if isinstance(exc, flight.FlightTimedOutError) or "Deadline Exceeded" in str(exc) else ERROR
 
@@ -78,14 +90,7 @@ def _one_request(cfg: LoadConfig, index: int, tenant_id: str, queued_ms: float, 
         record.metadata_ms = (time.perf_counter() - mark) * 1000
 
         mark = time.perf_counter()
-        reader = client.do_get(info.endpoints[0].ticket, options)
-        while True:
-            try:
-                chunk = reader.read_chunk()
-            except StopIteration:
-                break
-            record.rows_transferred += chunk.data.num_rows
-            record.bytes += chunk.data.nbytes
+        record.rows_transferred, record.bytes = read_stream(client.do_get(info.endpoints[0].ticket, options))
         record.data_transfer_ms = (time.perf_counter() - mark) * 1000
         if record.rows_transferred != info.total_records:
             record.status = ERROR
