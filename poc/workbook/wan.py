@@ -381,10 +381,13 @@ def measure_path(uri: str, token: str, params: WanParams) -> dict:
         loaded = threading.Event()
 
         def probe() -> None:
-            while not loaded.wait(params.info_interval_s):
+            """From the load's start to its end (at least one probe, however short the load)."""
+            while True:
                 try:
                     probes.append(probe_ms())
                 except Exception:  # the loaded phase failed: its own error is the one reported
+                    return
+                if loaded.wait(params.info_interval_s):
                     return
 
         def one(_) -> float:
@@ -464,9 +467,11 @@ def run_cells(params: WanParams, log=print) -> dict:
                     link = cluster.health()["tenants"][creds.tenant_id]
                     rows.append({**cell, "path": "tunnel", **tunnel, "rtt_measured_ms": link.get("rtt_ms"),
                                  "window_target": link.get("window_target"), "codec": link.get("codec")})
+                    info = tunnel["info_loaded_p50_ms"]
                     log(f"{spec.label()}, compression {compression}, {windows} windows: tunnel "
                         f"{tunnel['single_mbps']:,.0f} Mbit/s alone, {tunnel['aggregate_mbps']:,.0f} with "
-                        f"{params.streams}, GetFlightInfo {tunnel['info_loaded_p50_ms']:.1f} ms under load")
+                        f"{params.streams}, GetFlightInfo under load "
+                        + ("not probed (the load was over first)" if info is None else f"{info:.1f} ms"))
                     if (spec.rtt_ms, spec.mbps) not in direct_done:
                         direct_done.add((spec.rtt_ms, spec.mbps))
                         hops.append(WanHop(cluster.components["direct"].ready["flight_port"], spec))
@@ -509,6 +514,10 @@ class WanResult:
     rows: "object"  # polars DataFrame: one row per path and cell
     emulator: dict
     machine: dict
+
+    @property
+    def out_dir(self) -> Path:
+        return self.params.out_dir
 
     def table(self):
         """Tunnel cells beside the direct path across the same hop: rates and their ratio to direct."""
