@@ -228,18 +228,31 @@ def prepare_namespace() -> None:
 _classes = iter(range(10, 10_000))
 
 
-def shape_port(port: int, mbps: float) -> None:
-    """Pace traffic to and from `port` on loopback at `mbps` each way (one htb class per direction)."""
+def shape_port(port: int, mbps: float) -> list[int]:
+    """Pace traffic to and from `port` on loopback at `mbps` each way (one htb class per direction, its
+    filter at a priority of its own); returns the class numbers, for `unshape`."""
     if not in_private_namespace():
         raise RuntimeError("refusing to shape the loopback device outside a network namespace this run made")
     rate = f"{mbps:g}mbit"
     burst = str(max(256 * 1024, int(mbps * 1e6 / 8 / 250)))  # a few ms of the rate, at least a 64 KiB GSO packet
+    numbers = []
     for match in ("dport", "sport"):
-        cls = f"1:{next(_classes)}"
-        subprocess.run(["tc", "class", "add", "dev", "lo", "parent", "1:", "classid", cls, "htb", "rate", rate,
-                        "ceil", rate, "burst", burst, "cburst", burst, "quantum", "60000"], check=True)
-        subprocess.run(["tc", "filter", "add", "dev", "lo", "protocol", "ip", "parent", "1:", "prio", "1", "u32",
-                        "match", "ip", match, str(port), "0xffff", "flowid", cls], check=True)
+        number = next(_classes)
+        numbers.append(number)
+        subprocess.run(["tc", "class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{number}", "htb", "rate",
+                        rate, "ceil", rate, "burst", burst, "cburst", burst, "quantum", "60000"], check=True)
+        subprocess.run(["tc", "filter", "add", "dev", "lo", "protocol", "ip", "parent", "1:", "prio", str(number),
+                        "u32", "match", "ip", match, str(port), "0xffff", "flowid", f"1:{number}"], check=True)
+    return numbers
+
+
+def unshape(numbers: list[int]) -> None:
+    """Remove what `shape_port` added: a port number used again later must not inherit an old rate."""
+    for number in numbers:
+        subprocess.run(["tc", "filter", "del", "dev", "lo", "parent", "1:", "prio", str(number)], check=False,
+                       capture_output=True)
+        subprocess.run(["tc", "class", "del", "dev", "lo", "classid", f"1:{number}"], check=False,
+                       capture_output=True)
 
 
 class WanHop:
@@ -249,14 +262,16 @@ class WanHop:
     def __init__(self, target_port: int, spec: LinkSpec) -> None:
         self.spec = spec
         self.proc: subprocess.Popen | None = None
+        self.classes: list[int] = []
         self.port = target_port
         if spec.plain:
             return
         self.proc, self.port = start_relay(target_port, spec.rtt_ms)
-        if spec.mbps:
-            shape_port(self.port, spec.mbps)
+        self.classes = shape_port(self.port, spec.mbps) if spec.mbps else []
 
     def close(self) -> None:
+        unshape(self.classes)
+        self.classes = []
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -68,12 +68,16 @@ with socket.create_connection(("127.0.0.1", hop.port)) as sock:
     while not got: time.sleep(0.01)
 print(got[0], time.perf_counter() - start)
 hop.close()
+import subprocess
+assert "class htb" not in subprocess.run(["tc", "class", "show", "dev", "lo"], capture_output=True, text=True).stdout
+assert "flowid" not in subprocess.run(["tc", "filter", "show", "dev", "lo"], capture_output=True, text=True).stdout
 """
 
 
 def test_a_shaped_hop_paces_its_bytes_inside_the_runs_own_namespace():
-    """5 MB at 50 Mbit/s take at least 0.7 s (0.8 s, less the 256 KiB burst the shaper allows); the host's
-    loopback keeps its queueing discipline."""
+    """5 MB at 50 Mbit/s take at least 0.7 s (0.8 s, less the 256 KiB burst the shaper allows); a closed hop
+    leaves no class or filter behind (a port used again must not inherit its rate); the host's loopback keeps
+    its queueing discipline."""
     before = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
     proc = wan.run_in_namespace([sys.executable, "-c", SHAPED], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
