@@ -148,7 +148,7 @@ class Link:
         most of its delay (docs/results.md)."""
         endpoint = self.endpoint
         sent = False
-        while endpoint._control and self._can_send_now():
+        while endpoint.has_control_to_send and self._can_send_now():
             self._send_now(endpoint.next_control_to_send())
             sent = True
         if sent:

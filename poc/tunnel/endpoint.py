@@ -191,9 +191,8 @@ class Endpoint:
         return bool(self._control or self._turns)
 
     @property
-    def frames_waiting(self) -> int:
-        """Data frames queued and not yet taken, over every stream."""
-        return sum(len(q) for q in self._frames.values())
+    def has_control_to_send(self) -> bool:
+        return bool(self._control)
 
     def next_to_send(self) -> str | bytes | bytearray | None:
         """The next message to write — str for a text frame, bytes for a binary one — or None when nothing

@@ -335,6 +335,7 @@ class WanParams(RunParams):
     windows: str = "fixed,adaptive"  # gateway --window-policy per cell
     client_rtt_ms: float = 0.0     # the client-server hop (both paths cross it)
     client_mbps: float = 0.0
+    batch_bytes: int = 0           # connector --batch-bytes; 0: its default (2 MiB)
     streams: int = 4               # concurrent DoGets of the loaded phase
     single_runs: int = 2           # lone DoGets per path and cell (median)
     info_interval_s: float = 0.05  # GetFlightInfo probes while the loaded phase runs
@@ -352,8 +353,8 @@ class WanParams(RunParams):
         if set(_words(self.compression)) - {"off", "auto", "always"} or set(_words(self.windows)) - {"fixed",
                                                                                                     "adaptive"}:
             raise ConfigError("compression takes off/auto/always and windows fixed/adaptive, comma-separated")
-        if self.rows < 1 or self.streams < 1 or self.single_runs < 1:
-            raise ConfigError("rows, streams and single_runs must be at least 1")
+        if self.rows < 1 or self.streams < 1 or self.single_runs < 1 or self.batch_bytes < 0:
+            raise ConfigError("rows, streams and single_runs must be at least 1, batch_bytes at least 0")
         super().__post_init__()
 
     def cells(self) -> list[tuple[LinkSpec, str, str]]:
@@ -472,7 +473,9 @@ def run_cells(params: WanParams, log=print) -> dict:
             cell = {"rtt_ms": spec.rtt_ms, "mbps": spec.mbps, "compression": compression, "windows": windows}
             with Cluster(Path(work) / f"cell{n}", tenants, data, delay_ms="0",
                          gateway_args=("--window-policy", windows, "--request-timeout-s", str(params.timeout_s)),
-                         connector_args=("--compression", compression), with_connectors=False) as cluster:
+                         connector_args=("--compression", compression,
+                                         *(("--batch-bytes", str(params.batch_bytes)) if params.batch_bytes else ())),
+                         with_connectors=False) as cluster:
                 ready = cluster.gateway.ready
                 hops = [WanHop(ready["ws_port"], spec), WanHop(ready["flight_port"], client_spec)]
                 try:

@@ -208,3 +208,28 @@ def test_a_pong_nobody_asked_for_counts_as_unsolicited():
     with pytest.raises(RemoteProtocolError, match="unsolicited"):
         for i in range(200):
             gateway.receive_text(json.dumps({"action": "pong", "seq": 999}), now=1.0)
+
+
+# -- frames sized to the link (the connector)
+
+def test_frames_shrink_to_what_a_slow_link_drains_in_20_ms_and_never_past_the_gateways_limit():
+    from poc.connector.app import frame_budget
+
+    assert frame_budget(None, 4 * MIB) == 4 * MIB  # rate unknown: the gateway's limit
+    assert frame_budget(50e6 / 8, 4 * MIB) == 64 * 1024  # 50 Mbit/s: 125 KB in 20 ms → the floor, 64 KiB
+    assert frame_budget(500e6 / 8, 4 * MIB) == MIB  # 500 Mbit/s: 1.25 MB → 1 MiB
+    assert frame_budget(1e9, 4 * MIB) == 4 * MIB  # 1 GB/s: 20 MB, capped by max_frame_bytes
+    assert frame_budget(1e9, 3 * MIB) == 2 * MIB  # a power of two that fits the limit
+    assert frame_budget(1.0, 32 * 1024) == 32 * 1024  # never above the gateway's limit, even below the floor
+
+
+def test_a_dataset_cut_for_a_slow_link_keeps_every_row_in_smaller_frames():
+    from poc.catalog import Dataset, cut_batches
+
+    table = pa.table({"id": pa.array(range(200_000), pa.int64()), "s": pa.array(["x" * 20] * 200_000)})
+    ds = Dataset("t", table.schema, cut_batches(table))
+    small = ds.framed_messages(64 * 1024)
+    assert all(len(f) - HEADER.size <= 64 * 1024 for f in small) and len(small) > len(ds.framed_messages(4 * MIB))
+    rows = sum(pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(bytes(f[HEADER.size:]))), table.schema)
+               .num_rows for f in small)
+    assert rows == table.num_rows
