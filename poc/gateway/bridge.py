@@ -290,23 +290,25 @@ class TunnelStream:
             self._relayed_rows.inc(rows)
         self._usage.add(self._link.tenant_id, self.dataset, rows=rows, size=size)
 
-    def _decode(self, payload) -> pa.RecordBatch:
+    def _decode(self, payload, compressed: bool = False) -> pa.RecordBatch:
         """Read a batch in place and validate it before Flight's writer touches it: every buffer large enough
         for the claimed lengths, every offset in order and inside its data (docs/security.md). Both reads are
-        zero-copy for an uncompressed body; a compressed one (§4b) is decompressed once, within the sizes the
-        core already checked against the stream's credit. The cost is in docs/results.md."""
+        zero-copy; a compressed body (§4b) is decompressed once, within the sizes the core already charged to
+        the stream's credit, and its checked arrays are seen with the stream's own types rather than read (and
+        decompressed) again. The cost is in docs/results.md."""
         try:
             message = pa.ipc.read_message(pa.py_buffer(payload))
             checked = pa.ipc.read_record_batch(message, self._bounds)
             checked.validate(full=True)
             if self._bounds is self.schema:
                 return checked
-            try:  # the same buffers seen with the stream's own types: no second read (nor decompression)
-                return pa.RecordBatch.from_arrays([column.view(f.type) for column, f in zip(checked.columns,
-                                                                                             self.schema)],
-                                                  schema=self.schema)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-                return pa.ipc.read_record_batch(message, self.schema)
+            if compressed:
+                try:
+                    return pa.RecordBatch.from_arrays([column.view(f.type) for column, f in
+                                                       zip(checked.columns, self.schema)], schema=self.schema)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                    pass
+            return pa.ipc.read_record_batch(message, self.schema)
         except _DECODE_ERRORS as exc:
             self._cancel("invalid Arrow IPC")
             raise flight.FlightInternalError(f"connector of tenant {self._link.tenant_id} sent invalid Arrow "
@@ -321,7 +323,7 @@ class TunnelStream:
                 if kind == StreamItem.END:
                     return
                 payload, charge = value
-                batch = self._decode(payload)
+                batch = self._decode(payload, compressed=charge != len(payload))
                 yield batch
                 self._count(len(payload), batch.num_rows)
                 consumed += charge
