@@ -53,17 +53,27 @@ class Dataset:
             cache[max_bytes] = [_framed(m) for m in self.messages_within(max_bytes)]
         return cache[max_bytes]
 
-    def compressed_frame(self, codec: str, max_bytes: int, index: int) -> tuple[bytearray, int] | None:
+    def compressed_frame(self, codec: str, max_bytes: int, index: int,
+                         charge_limit: int | None = None) -> tuple[bytearray, int] | None:
         """Batch `index` of `framed_messages(max_bytes)` with its body compressed by `codec` (protocol §4b),
         behind 8 free bytes, and the credit it costs; None when compression does not pay for this batch
-        (under 10 % smaller) or its charge would exceed `max_bytes`. Built on first use, then kept."""
-        cache = self.__dict__.setdefault("_compressed", {}).setdefault((codec, max_bytes), {})
+        (under 10 % smaller) or its charge would exceed `charge_limit` (the gateway's max_frame_bytes; by
+        default `max_bytes`). Built on first use, then kept."""
+        limit = max_bytes if charge_limit is None else charge_limit
+        cache = self.__dict__.setdefault("_compressed", {}).setdefault((codec, max_bytes, limit), {})
         if index not in cache:
             raw = self.messages_within(max_bytes)[index]
             message = compress_message(raw, self.schema, codec)
             charge = ipc.charge(memoryview(message), codec)
-            cache[index] = (_framed(message), charge) if message.size < 0.9 * raw.size and charge <= max_bytes else None
+            cache[index] = (_framed(message), charge) if message.size < 0.9 * raw.size and charge <= limit else None
         return cache[index]
+
+    def is_cut(self, max_bytes: int, codec: str | None = None, index: int = 0, charge_limit: int = 0) -> bool:
+        """Whether `framed_messages(max_bytes)` — or, with a codec, that batch's `compressed_frame` — is built
+        already (building it takes a while: callers on an event loop do it in a thread)."""
+        if codec is None:
+            return max_bytes in self.__dict__.get("_framed", {})
+        return index in self.__dict__.get("_compressed", {}).get((codec, max_bytes, charge_limit), {})
 
     @property
     def rows(self) -> int:

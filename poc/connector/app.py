@@ -515,8 +515,9 @@ class _Session:
             await asyncio.sleep(random.uniform(low, high) / 1000)  # simulated extraction
         await self._send(stream_id, FrameType.SCHEMA, ds.schema_message)
         max_frame = frame_budget(self.transport.drain_bps, self.endpoint.registered.max_frame_bytes)
-        frames = ds.__dict__.get("_framed", {}).get(max_frame)
-        if frames is None:  # a size not cut yet: slicing and serializing a large table takes a while
+        if ds.is_cut(max_frame):
+            frames = ds.framed_messages(max_frame)
+        else:  # a size not cut yet: slicing and serializing a large table takes a while
             frames = await asyncio.to_thread(ds.framed_messages, max_frame)
         for index, framed in enumerate(frames):
             compressed = await self._compressed(ds, max_frame, index)
@@ -554,11 +555,10 @@ class _Session:
         for a batch compresses it in a thread (pyarrow lets the event loop run meanwhile); later ones reuse it."""
         if not self.compressing():
             return None
-        codec = self.endpoint.codec
-        cached = ds.__dict__.get("_compressed", {}).get((codec, max_frame), {})
-        if index in cached:
-            return cached[index]
-        return await asyncio.to_thread(ds.compressed_frame, codec, max_frame, index)
+        codec, limit = self.endpoint.codec, self.endpoint.registered.max_frame_bytes  # a charge fits a frame
+        if ds.is_cut(max_frame, codec, index, limit):
+            return ds.compressed_frame(codec, max_frame, index, limit)
+        return await asyncio.to_thread(ds.compressed_frame, codec, max_frame, index, limit)
 
     async def _send(self, stream_id: int, frame_type: FrameType, payload=b"", framed: bytearray | None = None,
                     charge: int | None = None) -> None:

@@ -233,3 +233,19 @@ def test_a_dataset_cut_for_a_slow_link_keeps_every_row_in_smaller_frames():
     rows = sum(pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(bytes(f[HEADER.size:]))), table.schema)
                .num_rows for f in small)
     assert rows == table.num_rows
+
+
+def test_batches_cut_small_for_a_slow_link_still_compress_within_the_gateways_frame_limit():
+    """A compressed batch is charged its payload plus what it decodes to, so a batch cut to fit 64 KiB is often
+    charged more than 64 KiB; it must still go compressed while the charge fits max_frame_bytes, or a slow link
+    — where compression pays most — would get few compressed batches."""
+    from poc.catalog import Dataset, cut_batches
+
+    table = pa.table({"id": pa.array(range(200_000), pa.int64()), "s": pa.array(["abc"] * 200_000)})
+    ds = Dataset("t", table.schema, cut_batches(table))
+    count = len(ds.framed_messages(64 * 1024))
+    within_cut = [ds.compressed_frame("zstd", 64 * 1024, i) for i in range(count)]
+    within_frame = [ds.compressed_frame("zstd", 64 * 1024, i, charge_limit=4 * MIB) for i in range(count)]
+    assert within_cut.count(None) > 0 and within_frame.count(None) == 0
+    assert any(charge > 64 * 1024 for _, charge in within_frame) and all(c <= 4 * MIB for _, c in within_frame)
+    assert ds.is_cut(64 * 1024) and ds.is_cut(64 * 1024, "zstd", 0, 4 * MIB) and not ds.is_cut(32 * 1024)
