@@ -25,6 +25,7 @@ class Dataset:
     name: str
     schema: pa.Schema
     batches: list[pa.RecordBatch]
+    path: Path | None = None  # the Parquet file it was read from: SQL queries scan it there (poc.sql.engine)
 
     @functools.cached_property
     def schema_message(self) -> pa.Buffer:
@@ -120,7 +121,7 @@ def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str,
             table = pq.read_table(file)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
-        datasets[file.stem] = Dataset(file.stem, table.schema, cut_batches(table, batch_bytes))
+        datasets[file.stem] = Dataset(file.stem, table.schema, cut_batches(table, batch_bytes), file)
     if not datasets:
         raise ConfigError(f"no Parquet file in {path} has a valid dataset name")
     return datasets
@@ -146,6 +147,11 @@ def _framed(message: pa.Buffer) -> bytearray:
     out = bytearray(HEADER.size + message.size)
     out[HEADER.size:] = memoryview(message)
     return out
+
+
+def fit_batch(batch: pa.RecordBatch, max_bytes: int) -> list[pa.Buffer]:
+    """A batch as IPC messages of at most `max_bytes` each: halved until each fits."""
+    return _fit(batch, max_bytes)
 
 
 def _fit(batch: pa.RecordBatch, max_bytes: int) -> list[pa.Buffer]:

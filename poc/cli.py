@@ -185,12 +185,16 @@ def cmd_connector(args: argparse.Namespace) -> int:
         raise ConfigError("--connector-id must be 1-120 printable ASCII characters without spaces")
     if args.batch_bytes < 1:
         raise ConfigError("--batch-bytes must be positive")
+    if args.max_result_bytes < 1 or args.query_timeout_s <= 0 or args.query_memory_mb < 64:
+        raise ConfigError("--max-result-bytes and --query-timeout-s must be positive, --query-memory-mb at least 64")
     datasets = load_datasets(args.data, args.batch_bytes)
     cfg = ConnectorConfig(gateway=args.gateway[0], tenant_id=args.tenant, token=token,
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
                           ca_file=args.ca_file, ws_impl=args.ws_impl, more_gateways=tuple(args.gateway[1:]),
                           tunnels=tunnels, compression=args.compression,
-                          compress_below_mbps=args.compress_below_mbps)
+                          compress_below_mbps=args.compress_below_mbps, sql=not args.no_sql,
+                          max_result_bytes=args.max_result_bytes, query_timeout_s=args.query_timeout_s,
+                          query_memory_mb=args.query_memory_mb)
     if args.connector_id:
         cfg.connector_id = args.connector_id
     connector = Connector(cfg, datasets)
@@ -491,6 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-below-mbps", type=float, default=config.COMPRESS_BELOW_MBPS,
                    help="with --compression auto: the link speed below which batches are compressed "
                         "(default %(default)s, from the measurements in docs/results.md)")
+    p.add_argument("--no-sql", action="store_true",
+                   help="answer no SQL: Flight SQL clients of this tenant get 'does not support SQL' (by default "
+                        "SELECT queries over the datasets run here in DuckDB, and only their results cross the tunnel)")
+    p.add_argument("--max-result-bytes", type=int, default=config.MAX_RESULT_BYTES,
+                   help="IPC bytes one query may send; past it the client gets an error, never a short result "
+                        "(default %(default)s)")
+    p.add_argument("--query-timeout-s", type=float, default=config.QUERY_TIMEOUT_S,
+                   help="a query running longer is interrupted and its client gets FlightTimedOutError "
+                        "(default %(default)s)")
+    p.add_argument("--query-memory-mb", type=int, default=config.QUERY_MEMORY_MB,
+                   help="memory the SQL engine may hold for all queries together (default %(default)s)")
     _add_ws_impl(p)
     _add_event_loop(p)
     p.set_defaults(func=cmd_connector)

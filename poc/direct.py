@@ -11,6 +11,7 @@ import pyarrow.flight as flight
 from .auth import BearerAuthFactory, TicketSigner, caller_tenant, dataset_from_descriptor
 from .catalog import Dataset
 from .config import TenantCredentials
+from .sql.service import FlightSqlService, LocalSql, descriptor_command, serve_result, sql_command
 
 
 class DirectFlightServer(flight.FlightServerBase):
@@ -25,6 +26,18 @@ class DirectFlightServer(flight.FlightServerBase):
         self._delay_ms = delay_ms
         self._tickets = TicketSigner()
         self._authenticated = bool(tenants)
+        self._sql: FlightSqlService | None = None  # made at the first Flight SQL call (`sql`)
+
+    @property
+    def sql(self) -> FlightSqlService:
+        """The same Flight SQL surface as the gateway's, over an engine in this process."""
+        if self._sql is None:
+            from .sql.engine import SqlEngine
+
+            engine = SqlEngine({n: ds.path for n, ds in self._datasets.items() if ds.path is not None},
+                               {n: self._tables[n] for n, ds in self._datasets.items() if ds.path is None})
+            self._sql = FlightSqlService(LocalSql(engine, {n: ds.schema for n, ds in self._datasets.items()}))
+        return self._sql
 
     def _tenant(self, context) -> str:
         return caller_tenant(context) if self._authenticated else ""
@@ -40,6 +53,9 @@ class DirectFlightServer(flight.FlightServerBase):
         return flight.FlightInfo(ds.schema, descriptor, [endpoint], ds.rows, ds.ipc_bytes)
 
     def get_flight_info(self, context, descriptor):
+        command = descriptor_command(descriptor)
+        if command is not None:
+            return self.sql.flight_info(self._tenant(context), descriptor, command)
         ds = self._dataset(dataset_from_descriptor(descriptor))
         return self._flight_info(self._tenant(context), ds, descriptor)
 
@@ -48,10 +64,26 @@ class DirectFlightServer(flight.FlightServerBase):
         for ds in self._datasets.values():
             yield self._flight_info(tenant, ds, flight.FlightDescriptor.for_path("dataset", ds.name))
 
+    def get_schema(self, context, descriptor):
+        command = descriptor_command(descriptor)
+        if command is None:
+            return flight.SchemaResult(self.get_flight_info(context, descriptor).schema)
+        return flight.SchemaResult(self.sql.schema(self._tenant(context), command))
+
     def list_actions(self, context):
-        return []  # an authenticated call that touches no data: the load client's connect probe
+        return FlightSqlService.action_types()  # also the load client's connect probe
+
+    def do_action(self, context, action):
+        return self.sql.do_action(self._tenant(context), action)
+
+    def do_put(self, context, descriptor, reader, writer):
+        raise FlightSqlService.refuse_put(descriptor_command(descriptor))
 
     def do_get(self, context, ticket):
+        message = sql_command(ticket.ticket)
+        if message is not None:
+            result = self.sql.do_get(self._tenant(context), message, context.is_cancelled)
+            return serve_result(result, flight.GeneratorStream)
         name = self._tickets.redeem(ticket.ticket, self._tenant(context))
         table = self._tables[self._dataset(name).name]
         low, high = self._delay_ms

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -20,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 from .. import config
-from ..catalog import Dataset
+from ..catalog import Dataset, fit_batch
 from ..transports.base import TunnelTransport, keep_unsent_small
 from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint, FrameType, TunnelClosed
@@ -34,6 +35,7 @@ log = logging.getLogger("poc.connector")
 COMPRESS_MIN_RTT_S = 0.002  # --compression auto: links with a shorter round trip are local, never compressed
 FRAME_BUDGET_S = 0.02  # a frame should take no longer than this to leave: a control message waits for one
 MIN_FRAME_BYTES = 64 * 1024
+QUERY_THREADS = 8  # queries read at once (each holds a thread only while DuckDB produces its next batch)
 
 
 def frame_budget(drain_bps: float | None, max_frame: int) -> int:
@@ -73,6 +75,17 @@ class ConnectorConfig:
     connector_id: str = ""  # "": one derived from this host and tenant (default_connector_id)
     compression: str = "auto"  # auto | always | off (--compression)
     compress_below_mbps: float = config.COMPRESS_BELOW_MBPS
+    sql: bool = True  # answer SQL queries (protocol 1.5) over the datasets (--no-sql: off)
+    max_result_bytes: int = config.MAX_RESULT_BYTES
+    query_timeout_s: float = config.QUERY_TIMEOUT_S
+    query_memory_mb: int = config.QUERY_MEMORY_MB
+
+    @property
+    def sql_dialect(self) -> str | None:
+        """What register says about SQL (protocol 1.5): "duckdb" when queries are answered, else None."""
+        import importlib.util
+
+        return "duckdb" if self.sql and importlib.util.find_spec("duckdb") is not None else None
 
     @property
     def codecs(self) -> list[str]:
@@ -138,6 +151,22 @@ class Connector:
         self._replacing: dict[int, "_Session"] = {}  # slot → the session it takes over from
         self._next_slot = itertools.count()
         self._offset = random.random()  # connectors given the same gateways spread over them
+        self._engine = None  # the SQL engine, made at the first query (`sql_engine`)
+        self._engine_lock = asyncio.Lock()
+        self.query_pool = concurrent.futures.ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="query")
+
+    async def sql_engine(self):
+        """The DuckDB engine over the datasets (their Parquet files; those built in memory are copied in),
+        made once, at the first query."""
+        async with self._engine_lock:
+            if self._engine is None:
+                from ..sql.engine import SqlEngine
+
+                files = {n: ds.path for n, ds in self.datasets.items() if ds.path is not None}
+                tables = {n: ds.table() for n, ds in self.datasets.items() if ds.path is None}
+                self._engine = await asyncio.get_running_loop().run_in_executor(
+                    self.query_pool, lambda: SqlEngine(files, tables, memory_limit_mb=self.cfg.query_memory_mb))
+        return self._engine
 
     @property
     def online(self) -> bool:
@@ -344,7 +373,7 @@ class Connector:
         async with self._dial(url) as transport:
             endpoint = transport.endpoint
             await transport.call(endpoint.register, cfg.tenant_id, cfg.token, sorted(self.datasets),
-                                 self.registration_id(slot), cfg.codecs)
+                                 self.registration_id(slot), cfg.codecs, cfg.sql_dialect)
             session = _Session(self, transport, url, slot, stop)
             stopper = asyncio.get_running_loop().create_task(self._close_on(stop, transport))
             try:
@@ -385,6 +414,7 @@ class _Session:
         self.registered = False
         self.endpoint: ConnectorEndpoint = transport.endpoint
         self.tasks: dict[int, asyncio.Task] = {}
+        self.info_tasks: set[asyncio.Task] = set()  # query_info answers being worked out
         self.credit: dict[int, asyncio.Event] = {}
         self.traces: dict[int, str | None] = {}  # stream → the Flight call's request id, for log lines
         self.compressed = False  # --compression auto: whether batches go compressed on this link now
@@ -403,7 +433,7 @@ class _Session:
         except StopAsyncIteration:
             pass
         finally:
-            for task in [*self.tasks.values(), heartbeat]:
+            for task in [*self.tasks.values(), *self.info_tasks, heartbeat]:
                 if task is not None:
                     task.cancel()
             await events.aclose()
@@ -427,9 +457,12 @@ class _Session:
             self.connector.metrics.requests.labels("do_get").inc()
             self.connector.metrics.streams.inc()
             self.traces[event.stream_id] = event.trace_id
-            log.info("do_get %s", event.dataset, extra=self._context(event.stream_id))
+            if event.sql is None:
+                log.info("do_get %s", event.dataset, extra=self._context(event.stream_id))
+            else:
+                log.info("query %s", clip(" ".join(event.sql.split()), 200), extra=self._context(event.stream_id))
             self.credit[event.stream_id] = asyncio.Event()
-            task = asyncio.get_running_loop().create_task(self._stream(event.stream_id, event.dataset))
+            task = asyncio.get_running_loop().create_task(self._stream(event.stream_id, event.dataset, event.sql))
             self.tasks[event.stream_id] = task
             task.add_done_callback(lambda _, sid=event.stream_id: self._forget(sid))
         elif isinstance(event, ev.CreditGranted):
@@ -440,6 +473,11 @@ class _Session:
                 task.cancel()
                 log.info("stream %d cancelled by the gateway: %s", event.stream_id, event.reason,
                          extra=self._context(event.stream_id))
+        elif isinstance(event, ev.FlightInfoRequested) and event.sql is not None:
+            self.connector.metrics.requests.labels("query_info").inc()
+            task = asyncio.get_running_loop().create_task(self._answer_query_info(event))
+            self.info_tasks.add(task)
+            task.add_done_callback(self.info_tasks.discard)
         elif isinstance(event, ev.FlightInfoRequested):
             self.connector.metrics.requests.labels("get_flight_info").inc()
             log.info("get_flight_info %s", event.dataset, extra={**self._context(), "request_id": event.trace_id})
@@ -495,15 +533,83 @@ class _Session:
             await self.transport.call(self.endpoint.heartbeat, time.time())
             await asyncio.sleep(interval)
 
-    async def _stream(self, stream_id: int, name: str) -> None:
+    async def _stream(self, stream_id: int, name: str, sql: str | None = None) -> None:
+        from ..sql.engine import SqlError
+
         try:
-            await self._stream_dataset(stream_id, name)
+            if sql is None:
+                await self._stream_dataset(stream_id, name)
+            else:
+                await self._stream_query(stream_id, sql)
         except (asyncio.CancelledError, ConnectionError):
             raise
+        except SqlError as exc:  # refused or failed by the engine: the client gets its message
+            log.info("query failed (%s): %s", exc.code, clip(str(exc), 300), extra=self._context(stream_id))
+            if self.endpoint.credit(stream_id) >= 0:
+                await self.transport.call(self.endpoint.fail_request, stream_id, exc.code, clip(str(exc)))
         except Exception as exc:  # a failed transfer must end in an error frame, never in silence
-            log.exception("stream of %r failed", name, extra=self._context(stream_id))
+            log.exception("stream of %r failed", name or "a query", extra=self._context(stream_id))
             if self.endpoint.credit(stream_id) >= 0:
                 await self.transport.call(self.endpoint.fail_request, stream_id, "internal", clip(str(exc)))
+
+    async def _answer_query_info(self, event: ev.FlightInfoRequested) -> None:
+        """The schema of a query's result (protocol 1.5 query_info), or the engine's reason to refuse it."""
+        from ..sql.engine import SqlError
+
+        connector = self.connector
+        try:
+            if not connector.cfg.sql:
+                raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
+            engine = await connector.sql_engine()
+            schema = await asyncio.get_running_loop().run_in_executor(connector.query_pool, engine.schema, event.sql)
+        except SqlError as exc:
+            log.info("query_info refused (%s): %s", exc.code, clip(str(exc), 300),
+                     extra={**self._context(), "request_id": event.trace_id})
+            await self.transport.call(self.endpoint.fail_request, event.request_id, exc.code, clip(str(exc)))
+            return
+        await self.transport.call(self.endpoint.reply_flight_info, event.request_id,
+                                  schema.serialize().to_pybytes(), -1, -1)
+
+    async def _stream_query(self, stream_id: int, sql: str) -> None:
+        """Run a query and stream its result as it is produced: the next batch is read only once the last
+        one had credit to go, so a slow client slows the query and the connector holds about one batch and
+        the stream's window. Past --query-timeout-s the query is interrupted; past --max-result-bytes the
+        stream ends in an error (never a short result); a cancel interrupts it."""
+        from ..sql.engine import SqlError
+
+        connector, cfg = self.connector, self.connector.cfg
+        if not cfg.sql:
+            raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
+        loop = asyncio.get_running_loop()
+        engine = await connector.sql_engine()
+        query = await loop.run_in_executor(connector.query_pool, engine.start, sql)
+        timer = loop.call_later(cfg.query_timeout_s, query.interrupt, True)
+        sent = rows = 0
+        try:
+            await self._send(stream_id, FrameType.SCHEMA, query.reader.schema.serialize())
+            max_frame = frame_budget(self.transport.drain_bps, self.endpoint.registered.max_frame_bytes)
+            while True:
+                batch = await loop.run_in_executor(connector.query_pool, engine.read, query)
+                if query.timed_out:
+                    raise SqlError("timed_out", f"the query ran past --query-timeout-s {cfg.query_timeout_s:g} s")
+                if batch is None:
+                    break
+                for message in fit_batch(batch, max_frame):
+                    sent += message.size
+                    if sent > cfg.max_result_bytes:
+                        raise SqlError("result_too_large", f"the result passed the connector's --max-result-bytes "
+                                                           f"{cfg.max_result_bytes}: narrow the query (LIMIT, WHERE, "
+                                                           "fewer columns)")
+                    await self._send(stream_id, FrameType.BATCH, message)
+                rows += batch.num_rows
+        finally:
+            timer.cancel()
+            query.interrupt()  # a no-op at the end; stops the engine when the stream was cancelled or failed
+            connector.query_pool.submit(query.close)
+        self.endpoint.send_frame(FrameType.END, stream_id)
+        self.transport.flush_soon()
+        connector.metrics.query_rows.inc(rows)
+        log.info("query result sent: %d rows, %d bytes", rows, sent, extra=self._context(stream_id))
 
     async def _stream_dataset(self, stream_id: int, name: str) -> None:
         ds = self.connector.datasets.get(name)

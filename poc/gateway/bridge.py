@@ -110,11 +110,12 @@ class TunnelBridge:
         return self.await_on_loop(ask())
 
     def flight_info(self, tenant_id: str, dataset: str, trace_id: str | None = None,
-                    epoch: int | None = None, leaving_ok: bool = False) -> tuple[pa.Schema, int, int, int]:
+                    epoch: int | None = None, leaving_ok: bool = False,
+                    sql: str | None = None) -> tuple[pa.Schema, int, int, int]:
         """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector, and the tunnel's epoch.
         `leaving_ok`: a link on its way out (draining, moving) will do (the other replicas could not serve).
         Without a registry the request is sent in the loop's next step and the connector's answer wakes this
-        thread directly."""
+        thread directly. Given `sql`, the schema of that query's result is asked instead (rows, bytes: -1)."""
         if self.owner_check is None:
             # One wait, one wake-up: the loop sends the request in its next step, and the connector's answer
             # (or the tenant being offline) is set on `answer` there. Under load each time a Flight thread
@@ -125,7 +126,7 @@ class TunnelBridge:
             def ask_now() -> None:
                 try:
                     link = self.registry.live(tenant_id)
-                    asked.extend((link, link.ask_flight_info(dataset, trace_id, answer)))
+                    asked.extend((link, link.ask_flight_info(dataset, trace_id, answer, sql)))
                 except BaseException as exc:
                     answer.set_exception(exc)
 
@@ -141,23 +142,24 @@ class TunnelBridge:
         else:
             async def ask():
                 link = await self._live(tenant_id, epoch, leaving_ok)
-                return await link.flight_info(dataset, self.timeout_s, trace_id), link.epoch
+                return await link.flight_info(dataset, self.timeout_s, trace_id, sql), link.epoch
             reply, link_epoch = self.await_on_loop(ask())
         return reply.schema, reply.rows, reply.bytes, link_epoch
 
     def open_stream(self, tenant_id: str, dataset: str, cancelled: Callable[[], bool] = lambda: False,
                     trace_id: str | None = None, epoch: int | None = None,
-                    leaving_ok: bool = False) -> "TunnelStream":
-        """Open a stream through the tenant's tunnel and wait for its schema (or for the client to leave)."""
+                    leaving_ok: bool = False, sql: str | None = None) -> "TunnelStream":
+        """Open a stream through the tenant's tunnel — a dataset's, or given `sql` that query's result — and
+        wait for its schema (or for the client to leave)."""
         if self.owner_check is None:
             def start_now():
                 link = self.registry.live(tenant_id)
-                return (link, *link.open_stream(dataset, trace_id))
+                return (link, *link.open_stream(dataset, trace_id, sql))
             link, stream_id, sink = self.run_on_loop(start_now)
         else:
             async def start():
                 link = await self._live(tenant_id, epoch, leaving_ok)
-                return (link, *link.open_stream(dataset, trace_id))
+                return (link, *link.open_stream(dataset, trace_id, sql))
             link, stream_id, sink = self.await_on_loop(start())
         self.metrics.usage.add(tenant_id, dataset, requests=1)
         stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)

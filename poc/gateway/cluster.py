@@ -86,6 +86,9 @@ class ClusterRouter:
     def flight_info(self, who, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         return self._each_owner(who, "get_flight_info", lambda c, o: c.get_flight_info(descriptor, o))
 
+    def do_action(self, who, action: flight.Action) -> list:
+        return self._each_owner(who, "do_action", lambda c, o: [r.body.to_pybytes() for r in c.do_action(action, o)])
+
     def list_flights(self, who) -> list[flight.FlightInfo]:
         return self._each_owner(who, "list_flights", lambda c, o: list(c.list_flights(options=o)))
 

@@ -11,6 +11,7 @@ import pyarrow.flight as flight
 
 from ..auth import BearerAuthFactory, PeerCredentials, TicketSigner, caller, dataset_from_descriptor
 from ..config import TenantCredentials
+from ..sql.service import FlightSqlService, descriptor_command, serve_result, sql_command
 from .bridge import NotHere, TunnelBridge
 from .cluster import ClusterRouter
 from .metrics import GatewayMetrics
@@ -60,6 +61,32 @@ def served(handler):
     return guarded
 
 
+QUERY_LABEL = "(sql)"  # the dataset label of a query's stream in metrics and usage
+
+
+class TunnelSql:
+    """Flight SQL through the tenant's tunnel: the tables are the datasets its connector registered (their
+    schemas asked of it), and queries run at the connector (protocol 1.5 `query_info`, `query`)."""
+
+    def __init__(self, bridge: TunnelBridge) -> None:
+        self._bridge = bridge
+
+    def tables(self, who, with_schemas: bool) -> list[tuple[str, pa.Schema | None]]:
+        names, _ = self._bridge.datasets(who.tenant_id, who.peer_epoch)
+        if not with_schemas:
+            return [(name, None) for name in names]
+        return [(name, self._bridge.flight_info(who.tenant_id, name, who.request_id, who.peer_epoch)[0])
+                for name in names]
+
+    def describe(self, who, sql: str) -> pa.Schema:
+        return self._bridge.flight_info(who.tenant_id, QUERY_LABEL, who.request_id, who.peer_epoch, sql=sql)[0]
+
+    def execute(self, who, sql: str, cancelled):
+        stream = self._bridge.open_stream(who.tenant_id, QUERY_LABEL, cancelled, who.request_id, who.peer_epoch,
+                                          sql=sql)
+        return stream.schema, stream.batches()
+
+
 class GatewayFlightServer(flight.FlightServerBase):
     """Every call is served through this gateway's tunnels until `join_cluster` (`--registry`): then endpoints
     name this replica's Flight location and calls for tenants whose tunnel is on another replica go to that
@@ -75,6 +102,7 @@ class GatewayFlightServer(flight.FlightServerBase):
         self._metrics = metrics or bridge.metrics
         self._cluster: ClusterRouter | None = None  # set by join_cluster (`--registry`)
         self._locations: list[flight.Location] = []
+        self.sql = FlightSqlService(TunnelSql(bridge))
 
     @staticmethod
     def _routed(route, here):
@@ -95,6 +123,7 @@ class GatewayFlightServer(flight.FlightServerBase):
         """`--registry`: route calls for other replicas' tenants; name `advertise` in every endpoint."""
         self._cluster = cluster
         self._locations = [flight.Location(advertise)]
+        self.sql.locations = self._locations
 
     def _observe(self, method: str, who, start: float, error: BaseException | None) -> None:
         """Count, time and log one call: one log line per call, with its request id."""
@@ -123,8 +152,19 @@ class GatewayFlightServer(flight.FlightServerBase):
         endpoint = flight.FlightEndpoint(self._tickets.issue(who.tenant_id, name, epoch), self._locations)
         return flight.FlightInfo(schema, descriptor, [endpoint], rows, size)
 
+    def _here_or_routed(self, here, route):
+        """`here()`, or, when the tenant's tunnel is on another replica, `route()` there (`--registry`)."""
+        try:
+            return here()
+        except NotHere:
+            return self._routed(route, lambda: None)
+
     @served
     def get_flight_info(self, who, descriptor):
+        command = descriptor_command(descriptor)
+        if command is not None:  # Flight SQL (poc.sql.service)
+            return self._here_or_routed(lambda: self.sql.flight_info(who, descriptor, command),
+                                        lambda: self._cluster.flight_info(who, descriptor))
         name = dataset_from_descriptor(descriptor)
         try:
             return self._info(who, name, descriptor)
@@ -142,8 +182,26 @@ class GatewayFlightServer(flight.FlightServerBase):
                 for name in self._bridge.datasets(who.tenant_id, leaving_ok=True)[0]])
         return [self._info(who, name, flight.FlightDescriptor.for_path("dataset", name)) for name in names]
 
+    @served
+    def get_schema(self, who, descriptor):
+        command = descriptor_command(descriptor)
+        if command is None:
+            return flight.SchemaResult(self.get_flight_info.__wrapped__(self, who, descriptor).schema)
+        return flight.SchemaResult(self._here_or_routed(lambda: self.sql.schema(who, command),
+                                                        lambda: self._cluster.flight_info(who, descriptor).schema))
+
     def list_actions(self, context):
-        return []  # an authenticated call that touches no data: the load client's connect probe
+        return self.sql.action_types()  # also the load client's connect probe: authenticated, touches no data
+
+    @served
+    def do_action(self, who, action):
+        return self._here_or_routed(lambda: self.sql.do_action(who, action),
+                                    lambda: self._cluster.do_action(who, action))
+
+    @served
+    def do_put(self, who, descriptor, reader, writer):
+        command = descriptor_command(descriptor)
+        raise self.sql.refuse_put(command)
 
     def do_get(self, context, ticket):
         return self._do_get(context, ticket, context.is_cancelled)
@@ -151,6 +209,13 @@ class GatewayFlightServer(flight.FlightServerBase):
     @served
     def _do_get(self, who, ticket, cancelled):
         start = time.perf_counter()
+        message = sql_command(ticket.ticket)
+        if message is not None:  # a Flight SQL ticket: a statement's result, or a metadata command's table
+            def streamed(schema, batches):
+                return flight.GeneratorStream(schema, self._observed_batches(batches, who, start))
+            result = self._here_or_routed(lambda: self.sql.do_get(who, message, cancelled),
+                                          lambda: self._cluster.do_get(who, ticket, None))
+            return serve_result(result, streamed)
         dataset, epoch = self._tickets.claims(ticket.ticket, who.tenant_id)
         try:
             stream = self._bridge.open_stream(who.tenant_id, dataset, cancelled, who.request_id, who.peer_epoch)

@@ -98,13 +98,10 @@ class FlightInfoReply:
 
 
 def request_error(tenant_id: str, code: str, message: str) -> Exception:
-    """The Flight error a client sees for a connector's error reply (docs/protocol.md §3.9)."""
-    message = clip(message)
-    if code == "not_found":
-        return pa.ArrowKeyError(message)
-    if code == "invalid_request":
-        return pa.ArrowInvalid(message)
-    return flight.FlightServerError(f"connector of tenant {tenant_id} failed the request ({clip(code, 40)}): {message}")
+    """The Flight error a client sees for a connector's error reply (docs/protocol.md §9)."""
+    from ..sql.service import flight_error
+
+    return flight_error(code, clip(message), f"connector of tenant {tenant_id}")
 
 
 @dataclass
@@ -209,11 +206,19 @@ class TenantLink:
             raise flight.FlightUnavailableError(
                 f"tenant {self.tenant_id} is over its request rate of {self.request_rate.rate:g}/s; retry later")
 
-    def ask_flight_info(self, dataset: str, trace_id: str | None, answer) -> int:
-        """Send a get_flight_info now; its reply (or error) will be set on `answer`, an asyncio or a
-        concurrent future. Returns the request id, for `forget_flight_info`."""
+    def _require_sql(self) -> None:
+        if self.endpoint.sql is None:
+            raise pa.ArrowNotImplementedError(
+                f"the connector of tenant {self.tenant_id} does not support SQL (it speaks the tunnel protocol "
+                "before 1.5, or was started without it); datasets can still be read whole")
+
+    def ask_flight_info(self, dataset: str, trace_id: str | None, answer, sql: str | None = None) -> int:
+        """Send a get_flight_info — a query_info given `sql` — now; its reply (or error) will be set on
+        `answer`, an asyncio or a concurrent future. Returns the request id, for `forget_flight_info`."""
+        if sql is not None:
+            self._require_sql()
         self._admit()
-        rid = self.endpoint.request_flight_info(dataset, trace_id)
+        rid = self.endpoint.request_flight_info(dataset, trace_id, sql)
         self._infos[rid] = answer
         self.transport.flush_soon()
         return rid
@@ -223,10 +228,11 @@ class TenantLink:
         self._infos.pop(request_id, None)
         self.endpoint.forget_request(request_id)
 
-    async def flight_info(self, dataset: str, timeout: float, trace_id: str | None = None) -> FlightInfoReply:
-        """Ask the connector for a dataset's schema and size."""
+    async def flight_info(self, dataset: str, timeout: float, trace_id: str | None = None,
+                          sql: str | None = None) -> FlightInfoReply:
+        """Ask the connector for a dataset's schema and size, or a query's schema."""
         future = asyncio.get_running_loop().create_future()
-        rid = self.ask_flight_info(dataset, trace_id, future)
+        rid = self.ask_flight_info(dataset, trace_id, future, sql)
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
@@ -234,13 +240,15 @@ class TenantLink:
         finally:
             self.forget_flight_info(rid)
 
-    def open_stream(self, dataset: str, trace_id: str | None = None) -> tuple[int, StreamSink]:
-        """Send a do_get; return the stream id and the sink its frames will arrive in."""
+    def open_stream(self, dataset: str, trace_id: str | None = None, sql: str | None = None) -> tuple[int, StreamSink]:
+        """Send a do_get — a query given `sql` — and return the stream id and the sink its frames arrive in."""
+        if sql is not None:
+            self._require_sql()
         self._admit()
         window = self.endpoint.limits.initial_window
         self.budget.reserve(window)
         try:
-            sid = self.endpoint.open_stream(dataset, trace_id)
+            sid = self.endpoint.open_stream(dataset, trace_id, sql)
         except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
             self.budget.release(window)
             raise flight.FlightUnavailableError(f"tenant {self.tenant_id}: {exc}") from None

@@ -64,6 +64,7 @@ class FlightInfoRequested(Event):
     request_id: int
     dataset: str
     trace_id: str | None = None
+    sql: str | None = None  # 1.5 query_info: the schema of this query's result is asked, not a dataset's
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class StreamRequested(Event):
     dataset: str
     window: int
     trace_id: str | None = None
+    sql: str | None = None  # 1.5 query: the stream carries this query's result, not a dataset
 
 
 @dataclass(frozen=True)
@@ -308,6 +310,7 @@ class GatewayEndpoint(Endpoint):
         self._cancelled: dict[int, int] = {}
         self.codec: str | None = None  # the IPC body codec picked for this link (§4b)
         self.pings = False  # the connector speaks 1.4: it answers ping (§5b)
+        self.sql: str | None = None  # 1.5: the SQL dialect the connector's register named; None: no SQL (§3b)
         # The link's bandwidth-delay product, measured with pings (§5b): bytes received while one ping is out.
         self._ping: tuple[int, float, int] | None = None  # (seq, sent at, bytes received when sent)
         self._ping_seq = 0
@@ -322,6 +325,7 @@ class GatewayEndpoint(Endpoint):
         if self.state is LinkState.AWAITING_REGISTER:
             if isinstance(message, m.Register):
                 self.pings = message.codecs is not None
+                self.sql = message.sql
                 self.codec = next((c for c in self.limits.codecs if c in (message.codecs or ())), None)
                 return [RegisterRequested(message)]
             raise RemoteProtocolError(f"{message.ACTION!r} before register")
@@ -494,22 +498,32 @@ class GatewayEndpoint(Endpoint):
         self._next_id += 1
         return rid
 
-    def request_flight_info(self, dataset: str, trace_id: str | None = None) -> int:
-        """Queue a get_flight_info; return its request id."""
+    def request_flight_info(self, dataset: str, trace_id: str | None = None, sql: str | None = None) -> int:
+        """Queue a get_flight_info — or, given `sql`, a query_info (1.5) — and return its request id."""
+        if sql is not None:
+            self._require_sql()
         rid = self._new_id()
         self._pending_info.add(rid)
-        self._send(m.GetFlightInfo(request_id=rid, dataset=dataset, trace_id=trace_id))
+        self._send(m.GetFlightInfo(request_id=rid, dataset=dataset, trace_id=trace_id) if sql is None
+                   else m.QueryInfo(request_id=rid, sql=sql, trace_id=trace_id))
         return rid
 
-    def open_stream(self, dataset: str, trace_id: str | None = None) -> int:
-        """Queue a do_get with a full window; return the stream id."""
+    def open_stream(self, dataset: str, trace_id: str | None = None, sql: str | None = None) -> int:
+        """Queue a do_get — or, given `sql`, a query (1.5) — with a full window; return the stream id."""
+        if sql is not None:
+            self._require_sql()
         if len(self.streams) >= self.limits.max_streams:
             raise LocalProtocolError(f"{len(self.streams)} streams already in flight (limit {self.limits.max_streams})")
         sid = self._new_id()
         window = self.limits.initial_window
         self.streams[sid] = Stream(sid, dataset, window)
-        self._send(m.DoGet(request_id=sid, dataset=dataset, window=window, trace_id=trace_id))
+        self._send(m.DoGet(request_id=sid, dataset=dataset, window=window, trace_id=trace_id) if sql is None
+                   else m.Query(request_id=sid, sql=sql, window=window, trace_id=trace_id))
         return sid
+
+    def _require_sql(self) -> None:
+        if self.sql is None:
+            raise LocalProtocolError("the connector did not say it speaks SQL (its register has no `sql`)")
 
     @property
     def grant_threshold(self) -> int:
@@ -558,15 +572,16 @@ class ConnectorEndpoint(Endpoint):
         self._codecs: list[str] | None = None
 
     def register(self, tenant_id: str, token: str, datasets: list[str], connector_id: str | None = None,
-                 codecs: list[str] | None = None) -> None:
+                 codecs: list[str] | None = None, sql: str | None = None) -> None:
         """Queue the register message: the first message on every link (§2). `codecs` (1.4, [] for none) are
-        the IPC body codecs this end can send; giving them also says it answers ping."""
+        the IPC body codecs this end can send; giving them also says it answers ping. `sql` (1.5): the dialect
+        of the queries it answers (query_info, query)."""
         if self._register_sent:
             raise LocalProtocolError("register was already sent on this link")
         self._register_sent = True
         self._codecs = codecs
         self._send(m.Register(tenant_id=tenant_id, token=token, version=m.PROTOCOL_VERSION, datasets=datasets,
-                              connector_id=connector_id, codecs=codecs))
+                              connector_id=connector_id, codecs=codecs, sql=sql))
 
     @property
     def codec(self) -> str | None:
@@ -593,13 +608,17 @@ class ConnectorEndpoint(Endpoint):
             raise RemoteProtocolError(f"{message.ACTION!r} before the registration was answered")
         if isinstance(message, m.GetFlightInfo):
             return [FlightInfoRequested(message.request_id, message.dataset, message.trace_id)]
-        if isinstance(message, m.DoGet):
+        if isinstance(message, m.QueryInfo):
+            return [FlightInfoRequested(message.request_id, "", message.trace_id, message.sql)]
+        if isinstance(message, (m.DoGet, m.Query)):
             if message.request_id in self.streams:
-                raise RemoteProtocolError(f"do_get reuses the id {message.request_id} of an open stream")
+                raise RemoteProtocolError(f"{message.ACTION} reuses the id {message.request_id} of an open stream")
             if message.window < self.registered.max_frame_bytes:
-                raise RemoteProtocolError(f"do_get window {message.window} is below max_frame_bytes")
-            self.streams[message.request_id] = Stream(message.request_id, message.dataset, message.window)
-            return [StreamRequested(message.request_id, message.dataset, message.window, message.trace_id)]
+                raise RemoteProtocolError(f"{message.ACTION} window {message.window} is below max_frame_bytes")
+            sql = message.sql if isinstance(message, m.Query) else None
+            dataset = "" if sql is not None else message.dataset
+            self.streams[message.request_id] = Stream(message.request_id, dataset, message.window)
+            return [StreamRequested(message.request_id, dataset, message.window, message.trace_id, sql)]
         if isinstance(message, m.Credit):
             stream = self.streams.get(message.request_id)
             if stream is None:

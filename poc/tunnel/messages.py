@@ -45,7 +45,7 @@ def _is_int(value: object) -> bool:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-_OMITTED_WHEN_NONE = {"trace_id", "connector_id", "prefer", "codecs", "codec"}  # optional fields of later minor versions are left out when unset
+_OMITTED_WHEN_NONE = {"trace_id", "connector_id", "prefer", "codecs", "codec", "sql"}  # optional fields of later minor versions are left out when unset
 
 
 @functools.cache
@@ -78,10 +78,11 @@ class Register(Message):
     datasets: list[str]
     connector_id: str | None = None  # 1.3: the same for every tunnel of one connector process (§2)
     codecs: list[str] | None = None  # 1.4: IPC body codecs it can send, best first; present: it answers ping
+    sql: str | None = None  # 1.5: the SQL dialect its query and query_info speak ("duckdb"); absent: no SQL
 
     def __repr__(self) -> str:  # tokens never reach logs
         return (f"Register(tenant_id={self.tenant_id!r}, version={self.version!r}, datasets={self.datasets!r}, "
-                f"connector_id={self.connector_id!r}, codecs={self.codecs!r})")
+                f"connector_id={self.connector_id!r}, codecs={self.codecs!r}, sql={self.sql!r})")
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,26 @@ class DoGet(Message):
 
 
 @dataclass(frozen=True)
+class QueryInfo(Message):
+    """1.5, only to connectors whose register named a `sql` dialect: the schema of a query's result, answered
+    with flight_info (rows and bytes -1) or error, without running the query (§3b)."""
+    ACTION = "query_info"
+    request_id: int
+    sql: str
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Query(Message):
+    """1.5: run a query and stream its result as stream `request_id`, exactly as a do_get's (§3b)."""
+    ACTION = "query"
+    request_id: int
+    sql: str
+    window: int
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Credit(Message):
     ACTION = "credit"
     request_id: int
@@ -183,7 +204,7 @@ class Error(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.ACTION: cls
     for cls in (Register, Registered, Heartbeat, HeartbeatAck, GetFlightInfo,
-                FlightInfoReply, DoGet, Credit, Cancel, GoAway, Ping, Pong, Error)
+                FlightInfoReply, DoGet, QueryInfo, Query, Credit, Cancel, GoAway, Ping, Pong, Error)
 }
 
 _CHECKS = {

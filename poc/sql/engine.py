@@ -1,0 +1,180 @@
+"""SQL over a connector's datasets: DuckDB, sandboxed to the dataset files, one SELECT at a time.
+
+The engine is chosen in docs/architecture.md ("SQL at the connector"): DuckDB pushes projections and filters
+into its Parquet scan, streams results batch by batch, can be interrupted from another thread, and can be
+shut off from the file system. Each query runs on its own cursor of one in-memory database whose views name
+the datasets; the database is configured before any query runs and its configuration is then locked:
+
+- `allowed_paths` is the dataset files, and `enable_external_access` is off: no `read_csv('/etc/passwd')`,
+  no `COPY … TO`, no `ATTACH`, no extension installed or loaded, no setting changed back;
+- a query is exactly one statement whose type is SELECT, checked by DuckDB's own parser before anything
+  runs; its text is at most `max_query_bytes` bytes;
+- `memory_limit` bounds what one database may hold, and `threads` what it may use.
+"""
+
+from __future__ import annotations
+
+import threading
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+CATALOG = "connector"  # the one catalog a tenant's client sees (Flight SQL GetCatalogs)
+DB_SCHEMA = "main"
+MAX_QUERY_BYTES = 64 * 1024
+
+
+class SqlError(Exception):
+    """A query refused or failed; `code` is the tunnel's error code (docs/protocol.md §9)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _duckdb():
+    import duckdb  # imported on first use: a connector that serves no SQL does not load it
+
+    return duckdb
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass
+class Query:
+    """One running query: read `reader` batch by batch; `interrupt()` stops it from any thread."""
+
+    reader: pa.RecordBatchReader
+    _cursor: object
+    timed_out: bool = False
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # a read and the close
+
+    def interrupt(self, timed_out: bool = False) -> None:
+        self.timed_out = self.timed_out or timed_out
+        try:
+            self._cursor.interrupt()
+        except Exception:  # already closed
+            pass
+
+    def close(self) -> None:
+        with self._lock:  # after the read in progress, if any (interrupted first, it ends soon)
+            try:
+                self._cursor.close()
+            except Exception:
+                pass
+
+
+class SqlEngine:
+    """DuckDB over `files` (dataset name → Parquet file) and `tables` (dataset name → Arrow table held in
+    memory), sandboxed as the module says."""
+
+    def __init__(self, files: dict[str, Path] | None = None, tables: dict[str, pa.Table] | None = None, *,
+                 memory_limit_mb: int = 1024, threads: int = 2, max_query_bytes: int = MAX_QUERY_BYTES) -> None:
+        duckdb = _duckdb()
+        self.max_query_bytes = max_query_bytes
+        files = {name: Path(path).resolve() for name, path in (files or {}).items()}
+        self._db = duckdb.connect(":memory:", config={
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False,
+            "allow_community_extensions": False, "threads": threads, "memory_limit": f"{memory_limit_mb}MB"})
+        self._db.execute(f"ATTACH ':memory:' AS {CATALOG}")  # the catalog clients name (`connector.main.t`)
+        self._db.execute(f"USE {CATALOG}")
+        self._db.execute(f"SET allowed_paths = [{', '.join(_literal(str(p)) for p in files.values())}]")
+        self._db.execute("SET enable_external_access = false")
+        for name, path in files.items():
+            self._db.execute(f"CREATE VIEW {_quote(name)} AS SELECT * FROM read_parquet({_literal(str(path))})")
+        for name, table in (tables or {}).items():  # datasets with no file (built in memory): copied in
+            self._db.register("_arrow", table)
+            self._db.execute(f"CREATE TABLE {_quote(name)} AS SELECT * FROM _arrow")
+            self._db.unregister("_arrow")
+        self._db.execute("SET lock_configuration = true")
+        self._lock = threading.Lock()  # cursors are made from the one connection one at a time
+        self.names = sorted([*files, *(tables or {})])
+
+    def check(self, sql: str) -> None:
+        """Refuse what is not one SELECT within the size limit, before it reaches the engine."""
+        size = len(sql.encode("utf-8", "surrogatepass"))
+        if size > self.max_query_bytes:
+            raise SqlError("invalid_request", f"query of {size} bytes, over the limit of {self.max_query_bytes}")
+        if not sql.strip():
+            raise SqlError("invalid_request", "empty query")
+        duckdb = _duckdb()
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise self._error(exc) from None
+        if len(statements) != 1:
+            raise SqlError("invalid_request", f"one statement per query, got {len(statements)}")
+        if statements[0].type != duckdb.StatementType.SELECT:
+            raise SqlError("invalid_request", f"only SELECT queries are allowed, got "
+                                              f"{statements[0].type.name.replace('_', ' ')}")
+
+    def _cursor(self):
+        with self._lock:
+            cursor = self._db.cursor()
+        cursor.execute(f"USE {CATALOG}")  # each cursor starts in DuckDB's own default catalog
+        return cursor
+
+    def schema(self, sql: str) -> pa.Schema:
+        """The result's schema, from binding the query (nothing is read beyond the files' metadata)."""
+        self.check(sql)
+        cursor = self._cursor()
+        try:
+            return cursor.sql(sql).limit(0).to_arrow_table().schema
+        except _duckdb().Error as exc:
+            raise self._error(exc) from None
+        finally:
+            cursor.close()
+
+    def start(self, sql: str, batch_rows: int = 65536) -> Query:
+        """Start the query; its batches are produced as they are read (`Query.reader`)."""
+        self.check(sql)
+        cursor = self._cursor()
+        try:
+            reader = cursor.sql(sql).to_arrow_reader(batch_rows)
+        except _duckdb().Error as exc:
+            cursor.close()
+            raise self._error(exc) from None
+        return Query(reader, cursor)
+
+    def read(self, query: Query) -> pa.RecordBatch | None:
+        """The query's next batch, or None at its end; runs in a worker thread (DuckDB releases the GIL)."""
+        try:
+            with query._lock:
+                return query.reader.read_next_batch()
+        except StopIteration:
+            return None
+        except (_duckdb().Error, pa.ArrowException) as exc:
+            if query.timed_out:
+                raise SqlError("timed_out", "the query ran past its time limit") from None
+            raise self._error(exc) from None
+
+    @staticmethod
+    def _error(exc: Exception) -> SqlError:
+        """DuckDB's error as the tunnel's code: unknown tables are not found, file access is forbidden,
+        everything the client wrote wrong is an invalid request; the engine's own message goes along."""
+        duckdb = _duckdb()
+        text = str(exc)
+        if isinstance(exc, duckdb.CatalogException):
+            return SqlError("not_found", text)
+        if isinstance(exc, duckdb.PermissionException):
+            return SqlError("forbidden", text)
+        if isinstance(exc, duckdb.InterruptException):
+            return SqlError("cancelled", text)
+        if isinstance(exc, duckdb.OutOfMemoryException):
+            return SqlError("resource_exhausted", text)
+        if isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.ConversionException,
+                            duckdb.InvalidInputException, duckdb.NotImplementedException,
+                            duckdb.SyntaxException, duckdb.TypeMismatchException, duckdb.OutOfRangeException)):
+            return SqlError("invalid_request", text)
+        return SqlError("internal", text)
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,394 @@
+"""The Flight SQL messages the gateway reads and writes, decoded from protobuf by hand.
+
+Arrow's `FlightSql.proto` (package `arrow.flight.protocol.sql`) defines them; pyarrow ships no Flight SQL
+server and no generated classes. The handful this service needs are flat messages of strings, bytes,
+booleans and unsigned integers, so a strict decoder of the protobuf wire format (about a hundred lines)
+replaces a generated module and the protobuf runtime it would need: every input is bounded by the Flight
+call's size, every length is checked against the bytes left, groups and malformed varints are refused,
+strings must be UTF-8, and unknown fields are skipped as protobuf requires (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+TYPE_URL_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
+MAX_COMMAND_BYTES = 1 << 20  # a command, action body or ticket larger than this is refused unread
+
+
+class ProtoError(ValueError):
+    """Bytes that are not the protobuf message they claim to be."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ProtoError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 64:
+            raise ProtoError("varint longer than 10 bytes")
+
+
+def decode_fields(data: bytes) -> dict[int, list[int | bytes]]:
+    """Field number → values in order: ints for varints, bytes for length-delimited fields. Fixed-width
+    fields are skipped (no message here has one); groups are refused."""
+    if len(data) > MAX_COMMAND_BYTES:
+        raise ProtoError(f"message of {len(data)} bytes, over the limit of {MAX_COMMAND_BYTES}")
+    data = bytes(data)
+    fields: dict[int, list[int | bytes]] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ProtoError("field number 0")
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            if size > len(data) - pos:
+                raise ProtoError(f"field {number} claims {size} bytes, {len(data) - pos} left")
+            value, pos = data[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > len(data):
+                raise ProtoError(f"truncated fixed-width field {number}")
+            continue
+        else:
+            raise ProtoError(f"wire type {wire} (groups) is not supported")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_fields(*fields: tuple[int, int | bytes | str | None]) -> bytes:
+    """Fields in order; None is left out, ints are varints, str and bytes length-delimited."""
+    out = bytearray()
+    for number, value in fields:
+        if value is None:
+            continue
+        if isinstance(value, int):
+            out += _encode_varint(number << 3) + _encode_varint(value)
+        else:
+            raw = value.encode() if isinstance(value, str) else bytes(value)
+            out += _encode_varint(number << 3 | 2) + _encode_varint(len(raw)) + raw
+    return bytes(out)
+
+
+def pack_any(message: "Message") -> bytes:
+    """The message as a `google.protobuf.Any` of its Flight SQL type, as commands, tickets and action
+    bodies carry it."""
+    return encode_fields((1, TYPE_URL_PREFIX + message.NAME), (2, message.encode()))
+
+
+def unpack_any(data: bytes) -> "Message | None":
+    """A Flight SQL message from an `Any`; None when the bytes are not an Any of a Flight SQL type (a
+    `dataset` ticket, say). Raises ProtoError for a Flight SQL type this service does not know, or bytes
+    that do not decode as its message."""
+    try:
+        fields = decode_fields(data)
+        type_url = _text(fields, 1)
+    except ProtoError:
+        return None
+    if not type_url or not type_url.startswith(TYPE_URL_PREFIX) or set(fields) - {1, 2}:
+        return None
+    name = type_url[len(TYPE_URL_PREFIX):]
+    cls = MESSAGES.get(name)
+    if cls is None:
+        raise UnknownCommand(name)
+    body = fields.get(2, [b""])[-1]
+    if not isinstance(body, bytes):
+        raise ProtoError("Any.value is not bytes")
+    return cls.decode(body)
+
+
+class UnknownCommand(ProtoError):
+    """A Flight SQL message type this service does not implement."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Flight SQL {name[:100]} is not supported by this server")
+        self.name = name
+
+
+def _last(fields: dict, number: int, kind: type):
+    values = fields.get(number)
+    if not values:
+        return None
+    value = values[-1]  # proto3: the last occurrence of a scalar wins
+    if not isinstance(value, kind):
+        raise ProtoError(f"field {number} has the wrong wire type")
+    return value
+
+
+def _text(fields: dict, number: int) -> str | None:
+    value = _last(fields, number, bytes)
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtoError(f"field {number} is not valid UTF-8") from None
+
+
+def _texts(fields: dict, number: int) -> list[str]:
+    out = []
+    for value in fields.get(number, []):
+        if not isinstance(value, bytes):
+            raise ProtoError(f"field {number} has the wrong wire type")
+        try:
+            out.append(value.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtoError(f"field {number} is not valid UTF-8") from None
+    return out
+
+
+def _uint32s(fields: dict, number: int) -> list[int]:
+    """A repeated uint32, packed (one length-delimited run of varints) or not."""
+    out = []
+    for value in fields.get(number, []):
+        if isinstance(value, int):
+            out.append(value)
+            continue
+        pos = 0
+        while pos < len(value):
+            item, pos = _varint(value, pos)
+            out.append(item)
+    if any(v >= 2**32 for v in out):
+        raise ProtoError(f"field {number} holds a value past uint32")
+    return out
+
+
+@dataclass(frozen=True)
+class Message:
+    """A Flight SQL message; subclasses name their proto type and say how their fields decode."""
+
+    NAME = ""
+
+    @classmethod
+    def decode(cls, body: bytes) -> "Message":
+        return cls()
+
+    def encode(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True)
+class CommandStatementQuery(Message):
+    NAME = "CommandStatementQuery"
+    query: str = ""
+    transaction_id: bytes | None = None
+
+    @classmethod
+    def decode(cls, body):
+        f = decode_fields(body)
+        return cls(_text(f, 1) or "", _last(f, 2, bytes))
+
+    def encode(self):
+        return encode_fields((1, self.query), (2, self.transaction_id))
+
+
+@dataclass(frozen=True)
+class TicketStatementQuery(Message):
+    NAME = "TicketStatementQuery"
+    statement_handle: bytes = b""
+
+    @classmethod
+    def decode(cls, body):
+        return cls(_last(decode_fields(body), 1, bytes) or b"")
+
+    def encode(self):
+        return encode_fields((1, self.statement_handle))
+
+
+@dataclass(frozen=True)
+class CommandPreparedStatementQuery(Message):
+    NAME = "CommandPreparedStatementQuery"
+    prepared_statement_handle: bytes = b""
+
+    @classmethod
+    def decode(cls, body):
+        return cls(_last(decode_fields(body), 1, bytes) or b"")
+
+    def encode(self):
+        return encode_fields((1, self.prepared_statement_handle))
+
+
+@dataclass(frozen=True)
+class ActionCreatePreparedStatementRequest(Message):
+    NAME = "ActionCreatePreparedStatementRequest"
+    query: str = ""
+    transaction_id: bytes | None = None
+
+    @classmethod
+    def decode(cls, body):
+        f = decode_fields(body)
+        return cls(_text(f, 1) or "", _last(f, 2, bytes))
+
+    def encode(self):
+        return encode_fields((1, self.query), (2, self.transaction_id))
+
+
+@dataclass(frozen=True)
+class ActionCreatePreparedStatementResult(Message):
+    NAME = "ActionCreatePreparedStatementResult"
+    prepared_statement_handle: bytes = b""
+    dataset_schema: bytes = b""
+    parameter_schema: bytes = b""
+
+    @classmethod
+    def decode(cls, body):
+        f = decode_fields(body)
+        return cls(_last(f, 1, bytes) or b"", _last(f, 2, bytes) or b"", _last(f, 3, bytes) or b"")
+
+    def encode(self):
+        return encode_fields((1, self.prepared_statement_handle), (2, self.dataset_schema),
+                             (3, self.parameter_schema or None))
+
+
+@dataclass(frozen=True)
+class ActionClosePreparedStatementRequest(Message):
+    NAME = "ActionClosePreparedStatementRequest"
+    prepared_statement_handle: bytes = b""
+
+    @classmethod
+    def decode(cls, body):
+        return cls(_last(decode_fields(body), 1, bytes) or b"")
+
+    def encode(self):
+        return encode_fields((1, self.prepared_statement_handle))
+
+
+@dataclass(frozen=True)
+class CommandGetSqlInfo(Message):
+    NAME = "CommandGetSqlInfo"
+    info: tuple[int, ...] = ()
+
+    @classmethod
+    def decode(cls, body):
+        return cls(tuple(_uint32s(decode_fields(body), 1)))
+
+    def encode(self):
+        return encode_fields(*((1, i) for i in self.info))
+
+
+@dataclass(frozen=True)
+class CommandGetCatalogs(Message):
+    NAME = "CommandGetCatalogs"
+
+
+@dataclass(frozen=True)
+class CommandGetTableTypes(Message):
+    NAME = "CommandGetTableTypes"
+
+
+@dataclass(frozen=True)
+class CommandGetDbSchemas(Message):
+    NAME = "CommandGetDbSchemas"
+    catalog: str | None = None
+    db_schema_filter_pattern: str | None = None
+
+    @classmethod
+    def decode(cls, body):
+        f = decode_fields(body)
+        return cls(_text(f, 1), _text(f, 2))
+
+    def encode(self):
+        return encode_fields((1, self.catalog), (2, self.db_schema_filter_pattern))
+
+
+@dataclass(frozen=True)
+class CommandGetTables(Message):
+    NAME = "CommandGetTables"
+    catalog: str | None = None
+    db_schema_filter_pattern: str | None = None
+    table_name_filter_pattern: str | None = None
+    table_types: tuple[str, ...] = ()
+    include_schema: bool = False
+
+    @classmethod
+    def decode(cls, body):
+        f = decode_fields(body)
+        return cls(_text(f, 1), _text(f, 2), _text(f, 3), tuple(_texts(f, 4)), bool(_last(f, 5, int)))
+
+    def encode(self):
+        return encode_fields((1, self.catalog), (2, self.db_schema_filter_pattern),
+                             (3, self.table_name_filter_pattern), *((4, t) for t in self.table_types),
+                             (5, int(self.include_schema) or None))
+
+
+@dataclass(frozen=True)
+class _TableKeys(Message):
+    """CommandGetPrimaryKeys, CommandGetExportedKeys, CommandGetImportedKeys: datasets have no keys."""
+    catalog: str | None = None
+    db_schema: str | None = None
+    table: str = ""
+
+    @classmethod
+    def decode(cls, body):
+        f = decode_fields(body)
+        return cls(_text(f, 1), _text(f, 2), _text(f, 3) or "")
+
+
+class CommandGetPrimaryKeys(_TableKeys):
+    NAME = "CommandGetPrimaryKeys"
+
+
+class CommandGetExportedKeys(_TableKeys):
+    NAME = "CommandGetExportedKeys"
+
+
+class CommandGetImportedKeys(_TableKeys):
+    NAME = "CommandGetImportedKeys"
+
+
+@dataclass(frozen=True)
+class CommandGetCrossReference(Message):
+    NAME = "CommandGetCrossReference"
+
+
+@dataclass(frozen=True)
+class _Write(Message):
+    """Statements that change data; decoded only to be refused (the service is read-only)."""
+
+
+class CommandStatementUpdate(_Write):
+    NAME = "CommandStatementUpdate"
+
+
+class CommandPreparedStatementUpdate(_Write):
+    NAME = "CommandPreparedStatementUpdate"
+
+
+class CommandStatementIngest(_Write):
+    NAME = "CommandStatementIngest"
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.NAME: cls for cls in (
+        CommandStatementQuery, TicketStatementQuery, CommandPreparedStatementQuery,
+        ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
+        ActionClosePreparedStatementRequest, CommandGetSqlInfo, CommandGetCatalogs, CommandGetTableTypes,
+        CommandGetDbSchemas, CommandGetTables, CommandGetPrimaryKeys, CommandGetExportedKeys,
+        CommandGetImportedKeys, CommandGetCrossReference, CommandStatementUpdate,
+        CommandPreparedStatementUpdate, CommandStatementIngest)
+}
+
+assert all(dataclasses.is_dataclass(cls) for cls in MESSAGES.values())
