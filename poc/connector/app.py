@@ -582,18 +582,15 @@ class _Session:
             raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
         loop = asyncio.get_running_loop()
         engine = await connector.sql_engine()
-        query = await loop.run_in_executor(connector.query_pool, engine.start, sql)
+        query = engine.open(sql)
+        connector.metrics.queries.inc()
         timer = loop.call_later(cfg.query_timeout_s, query.interrupt, True)
         sent = rows = 0
         try:
+            await loop.run_in_executor(connector.query_pool, engine.run, query)
             await self._send(stream_id, FrameType.SCHEMA, query.reader.schema.serialize())
             max_frame = frame_budget(self.transport.drain_bps, self.endpoint.registered.max_frame_bytes)
-            while True:
-                batch = await loop.run_in_executor(connector.query_pool, engine.read, query)
-                if query.timed_out:
-                    raise SqlError("timed_out", f"the query ran past --query-timeout-s {cfg.query_timeout_s:g} s")
-                if batch is None:
-                    break
+            while (batch := await loop.run_in_executor(connector.query_pool, engine.read, query)) is not None:
                 for message in fit_batch(batch, max_frame):
                     sent += message.size
                     if sent > cfg.max_result_bytes:
@@ -602,10 +599,14 @@ class _Session:
                                                            "fewer columns)")
                     await self._send(stream_id, FrameType.BATCH, message)
                 rows += batch.num_rows
+        except SqlError as exc:
+            if exc.code == "timed_out":
+                raise SqlError("timed_out", f"the query ran past --query-timeout-s {cfg.query_timeout_s:g} s") from None
+            raise
         finally:
             timer.cancel()
             query.interrupt()  # a no-op at the end; stops the engine when the stream was cancelled or failed
-            connector.query_pool.submit(query.close)
+            connector.query_pool.submit(query.close).add_done_callback(lambda _: connector.metrics.queries.dec())
         self.endpoint.send_frame(FrameType.END, stream_id)
         self.transport.flush_soon()
         connector.metrics.query_rows.inc(rows)

@@ -52,9 +52,10 @@ def _literal(text: str) -> str:
 class Query:
     """One running query: read `reader` batch by batch; `interrupt()` stops it from any thread."""
 
-    reader: pa.RecordBatchReader
+    reader: pa.RecordBatchReader | None
     _cursor: object
     timed_out: bool = False
+    sql: str = ""
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # a read and the close
 
     def interrupt(self, timed_out: bool = False) -> None:
@@ -133,16 +134,27 @@ class SqlEngine:
         finally:
             cursor.close()
 
-    def start(self, sql: str, batch_rows: int = 65536) -> Query:
-        """Start the query; its batches are produced as they are read (`Query.reader`)."""
+    def open(self, sql: str) -> Query:
+        """A query checked and given its cursor, not started: `run` starts it (in a worker thread, since an
+        aggregate computes its whole result before the first batch); `interrupt()` works from now on."""
         self.check(sql)
-        cursor = self._cursor()
+        return Query(None, self._cursor(), sql=sql)
+
+    def run(self, query: Query, batch_rows: int = 65536) -> Query:
+        """Start the query; its batches are then produced as they are read (`Query.reader`)."""
         try:
-            reader = cursor.sql(sql).to_arrow_reader(batch_rows)
+            with query._lock:
+                query.reader = query._cursor.sql(query.sql).to_arrow_reader(batch_rows)
         except _duckdb().Error as exc:
-            cursor.close()
+            query.close()
+            if query.timed_out:
+                raise SqlError("timed_out", "the query ran past its time limit") from None
             raise self._error(exc) from None
-        return Query(reader, cursor)
+        return query
+
+    def start(self, sql: str, batch_rows: int = 65536) -> Query:
+        """`open` and `run` in one step."""
+        return self.run(self.open(sql), batch_rows)
 
     def read(self, query: Query) -> pa.RecordBatch | None:
         """The query's next batch, or None at its end; runs in a worker thread (DuckDB releases the GIL)."""

@@ -1,0 +1,194 @@
+"""Flight SQL's protobuf messages as the gateway decodes them, the tunnel's 1.5 query requests in the core,
+and the connector's SQL sandbox — no processes."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poc.sql import proto
+from poc.sql.engine import SqlEngine, SqlError
+from poc.sql.service import like, sql_command, sql_info_table
+from poc.tunnel import ConnectorEndpoint, GatewayEndpoint, LocalProtocolError
+from poc.tunnel import endpoint as ev
+from poc.tunnel.messages import parse_message
+from tests.unit.test_core import LIMITS, deliver
+
+# -- the protobuf decoder
+
+
+@pytest.mark.parametrize("message", [
+    proto.CommandStatementQuery("SELECT 1 — ünïcode"), proto.CommandStatementQuery("SELECT 1", b"tx"),
+    proto.TicketStatementQuery(b"\x00handle\xff"), proto.CommandPreparedStatementQuery(b"h"),
+    proto.ActionCreatePreparedStatementRequest("SELECT 2"),
+    proto.ActionCreatePreparedStatementResult(b"h", b"schema", b""),
+    proto.ActionClosePreparedStatementRequest(b"h"), proto.CommandGetSqlInfo((0, 1, 2, 504, 2**32 - 1)),
+    proto.CommandGetCatalogs(), proto.CommandGetTableTypes(), proto.CommandGetDbSchemas("connector", "m%"),
+    proto.CommandGetTables(None, None, "s_l%", ("TABLE", "VIEW"), True), proto.CommandGetTables(),
+])
+def test_messages_round_trip_through_any(message):
+    assert proto.unpack_any(proto.pack_any(message)) == message
+
+
+def test_repeated_uint32_is_read_packed_and_unpacked():
+    packed = proto.encode_fields((1, bytes([0, 1, 0xF8, 0x03])))  # 0, 1, 504 as one packed run
+    assert proto.CommandGetSqlInfo.decode(packed).info == (0, 1, 504)
+    assert proto.CommandGetSqlInfo.decode(proto.encode_fields((1, 0), (1, 504))).info == (0, 504)
+
+
+def test_unknown_fields_are_skipped_as_protobuf_requires():
+    body = proto.encode_fields((1, "SELECT 1"), (9, 12345), (10, b"future")) + b"\x5d" + b"\x00" * 4  # fixed32
+    assert proto.CommandStatementQuery.decode(body).query == "SELECT 1"
+
+
+@pytest.mark.parametrize("body, match", [
+    (b"\x0a\x05abc", "claims 5 bytes"),
+    (b"\x0a", "truncated varint"),
+    (b"\x0a" + b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
+    (b"\x0b", "groups"),
+    (b"\x0a\x02\xff\xfe", "UTF-8"),
+    (b"\x08\x01", "wrong wire type"),
+    (b"\x00\x01", "field number 0"),
+    (b"\x09\x00", "truncated fixed-width"),
+])
+def test_malformed_bodies_are_refused(body, match):
+    with pytest.raises(proto.ProtoError, match=match):
+        proto.CommandStatementQuery.decode(body)
+
+
+def test_bytes_that_are_not_flight_sql_are_left_alone_and_unknown_commands_named():
+    assert sql_command(b"eyJ0IjoxfQ.c2ln") is None  # a dataset ticket
+    assert sql_command(proto.encode_fields((1, "type.googleapis.com/other.Message"), (2, b""))) is None
+    with pytest.raises(pa.ArrowNotImplementedError, match="CommandGetXdbcTypeInfo"):
+        sql_command(proto.encode_fields((1, proto.TYPE_URL_PREFIX + "CommandGetXdbcTypeInfo"), (2, b"")))
+    with pytest.raises(pa.ArrowInvalid, match="over the limit"):
+        sql_command(b"\x00" * (proto.MAX_COMMAND_BYTES + 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from(sorted(proto.MESSAGES)))
+def test_any_bytes_decode_to_a_message_or_a_clear_error(body, name):
+    """Whatever a client sends as a command's body, the gateway gets a message or ArrowInvalid, nothing else."""
+    data = proto.encode_fields((1, proto.TYPE_URL_PREFIX + name), (2, body))
+    try:
+        assert isinstance(sql_command(data), proto.MESSAGES[name])
+    except pa.ArrowInvalid:
+        pass
+
+
+def test_like_patterns():
+    assert like("sa%")("sales") and like("s_les")("sales") and not like("s_les")("ssales")
+    assert like(None)("anything") and like("a.b")("a.b") and not like("a.b")("axb")
+
+
+def test_sql_info_is_a_dense_union_with_the_requested_rows():
+    table = sql_info_table((0, 3, 504, 9999))
+    assert table.column("info_name").to_pylist() == [0, 3, 504]  # an unknown id is left out
+    assert table.column("value").to_pylist() == ["poc tunnel gateway", True, '"']
+    assert table.schema.field("value").type.mode == "dense"
+
+
+# -- the tunnel's 1.5 requests
+
+
+def sql_pair(sql: str | None):
+    gateway, connector = GatewayEndpoint(LIMITS), ConnectorEndpoint()
+    connector.register("t1", "token", ["sales"], codecs=[], sql=sql)
+    deliver(connector, gateway)
+    gateway.accept("sess", heartbeat_s=60)
+    deliver(gateway, connector)
+    return gateway, connector
+
+
+def test_query_requests_reach_a_connector_that_speaks_sql():
+    gateway, connector = sql_pair("duckdb")
+    assert gateway.sql == "duckdb"
+    rid = gateway.request_flight_info("(sql)", sql="SELECT 1")
+    sid = gateway.open_stream("(sql)", sql="SELECT 2")
+    info, stream = deliver(gateway, connector)
+    assert info == ev.FlightInfoRequested(rid, "", None, "SELECT 1")
+    assert stream == ev.StreamRequested(sid, "", LIMITS.initial_window, None, "SELECT 2")
+
+
+def test_no_query_is_sent_to_a_connector_whose_register_had_no_sql():
+    gateway, _ = sql_pair(None)
+    with pytest.raises(LocalProtocolError, match="SQL"):
+        gateway.open_stream("(sql)", sql="SELECT 1")
+    with pytest.raises(LocalProtocolError, match="SQL"):
+        gateway.request_flight_info("(sql)", sql="SELECT 1")
+
+
+def test_register_of_a_14_connector_has_no_sql_field():
+    connector = ConnectorEndpoint()
+    connector.register("t1", "token", ["sales"], codecs=[])
+    [text] = connector.data_to_send()
+    assert '"sql"' not in text and parse_message(text).sql is None
+
+
+# -- the connector's sandbox
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sql")
+    import pyarrow.parquet as pq
+    (root / "data").mkdir()
+    (root / "outside").mkdir()
+    pq.write_table(pa.table({"id": list(range(100)), "v": [float(i) for i in range(100)]}), root / "data" / "t.parquet")
+    pq.write_table(pa.table({"secret": [1]}), root / "outside" / "s.parquet")
+    built = SqlEngine({"t": root / "data" / "t.parquet"}, {"mem": pa.table({"a": [1, 2, 3]})})
+    yield built, root
+    built.close()
+
+
+@pytest.mark.parametrize("sql, code", [
+    ("SELECT * FROM read_parquet('{root}/outside/s.parquet')", "forbidden"),
+    ("SELECT * FROM '{root}/outside/s.parquet'", "forbidden"),
+    ("SELECT * FROM read_text('/etc/hostname')", "forbidden"),
+    ("SELECT * FROM glob('{root}/*')", "forbidden"),
+    ("COPY t TO '{root}/out.csv'", "invalid_request"),
+    ("EXPORT DATABASE '{root}/dump'", "invalid_request"),
+    ("ATTACH '{root}/x.db'", "invalid_request"),
+    ("INSTALL httpfs", "invalid_request"),
+    ("LOAD httpfs", "invalid_request"),
+    ("SET enable_external_access = true", "invalid_request"),
+    ("PRAGMA database_list", "invalid_request"),
+    ("CREATE TABLE x AS SELECT 1", "invalid_request"),
+    ("SELECT 1; DROP VIEW t", "invalid_request"),
+    ("SELECT * FROM nope", "not_found"),
+    ("SELECT nope FROM t", "invalid_request"),
+])
+def test_nothing_reaches_outside_the_datasets(engine, sql, code):
+    built, root = engine
+    with pytest.raises(SqlError) as raised:
+        query = built.start(sql.format(root=root))
+        built.read(query)
+    assert raised.value.code == code
+    assert not (root / "out.csv").exists() and not (root / "dump").exists() and not (root / "x.db").exists()
+
+
+def test_the_datasets_are_queried_by_name_and_catalog(engine):
+    built, _ = engine
+    assert built.names == ["mem", "t"]
+    query = built.start("SELECT count(*) AS n, sum(v) AS s FROM connector.main.t")
+    assert built.read(query).to_pylist() == [{"n": 100, "s": 4950.0}]
+    assert built.read(query) is None
+    assert built.schema("SELECT a FROM mem").names == ["a"]
+
+
+def test_query_text_is_bounded(engine):
+    built, _ = engine
+    with pytest.raises(SqlError, match="over the limit"):
+        built.check("SELECT '" + "x" * built.max_query_bytes + "'")
+
+
+def test_an_interrupted_query_ends_with_an_error(engine):
+    built, _ = engine
+    query = built.open("SELECT sum(i) FROM range(10000000000000) t(i)")
+    import threading
+    threading.Timer(0.2, query.interrupt, (True,)).start()
+    with pytest.raises(SqlError) as raised:
+        built.run(query)
+    assert raised.value.code == "timed_out"
