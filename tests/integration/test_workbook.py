@@ -215,3 +215,17 @@ def test_wan_notebook_runs_its_grid_in_a_namespace_of_its_own(tmp_path):
     text = shared_text(out, tmp_path)
     assert "The emulator is not the bound" in text and "20 ms, unshaped" in text
     assert subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout == before
+
+
+def test_sql_notebook_measures_pushed_down_queries_against_whole_datasets(tmp_path):
+    """Both paths, both queries, both methods; the selective query moves a small part of the whole dataset's
+    bytes through the tunnel (the gateway's own count), and the answer and charts reach the report."""
+    out = executed(tmp_path, "sql", "notebook: sql\nrows: 20000\nrepetitions: 1\n")
+    table = pl.read_csv(out / "sql.csv")
+    assert table.height == 8
+    tunnel = {(r["query"], r["method"].split()[0]): r for r in table.filter(pl.col("path") == "tunnel").to_dicts()}
+    assert tunnel[("selective", "sql")]["bytes_moved"] * 20 < tunnel[("selective", "whole")]["bytes_moved"]
+    assert tunnel[("selective", "sql")]["result_rows"] == 200 and tunnel[("group_by", "sql")]["result_rows"] == 100
+    for name in ("bytes_moved", "p50_ms"):
+        assert (out / "charts" / f"{name}.png").stat().st_size > 5_000
+    assert "less) and answered in" in shared_text(out, tmp_path)
