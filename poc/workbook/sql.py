@@ -182,3 +182,32 @@ def answer(result: SqlResult) -> str:
                      f"{sql['p50_ms']:.0f} ms against {whole['p50_ms']:.0f} ms (P50); the direct server answered "
                      f"the same SQL in {direct['p50_ms']:.0f} ms.")
     return "\n".join(lines)
+
+
+def compare_engines(rows: int = 1_000_000, runs: int = 7, data_dir: str = "outputs/data") -> list[dict]:
+    """The two candidate engines for the connector on the notebook's queries over the same Parquet file: DuckDB
+    (what the connector uses) and polars SQL over a lazy scan; median time to the whole result, and whether
+    the engine can hand the result over batch by batch (docs/architecture.md, "SQL at the connector")."""
+    import duckdb
+    import polars as pl
+
+    file = dataset_folder(data_dir, rows) / "sales.parquet"
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW sales AS SELECT * FROM read_parquet('{file}')")
+    ctx = pl.SQLContext(sales=pl.scan_parquet(file))
+    out = []
+    for name, sql in QUERIES.items():
+        for engine, run in (("duckdb", lambda: con.sql(sql).to_arrow_table()),
+                            ("polars", lambda: ctx.execute(sql).collect().to_arrow())):
+            times, table, _ = _timed(runs, lambda: (run(), 0.0))
+            out.append({"query": name, "engine": engine, "p50_ms": round(statistics.median(times), 1),
+                        "rows": table.num_rows})
+    return out
+
+
+if __name__ == "__main__":  # python -m poc.workbook.sql: the engine comparison
+    import json
+    import sys
+
+    for line in compare_engines(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000):
+        print(json.dumps(line))

@@ -7,6 +7,7 @@ import json
 import struct
 import threading
 
+import duckdb
 import pyarrow as pa
 import pytest
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from websockets.sync.client import connect
 
 from poc.workbook.runner import Cluster
 from tests.helpers import read
+from tests.integration.test_sql import query as adbc_query
 
 
 def compressed(batch: pa.RecordBatch, codec: str) -> tuple[pa.Buffer, int]:
@@ -30,12 +32,17 @@ def compressed(batch: pa.RecordBatch, codec: str) -> tuple[pa.Buffer, int]:
 
 
 def doc_connector(url: str, tenant: str, token: str, table: pa.Table, ready: threading.Event, stop: threading.Event,
-                  codecs: list[str] | None = None):
-    """§2 register, §3 answer requests, §4 frames, §5 credit; with `codecs` (1.4): §4b, §5b."""
+                  codecs: list[str] | None = None, sql: bool = False):
+    """§2 register, §3 answer requests, §4 frames, §5 credit; with `codecs` (1.4): §4b, §5b; with `sql` (1.5):
+    §3b, its queries run by its own engine (DuckDB over the table)."""
     with connect(url, compression=None, max_size=2**20) as ws:
         register = {"action": "register", "tenant_id": tenant, "token": token, "version": "1", "datasets": ["sales"]}
         if codecs is not None:
             register["codecs"] = codecs
+        if sql:
+            register["sql"] = "duckdb"
+            engine = duckdb.connect()
+            engine.register("sales", table)
         ws.send(json.dumps(register))
         hello = json.loads(ws.recv())
         assert hello["action"] == "registered" and hello["status"] == "ok"
@@ -66,10 +73,20 @@ def doc_connector(url: str, tenant: str, token: str, table: pa.Table, ready: thr
                 credit[msg["request_id"]] = credit.get(msg["request_id"], 0) + msg["bytes"]
             elif msg["action"] == "ping":
                 ws.send(json.dumps({"action": "pong", "seq": msg["seq"]}))
-            elif msg["action"] == "do_get":
+            elif msg["action"] == "query_info":
+                result = engine.sql(msg["sql"]).limit(0).to_arrow_table()
+                ws.send(json.dumps({"action": "flight_info", "request_id": msg["request_id"], "rows": -1, "bytes": -1,
+                                    "schema": base64.b64encode(result.schema.serialize()).decode()}))
+            elif msg["action"] in ("do_get", "query"):
                 sid = msg["request_id"]
                 credit[sid] = msg["window"]
-                for kind, payload, cost in [(1, schema, schema.size)] + [(2, m, c) for m, c in messages]:
+                if msg["action"] == "query":
+                    result = engine.sql(msg["sql"]).to_arrow_table()
+                    stream = [(1, result.schema.serialize())] + [(2, b.serialize()) for b in result.to_batches(rows)]
+                    stream = [(kind, payload, payload.size) for kind, payload in stream]
+                else:
+                    stream = [(1, schema, schema.size)] + [(2, m, c) for m, c in messages]
+                for kind, payload, cost in stream:
                     while credit[sid] < cost:
                         handle(json.loads(ws.recv()))
                     credit[sid] -= cost
@@ -83,8 +100,9 @@ def doc_connector(url: str, tenant: str, token: str, table: pa.Table, ready: thr
                 continue
 
 
-@pytest.mark.parametrize("codecs", [None, ["zstd"]], ids=["1.3", "1.4-zstd"])
-def test_a_connector_written_from_the_protocol_page_serves_flight_clients(tmp_path, tenants, datasets, codecs):
+@pytest.mark.parametrize("codecs, sql", [(None, False), (["zstd"], False), ([], True)],
+                         ids=["1.3", "1.4-zstd", "1.5-sql"])
+def test_a_connector_written_from_the_protocol_page_serves_flight_clients(tmp_path, tenants, datasets, codecs, sql):
     table = pq.read_table(datasets["small"] / "sales.parquet")
     args = ("--window-bytes", str(512 << 10), "--max-frame-bytes", str(256 << 10))  # forces many credit grants
     with Cluster(tmp_path, tenants, datasets["small"], gateway_args=args, with_connectors=False,
@@ -93,7 +111,7 @@ def test_a_connector_written_from_the_protocol_page_serves_flight_clients(tmp_pa
         creds = tenants["tenant_001"]
         thread = threading.Thread(target=doc_connector,
                                   args=(c.websocket_url, "tenant_001", creds.connector_token, table, ready, stop,
-                                        codecs))
+                                        codecs, sql))
         thread.start()
         try:
             assert ready.wait(10)
@@ -101,6 +119,12 @@ def test_a_connector_written_from_the_protocol_page_serves_flight_clients(tmp_pa
             assert info.total_records == table.num_rows
             assert got.equals(table)
             assert c.health()["tenants"]["tenant_001"]["codec"] == (codecs[0] if codecs else None)
+            if sql:  # a Flight SQL client's query runs at this connector (§3b)
+                query = "SELECT id, amount FROM sales WHERE id % 10 = 3 ORDER BY id"
+                got = adbc_query(c.flight_uri, creds.client_token, query)
+                here = duckdb.connect()
+                here.register("sales", table)
+                assert got.num_rows > 0 and got.equals(here.sql(query).to_arrow_table())
         finally:
             stop.set()
             thread.join(10)
