@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,11 @@ log = logging.getLogger("poc.connector")
 
 @dataclass
 class Dataset:
-    """One named table, as record batches of about `BATCH_BYTES` each."""
+    """One named table, as record batches of about `BATCH_BYTES` each.
+
+    It is held once: each batch serialized behind 8 free bytes for the frame header (`framed_messages`), and
+    the batches, their messages and `table()` are zero-copy views of those buffers. A frame size smaller than
+    a batch's message (a slow link's, see the connector's frame_budget) adds one cut in frames of that size."""
 
     name: str
     schema: pa.Schema
@@ -32,27 +37,46 @@ class Dataset:
         """The Arrow IPC schema message (docs/protocol.md §4)."""
         return self.schema.serialize()
 
+    def _primary(self) -> list[bytearray]:
+        """Each batch message behind 8 free bytes, built once; the batches become views of them."""
+        with _BUILDING:
+            cache = self.__dict__.setdefault("_framed", {})
+            if None not in cache:
+                framed = []
+                for i, batch in enumerate(self.batches):
+                    framed.append(_framed(batch.serialize()))
+                    self.batches[i] = pa.ipc.read_record_batch(_message_view(framed[-1]), self.schema)
+                cache[None] = framed
+            return cache[None]
+
+    def seal(self) -> "Dataset":
+        """Build the framed buffers now (at load) and give the memory the batches held back."""
+        self._primary()
+        pa.default_memory_pool().release_unused()
+        return self
+
     @functools.cached_property
     def batch_messages(self) -> list[pa.Buffer]:
-        """Each batch as one encapsulated Arrow IPC message, serialized once and reused."""
-        return [batch.serialize() for batch in self.batches]
+        """Each batch as one encapsulated Arrow IPC message: views of the framed buffers."""
+        return [_message_view(f) for f in self._primary()]
 
     def messages_within(self, max_bytes: int) -> list[pa.Buffer]:
         """The batch messages, each batch halved until its message fits in `max_bytes` (a frame's limit)."""
-        if all(m.size <= max_bytes for m in self.batch_messages):
-            return self.batch_messages
-        cache = self.__dict__.setdefault("_fitted", {})
-        if max_bytes not in cache:
-            cache[max_bytes] = [m for b in self.batches for m in _fit(b, max_bytes)]
-        return cache[max_bytes]
+        return [_message_view(f) for f in self.framed_messages(max_bytes)]
+
+    def _fits(self, max_bytes: int) -> bool:
+        return all(len(f) - HEADER.size <= max_bytes for f in self._primary())
 
     def framed_messages(self, max_bytes: int) -> list[bytearray]:
-        """Each batch message behind 8 free bytes for the frame header (docs/protocol.md §4), built once:
-        the connector writes the header in place and sends the buffer without another copy."""
-        cache = self.__dict__.setdefault("_framed", {})
-        if max_bytes not in cache:
-            cache[max_bytes] = [_framed(m) for m in self.messages_within(max_bytes)]
-        return cache[max_bytes]
+        """Each batch message behind 8 free bytes for the frame header (docs/protocol.md §4), each at most
+        `max_bytes`: the connector writes the header in place and sends the buffer without another copy."""
+        if self._fits(max_bytes):
+            return self._primary()
+        with _BUILDING:
+            cache = self.__dict__["_framed"]
+            if max_bytes not in cache:
+                cache[max_bytes] = [_framed(m) for b in self.batches for m in _fit(b, max_bytes)]
+            return cache[max_bytes]
 
     def compressed_frame(self, codec: str, max_bytes: int, index: int,
                          charge_limit: int | None = None) -> tuple[bytearray, int] | None:
@@ -63,7 +87,7 @@ class Dataset:
         limit = max_bytes if charge_limit is None else charge_limit
         cache = self.__dict__.setdefault("_compressed", {}).setdefault((codec, max_bytes, limit), {})
         if index not in cache:
-            raw = self.messages_within(max_bytes)[index]
+            raw = _message_view(self.framed_messages(max_bytes)[index])
             message = compress_message(raw, self.schema, codec)
             charge = ipc.charge(memoryview(message), codec)
             cache[index] = (_framed(message), charge) if message.size < 0.9 * raw.size and charge <= limit else None
@@ -73,7 +97,8 @@ class Dataset:
         """Whether `framed_messages(max_bytes)` — or, with a codec, that batch's `compressed_frame` — is built
         already (building it takes a while: callers on an event loop do it in a thread)."""
         if codec is None:
-            return max_bytes in self.__dict__.get("_framed", {})
+            cuts = self.__dict__.get("_framed", {})
+            return None in cuts and (max_bytes in cuts or self._fits(max_bytes))
         return index in self.__dict__.get("_compressed", {}).get((codec, max_bytes, charge_limit), {})
 
     @property
@@ -121,7 +146,9 @@ def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str,
             table = pq.read_table(file)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
-        datasets[file.stem] = Dataset(file.stem, table.schema, cut_batches(table, batch_bytes), file)
+        schema, batches = table.schema, cut_batches(table, batch_bytes)
+        del table  # the batches hold the data until seal() moves it into the framed buffers
+        datasets[file.stem] = Dataset(file.stem, schema, batches, file).seal()
     if not datasets:
         raise ConfigError(f"no Parquet file in {path} has a valid dataset name")
     return datasets
@@ -141,6 +168,14 @@ def compress_message(message: pa.Buffer, schema: pa.Schema, codec: str) -> pa.Bu
 def available_codecs() -> list[str]:
     """The IPC body codecs this pyarrow build can write, best first (protocol §4b)."""
     return [c for c in ("zstd", "lz4") if pa.Codec.is_available(c)]
+
+
+_BUILDING = threading.RLock()  # framed buffers are built once, by whichever thread asks first
+
+
+def _message_view(framed: bytearray) -> pa.Buffer:
+    """The IPC message of a framed buffer, without a copy."""
+    return pa.py_buffer(framed).slice(HEADER.size)
 
 
 def _framed(message: pa.Buffer) -> bytearray:
