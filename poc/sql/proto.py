@@ -11,6 +11,7 @@ strings must be UTF-8, and unknown fields are skipped as protobuf requires (docs
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 
 TYPE_URL_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
@@ -176,117 +177,86 @@ def _uint32s(fields: dict, number: int) -> list[int]:
     return out
 
 
+_READERS = {"text": lambda f, n: _text(f, n) or "", "text?": _text, "bytes": lambda f, n: _last(f, n, bytes) or b"",
+            "bytes?": lambda f, n: _last(f, n, bytes), "texts": lambda f, n: tuple(_texts(f, n)),
+            "uint32s": lambda f, n: tuple(_uint32s(f, n)), "bool": lambda f, n: bool(_last(f, n, int))}
+
+
 @dataclass(frozen=True)
 class Message:
-    """A Flight SQL message; subclasses name their proto type and say how their fields decode."""
+    """A Flight SQL message; subclasses name their proto type and list their fields as (number, attribute,
+    kind): text, text? (optional), bytes, bytes?, texts and uint32s (repeated), bool."""
 
     NAME = ""
+    FIELDS: typing.ClassVar[tuple[tuple[int, str, str], ...]] = ()
 
     @classmethod
     def decode(cls, body: bytes) -> "Message":
-        return cls()
+        fields = decode_fields(body)
+        return cls(**{name: _READERS[kind](fields, number) for number, name, kind in cls.FIELDS})
 
     def encode(self) -> bytes:
-        return b""
+        out = []
+        for number, name, kind in self.FIELDS:
+            value = getattr(self, name)
+            if kind in ("texts", "uint32s"):
+                out += [(number, v) for v in value]
+            elif kind == "bool":
+                out.append((number, int(value) or None))
+            else:  # proto3: a default scalar is left out; an optional one is left out when unset
+                out.append((number, value if value or kind.endswith("?") else None))
+        return encode_fields(*out)
+
+
+_QUERY = ((1, "query", "text"), (2, "transaction_id", "bytes?"))
 
 
 @dataclass(frozen=True)
 class CommandStatementQuery(Message):
-    NAME = "CommandStatementQuery"
+    NAME, FIELDS = "CommandStatementQuery", _QUERY
     query: str = ""
     transaction_id: bytes | None = None
-
-    @classmethod
-    def decode(cls, body):
-        f = decode_fields(body)
-        return cls(_text(f, 1) or "", _last(f, 2, bytes))
-
-    def encode(self):
-        return encode_fields((1, self.query), (2, self.transaction_id))
-
-
-@dataclass(frozen=True)
-class TicketStatementQuery(Message):
-    NAME = "TicketStatementQuery"
-    statement_handle: bytes = b""
-
-    @classmethod
-    def decode(cls, body):
-        return cls(_last(decode_fields(body), 1, bytes) or b"")
-
-    def encode(self):
-        return encode_fields((1, self.statement_handle))
-
-
-@dataclass(frozen=True)
-class CommandPreparedStatementQuery(Message):
-    NAME = "CommandPreparedStatementQuery"
-    prepared_statement_handle: bytes = b""
-
-    @classmethod
-    def decode(cls, body):
-        return cls(_last(decode_fields(body), 1, bytes) or b"")
-
-    def encode(self):
-        return encode_fields((1, self.prepared_statement_handle))
 
 
 @dataclass(frozen=True)
 class ActionCreatePreparedStatementRequest(Message):
-    NAME = "ActionCreatePreparedStatementRequest"
+    NAME, FIELDS = "ActionCreatePreparedStatementRequest", _QUERY
     query: str = ""
     transaction_id: bytes | None = None
 
-    @classmethod
-    def decode(cls, body):
-        f = decode_fields(body)
-        return cls(_text(f, 1) or "", _last(f, 2, bytes))
 
-    def encode(self):
-        return encode_fields((1, self.query), (2, self.transaction_id))
+@dataclass(frozen=True)
+class TicketStatementQuery(Message):
+    NAME, FIELDS = "TicketStatementQuery", ((1, "statement_handle", "bytes"),)
+    statement_handle: bytes = b""
+
+
+@dataclass(frozen=True)
+class CommandPreparedStatementQuery(Message):
+    NAME, FIELDS = "CommandPreparedStatementQuery", ((1, "prepared_statement_handle", "bytes"),)
+    prepared_statement_handle: bytes = b""
+
+
+@dataclass(frozen=True)
+class ActionClosePreparedStatementRequest(Message):
+    NAME, FIELDS = "ActionClosePreparedStatementRequest", ((1, "prepared_statement_handle", "bytes"),)
+    prepared_statement_handle: bytes = b""
 
 
 @dataclass(frozen=True)
 class ActionCreatePreparedStatementResult(Message):
     NAME = "ActionCreatePreparedStatementResult"
+    FIELDS = ((1, "prepared_statement_handle", "bytes"), (2, "dataset_schema", "bytes"),
+              (3, "parameter_schema", "bytes"))
     prepared_statement_handle: bytes = b""
     dataset_schema: bytes = b""
     parameter_schema: bytes = b""
 
-    @classmethod
-    def decode(cls, body):
-        f = decode_fields(body)
-        return cls(_last(f, 1, bytes) or b"", _last(f, 2, bytes) or b"", _last(f, 3, bytes) or b"")
-
-    def encode(self):
-        return encode_fields((1, self.prepared_statement_handle), (2, self.dataset_schema),
-                             (3, self.parameter_schema or None))
-
-
-@dataclass(frozen=True)
-class ActionClosePreparedStatementRequest(Message):
-    NAME = "ActionClosePreparedStatementRequest"
-    prepared_statement_handle: bytes = b""
-
-    @classmethod
-    def decode(cls, body):
-        return cls(_last(decode_fields(body), 1, bytes) or b"")
-
-    def encode(self):
-        return encode_fields((1, self.prepared_statement_handle))
-
 
 @dataclass(frozen=True)
 class CommandGetSqlInfo(Message):
-    NAME = "CommandGetSqlInfo"
+    NAME, FIELDS = "CommandGetSqlInfo", ((1, "info", "uint32s"),)
     info: tuple[int, ...] = ()
-
-    @classmethod
-    def decode(cls, body):
-        return cls(tuple(_uint32s(decode_fields(body), 1)))
-
-    def encode(self):
-        return encode_fields(*((1, i) for i in self.info))
 
 
 @dataclass(frozen=True)
@@ -301,50 +271,30 @@ class CommandGetTableTypes(Message):
 
 @dataclass(frozen=True)
 class CommandGetDbSchemas(Message):
-    NAME = "CommandGetDbSchemas"
+    NAME, FIELDS = "CommandGetDbSchemas", ((1, "catalog", "text?"), (2, "db_schema_filter_pattern", "text?"))
     catalog: str | None = None
     db_schema_filter_pattern: str | None = None
-
-    @classmethod
-    def decode(cls, body):
-        f = decode_fields(body)
-        return cls(_text(f, 1), _text(f, 2))
-
-    def encode(self):
-        return encode_fields((1, self.catalog), (2, self.db_schema_filter_pattern))
 
 
 @dataclass(frozen=True)
 class CommandGetTables(Message):
     NAME = "CommandGetTables"
+    FIELDS = ((1, "catalog", "text?"), (2, "db_schema_filter_pattern", "text?"),
+              (3, "table_name_filter_pattern", "text?"), (4, "table_types", "texts"), (5, "include_schema", "bool"))
     catalog: str | None = None
     db_schema_filter_pattern: str | None = None
     table_name_filter_pattern: str | None = None
     table_types: tuple[str, ...] = ()
     include_schema: bool = False
 
-    @classmethod
-    def decode(cls, body):
-        f = decode_fields(body)
-        return cls(_text(f, 1), _text(f, 2), _text(f, 3), tuple(_texts(f, 4)), bool(_last(f, 5, int)))
-
-    def encode(self):
-        return encode_fields((1, self.catalog), (2, self.db_schema_filter_pattern),
-                             (3, self.table_name_filter_pattern), *((4, t) for t in self.table_types),
-                             (5, int(self.include_schema) or None))
-
 
 @dataclass(frozen=True)
 class _TableKeys(Message):
     """CommandGetPrimaryKeys, CommandGetExportedKeys, CommandGetImportedKeys: datasets have no keys."""
+    FIELDS = ((1, "catalog", "text?"), (2, "db_schema", "text?"), (3, "table", "text"))
     catalog: str | None = None
     db_schema: str | None = None
     table: str = ""
-
-    @classmethod
-    def decode(cls, body):
-        f = decode_fields(body)
-        return cls(_text(f, 1), _text(f, 2), _text(f, 3) or "")
 
 
 class CommandGetPrimaryKeys(_TableKeys):
