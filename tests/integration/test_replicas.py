@@ -50,6 +50,23 @@ def test_every_replica_serves_every_tenant_exactly_to_a_plain_client(replicas, d
                          for g in ("gw-1", "gw-2", "gw-3")), 10, "one tunnel per replica in gw-1's metrics")
 
 
+def test_sql_at_any_replica_runs_at_the_tenants_connector(replicas, datasets):
+    """ADBC at a replica without the tenant's tunnel: the statement's GetFlightInfo, DoGet, the prepared
+    statement's action and the metadata reach the owner (stateless handles: no replica keeps a statement)."""
+    from tests.integration.test_sql import connect, local
+
+    sql = "SELECT id % 10 AS k, count(*) AS n FROM sales GROUP BY 1 ORDER BY 1"
+    creds = replicas.tenants["tenant_002"]  # its tunnel is on gw-2
+    for gateway in ("gw-1", "gw-3"):
+        with connect(replicas.flight_uri(gateway), creds.client_token) as conn, conn.cursor() as cursor:
+            cursor.execute(sql)
+            assert cursor.fetch_arrow_table().equals(local(datasets["small"], sql))
+            assert conn.adbc_get_table_schema("sales").names == expected(datasets).schema.names
+    metrics = scrape(replicas, "gw-1")
+    assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_action"), ("outcome", "ok")))] >= 1
+    assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_get"), ("outcome", "ok")))] >= 1
+
+
 def test_flight_info_names_the_owner_so_clients_can_follow_locations(replicas, datasets):
     creds = replicas.tenants["tenant_002"]
     with flight.connect(replicas.flight_uri("gw-1")) as client:

@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import adbc_driver_flightsql.dbapi as flight_sql
+import psutil
 import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -237,7 +238,10 @@ def test_a_client_cancel_stops_the_query_at_the_connector(sql_cluster):
         info = client.get_flight_info(flight.FlightDescriptor.for_command(command), bearer(token))
         reader = client.do_get(info.endpoints[0].ticket, bearer(token, timeout=60))
         reader.read_chunk()
+        time.sleep(0.5)
         assert _queries_running(cluster, tenant_id) == 1  # paused for credit, not finished
+        rss = psutil.Process(cluster.components[f"connector-{tenant_id}"].pid).memory_info().rss
+        assert rss < 500e6, rss  # an 800 MB result is streamed, never materialised at the connector
         reader.cancel()
     finally:
         client.close()
