@@ -8,11 +8,12 @@ BIN := $(VENV)/bin
 .PHONY: report test clean-venv system
 
 # Programs from Debian that the tests and notebooks start themselves (a real Redis for the gateway replicas'
-# registry); installed with apt-get when missing (as root, as CI runs), skipped when present.
-SYSTEM_PROGRAMS := redis-server
+# registry, Chromium for the browser tests, Node.js and npm for the page's JavaScript packages); installed with
+# apt-get when missing (as root, as CI runs), skipped when present. program:package pairs.
+SYSTEM_PROGRAMS := redis-server:redis-server chromium:chromium node:nodejs npm:npm
 
 system:
-	@missing=""; for p in $(SYSTEM_PROGRAMS); do command -v $$p > /dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for pair in $(SYSTEM_PROGRAMS); do command -v $${pair%%:*} > /dev/null || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make: needs$$missing: run 'apt-get install$$missing' as root" >&2; exit 1; fi; \
 	  echo "installing$$missing from Debian"; \
@@ -26,10 +27,16 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $@
 
-report: system $(BIN)/.installed
+# The page's JavaScript packages (DuckDB-WASM, Arrow JS), from the npm registry at the versions of
+# ui/package-lock.json; the gateway serves them at /ui/vendor/.
+ui/node_modules/.installed: ui/package.json ui/package-lock.json
+	npm ci --prefix ui --no-audit --no-fund --loglevel=error
+	touch $@
+
+report: system $(BIN)/.installed ui/node_modules/.installed
 	$(BIN)/python -m poc report --params $(PARAMS)
 
-test: system $(BIN)/.installed
+test: system $(BIN)/.installed ui/node_modules/.installed
 	$(BIN)/python -m pytest
 
 clean-venv:

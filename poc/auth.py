@@ -98,6 +98,10 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
         """Take new client tokens: calls that start from now on are checked against them."""
         self._tokens = TenantTokens(tenants, "client_token")
 
+    def tenant_for(self, token: str) -> str | None:
+        """The tenant whose client token this is (HTTP's bearer check: the same tokens as Flight's)."""
+        return self._tokens.tenant_for(token)
+
     def start_call(self, info, headers):
         given = headers.get("x-request-id") or []
         request_id = str(given[0]) if len(given) == 1 and REQUEST_ID.fullmatch(str(given[0])) else \

@@ -132,6 +132,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     cfg = GatewayConfig(
         tenants=config.load_tenants(args.tenants), tenants_file=args.tenants, host=args.host, ws_port=args.ws_port,
         flight_port=args.flight_port, http_port=args.http_port, heartbeat_s=args.heartbeat_s,
+        cors_origins=tuple(args.cors_origin or ()),
         offline_after_s=args.offline_after_s, request_timeout_s=args.request_timeout_s,
         limits=_limits(args),
         ticket_secret=os.environb.get(b"POC_TICKET_SECRET"), max_requests_per_s=args.max_requests_per_s,
@@ -231,6 +232,12 @@ def cmd_connector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cors(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cors-origin", action="append",
+                   help="an origin (scheme://host:port) whose pages may call the HTTP Arrow endpoints from a "
+                        "browser (repeatable; none by default: only pages served by this port)")
+
+
 def cmd_direct(args: argparse.Namespace) -> int:
     from .catalog import load_datasets
     from .direct import DirectFlightServer
@@ -243,12 +250,20 @@ def cmd_direct(args: argparse.Namespace) -> int:
     scheme, tls = ("grpc+tls", [flight_certificate(args.tls_cert, args.tls_key)]) if args.tls_cert else ("grpc", None)
     server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", load_datasets(args.data), tenants,
                                 config.parse_delay(args.delay_ms), tls_certificates=tls)
+    ports = {"flight_port": server.port}
+    if args.http_port >= 0:
+        from .http_arrow import ArrowHttpServer, default_vendor_dir
+
+        http = ArrowHttpServer((args.host, args.http_port),
+                               server.arrow_http(tenants, tuple(args.cors_origin or ()), default_vendor_dir()))
+        http.start()
+        ports["http_port"] = http.server_address[1]
     def shutdown(*_) -> None:  # shutdown() waits for calls in flight, so not on the signal's own stack
         threading.Thread(target=server.shutdown, name="shutdown").start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, shutdown)
-    _emit_ready(component="direct", pid=os.getpid(), flight_port=server.port)
+    _emit_ready(component="direct", pid=os.getpid(), **ports)
     server.serve()
     return 0
 
@@ -404,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument("--ws-port", type=int, default=config.WS_PORT, help="tunnel port (default %(default)s)")
     p.add_argument("--flight-port", type=int, default=config.FLIGHT_PORT, help="Flight port (default %(default)s)")
-    p.add_argument("--http-port", type=int, default=config.HTTP_PORT, help="health port (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=config.HTTP_PORT,
+                   help="HTTP port: health, metrics, and Arrow for browsers (/v1/datasets/{name}, /v1/query, the "
+                        "page at /ui/) (default %(default)s)")
+    _add_cors(p)
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S,
                    help="heartbeat interval announced to connectors (default %(default)s)")
     p.add_argument("--offline-after-s", type=float, default=config.OFFLINE_AFTER_S,
@@ -519,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Flight port (default %(default)s, beside the gateway's 8815 on one host)")
     p.add_argument("--delay-ms", default="200-250", help="simulated delay before each DoGet (default %(default)s)")
     p.add_argument("--tenants", help="tenants YAML: require the same bearer tokens as the gateway")
+    p.add_argument("--http-port", type=int, default=-1,
+                   help="serve the gateway's HTTP Arrow endpoints and page (/v1/datasets, /v1/query, /ui/) on this "
+                        "port too, for browser comparisons; -1 (default) turns it off, 0 picks one")
+    _add_cors(p)
     _add_tls(p)
     p.set_defaults(func=cmd_direct)
 

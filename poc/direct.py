@@ -64,6 +64,24 @@ class DirectFlightServer(flight.FlightServerBase):
         for ds in self._datasets.values():
             yield self._flight_info(tenant, ds, flight.FlightDescriptor.for_path("dataset", ds.name))
 
+    def arrow_http(self, tenants: dict[str, TenantCredentials] | None, cors_origins: tuple[str, ...] = (),
+                   vendor_dir=None):
+        """The same HTTP Arrow endpoints as the gateway's (poc.http_arrow), over this server's own data."""
+        from .http_arrow import ArrowHttp
+
+        tokens = BearerAuthFactory(tenants) if tenants else None
+
+        def dataset(who, name):
+            ds = self._dataset(name)
+            low, high = self._delay_ms
+            if high > 0:
+                time.sleep(random.uniform(low, high) / 1000)
+            return ds.schema, iter(self._tables[ds.name].to_batches())
+
+        return ArrowHttp(tokens.tenant_for if tokens else (lambda token: ""), lambda who: list(self._datasets),
+                         dataset, lambda who, sql: self.sql.backend.execute(who, sql, lambda: False),
+                         cors_origins, vendor_dir)
+
     def get_schema(self, context, descriptor):
         command = descriptor_command(descriptor)
         if command is None:

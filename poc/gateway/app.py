@@ -58,6 +58,7 @@ class GatewayConfig:
     ws_impl: str = config.WS_IMPL
     grpc_tunnel_port: int | None = config.GRPC_TUNNEL_PORT  # None: no gRPC tunnel endpoint
     tls_cert: str | None = None
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the HTTP Arrow endpoints (--cors-origin)
     tls_key: str | None = None
     registry_url: str | None = None  # redis://HOST:PORT/DB: replicas sharing one registry; None: in-process
     gateway_id: str = field(default_factory=lambda: "gw-" + secrets.token_hex(4))
@@ -153,9 +154,12 @@ class Gateway:
             self._grpc_server, grpc_port = await serve_grpc(
                 self._serve_link, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port,
                 cfg.limits.max_frame_bytes + HEADER.size, tls_pair)
+        from ..http_arrow import default_vendor_dir
+
         self._http = HealthServer((cfg.host, cfg.http_port), self._snapshot, self._readiness,
                                   cfg.admin_token, lambda: self.budget.reserved, self.metrics,
-                                  reload=lambda: asyncio.run_coroutine_threadsafe(self._reload(), loop).result(10))
+                                  reload=lambda: asyncio.run_coroutine_threadsafe(self._reload(), loop).result(10),
+                                  arrow=self._flight.arrow_http(cfg.cors_origins, default_vendor_dir()))
         self._http.start()
         self._spawn(self._watch_heartbeats())
         self.ports = {"ws_port": self._ws_server.sockets[0].getsockname()[1],

@@ -11,7 +11,8 @@ import pyarrow.flight as flight
 
 from ..auth import BearerAuthFactory, PeerCredentials, TicketSigner, caller, dataset_from_descriptor
 from ..config import TenantCredentials
-from ..sql.service import FlightSqlService, descriptor_command, serve_result, sql_command
+from ..http_arrow import ArrowHttp
+from ..sql.service import FlightSqlService, checked_query, descriptor_command, serve_result, sql_command
 from .bridge import NotHere, TunnelBridge
 from .cluster import ClusterRouter
 from .metrics import GatewayMetrics
@@ -118,6 +119,29 @@ class GatewayFlightServer(flight.FlightServerBase):
             if result is None:
                 raise
             return result
+
+    def arrow_http(self, cors_origins: tuple[str, ...] = (), vendor_dir=None) -> ArrowHttp:
+        """The browsers' endpoints (poc.http_arrow) over this gateway's tunnels: a dataset's stream or a query's
+        result, with the same bridge, credit and checks as a Flight DoGet. With replicas, a tenant whose tunnel
+        is on another replica is served there (its HTTP port): this one answers 503 saying so."""
+        def local(call):
+            try:
+                return call()
+            except NotHere:
+                raise flight.FlightUnavailableError("this tenant's tunnel is held by another gateway replica; "
+                                                    "its HTTP streams are served there") from None
+
+        def datasets(who):
+            return local(lambda: self._bridge.datasets(who.tenant_id)[0])
+
+        def dataset(who, name):
+            stream = local(lambda: self._bridge.open_stream(who.tenant_id, name, lambda: False, who.request_id))
+            return stream.schema, stream.batches()
+
+        def query(who, sql):
+            return local(lambda: self.sql.backend.execute(who, checked_query(sql), lambda: False))
+
+        return ArrowHttp(self.auth.tenant_for, datasets, dataset, query, tuple(cors_origins), vendor_dir)
 
     def join_cluster(self, cluster: ClusterRouter, advertise: str) -> None:
         """`--registry`: route calls for other replicas' tenants; name `advertise` in every endpoint."""

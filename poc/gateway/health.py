@@ -15,10 +15,11 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..http_arrow import ArrowHttp, ArrowHttpHandler, serve
 from .metrics import GatewayMetrics
 
 
@@ -27,7 +28,9 @@ class HealthServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], snapshot: Callable[[], dict], state: Callable[[], str],
                  admin_token: str | None, reserved_bytes: Callable[[], int] = lambda: 0,
-                 metrics: GatewayMetrics | None = None, reload: Callable[[], dict] | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, reload: Callable[[], dict] | None = None,
+                 arrow: ArrowHttp | None = None) -> None:
+        self.arrow = arrow  # the browsers' Arrow endpoints and page (poc.http_arrow)
         self.snapshot = snapshot
         self.reload = reload
         self.metrics = metrics or GatewayMetrics()
@@ -42,12 +45,24 @@ class HealthServer(ThreadingHTTPServer):
         return thread
 
 
-class _HealthHandler(BaseHTTPRequestHandler):
+class _HealthHandler(ArrowHttpHandler):
     server: HealthServer
-    timeout = 10  # a client that sends its request slowly is cut off, not given a thread forever
+
+    def _arrow(self, method: str) -> bool:
+        arrow = self.server.arrow
+        if arrow is not None and arrow.handles(self.path.split("?")[0]):
+            serve(self, arrow, method)
+            return True
+        return False
+
+    def do_OPTIONS(self) -> None:  # noqa: N802
+        if not self._arrow("OPTIONS"):
+            self._reply(404, {"error": "no such path"})
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?")[0]
+        if self._arrow("GET"):
+            return
         if path == "/livez":
             self._reply(200, {"status": "alive"})
         elif path == "/readyz":
@@ -64,6 +79,8 @@ class _HealthHandler(BaseHTTPRequestHandler):
             self._reply(404, {"error": "no such path; try /livez, /readyz, /health, /metrics or /v1/usage"})
 
     def do_POST(self) -> None:  # noqa: N802
+        if self._arrow("POST"):
+            return
         if self.path.split("?")[0] != "/v1/tenants/reload":
             self._reply(404, {"error": "no such path; POST /v1/tenants/reload"})
         elif self._admin():
@@ -103,6 +120,3 @@ class _HealthHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-
-    def log_message(self, format: str, *args) -> None:  # health polls are not worth a log line
-        pass

@@ -181,7 +181,7 @@ class Cluster(Started):
             self.wait_online(list(self.tenants))
         if self.with_direct:
             self.components["direct"] = start_component(
-                "direct", ["direct", "--data", str(self.data), "--host", self.host, "--port", "0",
+                "direct", ["direct", "--data", str(self.data), "--host", self.host, "--port", "0", "--http-port", "0",
                            "--delay-ms", self.delay_ms, "--tenants", str(self.tenants_file), *self._tls_args()],
                 self.log_dir)
 
