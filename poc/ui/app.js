@@ -87,15 +87,19 @@ async function run() {
   table.rows[0].append(...names.map((n) => cell("th", n)));
   for (const row of rows) {
     const tr = table.insertRow();
-    tr.append(...names.map((n) => cell("td", String(row[n]))));
+    tr.append(...names.map((n) => cell("td", shown(row[n]))));
   }
   $("result").replaceChildren(table);
   chart(names, rows);
 }
 
-function chart(names, rows) {  // bars of the second column by the first, when it is numeric
+function shown(value) {
+  return typeof value === "number" && !Number.isInteger(value) ? value.toFixed(2) : String(value);
+}
+
+function chart(names, rows) {  // bars of the last column by the first, when it is numeric
   const svg = $("chart");
-  const values = rows.slice(0, 30).map((row) => Number(row[names[1]]));
+  const values = rows.slice(0, 30).map((row) => Number(row[names[names.length - 1]]));
   if (names.length < 2 || values.length === 0 || values.some((v) => !Number.isFinite(v))) {
     svg.setAttribute("height", "0");
     svg.replaceChildren();

@@ -98,6 +98,7 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
     from .resilience import ResilienceParams
     from .scale import ScaleParams
     from .scaleout import ScaleoutParams
+    from .browser import BrowserParams
     from .sql import SqlParams
     from .wan import WanParams
 
@@ -108,7 +109,8 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
         raise ConfigError(f"cannot read parameter file {params_file}: {exc}") from None
     name = doc.get("notebook", "experiment")
     kinds = {"experiment": ExperimentParams, "resilience": ResilienceParams, "scale": ScaleParams,
-             "scaleout": ScaleoutParams, "wan": WanParams, "sql": SqlParams}
+             "scaleout": ScaleoutParams, "wan": WanParams, "sql": SqlParams,
+             "browser": BrowserParams}
     if name not in kinds:
         raise ConfigError(f"{params_file}: notebook must be one of {sorted(kinds)}, got {name!r}")
     notebook = NOTEBOOKS / f"{name}.ipynb"

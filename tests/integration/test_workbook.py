@@ -229,3 +229,13 @@ def test_sql_notebook_measures_pushed_down_queries_against_whole_datasets(tmp_pa
     for name in ("bytes_moved", "p50_ms"):
         assert (out / "charts" / f"{name}.png").stat().st_size > 5_000
     assert "less) and answered in" in shared_text(out, tmp_path)
+
+
+@pytest.mark.browser
+def test_browser_notebook_loads_the_dataset_into_duckdb_wasm_both_ways(tmp_path):
+    out = executed(tmp_path, "browser", "notebook: browser\nrows: 20000\nrepetitions: 1\n")
+    table = pl.read_csv(out / "browser.csv")
+    assert table.height == 2 and set(table["path"]) == {"tunnel", "direct"} and (table["rows"] == 20_000).all()
+    assert (table["browser_uss_mb"] > 10).all() and (table["load_s"] > 0).all()
+    assert (out / "charts" / "load_seconds.png").stat().st_size > 5_000
+    assert "rows into DuckDB-WASM through the tunnel in" in shared_text(out, tmp_path)
