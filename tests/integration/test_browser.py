@@ -211,3 +211,13 @@ def test_the_page_shows_a_wrong_token_and_an_offline_tenant(web, browser, datase
         page.page.close()
         cluster.start_connector("tenant_002", data=datasets["small"])
         cluster.wait_online(["tenant_002"])
+
+
+def test_a_connector_that_does_not_answer_in_time_is_a_504(tmp_path, datasets):
+    tenants = make_tenants(1)
+    with Cluster(tmp_path, tenants, datasets["small"], gateway_args=("--request-timeout-s", "1"),
+                 with_direct=False) as cluster:
+        status, _, body = http(f"{base(cluster)}/v1/query", tenants["tenant_001"].client_token,
+                               {"sql": "SELECT sum(i) FROM range(10000000000000) t(i)"})
+    assert status == 504, body
+    assert "no data from the connector" in json.loads(body)["error"]
