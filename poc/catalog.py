@@ -142,16 +142,21 @@ def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str,
                 raise ConfigError(message)
             log.warning("skipped %s", message)
             continue
-        try:
-            table = pq.read_table(file)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
-        schema, batches = table.schema, cut_batches(table, batch_bytes)
-        del table  # the batches hold the data until seal() moves it into the framed buffers
-        datasets[file.stem] = Dataset(file.stem, schema, batches, file).seal()
+        datasets[file.stem] = load_file(file.stem, file, batch_bytes)
     if not datasets:
         raise ConfigError(f"no Parquet file in {path} has a valid dataset name")
     return datasets
+
+
+def load_file(name: str, file: Path, batch_bytes: int = BATCH_BYTES) -> Dataset:
+    """One Parquet file as the dataset `name`, held once (Dataset.seal)."""
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
+    schema, batches = table.schema, cut_batches(table, batch_bytes)
+    del table  # the batches hold the data until seal() moves it into the framed buffers
+    return Dataset(name, schema, batches, Path(file)).seal()
 
 
 def compress_message(message: pa.Buffer, schema: pa.Schema, codec: str) -> pa.Buffer:

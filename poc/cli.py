@@ -188,7 +188,19 @@ def cmd_connector(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-bytes must be positive")
     if args.max_result_bytes < 1 or args.query_timeout_s <= 0 or args.query_memory_mb < 64:
         raise ConfigError("--max-result-bytes and --query-timeout-s must be positive, --query-memory-mb at least 64")
-    datasets = load_datasets(args.data, args.batch_bytes)
+    if not args.data and not args.sources:
+        raise ConfigError("give --data (Parquet) or --sources (a YAML file of datasets), or both")
+    datasets = load_datasets(args.data, args.batch_bytes) if args.data else {}
+    sources = {}
+    if args.sources:
+        from .catalog import load_file
+        from .sources import load_sources
+
+        sources, files = load_sources(args.sources)
+        clash = (set(sources) | set(files)) & set(datasets)
+        if clash:
+            raise ConfigError(f"datasets named both in --data and in --sources: {sorted(clash)}")
+        datasets.update({name: load_file(name, file, args.batch_bytes) for name, file in files.items()})
     cfg = ConnectorConfig(gateway=args.gateway[0], tenant_id=args.tenant, token=token,
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
                           ca_file=args.ca_file, ws_impl=args.ws_impl, more_gateways=tuple(args.gateway[1:]),
@@ -198,7 +210,7 @@ def cmd_connector(args: argparse.Namespace) -> int:
                           query_memory_mb=args.query_memory_mb)
     if args.connector_id:
         cfg.connector_id = args.connector_id
-    connector = Connector(cfg, datasets)
+    connector = Connector(cfg, datasets, sources)
     metrics_port = {}
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
@@ -213,7 +225,7 @@ def cmd_connector(args: argparse.Namespace) -> int:
         if not first.is_set():
             first.set()
             _emit_ready(component="connector", pid=os.getpid(), tenant_id=args.tenant, session_id=session_id,
-                        datasets=sorted(datasets), **metrics_port)
+                        datasets=connector.names, **metrics_port)
 
     connector.on_registered = registered
 
@@ -494,7 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "on the same gateway replaces it (protocol.md §2)")
     p.add_argument("--tenant", required=True, help="tenant id, as in the gateway's tenants file")
     p.add_argument("--token", help="connector token (or set POC_CONNECTOR_TOKEN, which keeps it out of ps)")
-    p.add_argument("--data", required=True, help="Parquet file or folder")
+    p.add_argument("--data", help="Parquet file or folder")
+    p.add_argument("--sources", help="YAML file naming datasets and where each comes from: a database table or "
+                                     "query through ADBC (postgresql://, sqlite://), or a Parquet path; the "
+                                     "password from POC_SOURCE_PASSWORD or the file's password_file "
+                                     "(docs/operations.md, 'Connectors on databases')")
     p.add_argument("--delay-ms", default="200-250", help="simulated extraction delay before each transfer, "
                                                          "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")

@@ -135,9 +135,10 @@ class Connector:
     there are enough, all with one connector_id; each slot reconnects with backoff, moving on to the next
     gateway. A goaway retires a slot once its link closes and starts a new one to another gateway at once."""
 
-    def __init__(self, cfg: ConnectorConfig, datasets: dict[str, Dataset]) -> None:
+    def __init__(self, cfg: ConnectorConfig, datasets: dict[str, Dataset], sources: dict | None = None) -> None:
         self.cfg = cfg
         self.datasets = datasets
+        self.sources = sources or {}  # name → DatabaseDataset (--sources: read from a database through ADBC)
         self.session_id: str | None = None  # of the newest registration
         self.on_registered = None
         self.metrics = ConnectorMetrics()
@@ -154,6 +155,40 @@ class Connector:
         self._engine = None  # the SQL engine, made at the first query (`sql_engine`)
         self._engine_lock = asyncio.Lock()
         self.query_pool = concurrent.futures.ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="query")
+
+    @property
+    def names(self) -> list[str]:
+        """Every dataset this connector serves: Parquet ones and database ones."""
+        return sorted({*self.datasets, *self.sources})
+
+    def _pushed(self, sql: str):
+        """(database, rewritten query) when the query names database datasets, else None (DuckDB runs it)."""
+        if not self.sources:
+            return None
+        from ..sources import involves, pushdown
+
+        if not involves(sql, self.sources):
+            return None
+        return pushdown(sql, self.sources, set(self.datasets))
+
+    async def open_query(self, sql: str):
+        """A client's query, not started: for its database (poc.sources) or for DuckDB."""
+        pushed = self._pushed(sql)
+        if pushed is not None:
+            from ..sources import DatabaseQuery
+
+            return DatabaseQuery(*pushed, self.cfg.query_timeout_s)
+        return (await self.sql_engine()).open(sql)
+
+    async def describer(self, sql: str):
+        """A blocking function giving a client's query's result schema, for the query pool."""
+        pushed = self._pushed(sql)
+        if pushed is not None:
+            from ..sources import describe
+
+            return lambda: describe(*pushed, self.cfg.query_timeout_s)
+        engine = await self.sql_engine()
+        return lambda: engine.schema(sql)
 
     async def sql_engine(self):
         """The DuckDB engine over the datasets (their Parquet files; those built in memory are copied in),
@@ -372,7 +407,7 @@ class Connector:
         cfg = self.cfg
         async with self._dial(url) as transport:
             endpoint = transport.endpoint
-            await transport.call(endpoint.register, cfg.tenant_id, cfg.token, sorted(self.datasets),
+            await transport.call(endpoint.register, cfg.tenant_id, cfg.token, self.names,
                                  self.registration_id(slot), cfg.codecs, cfg.sql_dialect)
             session = _Session(self, transport, url, slot, stop)
             stopper = asyncio.get_running_loop().create_task(self._close_on(stop, transport))
@@ -481,7 +516,12 @@ class _Session:
         elif isinstance(event, ev.FlightInfoRequested):
             self.connector.metrics.requests.labels("get_flight_info").inc()
             log.info("get_flight_info %s", event.dataset, extra={**self._context(), "request_id": event.trace_id})
-            self._answer_flight_info(event)
+            if event.dataset in self.connector.sources:
+                task = asyncio.get_running_loop().create_task(self._answer_table_info(event))
+                self.info_tasks.add(task)
+                task.add_done_callback(self.info_tasks.discard)
+            else:
+                self._answer_flight_info(event)
         elif isinstance(event, ev.GoAwayReceived):
             if not self.goaway:
                 self.goaway = True
@@ -560,8 +600,8 @@ class _Session:
         try:
             if not connector.cfg.sql:
                 raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
-            engine = await connector.sql_engine()
-            schema = await asyncio.get_running_loop().run_in_executor(connector.query_pool, engine.schema, event.sql)
+            describe = await connector.describer(event.sql)
+            schema = await asyncio.get_running_loop().run_in_executor(connector.query_pool, describe)
         except SqlError as exc:
             log.info("query_info refused (%s): %s", exc.code, clip(str(exc), 300),
                      extra={**self._context(), "request_id": event.trace_id})
@@ -570,33 +610,55 @@ class _Session:
         await self.transport.call(self.endpoint.reply_flight_info, event.request_id,
                                   schema.serialize().to_pybytes(), -1, -1)
 
+    async def _answer_table_info(self, event: ev.FlightInfoRequested) -> None:
+        """A database dataset's flight_info: its schema from the database's catalogue (no rows read); rows and
+        bytes unknown (-1), as Flight allows."""
+        from ..sql.engine import SqlError
+
+        table = self.connector.sources[event.dataset]
+        try:
+            schema = await asyncio.get_running_loop().run_in_executor(
+                self.connector.query_pool, table.schema, self.connector.cfg.query_timeout_s)
+        except SqlError as exc:
+            log.warning("get_flight_info %s failed (%s): %s", event.dataset, exc.code, clip(str(exc), 300),
+                        extra={**self._context(), "request_id": event.trace_id})
+            await self.transport.call(self.endpoint.fail_request, event.request_id, exc.code, clip(str(exc)))
+            return
+        await self.transport.call(self.endpoint.reply_flight_info, event.request_id,
+                                  schema.serialize().to_pybytes(), -1, -1)
+
     async def _stream_query(self, stream_id: int, sql: str) -> None:
-        """Run a query and stream its result as it is produced: the next batch is read only once the last
-        one had credit to go, so a slow client slows the query and the connector holds about one batch and
-        the stream's window. Past --query-timeout-s the query is interrupted; past --max-result-bytes the
-        stream ends in an error (never a short result); a cancel interrupts it."""
+        """A client's query: in DuckDB over the Parquet datasets, or in the database its datasets live in."""
+        from ..sql.engine import SqlError
+
+        if not self.connector.cfg.sql:
+            raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
+        query = await self.connector.open_query(sql)
+        await self._stream_rows(stream_id, query, self.connector.cfg.max_result_bytes)
+
+    async def _stream_rows(self, stream_id: int, query, limit: int | None) -> None:
+        """Run a query (DuckDB's or a database's: run, read, interrupt, close) and stream its result as it is
+        produced: the next batch is read only once the last one had credit to go, so a slow client slows the
+        query — the database's cursor too — and the connector holds about one batch and the stream's window.
+        Past --query-timeout-s the query is interrupted; past `limit` result bytes the stream ends in an error
+        (never a short result); a cancel interrupts it."""
         from ..sql.engine import SqlError
 
         connector, cfg = self.connector, self.connector.cfg
-        if not cfg.sql:
-            raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
         loop = asyncio.get_running_loop()
-        engine = await connector.sql_engine()
-        query = engine.open(sql)
         connector.metrics.queries.inc()
         timer = loop.call_later(cfg.query_timeout_s, query.interrupt, True)
         sent = rows = 0
         try:
-            await loop.run_in_executor(connector.query_pool, engine.run, query)
-            await self._send(stream_id, FrameType.SCHEMA, query.reader.schema.serialize())
+            await loop.run_in_executor(connector.query_pool, query.run)
+            await self._send(stream_id, FrameType.SCHEMA, query.schema.serialize())
             max_frame = frame_budget(self.transport.drain_bps, self.endpoint.registered.max_frame_bytes)
-            while (batch := await loop.run_in_executor(connector.query_pool, engine.read, query)) is not None:
+            while (batch := await loop.run_in_executor(connector.query_pool, query.read)) is not None:
                 for message in fit_batch(batch, max_frame):
                     sent += message.size
-                    if sent > cfg.max_result_bytes:
+                    if limit is not None and sent > limit:
                         raise SqlError("result_too_large", f"the result passed the connector's --max-result-bytes "
-                                                           f"{cfg.max_result_bytes}: narrow the query (LIMIT, WHERE, "
-                                                           "fewer columns)")
+                                                           f"{limit}: narrow the query (LIMIT, WHERE, fewer columns)")
                     await self._send(stream_id, FrameType.BATCH, message)
                 rows += batch.num_rows
         except SqlError as exc:
@@ -610,9 +672,16 @@ class _Session:
         self.endpoint.send_frame(FrameType.END, stream_id)
         self.transport.flush_soon()
         connector.metrics.query_rows.inc(rows)
-        log.info("query result sent: %d rows, %d bytes", rows, sent, extra=self._context(stream_id))
+        log.info("result sent: %d rows, %d bytes", rows, sent, extra=self._context(stream_id))
 
     async def _stream_dataset(self, stream_id: int, name: str) -> None:
+        table = self.connector.sources.get(name)
+        if table is not None:  # read from its database as the stream has credit (no simulated delay: it is real)
+            from ..sources import DatabaseQuery
+
+            query = DatabaseQuery(table.database, f"SELECT * FROM {table.relation}", self.connector.cfg.query_timeout_s)
+            await self._stream_rows(stream_id, query, None)
+            return
         ds = self.connector.datasets.get(name)
         if ds is None:
             await self.transport.call(self.endpoint.fail_request, stream_id, "not_found", f"dataset {name!r} not found")

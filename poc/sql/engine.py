@@ -56,6 +56,17 @@ class Query:
     _cursor: object
     timed_out: bool = False
     sql: str = ""
+    engine: "SqlEngine | None" = None
+
+    def run(self) -> "Query":
+        return self.engine.run(self)
+
+    def read(self) -> pa.RecordBatch | None:
+        return self.engine.read(self)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.reader.schema
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # a read and the close
 
     def interrupt(self, timed_out: bool = False) -> None:
@@ -138,7 +149,7 @@ class SqlEngine:
         """A query checked and given its cursor, not started: `run` starts it (in a worker thread, since an
         aggregate computes its whole result before the first batch); `interrupt()` works from now on."""
         self.check(sql)
-        return Query(None, self._cursor(), sql=sql)
+        return Query(None, self._cursor(), sql=sql, engine=self)
 
     def run(self, query: Query, batch_rows: int = 65536) -> Query:
         """Start the query; its batches are then produced as they are read (`Query.reader`)."""

@@ -95,6 +95,8 @@ def flight_error(code: str, message: str, source: str) -> Exception:
         return flight.FlightUnauthorizedError(message)
     if code == "timed_out":
         return flight.FlightTimedOutError(f"{source}: {message}")
+    if code == "unavailable":
+        return flight.FlightUnavailableError(f"{source}: {message}")
     return flight.FlightServerError(f"{source} failed the request ({code[:40]}): {message}")
 
 

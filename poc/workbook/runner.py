@@ -196,15 +196,17 @@ class Cluster(Started):
 
     def start_connector(self, tenant_id: str, token: str | None = None, data: str | Path | None = None,
                         extra: tuple[str, ...] = (), name: str | None = None, wait: bool = True,
-                        url: str | None = None) -> Component:
-        """Start a connector for a tenant (its own token and the cluster's data unless told otherwise)."""
+                        url: str | None = None, env: dict[str, str] | None = None) -> Component:
+        """Start a connector for a tenant (its own token and the cluster's data unless told otherwise; `data`
+        "" gives it no --data, for one that reads --sources only)."""
         token = token if token is not None else self.tenants[tenant_id].connector_token
+        data_args = () if data == "" else ("--data", str(data or self.data))
         component = start_component(
             name or f"connector-{tenant_id}",
-            ["connector", "--gateway", url or self.ws_url, "--tenant", tenant_id, "--data", str(data or self.data),
+            ["connector", "--gateway", url or self.ws_url, "--tenant", tenant_id, *data_args,
              "--delay-ms", self.delay_ms, *(("--ca-file", str(self.tls.ca)) if self.tls else ()),
              *self.connector_args, *extra],
-            self.log_dir, env={"POC_CONNECTOR_TOKEN": token}, wait=wait, log_format=self.log_format)
+            self.log_dir, env={"POC_CONNECTOR_TOKEN": token, **(env or {})}, wait=wait, log_format=self.log_format)
         self.components[component.name] = component
         return component
 
