@@ -8,12 +8,14 @@ BIN := $(VENV)/bin
 .PHONY: report test clean-venv system
 
 # Programs from Debian that the tests and notebooks start themselves (a real Redis for the gateway replicas'
-# registry, Chromium for the browser tests, Node.js and npm for the page's JavaScript packages); installed with
-# apt-get when missing (as root, as CI runs), skipped when present. program:package pairs.
+# registry, Chromium for the browser tests, Node.js and npm for the page's JavaScript packages, PostgreSQL for
+# the connectors on databases, whose server Debian keeps off PATH); installed with apt-get when missing (as
+# root, as CI runs), skipped when present. program:package pairs.
 SYSTEM_PROGRAMS := redis-server:redis-server chromium:chromium node:nodejs npm:npm
 
 system:
 	@missing=""; for pair in $(SYSTEM_PROGRAMS); do command -v $${pair%%:*} > /dev/null || missing="$$missing $${pair##*:}"; done; \
+	ls /usr/lib/postgresql/*/bin/postgres > /dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make: needs$$missing: run 'apt-get install$$missing' as root" >&2; exit 1; fi; \
 	  echo "installing$$missing from Debian"; \

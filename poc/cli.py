@@ -260,8 +260,18 @@ def cmd_direct(args: argparse.Namespace) -> int:
     _hide_tracebacks_from_clients()
     tenants = config.load_tenants(args.tenants) if args.tenants else None
     scheme, tls = ("grpc+tls", [flight_certificate(args.tls_cert, args.tls_key)]) if args.tls_cert else ("grpc", None)
-    server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", load_datasets(args.data), tenants,
-                                config.parse_delay(args.delay_ms), tls_certificates=tls)
+    if not args.data and not args.sources:
+        raise ConfigError("give --data (Parquet) or --sources (a YAML file of datasets), or both")
+    datasets = load_datasets(args.data) if args.data else {}
+    sources = {}
+    if args.sources:
+        from .catalog import load_file
+        from .sources import load_sources
+
+        sources, files = load_sources(args.sources)
+        datasets.update({name: load_file(name, file) for name, file in files.items()})
+    server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", datasets, tenants,
+                                config.parse_delay(args.delay_ms), sources=sources, tls_certificates=tls)
     ports = {"flight_port": server.port}
     if args.http_port >= 0:
         from .http_arrow import ArrowHttpServer, default_vendor_dir
@@ -547,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("direct", help="direct baseline: the same datasets and delay over plain Flight",
                        description="Serve the Parquet datasets of --data straight over Arrow Flight: the "
                                    "no-tunnel baseline every figure is compared with.")
-    p.add_argument("--data", required=True, help="Parquet file or folder")
+    p.add_argument("--data", help="Parquet file or folder")
+    p.add_argument("--sources", help="YAML file of datasets, as the connector's --sources (databases through ADBC)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=config.DIRECT_PORT,
                    help="Flight port (default %(default)s, beside the gateway's 8815 on one host)")

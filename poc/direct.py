@@ -18,10 +18,13 @@ class DirectFlightServer(flight.FlightServerBase):
     """Plain Flight over the same in-memory datasets; every tenant sees the same data."""
 
     def __init__(self, location: str, datasets: dict[str, Dataset], tenants: dict[str, TenantCredentials] | None,
-                 delay_ms: tuple[float, float] = (0.0, 0.0), **kwargs) -> None:
+                 delay_ms: tuple[float, float] = (0.0, 0.0), sources: dict | None = None,
+                 timeout_s: float = 60.0, **kwargs) -> None:
         middleware = {"auth": BearerAuthFactory(tenants)} if tenants else {}  # same auth as the gateway
         super().__init__(location, middleware=middleware, **kwargs)
         self._datasets = datasets
+        self._sources = sources or {}  # name → DatabaseDataset (--sources): read from its database per DoGet
+        self._timeout_s = timeout_s
         self._tables = {name: ds.table() for name, ds in datasets.items()}
         self._delay_ms = delay_ms
         self._tickets = TicketSigner()
@@ -36,7 +39,9 @@ class DirectFlightServer(flight.FlightServerBase):
 
             engine = SqlEngine({n: ds.path for n, ds in self._datasets.items() if ds.path is not None},
                                {n: self._tables[n] for n, ds in self._datasets.items() if ds.path is None})
-            self._sql = FlightSqlService(LocalSql(engine, {n: ds.schema for n, ds in self._datasets.items()}))
+            schemas = {n: ds.schema for n, ds in self._datasets.items()}
+            schemas.update({n: self._table_schema(t) for n, t in self._sources.items()})
+            self._sql = FlightSqlService(LocalSql(engine, schemas, self._sources, self._timeout_s))
         return self._sql
 
     def _tenant(self, context) -> str:
@@ -52,11 +57,24 @@ class DirectFlightServer(flight.FlightServerBase):
         endpoint = flight.FlightEndpoint(self._tickets.issue(tenant, ds.name), [])
         return flight.FlightInfo(ds.schema, descriptor, [endpoint], ds.rows, ds.ipc_bytes)
 
+    def _table_schema(self, table) -> pa.Schema:
+        from .sql.engine import SqlError
+        from .sql.service import flight_error
+
+        try:
+            return table.schema(self._timeout_s)
+        except SqlError as exc:
+            raise flight_error(exc.code, str(exc)[:1024], "the server") from None
+
     def get_flight_info(self, context, descriptor):
         command = descriptor_command(descriptor)
         if command is not None:
             return self.sql.flight_info(self._tenant(context), descriptor, command)
-        ds = self._dataset(dataset_from_descriptor(descriptor))
+        name = dataset_from_descriptor(descriptor)
+        if name in self._sources:  # from the database's catalogue: rows and bytes unknown
+            endpoint = flight.FlightEndpoint(self._tickets.issue(self._tenant(context), name), [])
+            return flight.FlightInfo(self._table_schema(self._sources[name]), descriptor, [endpoint], -1, -1)
+        ds = self._dataset(name)
         return self._flight_info(self._tenant(context), ds, descriptor)
 
     def list_flights(self, context, criteria):
@@ -103,6 +121,17 @@ class DirectFlightServer(flight.FlightServerBase):
             result = self.sql.do_get(self._tenant(context), message, context.is_cancelled)
             return serve_result(result, flight.GeneratorStream)
         name = self._tickets.redeem(ticket.ticket, self._tenant(context))
+        if name in self._sources:
+            from .sources import DatabaseQuery
+            from .sql.engine import SqlError
+            from .sql.service import flight_error, stream_query
+
+            table = self._sources[name]
+            try:
+                query = DatabaseQuery(table.database, f"SELECT * FROM {table.relation}", self._timeout_s).run()
+            except SqlError as exc:
+                raise flight_error(exc.code, str(exc)[:1024], "the server") from None
+            return flight.GeneratorStream(query.schema, stream_query(query))
         table = self._tables[self._dataset(name).name]
         low, high = self._delay_ms
         if high > 0:

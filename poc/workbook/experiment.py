@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ class ExperimentParams(RunParams):
     sample_interval_s: float = 0.5
     seed: int = 42
     tunnels: str = "websocket,grpc"  # tunnel transports measured beside direct, each with its own tenants
+    source: str = "parquet"  # where connectors and the direct server read: parquet (memory) or postgresql
 
     def __post_init__(self) -> None:
         self.delay_ms = str(self.delay_ms)
@@ -44,6 +46,8 @@ class ExperimentParams(RunParams):
         super().__post_init__()
         if not self.tunnel_list or set(self.tunnel_list) - set(TUNNEL_TARGETS):
             raise ConfigError(f"parameter tunnels must name websocket and/or grpc, got {self.tunnels!r}")
+        if self.source not in ("parquet", "postgresql"):
+            raise ConfigError(f"parameter source must be parquet or postgresql, got {self.source!r}")
 
     @property
     def tunnel_list(self) -> list[str]:
@@ -62,6 +66,7 @@ class ExperimentResult:
     samples: pl.DataFrame
     machine: dict
     summaries: dict = field(default_factory=dict)
+    extraction_ms: list[float] = field(default_factory=list)  # source postgresql: DoGet to first batch, direct
 
     @property
     def out_dir(self) -> Path:
@@ -100,11 +105,22 @@ def run_experiment(params: ExperimentParams, progress: bool | None = None) -> Ex
     tokens["direct"] = tokens[TUNNEL_TARGETS[tunnels[0]]]
     machine = machine_info()
     records: list[dict] = []
-    with Cluster(out / "cluster", tenants, data, delay_ms=params.delay_ms, with_connectors=False,
-                 gateway_args=("--request-timeout-s", str(params.timeout_s))) as cluster:
+    extraction_ms: list[float] = []
+    with contextlib.ExitStack() as stack:
+        connector_args, env, direct_args = (), {}, None
+        if params.source == "postgresql":  # the table lives in a real PostgreSQL; every DoGet reads it there
+            from .postgres_server import postgres_source
+
+            _, sources, env = stack.enter_context(postgres_source(out, data / f"{params.dataset}.parquet",
+                                                                  params.dataset))
+            connector_args, direct_args = ("--sources", str(sources)), ("--sources", str(sources))
+        cluster = stack.enter_context(Cluster(
+            out / "cluster", tenants, data, delay_ms=params.delay_ms, with_connectors=False,
+            gateway_args=("--request-timeout-s", str(params.timeout_s)), direct_args=direct_args, direct_env=env))
         for tunnel, group in groups.items():
             for creds in group:
-                cluster.start_connector(creds.tenant_id, url=cluster.tunnel_url(tunnel=tunnel))
+                cluster.start_connector(creds.tenant_id, url=cluster.tunnel_url(tunnel=tunnel),
+                                        data="" if direct_args else None, extra=connector_args, env=env)
         cluster.wait_online(list(tenants), timeout=60)
         pids = {"load-client": os.getpid(), **{name: c.pid for name, c in cluster.components.items()}}
         uris = {target: cluster.flight_uri for target in params.targets}
@@ -121,16 +137,40 @@ def run_experiment(params: ExperimentParams, progress: bool | None = None) -> Ex
         samples = pl.DataFrame(sampler.samples, schema={"t_s": pl.Float64, "process": pl.Utf8, "pid": pl.Int64,
                                                         "phase": pl.Utf8, "cpu_percent": pl.Float64,
                                                         "rss_mb": pl.Float64})
+        if params.source == "postgresql":
+            extraction_ms = first_batch_ms(cluster.direct_uri, tokens["direct"], params.dataset)
     df = add_overhead(to_frame(records))
-    result = ExperimentResult(params, df, samples, machine, summaries(df))
+    result = ExperimentResult(params, df, samples, machine, summaries(df), extraction_ms)
     write_results(result)
     return result
+
+
+def first_batch_ms(uri: str, tokens: dict[str, str], dataset: str, calls: int = 10) -> list[float]:
+    """The extraction the seed assumed to take 200-250 ms, measured: a DoGet's time to its first batch on the
+    direct server reading from the database, one call at a time."""
+    import time
+
+    import pyarrow.flight as flight
+
+    token = next(iter(tokens.values()))
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())], timeout=120)
+    out = []
+    with flight.connect(uri) as client:
+        for _ in range(calls):
+            ticket = client.get_flight_info(flight.FlightDescriptor.for_path("dataset", dataset), options).endpoints[0].ticket
+            start = time.perf_counter()
+            reader = client.do_get(ticket, options)
+            reader.read_chunk()
+            out.append((time.perf_counter() - start) * 1000)
+            reader.cancel()
+    return out
 
 
 def write_results(result: ExperimentResult) -> None:
     """results.json (seed field names, per-tenant summaries), results.parquet, samples, tables, machine."""
     out = result.out_dir
     doc = {"params": asdict(result.params), "machine": result.machine, "summaries": result.summaries,
+           "extraction_ms": result.extraction_ms,
            "gateway_cpu_pct": {t: result.gateway_cpu_pct(t) for t in result.params.targets},
            "requests": result.requests.to_dicts()}
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))

@@ -9,9 +9,11 @@ recommends: LOGIN, SELECT on the tables it is given, read-only transactions by d
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -170,3 +172,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_source(folder: Path, parquet: Path, table: str):
+    """A PostgreSQL serving `parquet` as `table` to a read-only role, for an experiment's `source: postgresql`:
+    yields (server, the sources file connectors and the direct server read, their environment)."""
+    import pyarrow.parquet as pq
+
+    password = secrets.token_urlsafe(18)
+    with PostgresServer(folder / "postgres") as pg:
+        pg.load(table, pq.read_table(parquet))
+        pg.add_reader("reader", password, [table])
+        sources = folder / "sources.yaml"
+        sources.write_text(f"datasets:\n  {table}: {{url: '{pg.url('reader')}', table: {table}}}\n")
+        yield pg, sources, {"POC_SOURCE_PASSWORD": password}

@@ -155,7 +155,8 @@ class Cluster(Started):
     def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path,
                  delay_ms: str = "0", gateway_args: tuple[str, ...] = (), connector_args: tuple[str, ...] = (),
                  with_connectors: bool = True, with_direct: bool = True, host: str = "127.0.0.1",
-                 tls: TlsFiles | None = None, tunnel: str | None = None, log_format: str = "text") -> None:
+                 tls: TlsFiles | None = None, tunnel: str | None = None, log_format: str = "text",
+                 direct_args: tuple[str, ...] | None = None, direct_env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.tenants = tenants
         self.data = Path(data)
@@ -171,6 +172,8 @@ class Cluster(Started):
         self.tenants_file = self.workdir / "tenants.yaml"
         self.admin_token = secrets.token_hex(16)  # the gateway's /health view
         self.log_format = log_format
+        self.direct_args = direct_args  # None: --data DATA; else these (e.g. --sources FILE)
+        self.direct_env = direct_env or {}
 
     def start(self) -> None:
         self.prepare()
@@ -181,9 +184,10 @@ class Cluster(Started):
             self.wait_online(list(self.tenants))
         if self.with_direct:
             self.components["direct"] = start_component(
-                "direct", ["direct", "--data", str(self.data), "--host", self.host, "--port", "0", "--http-port", "0",
+                "direct", ["direct", *(("--data", str(self.data)) if self.direct_args is None else self.direct_args),
+                           "--host", self.host, "--port", "0", "--http-port", "0",
                            "--delay-ms", self.delay_ms, "--tenants", str(self.tenants_file), *self._tls_args()],
-                self.log_dir)
+                self.log_dir, env=self.direct_env)
 
     def start_gateway(self, extra: tuple[str, ...] = ()) -> Component:
         ports = ("--ws-port", "0", "--flight-port", "0", "--http-port", "0", "--grpc-tunnel-port", "0")

@@ -9,6 +9,7 @@ path the Arrow IPC size of what the client received; results are checked against
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import urllib.request
@@ -39,12 +40,15 @@ class SqlParams(RunParams):
     rows: int = 1_000_000    # the seed's table (about 50 MB of Arrow IPC)
     repetitions: int = 7     # timed runs per path, query and method (median reported), after one warm-up
     timeout_s: float = 120.0
+    source: str = "parquet"  # the table in Parquet (DuckDB at the connector) or in PostgreSQL (queries run there)
 
     def __post_init__(self) -> None:
         from ..config import ConfigError
 
         if self.rows < 100 or self.repetitions < 1:
             raise ConfigError("rows must be at least 100 and repetitions at least 1")
+        if self.source not in ("parquet", "postgresql"):
+            raise ConfigError(f"source must be parquet or postgresql, got {self.source!r}")
         super().__post_init__()
 
 
@@ -133,7 +137,19 @@ def run_sql(params: SqlParams, progress: Callable[[str], None] = lambda _: None)
     out.mkdir(parents=True, exist_ok=True)
     options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())],
                                        timeout=params.timeout_s)
-    with Cluster(out / "cluster", tenants, folder, delay_ms="0") as cluster:
+    with contextlib.ExitStack() as stack:
+        connector, direct_args, env = {}, None, {}
+        if params.source == "postgresql":  # the table in a real PostgreSQL: DoGets and queries run there
+            from .postgres_server import postgres_source
+
+            _, sources, env = stack.enter_context(postgres_source(out, folder / "sales.parquet", "sales"))
+            connector = {"data": "", "extra": ("--sources", str(sources)), "env": env}
+            direct_args = ("--sources", str(sources))
+        cluster = stack.enter_context(Cluster(out / "cluster", tenants, folder, delay_ms="0", with_connectors=False,
+                                              direct_args=direct_args, direct_env=env))
+        for tenant_id in tenants:
+            cluster.start_connector(tenant_id, **connector)
+        cluster.wait_online(list(tenants))
         for path, uri in (("tunnel", cluster.flight_uri), ("direct", cluster.direct_uri)):
             def moved(before: float, table: pa.Table) -> float:
                 return _relayed_bytes(cluster) - before if path == "tunnel" else _ipc_bytes(table)

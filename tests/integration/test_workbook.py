@@ -217,10 +217,12 @@ def test_wan_notebook_runs_its_grid_in_a_namespace_of_its_own(tmp_path):
     assert subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout == before
 
 
-def test_sql_notebook_measures_pushed_down_queries_against_whole_datasets(tmp_path):
+@pytest.mark.parametrize("source", ["parquet", "postgresql"])
+def test_sql_notebook_measures_pushed_down_queries_against_whole_datasets(tmp_path, source):
     """Both paths, both queries, both methods; the selective query moves a small part of the whole dataset's
-    bytes through the tunnel (the gateway's own count), and the answer and charts reach the report."""
-    out = executed(tmp_path, "sql", "notebook: sql\nrows: 20000\nrepetitions: 1\n")
+    bytes through the tunnel (the gateway's own count), and the answer and charts reach the report. With
+    source postgresql the table lives in a real PostgreSQL and every query and DoGet runs there."""
+    out = executed(tmp_path, "sql", f"notebook: sql\nrows: 20000\nrepetitions: 1\nsource: {source}\n")
     table = pl.read_csv(out / "sql.csv")
     assert table.height == 8
     tunnel = {(r["query"], r["method"].split()[0]): r for r in table.filter(pl.col("path") == "tunnel").to_dicts()}
@@ -239,3 +241,13 @@ def test_browser_notebook_loads_the_dataset_into_duckdb_wasm_both_ways(tmp_path)
     assert (table["browser_uss_mb"] > 10).all() and (table["load_s"] > 0).all()
     assert (out / "charts" / "load_seconds.png").stat().st_size > 5_000
     assert "rows into DuckDB-WASM through the tunnel in" in shared_text(out, tmp_path)
+
+
+def test_the_seed_experiment_reads_from_postgresql_when_asked(tmp_path):
+    out = executed(tmp_path, "experiment", "rows: 20000\nrequests: 20\nconcurrency: 5\ntenant_count: 2\n"
+                                           "tunnels: websocket\ntimeout_s: 60\nsource: postgresql\n")
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["extraction_ms"]) == 10 and all(ms > 0 for ms in doc["extraction_ms"])
+    assert all(r["status"] == "success" for r in doc["requests"]), "a request failed"
+    text = shared_text(out, tmp_path)
+    assert "read the table from PostgreSQL through ADBC" in text and "read from PostgreSQL" in text
