@@ -19,7 +19,10 @@ system:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make: needs$$missing: run 'apt-get install$$missing' as root" >&2; exit 1; fi; \
 	  echo "installing$$missing from Debian"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing > /dev/null; \
+	  case "$$missing" in *postgresql*) mkdir -p /etc/postgresql-common; \
+	    [ -e /etc/postgresql-common/createcluster.conf ] || echo "create_main_cluster = false" \
+	      > /etc/postgresql-common/createcluster.conf;; esac; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold$$missing > /dev/null; \
 	fi
 
 $(BIN)/.installed: pyproject.toml
