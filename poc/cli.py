@@ -186,8 +186,9 @@ def cmd_connector(args: argparse.Namespace) -> int:
         raise ConfigError("--connector-id must be 1-120 printable ASCII characters without spaces")
     if args.batch_bytes < 1:
         raise ConfigError("--batch-bytes must be positive")
-    if args.max_result_bytes < 1 or args.query_timeout_s <= 0 or args.query_memory_mb < 64:
-        raise ConfigError("--max-result-bytes and --query-timeout-s must be positive, --query-memory-mb at least 64")
+    if args.max_result_bytes < 1 or args.query_timeout_s <= 0 or args.query_memory_mb < 64 or args.db_connections < 1:
+        raise ConfigError("--max-result-bytes, --query-timeout-s and --db-connections must be positive, "
+                          "--query-memory-mb at least 64")
     if not args.data and not args.sources:
         raise ConfigError("give --data (Parquet) or --sources (a YAML file of datasets), or both")
     datasets = load_datasets(args.data, args.batch_bytes) if args.data else {}
@@ -207,7 +208,7 @@ def cmd_connector(args: argparse.Namespace) -> int:
                           tunnels=tunnels, compression=args.compression,
                           compress_below_mbps=args.compress_below_mbps, sql=not args.no_sql,
                           max_result_bytes=args.max_result_bytes, query_timeout_s=args.query_timeout_s,
-                          query_memory_mb=args.query_memory_mb)
+                          query_memory_mb=args.query_memory_mb, db_connections=args.db_connections)
     if args.connector_id:
         cfg.connector_id = args.connector_id
     connector = Connector(cfg, datasets, sources)
@@ -271,7 +272,8 @@ def cmd_direct(args: argparse.Namespace) -> int:
         sources, files = load_sources(args.sources)
         datasets.update({name: load_file(name, file) for name, file in files.items()})
     server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", datasets, tenants,
-                                config.parse_delay(args.delay_ms), sources=sources, tls_certificates=tls)
+                                config.parse_delay(args.delay_ms), sources=sources, db_connections=args.db_connections,
+                                tls_certificates=tls)
     ports = {"flight_port": server.port}
     if args.http_port >= 0:
         from .http_arrow import ArrowHttpServer, default_vendor_dir
@@ -548,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-timeout-s", type=float, default=config.QUERY_TIMEOUT_S,
                    help="a query running longer is interrupted and its client gets FlightTimedOutError "
                         "(default %(default)s)")
+    p.add_argument("--db-connections", type=int, default=config.DB_CONNECTIONS,
+                   help="connections to each database of --sources at once; more DoGets and queries wait for one "
+                        "(within the gateway's request timeout) instead of failing (default %(default)s)")
     p.add_argument("--query-memory-mb", type=int, default=config.QUERY_MEMORY_MB,
                    help="memory the SQL engine may hold for all queries together (default %(default)s)")
     _add_ws_impl(p)
@@ -559,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "no-tunnel baseline every figure is compared with.")
     p.add_argument("--data", help="Parquet file or folder")
     p.add_argument("--sources", help="YAML file of datasets, as the connector's --sources (databases through ADBC)")
+    p.add_argument("--db-connections", type=int, default=config.DB_CONNECTIONS,
+                   help="connections to each database of --sources at once (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument("--port", type=int, default=config.DIRECT_PORT,
                    help="Flight port (default %(default)s, beside the gateway's 8815 on one host)")

@@ -21,6 +21,7 @@ BATCH_BYTES = 2 * 1024 * 1024
 MAX_RESULT_BYTES = 1 << 30  # connector --max-result-bytes: the IPC bytes one query may send
 QUERY_TIMEOUT_S = 60.0  # connector --query-timeout-s
 QUERY_MEMORY_MB = 1024  # connector --query-memory-mb: DuckDB's memory_limit
+DB_CONNECTIONS = 8  # connector --db-connections: connections to each database at once
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 WINDOW_BYTES = 8 * 1024 * 1024  # a stream's credit at do_get
 MAX_WINDOW_BYTES = 64 * 1024 * 1024  # what adaptive windows may grow to (--window-bytes)

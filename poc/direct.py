@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pyarrow as pa
@@ -10,8 +11,15 @@ import pyarrow.flight as flight
 
 from .auth import BearerAuthFactory, TicketSigner, caller_tenant, dataset_from_descriptor
 from .catalog import Dataset
-from .config import TenantCredentials
+from .config import DB_CONNECTIONS, TenantCredentials
 from .sql.service import FlightSqlService, LocalSql, descriptor_command, serve_result, sql_command
+
+
+def _released(batches, slots: threading.BoundedSemaphore):
+    try:
+        yield from batches
+    finally:
+        slots.release()
 
 
 class DirectFlightServer(flight.FlightServerBase):
@@ -19,11 +27,13 @@ class DirectFlightServer(flight.FlightServerBase):
 
     def __init__(self, location: str, datasets: dict[str, Dataset], tenants: dict[str, TenantCredentials] | None,
                  delay_ms: tuple[float, float] = (0.0, 0.0), sources: dict | None = None,
-                 timeout_s: float = 60.0, **kwargs) -> None:
+                 timeout_s: float = 60.0, db_connections: int = DB_CONNECTIONS, **kwargs) -> None:
         middleware = {"auth": BearerAuthFactory(tenants)} if tenants else {}  # same auth as the gateway
         super().__init__(location, middleware=middleware, **kwargs)
         self._datasets = datasets
         self._sources = sources or {}  # name → DatabaseDataset (--sources): read from its database per DoGet
+        self._db_slots: dict[int, threading.BoundedSemaphore] = {}  # database → connections at once, as a connector
+        self._db_connections = db_connections
         self._timeout_s = timeout_s
         self._tables = {name: ds.table() for name, ds in datasets.items()}
         self._delay_ms = delay_ms
@@ -122,16 +132,21 @@ class DirectFlightServer(flight.FlightServerBase):
             return serve_result(result, flight.GeneratorStream)
         name = self._tickets.redeem(ticket.ticket, self._tenant(context))
         if name in self._sources:
-            from .sources import DatabaseQuery
+            from .sources import table_query
             from .sql.engine import SqlError
             from .sql.service import flight_error, stream_query
 
             table = self._sources[name]
+            slots = self._db_slots.setdefault(id(table.database), threading.BoundedSemaphore(self._db_connections))
+            if not slots.acquire(timeout=self._timeout_s):
+                raise flight.FlightTimedOutError(f"no connection to the database of {name!r} came free in "
+                                                 f"{self._timeout_s:g} s")
             try:
-                query = DatabaseQuery(table.database, f"SELECT * FROM {table.relation}", self._timeout_s).run()
+                query = table_query(table).run()
             except SqlError as exc:
+                slots.release()
                 raise flight_error(exc.code, str(exc)[:1024], "the server") from None
-            return flight.GeneratorStream(query.schema, stream_query(query))
+            return flight.GeneratorStream(query.schema, _released(stream_query(query), slots))
         table = self._tables[self._dataset(name).name]
         low, high = self._delay_ms
         if high > 0:

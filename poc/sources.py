@@ -9,9 +9,9 @@ The sources file names each dataset and where it comes from:
       orders: {path: data/orders.parquet}
     password_file: secrets/db-password   # optional; else POC_SOURCE_PASSWORD
 
-A password never comes from the command line or the file's URLs (a URL that holds one is refused); it is read
-from `password_file` (relative to the sources file) or the environment variable POC_SOURCE_PASSWORD, and it is
-cut out of every error message before that is logged or sent.
+A password never comes from the command line: it is the one in the URL, if the file's URL holds one, else read
+from `password_file` (relative to the sources file) or the environment variable POC_SOURCE_PASSWORD; it is cut
+out of every error message before that is logged or sent.
 
 A database dataset is never held: each DoGet opens a connection, runs `SELECT * FROM <table>` (or the query) in
 a read-only transaction with a statement timeout, and reads the cursor batch by batch (`fetch_record_batch`)
@@ -60,8 +60,8 @@ class Database:
     def connect(self):
         raise NotImplementedError
 
-    def prepare(self, cursor, timeout_s: float) -> None:
-        """Make the transaction read-only and bounded in time, before the statement runs."""
+    def prepare(self, cursor, timeout_s: float | None) -> None:
+        """Make the transaction read-only and bounded in time (None: not bounded), before the statement runs."""
 
     def quote(self, table: str) -> str:
         return ".".join('"' + part.replace('"', '""') + '"' for part in table.split("."))
@@ -82,9 +82,9 @@ class PostgreSQL(Database):
             url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
         return driver.connect(url, autocommit=False)
 
-    def prepare(self, cursor, timeout_s: float) -> None:
+    def prepare(self, cursor, timeout_s: float | None) -> None:
         cursor.execute("SET TRANSACTION READ ONLY")
-        cursor.execute(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}")
+        cursor.execute(f"SET LOCAL statement_timeout = {int((timeout_s or 0) * 1000)}")  # 0: none
         cursor.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_HINT_BYTES)})
 
 
@@ -96,6 +96,12 @@ class SQLite(Database):
 
         path = self.url[len("sqlite://"):] if self.url.startswith("sqlite://") else self.url[len("sqlite:"):]
         return driver.connect(f"file:{path}?mode=ro", autocommit=True)  # the file is opened read-only
+
+
+def table_query(table: "DatabaseDataset") -> "DatabaseQuery":
+    """A DoGet of a database dataset: the whole table (or query dataset), not bounded in time — a slow client
+    may take long to read it; the stream ends when the client leaves or cancels, which cancels the statement."""
+    return DatabaseQuery(table.database, f"SELECT * FROM {table.relation}", None)
 
 
 DRIVERS = {"postgresql": PostgreSQL, "postgres": PostgreSQL, "sqlite": SQLite}
@@ -127,7 +133,7 @@ class DatabaseQuery:
     """One statement running in a database: the same shape as the DuckDB engine's Query (run, read,
     interrupt, close), so the connector streams either the same way."""
 
-    def __init__(self, database: Database, sql: str, timeout_s: float) -> None:
+    def __init__(self, database: Database, sql: str, timeout_s: float | None) -> None:
         self.database = database
         self.sql = sql
         self.timeout_s = timeout_s
@@ -264,13 +270,19 @@ def load_sources(path: str | Path) -> tuple[dict[str, DatabaseDataset], dict[str
         scheme = url.split(":", 1)[0]
         if scheme not in DRIVERS:
             raise ConfigError(f"{where}: url scheme {scheme!r} is not one of {sorted(DRIVERS)}")
-        if urllib.parse.urlsplit(url).password is not None:
-            raise ConfigError(f"{where}: the url holds a password; put it in {PASSWORD_ENV} or password_file")
         if query is not None and (not isinstance(query, str) or len(query.encode()) > MAX_QUERY_BYTES):
             raise ConfigError(f"{where}: query must be text of at most {MAX_QUERY_BYTES} bytes")
         if table is not None and not isinstance(table, str):
             raise ConfigError(f"{where}: table must be text (schema.table)")
-        database = databases.setdefault(url, DRIVERS[scheme](url, password))
+        database = databases.get(url)
+        if database is None:
+            parts = urllib.parse.urlsplit(url)
+            if parts.password is not None:  # kept in the file; taken out of the URL so no message can show it
+                bare = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1))
+                database = databases[url] = DRIVERS[scheme](urllib.parse.urlunsplit(bare),
+                                                            urllib.parse.unquote(parts.password))
+            else:
+                database = databases[url] = DRIVERS[scheme](url, password)
         tables[name] = DatabaseDataset(name, database, table=table, query=query)
     return tables, files
 

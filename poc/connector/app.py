@@ -79,6 +79,7 @@ class ConnectorConfig:
     max_result_bytes: int = config.MAX_RESULT_BYTES
     query_timeout_s: float = config.QUERY_TIMEOUT_S
     query_memory_mb: int = config.QUERY_MEMORY_MB
+    db_connections: int = config.DB_CONNECTIONS  # per database (--sources): more requests wait for one
 
     @property
     def sql_dialect(self) -> str | None:
@@ -153,6 +154,7 @@ class Connector:
         self._next_slot = itertools.count()
         self._offset = random.random()  # connectors given the same gateways spread over them
         self._engine = None  # the SQL engine, made at the first query (`sql_engine`)
+        self._db_slots: dict[int, asyncio.Semaphore] = {}  # database → its --db-connections
         self._engine_lock = asyncio.Lock()
         self.query_pool = concurrent.futures.ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="query")
 
@@ -170,6 +172,17 @@ class Connector:
         if not involves(sql, self.sources):
             return None
         return pushdown(sql, self.sources, set(self.datasets))
+
+    def database_slot(self, query):
+        """For a database's query, one of the --db-connections connections to that database (waiting for one
+        if all are in use); for DuckDB's, nothing."""
+        database = getattr(query, "database", None)
+        if database is None:
+            return contextlib.nullcontext()
+        slots = self._db_slots.get(id(database))
+        if slots is None:
+            slots = self._db_slots[id(database)] = asyncio.Semaphore(self.cfg.db_connections)
+        return slots
 
     async def open_query(self, sql: str):
         """A client's query, not started: for its database (poc.sources) or for DuckDB."""
@@ -642,12 +655,17 @@ class _Session:
         query — the database's cursor too — and the connector holds about one batch and the stream's window.
         Past --query-timeout-s the query is interrupted; past `limit` result bytes the stream ends in an error
         (never a short result); a cancel interrupts it."""
+        loop = asyncio.get_running_loop()
+        async with self.connector.database_slot(query):
+            await self._stream_started(stream_id, query, limit, loop)
+
+    async def _stream_started(self, stream_id: int, query, limit: int | None, loop) -> None:
         from ..sql.engine import SqlError
 
         connector, cfg = self.connector, self.connector.cfg
-        loop = asyncio.get_running_loop()
         connector.metrics.queries.inc()
-        timer = loop.call_later(cfg.query_timeout_s, query.interrupt, True)
+        timeout = getattr(query, "timeout_s", cfg.query_timeout_s)
+        timer = loop.call_later(timeout, query.interrupt, True) if timeout else None
         sent = rows = 0
         try:
             await loop.run_in_executor(connector.query_pool, query.run)
@@ -666,7 +684,8 @@ class _Session:
                 raise SqlError("timed_out", f"the query ran past --query-timeout-s {cfg.query_timeout_s:g} s") from None
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             query.interrupt()  # a no-op at the end; stops the engine when the stream was cancelled or failed
             connector.query_pool.submit(query.close).add_done_callback(lambda _: connector.metrics.queries.dec())
         self.endpoint.send_frame(FrameType.END, stream_id)
@@ -677,10 +696,9 @@ class _Session:
     async def _stream_dataset(self, stream_id: int, name: str) -> None:
         table = self.connector.sources.get(name)
         if table is not None:  # read from its database as the stream has credit (no simulated delay: it is real)
-            from ..sources import DatabaseQuery
+            from ..sources import table_query
 
-            query = DatabaseQuery(table.database, f"SELECT * FROM {table.relation}", self.connector.cfg.query_timeout_s)
-            await self._stream_rows(stream_id, query, None)
+            await self._stream_rows(stream_id, table_query(table), None)
             return
         ds = self.connector.datasets.get(name)
         if ds is None:

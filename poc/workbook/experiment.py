@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ..config import ConfigError, make_tenants, parse_delay
+from ..config import DB_CONNECTIONS, ConfigError, make_tenants, parse_delay
 from .dataset import dataset_folder
 from .params import RunParams
 from .load.client import LoadConfig, records_as_dicts, run_load
@@ -113,7 +113,9 @@ def run_experiment(params: ExperimentParams, progress: bool | None = None) -> Ex
 
             _, sources, env = stack.enter_context(postgres_source(out, data / f"{params.dataset}.parquet",
                                                                   params.dataset))
-            connector_args, direct_args = ("--sources", str(sources)), ("--sources", str(sources))
+            # Each tenant's connector has its own connections; the one direct server serving them all gets as many.
+            connector_args = ("--sources", str(sources))
+            direct_args = ("--sources", str(sources), "--db-connections", str(DB_CONNECTIONS * params.tenant_count))
         cluster = stack.enter_context(Cluster(
             out / "cluster", tenants, data, delay_ms=params.delay_ms, with_connectors=False,
             gateway_args=("--request-timeout-s", str(params.timeout_s)), direct_args=direct_args, direct_env=env))

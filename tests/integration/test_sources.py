@@ -220,8 +220,17 @@ def test_a_wrong_password_is_a_clear_error_and_never_logged(db, _orders, tmp_pat
     assert "password authentication failed" in logs and wrong not in logs
 
 
+def test_a_password_in_a_url_is_used_and_never_shown(tmp_path):
+    from poc.sources import load_sources, source_error
+
+    (tmp_path / "s.yaml").write_text("datasets: {s: {url: 'postgresql://u:p%40ss@127.0.0.1:1/db', table: t}}")
+    tables, _ = load_sources(tmp_path / "s.yaml")
+    database = tables["s"].database
+    assert "p%40ss" not in database.url and "p@ss" not in database.url
+    assert "p@ss" not in str(source_error(database, RuntimeError("login as u with p@ss failed")))
+
+
 @pytest.mark.parametrize("text, error", [
-    ("datasets: {s: {url: 'postgresql://u:pw@h/db', table: t}}", "holds a password"),
     ("datasets: {s: {url: 'mysql://h/db', table: t}}", "scheme"),
     ("datasets: {s: {url: 'postgresql://h/db'}}", "exactly one of table and query"),
     ("datasets: {'bad name': {path: x.parquet}}", "not a dataset name"),
@@ -244,3 +253,27 @@ def test_rows_read_from_databases_are_counted(served):
     counted = next(float(line.split()[1]) for line in text.splitlines()
                    if line.startswith("poc_connector_query_rows_total "))
     assert counted >= 1000
+
+
+def test_requests_beyond_the_connection_limit_wait_for_one(db, _orders, tmp_path):
+    """--db-connections 1: three DoGets at once are served one after the other on one connection, none fails."""
+    import concurrent.futures
+
+    pg, sqlite_file, _ = db
+    sources = tmp_path / "sources.yaml"
+    write_sources(sources, pg, sqlite_file, _orders)
+    tenants = make_tenants(1)
+    token = tenants["tenant_001"].client_token
+    with Cluster(tmp_path / "c", tenants, _orders.parent, with_connectors=False, with_direct=False) as cluster:
+        cluster.start_connector("tenant_001", data="", extra=("--sources", str(sources), "--db-connections", "1"),
+                                env={"POC_SOURCE_PASSWORD": PASSWORD})
+        cluster.wait_online(["tenant_001"])
+        flight_read(cluster, token, "sales")  # the schema is known from now on: no connection for it
+        seen = []
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            reads = [pool.submit(flight_read, cluster, token, "big") for _ in range(3)]
+            while not all(r.done() for r in reads):
+                seen.append(sum(1 for b in _reader_backends(pg) if b["state"] == "active"))
+                time.sleep(0.05)
+        assert [r.result()[1].num_rows for r in reads] == [1_000_000] * 3
+        assert max(seen) == 1 and seen.count(1) > 3
