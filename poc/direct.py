@@ -138,9 +138,9 @@ class DirectFlightServer(flight.FlightServerBase):
 
             table = self._sources[name]
             slots = self._db_slots.setdefault(id(table.database), threading.BoundedSemaphore(self._db_connections))
-            if not slots.acquire(timeout=self._timeout_s):
-                raise flight.FlightTimedOutError(f"no connection to the database of {name!r} came free in "
-                                                 f"{self._timeout_s:g} s")
+            while not slots.acquire(timeout=0.5):  # wait for a connection while the client waits
+                if context.is_cancelled():
+                    raise flight.FlightCancelledError("the client left while waiting for a database connection")
             try:
                 query = table_query(table).run()
             except SqlError as exc:

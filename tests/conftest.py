@@ -3,10 +3,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from poc.config import make_tenants
 from poc.workbook.dataset import write_dataset
 from poc.workbook.runner import Cluster
+
+
+# Property tests check what code does, never how fast: a shared machine's pauses must not fail them.
+settings.register_profile("poc", deadline=None)
+settings.load_profile("poc")
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,12 @@ import re
 import shutil
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import psutil
 
 from .dataset import dataset_folder
-from .params import RunParams
+from .params import RowsResult, RunParams
 from .runner import Cluster, machine_info
 
 QUERY = "SELECT id % 10 AS k, count(*) AS n, sum(amount) AS total FROM sales GROUP BY 1 ORDER BY 1"
@@ -43,20 +42,8 @@ class BrowserParams(RunParams):
         super().__post_init__()
 
 
-@dataclass
-class BrowserResult:
-    params: BrowserParams
-    rows: list[dict] = field(default_factory=list)
-    machine: dict = field(default_factory=dict)
-
-    @property
-    def out_dir(self) -> Path:
-        return self.params.out_dir
-
-    def table(self):
-        import polars as pl
-
-        return pl.DataFrame(self.rows)
+class BrowserResult(RowsResult):
+    """The browser notebook's measurements, a row each."""
 
 
 def chromium_path() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import params_from_yaml, project_path
@@ -31,3 +31,21 @@ class RunParams:
     @property
     def out_dir(self) -> Path:
         return project_path(self.output_root) / self.run_name
+
+
+@dataclass
+class RowsResult:
+    """An experiment's measurements as rows (one dict each), with its parameters and the machine."""
+
+    params: RunParams
+    rows: list[dict] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.params.out_dir
+
+    def table(self):
+        import polars as pl
+
+        return pl.DataFrame(self.rows)

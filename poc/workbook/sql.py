@@ -14,14 +14,14 @@ import statistics
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from .dataset import dataset_folder
-from .params import RunParams
+from .params import RowsResult, RunParams
 from .runner import Cluster, machine_info
 
 QUERIES = {
@@ -52,20 +52,8 @@ class SqlParams(RunParams):
         super().__post_init__()
 
 
-@dataclass
-class SqlResult:
-    params: SqlParams
-    rows: list[dict] = field(default_factory=list)
-    machine: dict = field(default_factory=dict)
-
-    @property
-    def out_dir(self) -> Path:
-        return self.params.out_dir
-
-    def table(self):
-        import polars as pl
-
-        return pl.DataFrame(self.rows)
+class SqlResult(RowsResult):
+    """The sql notebook's measurements, a row each."""
 
 
 def _ipc_bytes(table: pa.Table) -> int:
