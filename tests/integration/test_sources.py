@@ -80,9 +80,12 @@ def test_postgresql_and_sqlite_tables_arrive_exactly(served, db, _orders):
     assert info.total_records == -1 and info.schema == expected.schema.remove_metadata()  # from the catalogue
     assert by_id(got).equals(by_id(expected.cast(info.schema)))
     _, events = flight_read(cluster, token, "events")
-    with sqlite3.connect(db[1]) as lite:
-        rows = lite.execute("SELECT id, kind, weight FROM events ORDER BY id").fetchall()
-    assert [tuple(r.values()) for r in by_id(events).to_pylist()] == rows
+    import adbc_driver_sqlite.dbapi as sqlite_driver
+
+    with sqlite_driver.connect(str(db[1])) as lite, lite.cursor() as cursor:  # what ADBC reads here
+        cursor.execute("SELECT * FROM events")
+        local = cursor.fetch_arrow_table()
+    assert by_id(events).equals(by_id(local)) and events.num_rows == 5000
     _, recent = flight_read(cluster, token, "recent")  # a dataset that is a query
     assert recent.column_names == ["id", "amount"] and recent.num_rows == 1000
     _, orders = flight_read(cluster, token, "orders")  # a Parquet path beside them
