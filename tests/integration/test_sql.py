@@ -155,7 +155,7 @@ def test_prepared_statement_commands_over_plain_flight(sql_cluster):
 
 
 def test_polars_reads_through_adbc(sql_cluster):
-    polars = pytest.importorskip("polars")
+    import polars
     cluster, _, token, folder = tenant(sql_cluster, 1)
     with connect(cluster.flight_uri, token) as conn:
         frame = polars.read_database(GROUP_BY, conn)
