@@ -23,7 +23,7 @@ import mimetypes
 import secrets
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,7 +68,6 @@ class ArrowHttp:
     query: Callable[[TenantAuthMiddleware, str], tuple[pa.Schema, Iterator[pa.RecordBatch]]]
     cors_origins: tuple[str, ...] = ()
     vendor_dir: Path | None = None
-    counts: dict = field(default_factory=lambda: {"streams": 0, "failed": 0})
 
     def handles(self, path: str) -> bool:
         return path == "/v1/datasets" or path.startswith(("/v1/datasets/", "/v1/query", "/ui"))
@@ -115,7 +114,7 @@ def serve(handler: BaseHTTPRequestHandler, arrow: ArrowHttp, method: str) -> Non
             log.error("HTTP %s %s failed", method, path, exc_info=exc)
         return _json(handler, status, {"error": str(exc).split(". Detail:")[0][:1024] if status != 500
                                        else "internal error", "request_id": who_id}, cors)
-    _stream(handler, schema, batches, {**cors, "x-request-id": who_id}, arrow)
+    _stream(handler, schema, batches, {**cors, "x-request-id": who_id})
 
 
 def _sql_from(handler: BaseHTTPRequestHandler) -> str:
@@ -137,10 +136,9 @@ def _sql_from(handler: BaseHTTPRequestHandler) -> str:
 
 
 def _stream(handler: BaseHTTPRequestHandler, schema: pa.Schema, batches: Iterator[pa.RecordBatch],
-            headers: dict, arrow: ArrowHttp) -> None:
+            headers: dict) -> None:
     """The IPC stream in chunks as batches arrive; on a failure after the first byte the connection is cut
     without the final chunk, so the client sees an error, never a complete-looking stream."""
-    arrow.counts["streams"] += 1
     handler.connection.settimeout(STREAM_WRITE_TIMEOUT_S)  # a browser may read slowly, not stop for minutes
     try:
         handler.send_response(200)
@@ -155,7 +153,6 @@ def _stream(handler: BaseHTTPRequestHandler, schema: pa.Schema, batches: Iterato
         handler.wfile.write(b"0\r\n\r\n")
         handler.wfile.flush()
     except Exception as exc:
-        arrow.counts["failed"] += 1
         log.info("HTTP stream ended early: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         handler.close_connection = True
         try:
