@@ -12,7 +12,9 @@ import pyarrow.flight as flight
 from ..auth import BearerAuthFactory, PeerCredentials, TicketSigner, caller, dataset_from_descriptor
 from ..config import TenantCredentials
 from ..http_arrow import ArrowHttp
-from ..sql.service import FlightSqlService, checked_query, descriptor_command, serve_result, sql_command
+from ..sql.proto import TicketStatementQuery, pack_any
+from ..sql.service import (FlightSqlService, checked_query, descriptor_command, make_handle, serve_result,
+                           sql_command)
 from .bridge import NotHere, TunnelBridge
 from .cluster import ClusterRouter
 from .metrics import GatewayMetrics
@@ -123,23 +125,26 @@ class GatewayFlightServer(flight.FlightServerBase):
     def arrow_http(self, cors_origins: tuple[str, ...] = (), vendor_dir=None) -> ArrowHttp:
         """The browsers' endpoints (poc.http_arrow) over this gateway's tunnels: a dataset's stream or a query's
         result, with the same bridge, credit and checks as a Flight DoGet. With replicas, a tenant whose tunnel
-        is on another replica is served there (its HTTP port): this one answers 503 saying so."""
-        def local(call):
-            try:
-                return call()
-            except NotHere:
-                raise flight.FlightUnavailableError("this tenant's tunnel is held by another gateway replica; "
-                                                    "its HTTP streams are served there") from None
-
+        is on another replica is served from there over Flight, as a forwarded DoGet is."""
         def datasets(who):
-            return local(lambda: self._bridge.datasets(who.tenant_id)[0])
+            return self._here_or_routed(lambda: self._bridge.datasets(who.tenant_id)[0], lambda: [
+                info.descriptor.path[1].decode() for info in self._cluster.list_flights(who)])
 
         def dataset(who, name):
-            stream = local(lambda: self._bridge.open_stream(who.tenant_id, name, lambda: False, who.request_id))
-            return stream.schema, stream.batches()
+            def here():
+                stream = self._bridge.open_stream(who.tenant_id, name, lambda: False, who.request_id)
+                return stream.schema, stream.batches()
+
+            def route():
+                info = self._cluster.flight_info(who, flight.FlightDescriptor.for_path("dataset", name))
+                return self._cluster.do_get(who, info.endpoints[0].ticket, None)
+            return self._here_or_routed(here, route)
 
         def query(who, sql):
-            return local(lambda: self.sql.backend.execute(who, checked_query(sql), lambda: False))
+            sql = checked_query(sql)
+            ticket = flight.Ticket(pack_any(TicketStatementQuery(make_handle(sql))))
+            return self._here_or_routed(lambda: self.sql.backend.execute(who, sql, lambda: False),
+                                        lambda: self._cluster.do_get(who, ticket, None))
 
         return ArrowHttp(self.auth.tenant_for, datasets, dataset, query, tuple(cors_origins), vendor_dir)
 

@@ -6,6 +6,7 @@ import re
 import time
 import urllib.request
 
+import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
@@ -65,6 +66,21 @@ def test_sql_at_any_replica_runs_at_the_tenants_connector(replicas, datasets):
     metrics = scrape(replicas, "gw-1")
     assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_action"), ("outcome", "ok")))] >= 1
     assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_get"), ("outcome", "ok")))] >= 1
+
+
+def test_browsers_reach_any_replica_over_http(replicas, datasets):
+    """The HTTP Arrow endpoints at a replica without the tenant's tunnel: the dataset, the list and a query's
+    result come from the owner, forwarded over Flight."""
+    from tests.integration.test_browser import http
+
+    creds = replicas.tenants["tenant_002"]  # its tunnel is on gw-2
+    port = replicas.gateways["gw-1"].ready["http_port"]
+    host = replicas.hosts["gw-1"]
+    status, headers, body = http(f"http://{host}:{port}/v1/datasets/sales", creds.client_token)
+    assert status == 200 and pa.ipc.open_stream(body).read_all().equals(expected(datasets))
+    assert http(f"http://{host}:{port}/v1/datasets", creds.client_token)[2] == b'{"datasets": ["sales"]}'
+    status, _, body = http(f"http://{host}:{port}/v1/query", creds.client_token, {"sql": "SELECT count(*) AS n FROM sales"})
+    assert status == 200 and pa.ipc.open_stream(body).read_all()["n"].to_pylist() == [expected(datasets).num_rows]
 
 
 def test_flight_info_names_the_owner_so_clients_can_follow_locations(replicas, datasets):
