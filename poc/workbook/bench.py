@@ -180,6 +180,8 @@ def run_bench(params: BenchParams, log=print) -> dict:
                 run[f"{key}gateway_peak_rss_mb"] = run[f"{key}gateway_peak_rss_mb_c{top}"]
                 run[f"{key}gateway_cpu_s_per_gb"] = statistics.median(
                     run[f"{key}gateway_cpu_s_per_gb_c{c}"] for c in params.concurrency)
+                connector = cluster.components[f"connector-{by_tunnel[name].tenant_id}"]
+                run[f"{key}connector_rss_mb"] = psutil.Process(connector.pid).memory_info().rss / 2**20
                 log(f"rep {rep} {name}: single {run['direct_single_ms']:.0f} vs {single[name] * 1000:.0f} ms, "
                     f"flightinfo +{run[f'{key}flightinfo_overhead_ms']:.2f} ms, "
                     f"gateway peak {run[f'{key}gateway_peak_rss_mb']:.0f} MB")
@@ -275,6 +277,9 @@ def _detail_rows(result: dict) -> list[str]:
     parts = [f"direct {fig['direct_flightinfo_p50_ms']['median']:.2f} ms"]
     parts += [f"{t} {fig[f'{_prefix(t, tunnels[0])}tunnel_flightinfo_p50_ms']['median']:.2f} ms" for t in tunnels]
     lines.append("  GetFlightInfo P50: " + ", ".join(parts))
+    lines.append("  connector RSS after the repetition's DoGets: " + ", ".join(
+        f"{t} {fig[f'{_prefix(t, tunnels[0])}connector_rss_mb']['median']:.0f} MB" for t in tunnels
+        if f"{_prefix(t, tunnels[0])}connector_rss_mb" in fig))
     cost = result.get("validation_s_per_gb")
     if cost:
         lines.append(f"  batch validation in the gateway: {cost['bounds']:.3f} core-s/GB (bounds and offsets; "
