@@ -69,12 +69,12 @@ class DirectFlightServer(flight.FlightServerBase):
 
     def _table_schema(self, table) -> pa.Schema:
         from .sql.engine import SqlError
-        from .sql.service import flight_error
+        from .sql.service import local_error
 
         try:
             return table.schema(self._timeout_s)
         except SqlError as exc:
-            raise flight_error(exc.code, str(exc)[:1024], "the server") from None
+            raise local_error(exc) from None
 
     def get_flight_info(self, context, descriptor):
         command = descriptor_command(descriptor)
@@ -134,7 +134,7 @@ class DirectFlightServer(flight.FlightServerBase):
         if name in self._sources:
             from .sources import table_query
             from .sql.engine import SqlError
-            from .sql.service import flight_error, stream_query
+            from .sql.service import local_error, stream_query
 
             table = self._sources[name]
             slots = self._db_slots.setdefault(id(table.database), threading.BoundedSemaphore(self._db_connections))
@@ -145,7 +145,7 @@ class DirectFlightServer(flight.FlightServerBase):
                 query = table_query(table).run()
             except SqlError as exc:
                 slots.release()
-                raise flight_error(exc.code, str(exc)[:1024], "the server") from None
+                raise local_error(exc) from None
             return flight.GeneratorStream(query.schema, _released(stream_query(query), slots))
         table = self._tables[self._dataset(name).name]
         low, high = self._delay_ms

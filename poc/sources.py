@@ -209,8 +209,6 @@ def describe(database: Database, sql: str, timeout_s: float) -> pa.Schema:
                     raise
             cursor.execute(f"SELECT * FROM ({sql}) AS q LIMIT 0")
             return _plain(cursor.fetch_record_batch().schema)
-    except SqlError:
-        raise
     except Exception as exc:
         raise source_error(database, exc) from None
     finally:

@@ -523,16 +523,12 @@ class _Session:
                          extra=self._context(event.stream_id))
         elif isinstance(event, ev.FlightInfoRequested) and event.sql is not None:
             self.connector.metrics.requests.labels("query_info").inc()
-            task = asyncio.get_running_loop().create_task(self._answer_query_info(event))
-            self.info_tasks.add(task)
-            task.add_done_callback(self.info_tasks.discard)
+            self._spawn_info(self._answer_query_info(event))
         elif isinstance(event, ev.FlightInfoRequested):
             self.connector.metrics.requests.labels("get_flight_info").inc()
             log.info("get_flight_info %s", event.dataset, extra={**self._context(), "request_id": event.trace_id})
             if event.dataset in self.connector.sources:
-                task = asyncio.get_running_loop().create_task(self._answer_table_info(event))
-                self.info_tasks.add(task)
-                task.add_done_callback(self.info_tasks.discard)
+                self._spawn_info(self._answer_table_info(event))
             else:
                 self._answer_flight_info(event)
         elif isinstance(event, ev.GoAwayReceived):
@@ -605,36 +601,42 @@ class _Session:
             if self.endpoint.credit(stream_id) >= 0:
                 await self.transport.call(self.endpoint.fail_request, stream_id, "internal", clip(str(exc)))
 
+    def _spawn_info(self, answer) -> None:
+        """Work out a flight_info answer in a task of this session (cancelled with it)."""
+        task = asyncio.get_running_loop().create_task(answer)
+        self.info_tasks.add(task)
+        task.add_done_callback(self.info_tasks.discard)
+
     async def _answer_query_info(self, event: ev.FlightInfoRequested) -> None:
         """The schema of a query's result (protocol 1.5 query_info), or the engine's reason to refuse it."""
         from ..sql.engine import SqlError
 
-        connector = self.connector
-        try:
-            if not connector.cfg.sql:
+        async def schema():
+            if not self.connector.cfg.sql:
                 raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
-            describe = await connector.describer(event.sql)
-            schema = await asyncio.get_running_loop().run_in_executor(connector.query_pool, describe)
-        except SqlError as exc:
-            log.info("query_info refused (%s): %s", exc.code, clip(str(exc), 300),
-                     extra={**self._context(), "request_id": event.trace_id})
-            await self.transport.call(self.endpoint.fail_request, event.request_id, exc.code, clip(str(exc)))
-            return
-        await self.transport.call(self.endpoint.reply_flight_info, event.request_id,
-                                  schema.serialize().to_pybytes(), -1, -1)
+            return await self.connector.describer(event.sql)
+        await self._answer_schema(event, schema, "query_info refused")
 
     async def _answer_table_info(self, event: ev.FlightInfoRequested) -> None:
         """A database dataset's flight_info: its schema from the database's catalogue (no rows read); rows and
         bytes unknown (-1), as Flight allows."""
+        table = self.connector.sources[event.dataset]
+
+        async def schema():
+            return lambda: table.schema(self.connector.cfg.query_timeout_s)
+        await self._answer_schema(event, schema, f"get_flight_info {event.dataset} failed")
+
+    async def _answer_schema(self, event: ev.FlightInfoRequested, blocking, failed: str) -> None:
+        """Reply with the schema `await blocking()` returns a function for (run in the query pool), rows and bytes
+        -1; or with the engine's or database's reason it could not."""
         from ..sql.engine import SqlError
 
-        table = self.connector.sources[event.dataset]
         try:
-            schema = await asyncio.get_running_loop().run_in_executor(
-                self.connector.query_pool, table.schema, self.connector.cfg.query_timeout_s)
+            compute = await blocking()
+            schema = await asyncio.get_running_loop().run_in_executor(self.connector.query_pool, compute)
         except SqlError as exc:
-            log.warning("get_flight_info %s failed (%s): %s", event.dataset, exc.code, clip(str(exc), 300),
-                        extra={**self._context(), "request_id": event.trace_id})
+            log.info("%s (%s): %s", failed, exc.code, clip(str(exc), 300),
+                     extra={**self._context(), "request_id": event.trace_id})
             await self.transport.call(self.endpoint.fail_request, event.request_id, exc.code, clip(str(exc)))
             return
         await self.transport.call(self.endpoint.reply_flight_info, event.request_id,
@@ -655,14 +657,13 @@ class _Session:
         query — the database's cursor too — and the connector holds about one batch and the stream's window.
         Past --query-timeout-s the query is interrupted; past `limit` result bytes the stream ends in an error
         (never a short result); a cancel interrupts it."""
-        loop = asyncio.get_running_loop()
         async with self.connector.database_slot(query):
-            await self._stream_started(stream_id, query, limit, loop)
+            await self._stream_started(stream_id, query, limit)
 
-    async def _stream_started(self, stream_id: int, query, limit: int | None, loop) -> None:
+    async def _stream_started(self, stream_id: int, query, limit: int | None) -> None:
         from ..sql.engine import SqlError
 
-        connector, cfg = self.connector, self.connector.cfg
+        connector, cfg, loop = self.connector, self.connector.cfg, asyncio.get_running_loop()
         connector.metrics.queries.inc()
         timeout = getattr(query, "timeout_s", cfg.query_timeout_s)
         timer = loop.call_later(timeout, query.interrupt, True) if timeout else None

@@ -17,7 +17,7 @@ class ConnectorMetrics:
         self.reconnects = Counter("poc_connector_reconnects_total", "Links lost and dialled again", registry=r)
         self.compressed_batches = Counter("poc_connector_compressed_batches_total",
                                           "Batches sent with a compressed body (protocol §4b)", registry=r)
-        self.queries = Gauge("poc_connector_queries", "SQL queries open in the engine (running or paused for credit)",
+        self.queries = Gauge("poc_connector_queries", "Queries open in DuckDB or a database, and database reads of DoGets (running or paused for credit)",
                              registry=r)
         self.query_rows = Counter("poc_connector_query_rows_total", "Result rows of SQL queries sent", registry=r)
         self.credit_waits = Counter("poc_connector_credit_waits_total",

@@ -19,7 +19,7 @@ from http.server import ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..http_arrow import ArrowHttp, ArrowHttpHandler, serve
+from ..http_arrow import ArrowHttp, ArrowHttpHandler, _reply, serve
 from .metrics import GatewayMetrics
 
 
@@ -115,8 +115,4 @@ class _HealthHandler(ArrowHttpHandler):
         self._send(status, json.dumps(body).encode(), "application/json")
 
     def _send(self, status: int, data: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _reply(self, status, data, content_type, {})

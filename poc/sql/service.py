@@ -100,6 +100,11 @@ def flight_error(code: str, message: str, source: str) -> Exception:
     return flight.FlightServerError(f"{source} failed the request ({code[:40]}): {message}")
 
 
+def local_error(exc) -> Exception:
+    """An engine's or database's SqlError as a server in this process reports it to a Flight client."""
+    return flight_error(exc.code, str(exc)[:1024], "the server")
+
+
 class LocalSql:
     """A `SqlBackend` over an engine in this process (the direct server: the same SQL surface, no tunnel).
     Queries naming database datasets (`sources`, poc.sources) run in their database, as at a connector."""
@@ -129,7 +134,7 @@ class LocalSql:
             pushed = self._pushed(sql)
             return describe(*pushed, self.timeout_s) if pushed else self.engine.schema(sql)
         except SqlError as exc:
-            raise flight_error(exc.code, str(exc)[:1024], "the server") from None
+            raise local_error(exc) from None
 
     def execute(self, who, sql: str, cancelled):
         from ..sources import DatabaseQuery
@@ -139,7 +144,7 @@ class LocalSql:
             pushed = self._pushed(sql)
             query = (DatabaseQuery(*pushed, self.timeout_s) if pushed else self.engine.open(sql)).run()
         except SqlError as exc:
-            raise flight_error(exc.code, str(exc)[:1024], "the server") from None
+            raise local_error(exc) from None
         return query.schema, stream_query(query)
 
 
@@ -151,7 +156,7 @@ def stream_query(query) -> Iterator[pa.RecordBatch]:
         while (batch := query.read()) is not None:
             yield batch
     except SqlError as exc:
-        raise flight_error(exc.code, str(exc)[:1024], "the server") from None
+        raise local_error(exc) from None
     finally:
         query.interrupt()
         query.close()
