@@ -118,8 +118,10 @@ def test_a_flood_of_messages_is_closed_with_4005(gateway, tenants):
     assert code == 4005 and "too many unsolicited messages" in reason
 
 
-def serve_one_do_get(gateway, tenants, respond):
-    """Register a raw connector for tenant_001, start a client DoGet, and let `respond(ws, stream_id)` answer."""
+def serve_one_do_get(gateway, tenants, respond, read=lambda reader: reader.read_all(), join: bool = True):
+    """Register a raw connector for tenant_001, start a client DoGet, and let `respond(ws, stream_id)` answer.
+    The client reads the stream with `read`; without `join` the client's thread is left running
+    (`outcome["thread"]`)."""
     ws = raw(gateway, tenants)
     outcome = {}
 
@@ -128,7 +130,7 @@ def serve_one_do_get(gateway, tenants, respond):
             with flight.connect(gateway.flight_uri) as c:
                 options = bearer(tenants["tenant_001"].client_token, timeout=20)
                 info_thread_result.append(c.get_flight_info(sales(), options))
-                outcome["table"] = c.do_get(info_thread_result[0].endpoints[0].ticket, options).read_all()
+                outcome["table"] = read(c.do_get(info_thread_result[0].endpoints[0].ticket, options))
         except Exception as exc:  # the assertion is on what the client saw
             outcome["error"] = exc
 
@@ -146,7 +148,9 @@ def serve_one_do_get(gateway, tenants, respond):
     do_get = json.loads(ws.recv(10))
     assert do_get["action"] == "do_get"
     respond(ws, do_get["request_id"])
-    thread.join(30)
+    outcome["thread"] = thread
+    if join:
+        thread.join(30)
     return ws, outcome
 
 
@@ -179,8 +183,16 @@ def test_sending_beyond_credit_closes_the_link_and_fails_the_client(gateway, ten
         except ConnectionClosed:
             pass
 
-    ws, outcome = serve_one_do_get(gateway, tenants, respond)
+    def read(reader):  # one batch, then nothing until the link is gone: no grant can keep up with the burst
+        reader.read_chunk()
+        closed.wait(30)
+        return reader.read_all()
+
+    closed = threading.Event()
+    ws, outcome = serve_one_do_get(gateway, tenants, respond, read, join=False)
     code, reason = closed_with(ws)
+    closed.set()
+    outcome["thread"].join(30)
     assert code == 4004 and "credit" in reason
     assert isinstance(outcome.get("error"), flight.FlightUnavailableError)
 
