@@ -9,9 +9,10 @@ BIN := $(VENV)/bin
 
 # Programs from Debian that the tests and notebooks start themselves (a real Redis for the gateway replicas'
 # registry, Chromium for the browser tests, Node.js and npm for the page's JavaScript packages, PostgreSQL for
-# the connectors on databases, whose server Debian keeps off PATH); installed with apt-get when missing (as
-# root, as CI runs), skipped when present. program:package pairs.
-SYSTEM_PROGRAMS := redis-server:redis-server chromium:chromium node:nodejs npm:npm
+# the connectors on databases, whose server Debian keeps off PATH; tc and ss for the emulated links and the
+# tunnel sockets' buffers); installed with apt-get when missing (as root, as CI runs), skipped when present.
+# program:package pairs.
+SYSTEM_PROGRAMS := redis-server:redis-server chromium:chromium node:nodejs npm:npm tc:iproute2 ss:iproute2
 
 system:
 	@missing=""; for pair in $(SYSTEM_PROGRAMS); do command -v $${pair%%:*} > /dev/null || missing="$$missing $${pair##*:}"; done; \

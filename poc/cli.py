@@ -124,9 +124,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from .gateway.app import GatewayConfig, run_gateway
 
     _check_tls(args)
+    if not 0 < args.gil_switch_ms <= 100:
+        raise ConfigError("--gil-switch-ms must be above 0 and at most 100")
     _hide_tracebacks_from_clients()
-    if os.environ.get("POC_SWITCH_S"):
-        sys.setswitchinterval(float(os.environ["POC_SWITCH_S"]))
+    sys.setswitchinterval(args.gil_switch_ms / 1000)
     files = config.raise_open_files_limit()
     logging.getLogger("poc.gateway").info("open-files limit %d: room for about %d tunnels", files, max(0, files - 64))
     cfg = GatewayConfig(
@@ -139,7 +140,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl,
         grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port,
         register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,
-        ticket_ttl_s=args.ticket_ttl_s, admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
+        ticket_ttl_s=args.ticket_ttl_s, tunnel_rcvbuf_bytes=max(0, args.tunnel_rcvbuf_bytes),
+        admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
     if cfg.max_buffered_bytes and cfg.max_buffered_bytes < cfg.limits.initial_window:
         raise ConfigError("--max-buffered-bytes must be 0 or at least a stream's initial window")
     if args.registry:
@@ -489,6 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-buffered-bytes", type=int, default=config.MAX_BUFFERED_BYTES,
                    help="gateway-wide cap on what open streams may buffer (each reserves its window); over it a "
                         "new DoGet fails at once with FlightUnavailableError; 0 = no cap (default %(default)s)")
+    p.add_argument("--gil-switch-ms", type=float, default=config.GIL_SWITCH_MS,
+                   help="how long one of the gateway's threads may hold Python's GIL while another waits for it "
+                        "(sys.setswitchinterval; Python's default is 5): shorter lets a Flight call's thread in "
+                        "sooner while the event loop relays data (docs/results.md) (default %(default)s)")
+    p.add_argument("--tunnel-rcvbuf-bytes", type=int, default=config.TUNNEL_RCVBUF_BYTES,
+                   help="receive buffer (SO_RCVBUF) of a tunnel socket whose TCP round trip is under 1 ms: about "
+                        "the most data a connector's control answer waits behind in this gateway's kernel; links "
+                        "with longer round trips keep the kernel's autotuning. 0 leaves every socket to the kernel "
+                        "(default %(default)s; the trade-off is in docs/results.md)")
     p.add_argument("--ticket-ttl-s", type=float, default=config.TICKET_TTL_S,
                    help="how long a ticket from GetFlightInfo can be redeemed (default %(default)s)")
     _add_tunnel_limits(p)

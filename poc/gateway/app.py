@@ -18,7 +18,7 @@ from websockets.http11 import Request, Response
 from .. import config
 from ..auth import PeerCredentials, TicketSigner, flight_certificate
 from ..config import TenantCredentials
-from ..transports.base import TunnelTransport
+from ..transports.base import TunnelTransport, bound_receive_queue
 from ..transports.websocket import WebSocketLink
 from ..tunnel import HEADER, CloseCode, GatewayEndpoint, Limits, TunnelClosed
 from ..tunnel.limits import TokenBucket
@@ -69,6 +69,7 @@ class GatewayConfig:
     drain_delay_s: float = 1.0  # with a registry: Flight keeps answering this long after /readyz turns 503
     advertise_tunnel: str | None = None  # this replica's tunnel URL as connectors know it (goaway's `prefer`)
     rebalance_s: float = config.REBALANCE_S  # with a registry: how often to compare load with the others; 0: off
+    tunnel_rcvbuf_bytes: int = config.TUNNEL_RCVBUF_BYTES  # receive buffer of near tunnels' sockets; 0: kernel's
 
     @property
     def tls(self) -> bool:
@@ -393,6 +394,7 @@ class Gateway:
     async def _serve_link(self, transport: TunnelTransport) -> None:
         """One tunnel from its register to its close, whatever transport carries it. However it ends — a
         close, a broken rule, a timeout or a bug — the socket is closed and the link's calls fail."""
+        bound_receive_queue(transport.socket(), self.cfg.tunnel_rcvbuf_bytes)
         events = transport.events()
         link: TenantLink | None = None
         reason = "closed"

@@ -44,6 +44,44 @@ def keep_unsent_small(sock: socket.socket | None) -> None:
         pass
 
 
+NEAR_RTT_US = 1000  # a TCP round trip under this: a link within one site, whose receive queue can be short
+
+
+def tcp_min_rtt_us(sock: socket.socket | None) -> int | None:
+    """The lowest round-trip time the kernel has seen on a TCP socket, in microseconds (TCP_INFO's
+    tcpi_min_rtt, or its smoothed tcpi_rtt on kernels without it); None where it cannot say."""
+    option = getattr(socket, "TCP_INFO", None)
+    if sock is None or option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, 152)
+    except OSError:
+        return None
+    if len(info) >= 152:
+        return int.from_bytes(info[148:152], "little")
+    return int.from_bytes(info[68:72], "little") if len(info) >= 72 else None
+
+
+def bound_receive_queue(sock: socket.socket | None, size: int, min_rtt_us=tcp_min_rtt_us) -> bool:
+    """On a tunnel socket whose round trip is under NEAR_RTT_US, hold the kernel's receive buffer to `size`
+    (SO_RCVBUF; Linux doubles it for its bookkeeping and caps it at net.core.rmem_max) instead of letting
+    autotuning grow it to tens of megabytes. A control message the connector sends then waits behind at
+    most that much data in this side's kernel, and the rest of the data waits at the connector, where control
+    messages overtake it (docs/results.md: GetFlightInfo under load). A link with a longer round trip keeps
+    the kernel's autotuning, which it needs to fill the path. `size` 0 leaves every socket alone. True if the
+    bound was set."""
+    if not size or sock is None:
+        return False
+    rtt = min_rtt_us(sock)
+    if rtt is None or rtt >= NEAR_RTT_US:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError:
+        return False
+    return True
+
+
 class TunnelTransport(Protocol):
     """One tunnel over one connection, whatever library carries it."""
 
@@ -62,6 +100,9 @@ class TunnelTransport(Protocol):
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close with a code and a reason (docs/protocol.md §8)."""
+
+    def socket(self) -> socket.socket | None:
+        """The TCP socket under the link, where the transport exposes one."""
 
 
 class Link:
@@ -207,3 +248,6 @@ class Link:
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         raise NotImplementedError
+
+    def socket(self) -> socket.socket | None:
+        return None  # gRPC: its sockets are its own

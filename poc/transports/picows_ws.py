@@ -144,6 +144,9 @@ class PicowsLink(WSListener, Link):
         where the writer would put it too."""
         return self.transport is not None and self.closed is None
 
+    def socket(self):
+        return self.transport.underlying_transport.get_extra_info("socket") if self.transport else None
+
     def _send_now(self, text: str) -> None:
         self.transport.send(WSMsgType.TEXT, text.encode())
 

@@ -23,6 +23,9 @@ class WebSocketLink(Link):
         self.ws = ws
         self._init_link(endpoint)
 
+    def socket(self):
+        return self.ws.transport.get_extra_info("socket")
+
     async def _receive(self) -> AsyncIterator[str | bytes]:
         try:
             async for message in self.ws:

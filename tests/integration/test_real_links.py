@@ -95,3 +95,31 @@ def test_the_tunnel_runs_on_uvloop(tmp_path, tenants, datasets):
             t.join(60)
         assert len(done) == 2 and all(t.equals(expected) for t in done)
         assert "event loop: uvloop" in c.gateway.log_tail(200)
+
+
+def _receive_buffers(port: int) -> list[int]:
+    """The kernel's receive buffer (`rb` of `ss -tm`) of each established socket on local port `port`."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["ss", "-tmnH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                         text=True, check=True).stdout
+    return [int(rb) for rb in re.findall(r"\brb(\d+)", out)]
+
+
+def test_the_gateway_bounds_the_receive_queue_of_a_near_tunnel(tmp_path, tenants, datasets):
+    """A connector on loopback: its tunnel's socket at the gateway has the receive buffer of
+    --tunnel-rcvbuf-bytes (doubled by Linux, within net.core.rmem_max), by default 512 KiB, so that a control
+    answer waits behind at most that in the gateway's kernel; the table still arrives whole."""
+    from pathlib import Path
+
+    from poc import config
+
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    expected = pq.read_table(datasets["a"] / "sales.parquet")
+    for args, size in (((), config.TUNNEL_RCVBUF_BYTES), (("--tunnel-rcvbuf-bytes", "300000"), 300_000)):
+        with Cluster(tmp_path / str(size), tenants, datasets["a"], with_direct=False, gateway_args=args,
+                     tunnel="websocket") as c:
+            assert read(c.flight_uri, tenants["tenant_001"].client_token)[1].equals(expected)
+            buffers = _receive_buffers(c.gateway.ready["ws_port"])
+            assert buffers and set(buffers) == {2 * min(size, rmem_max)}, buffers

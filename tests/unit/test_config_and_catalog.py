@@ -108,3 +108,12 @@ def test_batches_are_cut_to_size_and_refit_to_a_smaller_frame():
     rebuilt = pa.Table.from_batches([pa.ipc.read_record_batch(pa.ipc.read_message(m), table.schema) for m in fitted])
     assert rebuilt.equals(table)
     assert ds.ipc_bytes == ds.schema_message.size + sum(m.size for m in ds.batch_messages)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "101", "nan"])
+def test_the_gateway_refuses_a_gil_switch_interval_out_of_range(tmp_path, value, capsys):
+    from poc.cli import main
+
+    write_tenants(tmp_path / "tenants.yaml", make_tenants(1))
+    assert main(["gateway", "--tenants", str(tmp_path / "tenants.yaml"), "--gil-switch-ms", value]) == 2
+    assert "--gil-switch-ms must be above 0" in capsys.readouterr().err

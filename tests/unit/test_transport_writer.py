@@ -134,3 +134,48 @@ def test_a_failed_or_cancelled_streams_queued_frames_are_never_sent():
     endpoint.receive_text('{"action": "cancel", "request_id": 2, "reason": "client left"}')
     out = endpoint.data_to_send()
     assert len(out) == 1 and '"error"' in out[0] and not endpoint.has_data_to_send
+
+
+def _tcp_pair():
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    server.close()
+    return client, accepted
+
+
+def test_a_near_sockets_receive_queue_is_bounded_and_a_far_ones_left_to_the_kernel():
+    """bound_receive_queue sets SO_RCVBUF (which Linux doubles, within net.core.rmem_max) only on a socket
+    whose measured round trip is under NEAR_RTT_US; a far link, size 0, and a socket without TCP are left
+    alone (their autotuned buffer is not locked)."""
+    import socket
+    from pathlib import Path
+
+    from poc.transports.base import NEAR_RTT_US, bound_receive_queue, tcp_min_rtt_us
+
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    client, accepted = _tcp_pair()
+    near, far, unset = _tcp_pair(), _tcp_pair(), _tcp_pair()
+    try:
+        accepted.sendall(b"x")
+        client.recv(1)
+        assert 0 <= tcp_min_rtt_us(accepted) < NEAR_RTT_US  # loopback
+        before = {s: s[1].getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in (near, far, unset)}
+        assert bound_receive_queue(near[1], 300_000) is True
+        assert near[1].getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * min(300_000, rmem_max)
+        assert bound_receive_queue(far[1], 300_000, min_rtt_us=lambda _: 20 * NEAR_RTT_US) is False
+        assert bound_receive_queue(unset[1], 0) is False
+        assert bound_receive_queue(None, 300_000) is False
+        for pair in (far, unset):
+            assert pair[1].getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before[pair]
+        a, b = socket.socketpair()
+        assert bound_receive_queue(a, 300_000) is False  # not TCP: no round trip to measure
+        a.close()
+        b.close()
+    finally:
+        for s in (client, accepted, *near, *far, *unset):
+            s.close()
