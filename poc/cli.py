@@ -144,6 +144,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
     if cfg.max_buffered_bytes and cfg.max_buffered_bytes < cfg.limits.initial_window:
         raise ConfigError("--max-buffered-bytes must be 0 or at least a stream's initial window")
+    logging.getLogger("poc.gateway").info(
+        "GIL switch interval %g ms; receive buffer of near tunnels %s", args.gil_switch_ms,
+        f"{cfg.tunnel_rcvbuf_bytes} bytes" if cfg.tunnel_rcvbuf_bytes else "left to the kernel")
     if args.registry:
         if not args.registry.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("--registry must be a redis://HOST:PORT/DB (or rediss://) URL")

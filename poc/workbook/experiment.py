@@ -36,6 +36,7 @@ class ExperimentParams(RunParams):
     seed: int = 42
     tunnels: str = "websocket,grpc"  # tunnel transports measured beside direct, each with its own tenants
     source: str = "parquet"  # where connectors and the direct server read: parquet (memory) or postgresql
+    gateway_args: str = ""  # more gateway options, as on its command line (e.g. "--tunnel-rcvbuf-bytes 0")
 
     def __post_init__(self) -> None:
         self.delay_ms = str(self.delay_ms)
@@ -48,6 +49,25 @@ class ExperimentParams(RunParams):
             raise ConfigError(f"parameter tunnels must name websocket and/or grpc, got {self.tunnels!r}")
         if self.source not in ("parquet", "postgresql"):
             raise ConfigError(f"parameter source must be parquet or postgresql, got {self.source!r}")
+        if self.gateway_args:
+            import contextlib
+            import io
+
+            from ..cli import build_parser
+
+            said = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(said):
+                    build_parser().parse_args(["gateway", "--tenants", "-", *self.gateway_arg_list])
+            except SystemExit:
+                reason = said.getvalue().strip().splitlines()[-1:] or [""]
+                raise ConfigError(f"parameter gateway_args {self.gateway_args!r}: {reason[0]}") from None
+
+    @property
+    def gateway_arg_list(self) -> list[str]:
+        import shlex
+
+        return shlex.split(str(self.gateway_args))
 
     @property
     def tunnel_list(self) -> list[str]:
@@ -118,7 +138,8 @@ def run_experiment(params: ExperimentParams, progress: bool | None = None) -> Ex
             direct_args = ("--sources", str(sources), "--db-connections", str(DB_CONNECTIONS * params.tenant_count))
         cluster = stack.enter_context(Cluster(
             out / "cluster", tenants, data, delay_ms=params.delay_ms, with_connectors=False,
-            gateway_args=("--request-timeout-s", str(params.timeout_s)), direct_args=direct_args, direct_env=env))
+            gateway_args=("--request-timeout-s", str(params.timeout_s), *params.gateway_arg_list),
+            direct_args=direct_args, direct_env=env))
         for tunnel, group in groups.items():
             for creds in group:
                 cluster.start_connector(creds.tenant_id, url=cluster.tunnel_url(tunnel=tunnel),

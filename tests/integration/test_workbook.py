@@ -106,7 +106,7 @@ def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
     root = Path(__file__).resolve().parents[2]
     params = tmp_path / "smoke.yaml"
     params.write_text((root / "parameters" / "smoke.yaml").read_text()
-                      + f"data_dir: {tmp_path / 'data'}\nrequests: 16\n")
+                      + f"data_dir: {tmp_path / 'data'}\nrequests: 16\ngateway_args: --tunnel-rcvbuf-bytes 300000\n")
     out = run_report(params, output_root=str(tmp_path / "outputs"))
     assert (out / "experiment.ipynb").exists() and (out / "report.html").stat().st_size > 10_000
     nb = nbformat.read(out / "experiment.ipynb", as_version=4)
@@ -128,6 +128,7 @@ def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
     assert "cores" in success["machine"][0]
     samples = pl.read_parquet(out / "samples.parquet")
     assert {"gateway", "direct", "connector-tenant_001"} <= set(samples["process"].unique().to_list())
+    assert "receive buffer of near tunnels 300000 bytes" in (out / "cluster" / "logs" / "gateway.log").read_text()
     text = shared_text(out, tmp_path)
     assert re.search(r"Answer: take the (WebSocket|gRPC) tunnel\.", text)
     assert "seed criteria: " in text and "the direct throughput" in text
@@ -177,6 +178,9 @@ def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
         run_report(bad, output_root=str(tmp_path))
     bad.write_text("rows: 10\nrequets: 5\n")
     with pytest.raises(ConfigError, match="unknown parameters \\['requets'\\]"):
+        run_report(bad, output_root=str(tmp_path))
+    bad.write_text("rows: 10\ngateway_args: --gil-switch-ms abc\n")
+    with pytest.raises(ConfigError, match="gateway_args.*invalid float value"):
         run_report(bad, output_root=str(tmp_path))
 
 
