@@ -92,19 +92,16 @@ def _tenant_spread(target_summaries: dict) -> float | None:
     return max(p50s) / min(p50s) if len(p50s) > 1 else None
 
 
-def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
-    """Execute the notebook the parameter file names (`notebook:`, default experiment) with its parameters;
-    write the executed notebook and report.html to outputs/<params name>-<time>/."""
-    import nbformat
-    import papermill
+def read_params(params_file: str | Path, output_root: str = "outputs"):
+    """(the notebook, its parameters) a parameter file names (`notebook:`, default experiment), checked; the
+    run is named after the file and the time."""
     import yaml
-    from nbconvert import HTMLExporter
 
     from ..config import ConfigError
+    from .browser import BrowserParams
     from .resilience import ResilienceParams
     from .scale import ScaleParams
     from .scaleout import ScaleoutParams
-    from .browser import BrowserParams
     from .sql import SqlParams
     from .wan import WanParams
 
@@ -119,9 +116,19 @@ def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
              "browser": BrowserParams}
     if name not in kinds:
         raise ConfigError(f"{params_file}: notebook must be one of {sorted(kinds)}, got {name!r}")
-    notebook = NOTEBOOKS / f"{name}.ipynb"
     params = kinds[name].from_yaml(params_file, output_root=output_root,
                                    run_name=f"{params_file.stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    return NOTEBOOKS / f"{name}.ipynb", params
+
+
+def run_report(params_file: str | Path, output_root: str = "outputs") -> Path:
+    """Execute the notebook the parameter file names (`notebook:`, default experiment) with its parameters;
+    write the executed notebook and report.html to outputs/<params name>-<time>/."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    notebook, params = read_params(params_file, output_root)
     out = params.out_dir
     out.mkdir(parents=True, exist_ok=True)
     executed = out / notebook.name

@@ -184,6 +184,22 @@ def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
         run_report(bad, output_root=str(tmp_path))
 
 
+def test_every_parameter_file_names_a_notebook_and_valid_parameters():
+    """What `make report PARAMS=…` reads: each file of parameters/ loads into its notebook's parameters, and
+    the file the README's first command uses is the seed's scenario."""
+    from poc.workbook.report import read_params
+
+    files = sorted((Path(__file__).resolve().parents[2] / "parameters").glob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        notebook, params = read_params(path)
+        assert notebook.exists(), path
+    seed = read_params(files[0].parent / "seed.yaml")[1]
+    assert (seed.requests, seed.concurrency, seed.tenant_count, seed.gateway_args) == (1000, 100, 5, "")
+    assert read_params(files[0].parent / "seed-bulk.yaml")[1].gateway_arg_list == [
+        "--tunnel-rcvbuf-bytes", "0", "--gil-switch-ms", "5"]
+
+
 def test_scaleout_notebook_runs_replicas_through_a_kill_an_addition_and_a_rolling_restart(tmp_path):
     out = executed(tmp_path, "scaleout", "notebook: scaleout\ntenants: 3\nrows: 20000\nreaders: 2\nphase_s: 4\n"
                                          "cost_calls: 3\nregistry_ttl_s: 3\nrebalance_s: 1\n")
