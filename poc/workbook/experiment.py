@@ -59,6 +59,8 @@ class ExperimentParams(RunParams):
             try:
                 with contextlib.redirect_stderr(said):
                     build_parser().parse_args(["gateway", "--tenants", "-", *self.gateway_arg_list])
+            except ValueError as exc:  # shlex: an unclosed quote
+                raise ConfigError(f"parameter gateway_args {self.gateway_args!r}: {exc}") from None
             except SystemExit:
                 reason = said.getvalue().strip().splitlines()[-1:] or [""]
                 raise ConfigError(f"parameter gateway_args {self.gateway_args!r}: {reason[0]}") from None

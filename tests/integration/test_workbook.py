@@ -182,6 +182,9 @@ def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
     bad.write_text("rows: 10\ngateway_args: --gil-switch-ms abc\n")
     with pytest.raises(ConfigError, match="gateway_args.*invalid float value"):
         run_report(bad, output_root=str(tmp_path))
+    bad.write_text("rows: 10\ngateway_args: --tenants 'x\n")
+    with pytest.raises(ConfigError, match="gateway_args.*quotation"):
+        run_report(bad, output_root=str(tmp_path))
 
 
 def test_every_parameter_file_names_a_notebook_and_valid_parameters():
