@@ -169,21 +169,18 @@ def test_scale_notebook_measures_idle_tunnels(tmp_path):
     assert "150 idle tunnels without TLS:" in text and "50 idle tunnels with TLS:" in text
 
 
-def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path):
+@pytest.mark.parametrize("text, match", [
+    ("notebook: nope\n", "notebook must be one of"),
+    ("rows: 10\nrequets: 5\n", "unknown parameters \\['requets'\\]"),
+    ("rows: 10\ngateway_args: --gil-switch-ms abc\n", "gateway_args.*invalid float value"),
+    ("rows: 10\ngateway_args: --tenants 'x\n", "gateway_args.*quotation"),
+])
+def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path, text, match):
     from poc.config import ConfigError
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("notebook: nope\n")
-    with pytest.raises(ConfigError, match="notebook must be one of"):
-        run_report(bad, output_root=str(tmp_path))
-    bad.write_text("rows: 10\nrequets: 5\n")
-    with pytest.raises(ConfigError, match="unknown parameters \\['requets'\\]"):
-        run_report(bad, output_root=str(tmp_path))
-    bad.write_text("rows: 10\ngateway_args: --gil-switch-ms abc\n")
-    with pytest.raises(ConfigError, match="gateway_args.*invalid float value"):
-        run_report(bad, output_root=str(tmp_path))
-    bad.write_text("rows: 10\ngateway_args: --tenants 'x\n")
-    with pytest.raises(ConfigError, match="gateway_args.*quotation"):
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=match):
         run_report(bad, output_root=str(tmp_path))
 
 
