@@ -14,7 +14,6 @@ bearer token decides which tenant's data it runs on).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from . import proto
+from .patterns import like
 from .engine import CATALOG, DB_SCHEMA, MAX_QUERY_BYTES
 
 HANDLE_PREFIX = b"poc-sql/1\n"
@@ -216,15 +216,6 @@ def sql_info_table(ids: tuple[int, ...]) -> pa.Table:
     union = pa.UnionArray.from_dense(pa.array(type_ids, pa.int8()), pa.array(offsets, pa.int32()), children,
                                      [f.name for f in _INFO_VALUE])
     return pa.Table.from_arrays([pa.array(names, pa.uint32()), union], schema=SQL_INFO_SCHEMA)
-
-
-def like(pattern: str | None) -> Callable[[str], bool]:
-    """A Flight SQL filter pattern (`%` any run, `_` any one character) as a predicate; None matches all."""
-    if pattern is None:
-        return lambda _: True
-    regex = re.compile("".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern),
-                       re.DOTALL)
-    return lambda name: regex.fullmatch(name) is not None
 
 
 class FlightSqlService:
