@@ -3,6 +3,11 @@
 Log calls pass what they are about as `extra`: `tenant`, `session`, `request_id` (the Flight call's
 `x-request-id`, followed from the client through the gateway into the connector), `stream_id`. The JSON
 form carries them as fields; the text form appends them.
+
+Texts in log lines come from connectors, clients and databases too, so the text form cannot be forged: every
+record is one line, with CR, LF and other control characters in its message and fields escaped (`\\n`,
+`\\x1b`); a traceback follows on lines of its own, each indented, so no text can start a line that looks like
+a record of its own. JSON escapes them by itself.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import re
 import sys
 import time
 import traceback
@@ -23,20 +29,43 @@ def _context(record: logging.LogRecord) -> dict:
     return {name: getattr(record, name) for name in FIELDS if getattr(record, name, None) is not None}
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line: CR, LF, tabs and every other control character (C0, C1, Unicode line separators)
+    written as escapes."""
+    return _CONTROL.sub(lambda m: _NAMED_ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                                     else f"\\u{ord(m.group()):04x}"), text)
+
+
 class TextFormatter(logging.Formatter):
-    """`time level logger: message [field=value ...]`; tracebacks in full, whatever sys.tracebacklimit says
-    (the servers set it to 0 so that clients never see one: docs/security.md)."""
+    """`time level logger: message [field=value ...]` on one line, whatever the texts in it hold; a traceback
+    in full below it, every line indented (whatever sys.tracebacklimit says: the servers set it to 0 so that
+    clients never see one, docs/security.md)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = escape_controls(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         context = _context(record)
         if context:
-            head, sep, tail = line.partition("\n")
-            line = head + " [" + " ".join(f"{k}={v}" for k, v in context.items()) + "]" + sep + tail
+            line += " [" + " ".join(f"{k}={escape_controls(str(v))}" for k, v in context.items()) + "]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + _indented(self.formatStack(record.stack_info))
         return line
 
     def formatException(self, ei) -> str:  # noqa: N802 (logging's naming)
-        return "".join(traceback.format_exception(*ei, limit=64)).rstrip("\n")
+        return _indented("".join(traceback.format_exception(*ei, limit=64)).rstrip("\n"))
+
+
+def _indented(text: str) -> str:
+    """Every line of a traceback behind two spaces, its control characters other than the line ends escaped."""
+    return "\n".join("  " + escape_controls(line) for line in text.splitlines())
 
 
 class JsonFormatter(logging.Formatter):
