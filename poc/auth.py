@@ -167,12 +167,30 @@ class TicketSigner:
             raise flight.FlightUnauthorizedError("malformed ticket") from None
         if not hmac.compare_digest(mac, hmac.new(self._secret, body, hashlib.sha256).digest()):
             raise flight.FlightUnauthorizedError("ticket signature is not valid")
-        claims = json.loads(body)  # signed by this gateway: well-formed
-        if claims.get("t") != tenant_id:
+        claims = _claims(body, {"t": str, "d": str, "e": (int, float), "p": int})
+        # Checked although signed: replicas share the secret, and a leaked one must not carry into a tunnel
+        # what no GetFlightInfo would have issued (docs/security.md).
+        if claims is None or not valid_dataset_name(claims["d"]):
+            raise flight.FlightUnauthorizedError("malformed ticket")
+        if claims["t"] != tenant_id:
             raise flight.FlightUnauthorizedError("ticket belongs to another tenant")
-        if time.time() > claims.get("e", 0):
+        if time.time() > claims["e"]:
             raise flight.FlightUnauthorizedError("ticket expired: ask GetFlightInfo for a new one")
-        return claims["d"], int(claims.get("p", 0))
+        return claims["d"], claims["p"]
+
+
+def _claims(body: bytes, fields: dict[str, type | tuple[type, ...]]) -> dict | None:
+    """A signed JSON object with exactly `fields`, each of its type (bool is not a number); None otherwise."""
+    try:
+        claims = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(claims, dict) or set(claims) != set(fields):
+        return None
+    for name, kind in fields.items():
+        if not isinstance(claims[name], kind) or isinstance(claims[name], bool):
+            return None
+    return claims
 
 
 def dataset_from_descriptor(descriptor: flight.FlightDescriptor) -> str:

@@ -540,6 +540,9 @@ class _Session:
             self.rtt_s = rtt if self.rtt_s is None else min(self.rtt_s, rtt)
         elif isinstance(event, ev.RequestFailed):
             log.warning("gateway reported an error (%s): %s", event.code, event.message)
+        elif isinstance(event, ev.RequestRefused):  # answered with an error for that request; the link goes on
+            log.warning("refused request %d of the gateway: %s", event.request_id, event.reason,
+                        extra=self._context())
 
     async def retire(self, wait_s: float = 60.0) -> None:
         """After a goaway, once the replacement is registered: the gateway closes this link when the tenant's

@@ -117,6 +117,14 @@ class BatchReceived(Event):
 
 
 @dataclass(frozen=True)
+class RequestRefused(Event):
+    """The gateway sent a request this end cannot take (§3c); an `error` for it is queued, the link goes on."""
+
+    request_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class GoAwayReceived(Event):
     reason: str
     prefer: str | None = None
@@ -276,9 +284,12 @@ class Endpoint:
         if len(text) > self.max_text_bytes:
             raise RemoteProtocolError(f"control message of {len(text)} characters exceeds the limit of "
                                       f"{self.max_text_bytes}", close_code=1009)
-        return self._handle(m.parse_message(text))
+        return self._handle(self._parse(text))
 
-    def _handle(self, message: m.Message) -> list[Event]:
+    def _parse(self, text: str) -> m.Message:
+        return m.parse_message(text)
+
+    def _handle(self, message: m.Message | None) -> list[Event]:
         raise NotImplementedError
 
     def close(self) -> list[int]:
@@ -591,7 +602,25 @@ class ConnectorEndpoint(Endpoint):
     def receive_binary(self, data: bytes | bytearray | memoryview, now: float | None = None) -> list[Event]:
         raise RemoteProtocolError("the gateway must not send binary frames")
 
-    def _handle(self, message: m.Message) -> list[Event]:
+    def _parse(self, text: str) -> m.Message | RequestRefused:
+        """A message; or, for a request that breaks §3 but whose request id can be read and names no open
+        stream, its refusal: an `error` for that request alone is queued (§3c)."""
+        try:
+            return m.parse_message(text)
+        except RemoteProtocolError as exc:
+            rid = m.request_id_of(text)
+            if self.state is not LinkState.REGISTERED or rid is None or rid in self.streams:
+                raise
+            self._refuse(rid, str(exc))
+            return RequestRefused(rid, str(exc))
+
+    def _refuse(self, request_id: int, reason: str) -> None:
+        self._send(m.Error(code="invalid_request", request_id=request_id,
+                           message=m.clip(f"the connector cannot take this request: {reason}", 300)))
+
+    def _handle(self, message: m.Message | RequestRefused) -> list[Event]:
+        if isinstance(message, RequestRefused):
+            return [message]
         if self.state is LinkState.AWAITING_REGISTER:
             if isinstance(message, m.Registered):
                 if not (message.heartbeat_s > 0 and 0 < message.max_frame_bytes <= message.window_bytes
@@ -614,7 +643,9 @@ class ConnectorEndpoint(Endpoint):
             if message.request_id in self.streams:
                 raise RemoteProtocolError(f"{message.ACTION} reuses the id {message.request_id} of an open stream")
             if message.window < self.registered.max_frame_bytes:
-                raise RemoteProtocolError(f"{message.ACTION} window {message.window} is below max_frame_bytes")
+                reason = f"{message.ACTION} window {message.window} is below max_frame_bytes"
+                self._refuse(message.request_id, reason)
+                return [RequestRefused(message.request_id, reason)]
             sql = message.sql if isinstance(message, m.Query) else None
             dataset = "" if sql is not None else message.dataset
             self.streams[message.request_id] = Stream(message.request_id, dataset, message.window)

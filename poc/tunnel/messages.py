@@ -221,6 +221,22 @@ _NAMED = {"datasets", "dataset"}  # fields that hold dataset names (§3a)
 _NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes", "seq"}
 
 
+REQUESTS = ("get_flight_info", "query_info", "do_get", "query")  # what the gateway asks; the connector answers
+
+
+def request_id_of(text: str | bytes) -> int | None:
+    """The request id of a gateway request (§3) that failed to parse, when it can still be read: then only that
+    request is refused (an `error` for it), not the link (§3c). None for anything else."""
+    try:
+        body = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(body, dict) or body.get("action") not in REQUESTS:
+        return None
+    request_id = body.get("request_id")
+    return request_id if _is_int(request_id) and 1 <= request_id < 2**32 else None
+
+
 def parse_message(text: str | bytes) -> Message:
     """Parse one text frame; raise RemoteProtocolError with the reason if it is not a valid message."""
     try:

@@ -284,3 +284,48 @@ def test_goaway_reaches_the_connector_and_nothing_is_sent_before_registration():
     assert not fresh.has_data_to_send
     with pytest.raises(RemoteProtocolError, match="goaway"):
         gateway.receive_text('{"action": "goaway", "reason": "a connector has no say"}')
+
+
+@pytest.mark.parametrize("request_text, reason", [
+    ({"action": "do_get", "request_id": 7, "dataset": "../etc/passwd", "window": 800}, "not a dataset name"),
+    ({"action": "get_flight_info", "request_id": 8, "dataset": "x" * 200}, "not a dataset name"),
+    ({"action": "do_get", "request_id": 9, "dataset": "sales", "window": 10}, "below max_frame_bytes"),
+    ({"action": "query", "request_id": 10, "sql": 42, "window": 800}, "'sql' must be str"),
+    ({"action": "do_get", "request_id": 11, "dataset": "sales"}, "missing field 'window'"),
+])
+def test_a_request_the_connector_cannot_take_is_refused_alone_and_the_link_goes_on(request_text, reason):
+    """A gateway whose ticket secret leaked could be made to send anything: the connector answers that
+    request with an error for its id (§3c) and keeps serving, never closing its whole link."""
+    gateway, connector = registered_pair()
+    rid = request_text["request_id"]
+    [refused] = connector.receive_text(json.dumps(request_text))
+    assert isinstance(refused, ev.RequestRefused) and refused.request_id == rid and reason in refused.reason
+    [error] = connector.data_to_send()
+    assert json.loads(error)["request_id"] == rid and json.loads(error)["code"] == "invalid_request"
+    assert reason in json.loads(error)["message"]
+    sid = gateway.open_stream("sales")  # the link serves on
+    [opened] = deliver(gateway, connector)
+    assert isinstance(opened, ev.StreamRequested) and opened.stream_id == sid
+
+
+@pytest.mark.parametrize("text", [
+    '{"action": "do_get", "request_id": "7", "dataset": "../x", "window": 800}',  # the id cannot be read
+    '{"action": "cancel", "request_id": 7, "reason": 5}',  # not a request
+    '{"action": "do_get", "request_id": 7, "dataset": "sales", "window": 800',  # not JSON
+])
+def test_what_is_not_a_readable_request_still_closes_the_link(text):
+    _, connector = registered_pair()
+    with pytest.raises(RemoteProtocolError):
+        connector.receive_text(text)
+
+
+def test_a_request_reusing_an_open_streams_id_still_closes_the_link():
+    gateway, connector = registered_pair()
+    sid = gateway.open_stream("sales")
+    deliver(gateway, connector)
+    with pytest.raises(RemoteProtocolError, match="reuses the id"):
+        connector.receive_text(json.dumps({"action": "do_get", "request_id": sid, "dataset": "sales",
+                                           "window": 800}))
+    with pytest.raises(RemoteProtocolError):
+        connector.receive_text(json.dumps({"action": "do_get", "request_id": sid, "dataset": "../x",
+                                           "window": 800}))
