@@ -8,6 +8,7 @@ import hmac
 import json
 import re
 import secrets
+import threading
 import time
 
 import pyarrow as pa
@@ -71,17 +72,57 @@ class PeerCredentials:
         return str(claims["t"]), int(claims["p"])
 
 
+class TenantCalls:
+    """Calls each tenant has in progress on a server's Flight and HTTP ports, and the most it may have: a
+    tenant that holds its share of threads and connections (calls whose streams it does not read) cannot take
+    those of others (docs/security.md). 0: no cap."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._by_tenant: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, tenant_id: str) -> None:
+        """Count one call in; FlightUnavailableError when the tenant already has `limit` in progress."""
+        with self._lock:
+            held = self._by_tenant.get(tenant_id, 0)
+            if self.limit and held >= self.limit:
+                raise flight.FlightUnavailableError(
+                    f"tenant {tenant_id} has {held} calls in progress, the most this server takes at once "
+                    "(--max-calls-per-tenant); retry when one ends")
+            self._by_tenant[tenant_id] = held + 1
+
+    def leave(self, tenant_id: str) -> None:
+        with self._lock:
+            held = self._by_tenant.get(tenant_id, 0) - 1
+            if held > 0:
+                self._by_tenant[tenant_id] = held
+            else:
+                self._by_tenant.pop(tenant_id, None)
+
+    def in_progress(self, tenant_id: str) -> int:
+        return self._by_tenant.get(tenant_id, 0)
+
+
 class TenantAuthMiddleware(flight.ServerMiddleware):
     """The call's tenant and request id: the client's `x-request-id` when it is a plain token of at most 64
-    characters, else one made here. It is logged at the gateway and the connector (docs/operations.md)."""
+    characters, else one made here. It is logged at the gateway and the connector (docs/operations.md). Made
+    for a call counted in `calls`, it counts the call out when the call completes."""
 
-    def __init__(self, tenant_id: str, request_id: str, peer_epoch: int | None = None) -> None:
+    def __init__(self, tenant_id: str, request_id: str, peer_epoch: int | None = None,
+                 calls: TenantCalls | None = None) -> None:
         self.tenant_id = tenant_id
         self.request_id = request_id
         self.peer_epoch = peer_epoch  # set: a call forwarded by another replica, for the tunnel of this epoch
+        self._calls = calls
 
     def sending_headers(self):
         return {"x-request-id": self.request_id}
+
+    def call_completed(self, exception):
+        calls, self._calls = self._calls, None
+        if calls is not None:
+            calls.leave(self.tenant_id)
 
 
 class BearerAuthFactory(flight.ServerMiddlewareFactory):
@@ -89,10 +130,11 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
     peer secret, a call from another replica may carry `x-poc-peer` instead (PeerCredentials)."""
 
     def __init__(self, tenants: dict[str, TenantCredentials], peers: PeerCredentials | None = None,
-                 gateway_id: str = "") -> None:
+                 gateway_id: str = "", calls: TenantCalls | None = None) -> None:
         self._tokens = TenantTokens(tenants, "client_token")
         self._peers = peers
         self._gateway_id = gateway_id
+        self.calls = calls or TenantCalls(0)
 
     def reload(self, tenants: dict[str, TenantCredentials]) -> None:
         """Take new client tokens: calls that start from now on are checked against them."""
@@ -111,7 +153,7 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
             if self._peers is None or len(peer) != 1:
                 raise flight.FlightUnauthenticatedError("peer calls are not accepted here")
             tenant_id, epoch = self._peers.check(str(peer[0]), self._gateway_id)
-            return TenantAuthMiddleware(tenant_id, request_id, epoch)
+            return self._counted(TenantAuthMiddleware(tenant_id, request_id, epoch))
         values = headers.get("authorization") or []
         if len(values) != 1 or not str(values[0]).startswith("Bearer "):
             raise flight.FlightUnauthenticatedError("missing 'authorization: Bearer <token>' header")
@@ -121,7 +163,13 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
         claimed = headers.get("tenant-id") or []
         if claimed and list(claimed) != [tenant_id]:
             raise flight.FlightUnauthenticatedError("tenant-id header does not match the client token")
-        return TenantAuthMiddleware(tenant_id, request_id)
+        return self._counted(TenantAuthMiddleware(tenant_id, request_id))
+
+    def _counted(self, who: TenantAuthMiddleware) -> TenantAuthMiddleware:
+        """The call counted in its tenant's calls in progress (refused over the cap), out when it completes."""
+        self.calls.enter(who.tenant_id)
+        who._calls = self.calls
+        return who
 
 
 def caller(context: flight.ServerCallContext) -> TenantAuthMiddleware:

@@ -141,9 +141,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port,
         register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,
         ticket_ttl_s=args.ticket_ttl_s, tunnel_rcvbuf_bytes=max(0, args.tunnel_rcvbuf_bytes),
-        admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
-    if cfg.max_buffered_bytes and cfg.max_buffered_bytes < cfg.limits.initial_window:
-        raise ConfigError("--max-buffered-bytes must be 0 or at least a stream's initial window")
+        max_tenant_buffered_bytes=args.max_tenant_buffered_bytes, max_calls_per_tenant=args.max_calls_per_tenant,
+        max_links_per_tenant=args.max_links_per_tenant, http_max_connections=args.max_http_connections,
+        http_request_deadline_s=args.http_request_deadline_s, admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
+    cfg.check()
     logging.getLogger("poc.gateway").info(
         "GIL switch interval %g ms; receive buffer of near tunnels %s", args.gil_switch_ms,
         f"{cfg.tunnel_rcvbuf_bytes} bytes" if cfg.tunnel_rcvbuf_bytes else "left to the kernel")
@@ -281,11 +282,10 @@ def cmd_direct(args: argparse.Namespace) -> int:
                                 tls_certificates=tls)
     ports = {"flight_port": server.port}
     if args.http_port >= 0:
-        from .http_arrow import ArrowHttpServer, default_vendor_dir
+        from .http_arrow import default_vendor_dir, serve_arrow
 
-        http = ArrowHttpServer((args.host, args.http_port),
-                               server.arrow_http(tenants, tuple(args.cors_origin or ()), default_vendor_dir()))
-        http.start()
+        http = serve_arrow((args.host, args.http_port),
+                           server.arrow_http(tuple(args.cors_origin or ()), default_vendor_dir()))
         ports["http_port"] = http.server_address[1]
     def shutdown(*_) -> None:  # shutdown() waits for calls in flight, so not on the signal's own stack
         threading.Thread(target=server.shutdown, name="shutdown").start()
@@ -494,6 +494,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-buffered-bytes", type=int, default=config.MAX_BUFFERED_BYTES,
                    help="gateway-wide cap on what open streams may buffer (each reserves its window); over it a "
                         "new DoGet fails at once with FlightUnavailableError; 0 = no cap (default %(default)s)")
+    p.add_argument("--max-tenant-buffered-bytes", type=int, default=None,
+                   help="what one tenant's open streams may reserve of --max-buffered-bytes, initial and grown "
+                        "windows alike, so that other tenants always have room; over it the tenant's new DoGet "
+                        "fails at once with FlightUnavailableError (default: half of --max-buffered-bytes)")
+    p.add_argument("--max-calls-per-tenant", type=int, default=config.MAX_CALLS_PER_TENANT,
+                   help="Flight and HTTP calls one tenant may have in progress at once (a DoGet until its stream "
+                        "ends); the next is refused at once, FlightUnavailableError or HTTP 503; 0 = no cap "
+                        "(default %(default)s)")
+    p.add_argument("--max-http-connections", type=int, default=config.HTTP_MAX_CONNECTIONS,
+                   help="connections the HTTP port holds at once; more are answered 503 and closed "
+                        "(default %(default)s)")
+    p.add_argument("--http-request-deadline-s", type=float, default=config.HTTP_REQUEST_DEADLINE_S,
+                   help="an HTTP request's headers and body must arrive within this, counted from the connection's "
+                        "start or the end of the previous response; a slower one gets 408 and is closed "
+                        "(default %(default)s)")
+    p.add_argument("--max-links-per-tenant", type=int, default=config.MAX_LINKS_PER_TENANT,
+                   help="tunnels one tenant may hold on this gateway (each connector's --tunnels count); a "
+                        "registration past it is refused with close code 4008 and the connector backs off; "
+                        "0 = no cap (default %(default)s)")
     p.add_argument("--gil-switch-ms", type=float, default=config.GIL_SWITCH_MS,
                    help="how long one of the gateway's threads may hold Python's GIL while another waits for it "
                         "(sys.setswitchinterval; Python's default is 5): shorter lets a Flight call's thread in "

@@ -9,9 +9,9 @@ import time
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from .auth import BearerAuthFactory, TicketSigner, caller_tenant, dataset_from_descriptor
+from .auth import BearerAuthFactory, TenantCalls, TicketSigner, caller_tenant, dataset_from_descriptor
 from .catalog import Dataset
-from .config import DB_CONNECTIONS, TenantCredentials
+from .config import DB_CONNECTIONS, MAX_CALLS_PER_TENANT, TenantCredentials
 from .sql.service import FlightSqlService, LocalSql, descriptor_command, serve_result, sql_command
 
 
@@ -28,8 +28,9 @@ class DirectFlightServer(flight.FlightServerBase):
     def __init__(self, location: str, datasets: dict[str, Dataset], tenants: dict[str, TenantCredentials] | None,
                  delay_ms: tuple[float, float] = (0.0, 0.0), sources: dict | None = None,
                  timeout_s: float = 60.0, db_connections: int = DB_CONNECTIONS, **kwargs) -> None:
-        middleware = {"auth": BearerAuthFactory(tenants)} if tenants else {}  # same auth as the gateway
-        super().__init__(location, middleware=middleware, **kwargs)
+        # the same auth as the gateway's, and the same share of calls in progress per tenant
+        self.auth = BearerAuthFactory(tenants, calls=TenantCalls(MAX_CALLS_PER_TENANT)) if tenants else None
+        super().__init__(location, middleware={"auth": self.auth} if tenants else {}, **kwargs)
         self._datasets = datasets
         self._sources = sources or {}  # name → DatabaseDataset (--sources): read from its database per DoGet
         self._db_slots: dict[int, threading.BoundedSemaphore] = {}  # database → connections at once, as a connector
@@ -92,12 +93,11 @@ class DirectFlightServer(flight.FlightServerBase):
         for ds in self._datasets.values():
             yield self._flight_info(tenant, ds, flight.FlightDescriptor.for_path("dataset", ds.name))
 
-    def arrow_http(self, tenants: dict[str, TenantCredentials] | None, cors_origins: tuple[str, ...] = (),
-                   vendor_dir=None):
+    def arrow_http(self, cors_origins: tuple[str, ...] = (), vendor_dir=None):
         """The same HTTP Arrow endpoints as the gateway's (poc.http_arrow), over this server's own data."""
         from .http_arrow import ArrowHttp
 
-        tokens = BearerAuthFactory(tenants) if tenants else None
+        tokens = self.auth
 
         def dataset(who, name):
             ds = self._dataset(name)
@@ -108,7 +108,7 @@ class DirectFlightServer(flight.FlightServerBase):
 
         return ArrowHttp(tokens.tenant_for if tokens else (lambda token: ""), lambda who: list(self._datasets),
                          dataset, lambda who, sql: self.sql.backend.execute(who, sql, lambda: False),
-                         cors_origins, vendor_dir)
+                         cors_origins, vendor_dir, tokens.calls if tokens else None)
 
     def get_schema(self, context, descriptor):
         command = descriptor_command(descriptor)

@@ -55,6 +55,14 @@ class RegistrationRefused(Exception):
     """The gateway refused the registration (bad token, bad version): retrying would not help."""
 
 
+class RefusedForNow(Exception):
+    """The gateway refused the registration for a reason that may pass (the tenant holds as many tunnels there
+    as it allows: code too_many_links, close 4008): back off and retry."""
+
+
+RETRY_LATER = {"too_many_links"}  # registration refusals a later attempt may cure (protocol.md §9)
+
+
 class Replaced(Exception):
     """A newer connector registered for this tenant (close 4002): reconnecting would only fight it."""
 
@@ -336,7 +344,8 @@ class Connector:
             if exc.code == CloseCode.TENANT_REMOVED:
                 raise RegistrationRefused(f"gateway closed the link: {exc.reason}") from None
             log.warning("link to %s lost: %s", url, exc)
-        elif isinstance(exc, (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError)):
+        elif isinstance(exc, (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError,
+                              RefusedForNow)):
             log.warning("link to %s lost: %s", url, exc or type(exc).__name__)
         elif exc is not None:  # whatever else ended the session, a new link may cure it: reconnect, never exit
             log.error("session with %s failed", url, exc_info=exc)
@@ -488,7 +497,8 @@ class _Session:
 
     def _on_registration(self, event: ev.Event) -> None:
         if isinstance(event, ev.RegistrationRefused):
-            raise RegistrationRefused(f"gateway refused the registration ({event.code}): {event.message}")
+            refused = RefusedForNow if event.code in RETRY_LATER else RegistrationRefused
+            raise refused(f"gateway refused the registration ({event.code}): {event.message}")
         connector = self.connector
         connector.session_id = event.registered.session_id
         self.registered = True

@@ -16,7 +16,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from .. import config
-from ..auth import PeerCredentials, TicketSigner, flight_certificate
+from ..auth import PeerCredentials, TenantCalls, TicketSigner, flight_certificate
 from ..config import TenantCredentials
 from ..transports.base import TunnelTransport, bound_receive_queue
 from ..transports.websocket import WebSocketLink
@@ -28,7 +28,8 @@ from .cluster import ClusterRouter
 from .directory import RedisDirectory, RegistryUnavailable
 from .flight_server import GatewayFlightServer
 from .health import HealthServer
-from .link import BufferBudget, TenantLink
+from .link import TenantLink
+from .shares import BufferBudget
 from .metrics import GatewayMetrics, ReplicaTunnels, close_label
 from .registry import TenantRegistry
 
@@ -50,6 +51,11 @@ class GatewayConfig:
     limits: Limits = field(default_factory=lambda: Limits(config.MAX_FRAME_BYTES, config.WINDOW_BYTES,
                                                           config.MAX_STREAMS, config.MAX_MESSAGE_BYTES))
     max_buffered_bytes: int = config.MAX_BUFFERED_BYTES  # 0: no gateway-wide cap
+    max_tenant_buffered_bytes: int | None = None  # one tenant's share; None: TENANT_BUFFER_SHARE of the cap
+    max_calls_per_tenant: int = config.MAX_CALLS_PER_TENANT  # Flight and HTTP calls in progress; 0: no cap
+    max_links_per_tenant: int = config.MAX_LINKS_PER_TENANT  # tunnels of one tenant here; 0: no cap
+    http_max_connections: int = config.HTTP_MAX_CONNECTIONS
+    http_request_deadline_s: float = config.HTTP_REQUEST_DEADLINE_S
     ticket_ttl_s: float = config.TICKET_TTL_S
     admin_token: str | None = None  # the per-tenant /health view; off without one
     ticket_secret: bytes | None = None
@@ -75,6 +81,32 @@ class GatewayConfig:
     def tls(self) -> bool:
         return bool(self.tls_cert and self.tls_key)
 
+    @property
+    def tenant_buffer_share(self) -> int:
+        """What one tenant's streams may reserve (docs/security.md): the option, or a share of the cap."""
+        if self.max_tenant_buffered_bytes is not None:
+            return self.max_tenant_buffered_bytes
+        return int(self.max_buffered_bytes * config.TENANT_BUFFER_SHARE)
+
+    def check(self) -> None:
+        """ConfigError when the caps leave a tenant no room: each tenant's share must hold one stream's initial
+        window, and what one tenant may hold must leave room for another's."""
+        window, cap, share = self.limits.initial_window, self.max_buffered_bytes, self.tenant_buffer_share
+        if cap and cap < 2 * window:
+            raise config.ConfigError("--max-buffered-bytes must be 0 or at least two streams' initial windows "
+                                     f"({2 * window} bytes), so one tenant's streams never fill it")
+        if share and share < window:
+            raise config.ConfigError(f"--max-tenant-buffered-bytes must be 0 or at least a stream's initial window "
+                                     f"({window} bytes)")
+        if cap and (not share or share > cap - window):
+            raise config.ConfigError("--max-tenant-buffered-bytes must leave room for another tenant's stream: at "
+                                     f"most --max-buffered-bytes minus an initial window ({cap - window} bytes)")
+        if self.max_calls_per_tenant < 0 or self.max_links_per_tenant < 0:
+            raise config.ConfigError("--max-calls-per-tenant and --max-links-per-tenant must be 0 or more")
+        if self.http_max_connections < 1 or not self.http_request_deadline_s > 0:
+            raise config.ConfigError("--max-http-connections must be at least 1 and --http-request-deadline-s "
+                                     "above 0")
+
 
 class Gateway:
     """Start with `await start()`, stop with `await stop()`; ports are known after start."""
@@ -88,7 +120,8 @@ class Gateway:
         self._http: HealthServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self.ports: dict[str, int] = {}
-        self.budget = BufferBudget(cfg.max_buffered_bytes)
+        self.budget = BufferBudget(cfg.max_buffered_bytes, cfg.tenant_buffer_share)
+        self.calls = TenantCalls(cfg.max_calls_per_tenant)
         self.metrics = self._make_metrics()
         self.state = "starting"  # then "ready", then "draining" (GET /readyz)
         self.directory: RedisDirectory | None = None
@@ -124,7 +157,8 @@ class Gateway:
                               elsewhere=self._elsewhere)
         self._flight = GatewayFlightServer(f"{scheme}://{cfg.host}:{cfg.flight_port}", bridge, cfg.tenants,
                                            TicketSigner(cfg.ticket_secret, cfg.ticket_ttl_s), self.metrics,
-                                           peers=peers, gateway_id=cfg.gateway_id, tls_certificates=tls)
+                                           peers=peers, gateway_id=cfg.gateway_id, calls=self.calls,
+                                           tls_certificates=tls)
         if self.directory is not None:
             advertise = cfg.advertise_flight or f"{scheme}://{cfg.host}:{self._flight.port}"
             self.directory.flight_location = advertise
@@ -160,7 +194,9 @@ class Gateway:
         self._http = HealthServer((cfg.host, cfg.http_port), self._snapshot, self._readiness,
                                   cfg.admin_token, lambda: self.budget.reserved, self.metrics,
                                   reload=lambda: asyncio.run_coroutine_threadsafe(self._reload(), loop).result(10),
-                                  arrow=self._flight.arrow_http(cfg.cors_origins, default_vendor_dir()))
+                                  arrow=self._flight.arrow_http(cfg.cors_origins, default_vendor_dir()),
+                                  max_connections=cfg.http_max_connections,
+                                  request_deadline_s=cfg.http_request_deadline_s)
         self._http.start()
         self._spawn(self._watch_heartbeats())
         self.ports = {"ws_port": self._ws_server.sockets[0].getsockname()[1],
@@ -308,8 +344,12 @@ class Gateway:
         return self.state
 
     def _snapshot(self) -> dict:
-        """GET /health's tenants (HTTP thread): this gateway's links and, with a registry, every replica's."""
+        """GET /health's tenants (HTTP thread): this gateway's links and, with a registry, every replica's; what
+        each tenant holds here of the shared calls and buffer."""
         local = self.registry.snapshot()
+        for tenant_id, tenant in local.items():
+            tenant["calls_in_progress"] = self.calls.in_progress(tenant_id)
+            tenant["buffer_reserved_bytes"] = self.budget.held_by(tenant_id)
         if self.directory is None:
             return local
         for tenant in local.values():
@@ -452,6 +492,16 @@ class Gateway:
             self.metrics.registrations.labels("refused").inc()
             return await self._refuse(transport, "unauthenticated",
                                       f"invalid token for tenant {register.tenant_id!r}", CloseCode.UNAUTHENTICATED)
+        held = [x for x in self.registry.tenant_links(register.tenant_id)
+                if x.connector_id != (register.connector_id or "") and x.closing_reason is None]
+        if self.cfg.max_links_per_tenant and len(held) >= self.cfg.max_links_per_tenant:
+            log.warning("refused a tunnel of tenant %s: it holds %d here, the most allowed", register.tenant_id,
+                        len(held), extra={"tenant": register.tenant_id})
+            self.metrics.registrations.labels("refused").inc()
+            return await self._refuse(transport, "too_many_links",
+                                      f"tenant {register.tenant_id!r} already holds {len(held)} tunnels on this "
+                                      "gateway, the most it allows (--max-links-per-tenant); retry later",
+                                      CloseCode.TOO_MANY_LINKS)
         session_id = "sess_" + secrets.token_hex(8)
         await transport.call(transport.endpoint.accept, session_id, self.cfg.heartbeat_s)
         link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport, self.budget,

@@ -161,7 +161,6 @@ class TunnelBridge:
                 link = await self._live(tenant_id, epoch, leaving_ok)
                 return (link, *link.open_stream(dataset, trace_id, sql))
             link, stream_id, sink = self.await_on_loop(start())
-        self.metrics.usage.add(tenant_id, dataset, requests=1)
         stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)
         stream.read_schema()
         return stream
@@ -283,14 +282,14 @@ class TunnelStream:
         bounds = bounds_schema(self.schema)
         self._bounds = self.schema if bounds.equals(self.schema) else bounds
         self._grant(len(payload))
-        self._count(len(payload), 0)
+        self._count(len(payload), 0, requests=1)  # a request counts once its connector served it a schema
 
-    def _count(self, size: int, rows: int) -> None:
+    def _count(self, size: int, rows: int, requests: int = 0) -> None:
         """Relayed bytes (schema and batch messages, as on the wire) and rows, for metrics and billing."""
         self._relayed_bytes.inc(size)
         if rows:
             self._relayed_rows.inc(rows)
-        self._usage.add(self._link.tenant_id, self.dataset, rows=rows, size=size)
+        self._usage.add(self._link.tenant_id, self.dataset, requests=requests, rows=rows, size=size)
 
     def _decode(self, payload, compressed: bool = False) -> pa.RecordBatch:
         """Read a batch in place and validate it before Flight's writer touches it: every buffer large enough

@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..auth import BearerAuthFactory, PeerCredentials, TicketSigner, caller, dataset_from_descriptor
+from ..auth import BearerAuthFactory, PeerCredentials, TenantCalls, TicketSigner, caller, dataset_from_descriptor
 from ..config import TenantCredentials
 from ..http_arrow import ArrowHttp
 from ..sql.proto import TicketStatementQuery, pack_any
@@ -97,8 +97,8 @@ class GatewayFlightServer(flight.FlightServerBase):
 
     def __init__(self, location: str, bridge: TunnelBridge, tenants: dict[str, TenantCredentials],
                  tickets: TicketSigner, metrics: GatewayMetrics | None = None, peers: PeerCredentials | None = None,
-                 gateway_id: str = "", **kwargs) -> None:
-        self.auth = BearerAuthFactory(tenants, peers, gateway_id)
+                 gateway_id: str = "", calls: TenantCalls | None = None, **kwargs) -> None:
+        self.auth = BearerAuthFactory(tenants, peers, gateway_id, calls)
         super().__init__(location, middleware={"auth": self.auth}, **kwargs)
         self._bridge = bridge
         self._tickets = tickets
@@ -146,7 +146,7 @@ class GatewayFlightServer(flight.FlightServerBase):
             return self._here_or_routed(lambda: self.sql.backend.execute(who, sql, lambda: False),
                                         lambda: self._cluster.do_get(who, ticket, None))
 
-        return ArrowHttp(self.auth.tenant_for, datasets, dataset, query, tuple(cors_origins), vendor_dir)
+        return ArrowHttp(self.auth.tenant_for, datasets, dataset, query, tuple(cors_origins), vendor_dir, self.auth.calls)
 
     def join_cluster(self, cluster: ClusterRouter, advertise: str) -> None:
         """`--registry`: route calls for other replicas' tenants; name `advertise` in every endpoint."""

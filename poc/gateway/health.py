@@ -1,118 +1,98 @@
-"""The gateway's HTTP port: public liveness and readiness, and each tenant's status for operators only.
+"""The gateway's HTTP port (poc.http_server): public liveness and readiness, each tenant's status for operators
+only, and the browsers' Arrow endpoints and page (poc.http_arrow).
 
 - `GET /livez`  200 while the process serves HTTP; nothing about tenants.
 - `GET /readyz` 200 once the Flight server serves, 503 before that and while draining; nothing about tenants.
-- `GET /health` the per-tenant view (sessions, heartbeats, streams, datasets), only with
-  `authorization: Bearer <admin token>`; 401 without it, 403 when the gateway has no admin token.
+- `GET /health` the per-tenant view (sessions, heartbeats, streams, datasets, what each holds of the shared
+  calls and buffer), only with `authorization: Bearer <admin token>`; 401 without it, 403 when the gateway
+  has no admin token.
 - `GET /metrics` Prometheus metrics (docs/operations.md), with the admin token: they name tenants.
 - `GET /v1/usage` requests, rows and bytes per tenant and dataset since start (JSON, for billing), likewise.
+- `POST /v1/tenants/reload` rereads the tenants file, with the admin token.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import threading
 import time
 from collections.abc import Callable
-from http.server import ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..http_arrow import ArrowHttp, ArrowHttpHandler, _reply, serve
+from ..http_arrow import ArrowHttp, json_response
+from ..http_server import HttpServer, Request, Response
 from .metrics import GatewayMetrics
 
+ADMIN_PATHS = ("/health", "/metrics", "/v1/usage")
 
-class HealthServer(ThreadingHTTPServer):
-    daemon_threads = True
+
+class HealthServer:
+    """The gateway's HTTP port; `start()` serves it from its own thread, `shutdown()` stops it."""
 
     def __init__(self, address: tuple[str, int], snapshot: Callable[[], dict], state: Callable[[], str],
                  admin_token: str | None, reserved_bytes: Callable[[], int] = lambda: 0,
                  metrics: GatewayMetrics | None = None, reload: Callable[[], dict] | None = None,
-                 arrow: ArrowHttp | None = None) -> None:
-        self.arrow = arrow  # the browsers' Arrow endpoints and page (poc.http_arrow)
+                 arrow: ArrowHttp | None = None, **limits) -> None:
+        self.arrow = arrow
         self.snapshot = snapshot
         self.reload = reload
         self.metrics = metrics or GatewayMetrics()
         self.reserved_bytes = reserved_bytes
         self.state = state  # "starting", "ready" or "draining"
         self.admin_token = admin_token
-        super().__init__(address, _HealthHandler)
+        self._http = HttpServer(address, self.respond, name="gateway-http", **limits)
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="health-http", daemon=True)
-        thread.start()
-        return thread
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self._http.server_address
 
+    def start(self) -> None:
+        self._http.start()
 
-class _HealthHandler(ArrowHttpHandler):
-    server: HealthServer
+    def shutdown(self) -> None:
+        self._http.shutdown()
 
-    def _arrow(self, method: str) -> bool:
-        arrow = self.server.arrow
-        if arrow is not None and arrow.handles(self.path.split("?")[0]):
-            serve(self, arrow, method)
-            return True
-        return False
+    def respond(self, request: Request) -> Response:
+        path, method = request.path, request.method
+        if self.arrow is not None and self.arrow.handles(path):
+            return self.arrow.respond(request)
+        if method == "GET" and path == "/livez":
+            return json_response(200, {"status": "alive"})
+        if method == "GET" and path == "/readyz":
+            state = self.state()
+            return json_response(200 if state == "ready" else 503, {"status": state})
+        if method == "GET" and path in ADMIN_PATHS:
+            return self._admin(request) or self._view(path)
+        if method == "POST" and path == "/v1/tenants/reload":
+            refused = self._admin(request)
+            if refused:
+                return refused
+            result = self.reload() if self.reload else {"status": "error", "error": "no reload"}
+            return json_response(200 if result.get("status") == "ok" else 422, result)
+        return json_response(404, {"error": "no such path; try /livez, /readyz, /health, /metrics, /v1/usage or "
+                                            "POST /v1/tenants/reload"})
 
-    def do_OPTIONS(self) -> None:  # noqa: N802
-        if not self._arrow("OPTIONS"):
-            self._reply(404, {"error": "no such path"})
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?")[0]
-        if self._arrow("GET"):
-            return
-        if path == "/livez":
-            self._reply(200, {"status": "alive"})
-        elif path == "/readyz":
-            state = self.server.state()
-            self._reply(200 if state == "ready" else 503, {"status": state})
-        elif path in ("/health", "/metrics", "/v1/usage") and self._admin():
-            if path == "/health":
-                self._detailed()
-            elif path == "/metrics":
-                self._send(200, generate_latest(self.server.metrics.registry), CONTENT_TYPE_LATEST)
-            else:
-                self._reply(200, self.server.metrics.usage.snapshot())
-        elif path not in ("/health", "/metrics", "/v1/usage"):
-            self._reply(404, {"error": "no such path; try /livez, /readyz, /health, /metrics or /v1/usage"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self._arrow("POST"):
-            return
-        if self.path.split("?")[0] != "/v1/tenants/reload":
-            self._reply(404, {"error": "no such path; POST /v1/tenants/reload"})
-        elif self._admin():
-            result = self.server.reload() if self.server.reload else {"status": "error", "error": "no reload"}
-            self._reply(200 if result.get("status") == "ok" else 422, result)
-
-    def _admin(self) -> bool:
-        """True for a request with the admin token; otherwise answers 401 (or 403 without one) and is False."""
-        expected = self.server.admin_token
+    def _admin(self, request: Request) -> Response | None:
+        """None for a request with the admin token; otherwise the 401 (or 403 without one) to answer."""
+        expected = self.admin_token
         if not expected:
-            self._reply(403, {"error": "per-tenant views are off: the gateway has no admin token"})
-            return False
-        given = self.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            self._reply(401, {"error": "this view needs 'authorization: Bearer <admin token>'"})
-            return False
-        return True
+            return json_response(403, {"error": "per-tenant views are off: the gateway has no admin token"})
+        given = request.header("authorization")
+        if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {expected}".encode()):
+            return json_response(401, {"error": "this view needs 'authorization: Bearer <admin token>'"})
+        return None
 
-    def _detailed(self) -> None:
-        tenants = self.server.snapshot()
-        online = sum(1 for t in tenants.values() if t["status"] == "online")
-        self._reply(200, {
-            "status": self.server.state(),
+    def _view(self, path: str) -> Response:
+        if path == "/metrics":
+            return Response(200, {"Content-Type": CONTENT_TYPE_LATEST}, generate_latest(self.metrics.registry))
+        if path == "/v1/usage":
+            return json_response(200, self.metrics.usage.snapshot())
+        tenants = self.snapshot()
+        return json_response(200, {
+            "status": self.state(),
             "time": time.time(),
-            "tenants_online": online,
+            "tenants_online": sum(1 for t in tenants.values() if t["status"] == "online"),
             "streams_in_flight": sum(t.get("streams_in_flight", 0) for t in tenants.values()),
-            "buffer_reserved_bytes": self.server.reserved_bytes(),
+            "buffer_reserved_bytes": self.reserved_bytes(),
             "tenants": tenants,
         })
-
-    def _reply(self, status: int, body: dict) -> None:
-        self._send(status, json.dumps(body).encode(), "application/json")
-
-    def _send(self, status: int, data: bytes, content_type: str) -> None:
-        _reply(self, status, data, content_type, {})

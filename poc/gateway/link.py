@@ -17,6 +17,7 @@ from ..tunnel import LocalProtocolError
 from ..tunnel.endpoint import GatewayEndpoint
 from ..tunnel.limits import TokenBucket
 from ..tunnel.messages import clip
+from .shares import BufferBudget
 
 
 class StreamItem:
@@ -55,37 +56,6 @@ class StreamSink:
                 pass
 
     POLL_S = 0.25
-
-
-class BufferBudget:
-    """The gateway-wide cap on bytes that open streams may buffer: each stream reserves its window (§5),
-    so the sum of reservations bounds what the gateway holds, whatever clients and connectors do."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit  # 0: no cap
-        self.reserved = 0
-
-    def reserve(self, size: int) -> None:
-        if not self.try_reserve(size):
-            raise flight.FlightUnavailableError(
-                f"gateway is at its buffer limit ({self.limit} bytes reserved by open streams); retry later")
-
-    def try_reserve(self, size: int) -> bool:
-        if self.limit and self.reserved + size > self.limit:
-            return False
-        self.reserved += size
-        return True
-
-    def try_grow(self, size: int) -> bool:
-        """Reserve for a window that widens (protocol §5b): only within half the cap, so that growth never
-        takes the room new streams need for their initial windows."""
-        if self.limit and self.reserved + size > self.limit // 2:
-            return False
-        self.reserved += size
-        return True
-
-    def release(self, size: int) -> None:
-        self.reserved -= size
 
 
 @dataclass(frozen=True)
@@ -196,7 +166,7 @@ class TenantLink:
         if sink is None:
             self.dropped_events += 1
             return
-        self.budget.release(self._reserved.pop(stream_id, 0))
+        self.budget.release(self.tenant_id, self._reserved.pop(stream_id, 0))
         if kind != StreamItem.CANCEL:
             sink.put(kind, value)
 
@@ -246,11 +216,11 @@ class TenantLink:
             self._require_sql()
         self._admit()
         window = self.endpoint.limits.initial_window
-        self.budget.reserve(window)
+        self.budget.reserve(self.tenant_id, window)
         try:
             sid = self.endpoint.open_stream(dataset, trace_id, sql)
         except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
-            self.budget.release(window)
+            self.budget.release(self.tenant_id, window)
             raise flight.FlightUnavailableError(f"tenant {self.tenant_id}: {exc}") from None
         self._reserved[sid] = window
         sink = self._sinks[sid] = StreamSink()
@@ -259,9 +229,10 @@ class TenantLink:
 
     def grant(self, stream_id: int, size: int) -> None:
         """Credit back what the client consumed, widening the stream's window towards the link's measured
-        bandwidth-delay product while the gateway-wide budget has room for it (docs/protocol.md §5b)."""
+        bandwidth-delay product while the tenant's share of the buffer budget has room for it (docs/protocol.md
+        §5b)."""
         grow = self.endpoint.growth(stream_id)
-        if grow and stream_id in self._reserved and self.budget.try_grow(grow):
+        if grow and stream_id in self._reserved and self.budget.try_grow(self.tenant_id, grow):
             self._reserved[stream_id] += grow
         else:
             grow = 0

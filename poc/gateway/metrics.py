@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007}
+CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007, 4008}
 
 
 def close_label(code: int | None) -> str:
@@ -88,15 +88,30 @@ class ReplicaTunnels:
 
 
 class Usage:
-    """Requests, rows and bytes per tenant and dataset since start: the JSON of GET /v1/usage."""
+    """Requests, rows and bytes per tenant and dataset since start: the JSON of GET /v1/usage.
 
-    def __init__(self) -> None:
+    Entries are made only for streams a connector served (its schema arrived), and each tenant has at most
+    `max_datasets` of them; past that, what it reads is counted under OTHER, so no client or connector can
+    make this grow without bound by naming datasets."""
+
+    OTHER = "(other)"
+
+    def __init__(self, max_datasets: int = 1000) -> None:
         self._lock = threading.Lock()
         self._by = defaultdict(lambda: {"requests": 0, "rows": 0, "bytes": 0})
+        self._datasets: dict[str, int] = {}  # tenant → its entries
+        self.max_datasets = max_datasets
 
     def add(self, tenant: str, dataset: str, requests: int = 0, rows: int = 0, size: int = 0) -> None:
         with self._lock:
-            entry = self._by[(tenant, dataset)]
+            key = (tenant, dataset)
+            if key not in self._by:
+                count = self._datasets.get(tenant, 0)
+                if count >= self.max_datasets:
+                    key = (tenant, self.OTHER)
+                if key not in self._by:
+                    self._datasets[tenant] = count + 1
+            entry = self._by[key]
             entry["requests"] += requests
             entry["rows"] += rows
             entry["bytes"] += size

@@ -65,3 +65,4 @@ class CloseCode:
     LIMIT_EXCEEDED = 4005      # request rate or streams in flight over the limit
     TENANT_REMOVED = 4006      # the tenant was removed from the gateway's configuration
     LEASE_LOST = 4007          # --registry: the tunnel's registry entry ran out; register again
+    TOO_MANY_LINKS = 4008      # the tenant holds --max-links-per-tenant tunnels here; back off, then retry
