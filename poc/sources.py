@@ -33,6 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .config import ConfigError
+from .sql.allowed import check_pushdown, is_cte_reference
 from .sql.engine import MAX_QUERY_BYTES, SqlError
 from .tunnel.messages import valid_dataset_name
 
@@ -294,10 +295,6 @@ def _password(path: Path, password_file) -> str | None:
     return os.environ.get(PASSWORD_ENV)
 
 
-DENIED_FUNCTIONS = ("pg_read", "pg_ls", "pg_stat_file", "lo_", "dblink", "pg_file", "load_extension", "readfile",
-                    "writefile", "set_config")
-
-
 def involves(sql: str, tables: dict[str, DatabaseDataset]) -> bool:
     """Whether a query names any database dataset (it then runs in that database, not in DuckDB)."""
     import sqlglot
@@ -311,14 +308,22 @@ def involves(sql: str, tables: dict[str, DatabaseDataset]) -> bool:
 
 
 def pushdown(sql: str, tables: dict[str, DatabaseDataset], files: set[str]) -> tuple[Database, str]:
-    """A client's query for the database its datasets live in: checked to be one SELECT (no INTO, no locking
-    clause, no file or server functions) over exposed datasets of one database only, and rewritten so that
-    each dataset's name reads its table or query. Raises SqlError with the reason."""
+    """A client's query for the database its datasets live in: one SELECT over exposed datasets of one
+    database only, holding nothing but what poc.sql.allowed lists (node types, functions, types), and
+    rewritten so that each dataset's name reads its own definition as a subquery — `(SELECT * FROM <table>)`
+    or `(<query>)` — the only SQL that touches real tables (so no system column or catalogue is in reach
+    either). Raises SqlError with the reason."""
     import sqlglot
     from sqlglot import exp
+    from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 
-    named = {t.name for tree in sqlglot.parse(sql) if tree is not None for t in tree.find_all(exp.Table)}
+    try:
+        named = {t.name for tree in sqlglot.parse(sql) if tree is not None for t in tree.find_all(exp.Table)}
+    except (sqlglot.errors.SqlglotError, RecursionError) as exc:
+        raise SqlError("invalid_request", f"syntax error: {str(exc)[:500]}") from None
     databases = {id(tables[n].database): tables[n].database for n in named if n in tables}
+    if not databases:
+        raise SqlError("not_found", f"the query names none of the connector's datasets ({', '.join(sorted(tables))})")
     if len(databases) != 1:
         raise SqlError("invalid_request", "a query may read the datasets of one database only")
     if named & files:
@@ -327,32 +332,24 @@ def pushdown(sql: str, tables: dict[str, DatabaseDataset], files: set[str]) -> t
     database = next(iter(databases.values()))
     try:
         trees = sqlglot.parse(sql, read=database.DIALECT)
-    except sqlglot.errors.ParseError as exc:
+    except (sqlglot.errors.SqlglotError, RecursionError) as exc:
         raise SqlError("invalid_request", f"syntax error: {str(exc)[:500]}") from None
     if len(trees) != 1 or trees[0] is None:
         raise SqlError("invalid_request", f"one statement per query, got {len(trees)}")
     tree = trees[0]
     if not isinstance(tree, exp.Query) or tree.find(exp.Into) or tree.find(exp.Lock):
         raise SqlError("invalid_request", "only SELECT queries are allowed (no INTO, no FOR UPDATE)")
-    for function in tree.find_all(exp.Func):
-        name = (function.name if isinstance(function, exp.Anonymous) else function.sql_name()).lower()
-        if name.startswith(DENIED_FUNCTIONS):
-            raise SqlError("forbidden", f"function {name} is not allowed")
-    ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
+    mine = {name for name, table in tables.items() if table.database is database}
+    try:
+        tree = normalize_identifiers(tree, dialect=database.DIALECT)  # names as the database compares them
+        check_pushdown(tree, mine, database.DIALECT)
+    except RecursionError:
+        raise SqlError("invalid_request", "the query is nested too deeply") from None
     for table in list(tree.find_all(exp.Table)):
-        if not isinstance(table.this, exp.Identifier):
-            raise SqlError("forbidden", "only datasets may be read (no table functions)")
-        if table.name in ctes and not table.db:
+        if is_cte_reference(table):
             continue
-        if table.db or table.catalog or table.name not in tables:
-            raise SqlError("not_found", f"no dataset {table.sql(database.DIALECT)!r}: a query names the "
-                                        f"connector's datasets ({', '.join(sorted(tables))})")
         dataset, alias = tables[table.name], table.alias or table.name
-        if dataset.table:
-            source = exp.to_table(dataset.table, dialect=database.DIALECT)
-            source.set("alias", exp.TableAlias(this=exp.to_identifier(alias)))
-        else:
-            source = exp.Subquery(this=sqlglot.parse_one(dataset.query, read=database.DIALECT),
-                                  alias=exp.TableAlias(this=exp.to_identifier(alias)))
-        table.replace(source)
+        definition = (exp.select("*").from_(exp.to_table(dataset.table, dialect=database.DIALECT)) if dataset.table
+                      else sqlglot.parse_one(dataset.query, read=database.DIALECT))
+        table.replace(exp.Subquery(this=definition, alias=exp.TableAlias(this=exp.to_identifier(alias))))
     return database, tree.sql(dialect=database.DIALECT)

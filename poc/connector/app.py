@@ -193,17 +193,19 @@ class Connector:
         return slots
 
     async def open_query(self, sql: str):
-        """A client's query, not started: for its database (poc.sources) or for DuckDB."""
-        pushed = self._pushed(sql)
+        """A client's query, not started: for its database (poc.sources) or for DuckDB. Parsing and checking
+        it runs in the query pool, off the event loop."""
+        pushed = await asyncio.get_running_loop().run_in_executor(self.query_pool, self._pushed, sql)
         if pushed is not None:
             from ..sources import DatabaseQuery
 
             return DatabaseQuery(*pushed, self.cfg.query_timeout_s)
-        return (await self.sql_engine()).open(sql)
+        engine = await self.sql_engine()
+        return await asyncio.get_running_loop().run_in_executor(self.query_pool, engine.open, sql)
 
     async def describer(self, sql: str):
         """A blocking function giving a client's query's result schema, for the query pool."""
-        pushed = self._pushed(sql)
+        pushed = await asyncio.get_running_loop().run_in_executor(self.query_pool, self._pushed, sql)
         if pushed is not None:
             from ..sources import describe
 

@@ -1,14 +1,18 @@
-"""SQL over a connector's datasets: DuckDB, sandboxed to the dataset files, one SELECT at a time.
+"""SQL over a connector's datasets: DuckDB, sandboxed to the datasets, one SELECT at a time.
 
 The engine is chosen in docs/architecture.md ("SQL at the connector"): DuckDB pushes projections and filters
-into its Parquet scan, streams results batch by batch, can be interrupted from another thread, and can be
-shut off from the file system. Each query runs on its own cursor of one in-memory database whose views name
-the datasets; the database is configured before any query runs and its configuration is then locked:
+into its scans, streams results batch by batch, can be interrupted from another thread, and can be shut off
+from the file system. Each query runs on its own cursor of one in-memory database whose views name the
+datasets; the database is configured before any query runs and its configuration is then locked:
 
-- `allowed_paths` is the dataset files, and `enable_external_access` is off: no `read_csv('/etc/passwd')`,
-  no `COPY … TO`, no `ATTACH`, no extension installed or loaded, no setting changed back;
+- the datasets are Arrow datasets (their Parquet files) registered with each cursor, and the views read them
+  by a neutral name: no path is in the catalogue, and DuckDB itself reads no file (`enable_external_access`
+  off: no `read_csv('/etc/passwd')`, no `COPY … TO`, no `ATTACH`, no extension, no setting changed back);
 - a query is exactly one statement whose type is SELECT, checked by DuckDB's own parser before anything
-  runs; its text is at most `max_query_bytes` bytes;
+  runs, and its tree (`json_serialize_sql`) holds only what poc.sql.allowed names: relations that are
+  datasets, and listed node types, functions and types (no catalogue, settings or file functions); its text
+  is at most `max_query_bytes` bytes;
+- error texts have the datasets' file paths cut out;
 - `memory_limit` bounds what one database may hold, and `threads` what it may use.
 """
 
@@ -21,17 +25,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .allowed import check_duckdb
+from .errors import SqlError
+
 CATALOG = "connector"  # the one catalog a tenant's client sees (Flight SQL GetCatalogs)
 DB_SCHEMA = "main"
 MAX_QUERY_BYTES = 64 * 1024
-
-
-class SqlError(Exception):
-    """A query refused or failed; `code` is the tunnel's error code (docs/protocol.md §9)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _duckdb():
@@ -42,10 +41,6 @@ def _duckdb():
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 @dataclass
@@ -91,24 +86,31 @@ class SqlEngine:
     def __init__(self, files: dict[str, Path] | None = None, tables: dict[str, pa.Table] | None = None, *,
                  memory_limit_mb: int = 1024, threads: int = 2, max_query_bytes: int = MAX_QUERY_BYTES) -> None:
         duckdb = _duckdb()
+        import pyarrow.dataset
+
         self.max_query_bytes = max_query_bytes
         files = {name: Path(path).resolve() for name, path in (files or {}).items()}
+        # Each dataset is an Arrow object registered with every cursor as `_source_N`; its view names it.
+        self._sources = {f"_source_{i}": source for i, source in enumerate(
+            [*(pyarrow.dataset.dataset(path) for path in files.values()), *(tables or {}).values()])}
+        self._paths = sorted({text for path in files.values() for text in (str(path), str(path.parent))},
+                             key=len, reverse=True)  # cut out of error texts, longest first
         self._db = duckdb.connect(":memory:", config={
             "autoinstall_known_extensions": False, "autoload_known_extensions": False,
             "allow_community_extensions": False, "threads": threads, "memory_limit": f"{memory_limit_mb}MB"})
         self._db.execute(f"ATTACH ':memory:' AS {CATALOG}")  # the catalog clients name (`connector.main.t`)
         self._db.execute(f"USE {CATALOG}")
-        self._db.execute(f"SET allowed_paths = [{', '.join(_literal(str(p)) for p in files.values())}]")
         self._db.execute("SET enable_external_access = false")
-        for name, path in files.items():
-            self._db.execute(f"CREATE VIEW {_quote(name)} AS SELECT * FROM read_parquet({_literal(str(path))})")
-        for name, table in (tables or {}).items():  # datasets with no file (built in memory): copied in
-            self._db.register("_arrow", table)
-            self._db.execute(f"CREATE TABLE {_quote(name)} AS SELECT * FROM _arrow")
-            self._db.unregister("_arrow")
+        self._register(self._db)
+        for name, source in zip([*files, *(tables or {})], self._sources):
+            self._db.execute(f"CREATE VIEW {_quote(name)} AS SELECT * FROM {source}")
         self._db.execute("SET lock_configuration = true")
         self._lock = threading.Lock()  # cursors are made from the one connection one at a time
         self.names = sorted([*files, *(tables or {})])
+
+    def _register(self, cursor) -> None:
+        for name, source in self._sources.items():
+            cursor.register(name, source)
 
     def check(self, sql: str) -> None:
         """Refuse what is not one SELECT within the size limit, before it reaches the engine."""
@@ -127,11 +129,20 @@ class SqlEngine:
         if statements[0].type != duckdb.StatementType.SELECT:
             raise SqlError("invalid_request", f"only SELECT queries are allowed, got "
                                               f"{statements[0].type.name.replace('_', ' ')}")
+        cursor = self._cursor()
+        try:
+            tree = cursor.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0]
+        except duckdb.Error as exc:
+            raise self._error(exc) from None
+        finally:
+            cursor.close()
+        check_duckdb(tree, set(self.names))
 
     def _cursor(self):
         with self._lock:
             cursor = self._db.cursor()
         cursor.execute(f"USE {CATALOG}")  # each cursor starts in DuckDB's own default catalog
+        self._register(cursor)
         return cursor
 
     def schema(self, sql: str) -> pa.Schema:
@@ -179,12 +190,14 @@ class SqlEngine:
                 raise SqlError("timed_out", "the query ran past its time limit") from None
             raise self._error(exc) from None
 
-    @staticmethod
-    def _error(exc: Exception) -> SqlError:
+    def _error(self, exc: Exception) -> SqlError:
         """DuckDB's error as the tunnel's code: unknown tables are not found, file access is forbidden,
-        everything the client wrote wrong is an invalid request; the engine's own message goes along."""
+        everything the client wrote wrong is an invalid request; the engine's own message goes along, with
+        the datasets' file paths cut out."""
         duckdb = _duckdb()
         text = str(exc)
+        for path in self._paths:
+            text = text.replace(path, "<dataset>")
         if isinstance(exc, duckdb.CatalogException):
             return SqlError("not_found", text)
         if isinstance(exc, duckdb.PermissionException):

@@ -94,7 +94,7 @@ def test_a_dataset_streams_as_arrow_ipc_and_a_query_runs_at_the_connector(web, d
     ("/v1/datasets/nope", "t2", None, 404, "not found"),
     ("/v1/datasets/..%2Fetc", "t2", None, 400, "dataset name"),
     ("/v1/query", "t2", {"sql": "SELEC 1"}, 400, "syntax error"),
-    ("/v1/query", "t2", {"sql": "SELECT * FROM read_csv('/etc/passwd')"}, 403, "disabled by configuration"),
+    ("/v1/query", "t2", {"sql": "SELECT * FROM read_csv('/etc/passwd')"}, 403, "read_csv is not allowed"),
     ("/v1/query", "t2", {"nosql": 1}, 400, "must be JSON"),
     ("/v1/query", "t2", {"sql": "x" * 200_000}, 413, "over the limit"),
     ("/v1/nothing", "t2", None, 404, "no such path"),

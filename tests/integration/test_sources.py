@@ -21,6 +21,7 @@ from tests.helpers import bearer
 from tests.integration.test_sql import query as sql_query
 
 PASSWORD = "s3cret-Pässword"
+SECRET_CARD = "4000-1234-5678-9010"  # in a table the role can read and no connector exposes
 
 
 def write_sources(path, pg: PostgresServer, sqlite_file, orders, **extra) -> None:
@@ -41,7 +42,8 @@ def db(tmp_path_factory, datasets, _orders):
     with PostgresServer(root / "pg", log_statements=True) as pg:
         pg.load("sales", pq.read_table(datasets["a"] / "sales.parquet"))
         pg.load("big", pq.read_table(datasets["large"] / "sales.parquet"))
-        pg.add_reader("reader", PASSWORD, ["sales", "big"])
+        pg.load("cards", pa.table({"id": list(range(4990, 5000)), "card_number": [SECRET_CARD] * 10}))
+        pg.add_reader("reader", PASSWORD, ["sales", "big", "cards"])  # the role reads more than is exposed
         sqlite_file = root / "events.db"
         with sqlite3.connect(sqlite_file) as lite:
             lite.execute("CREATE TABLE events (id INTEGER, kind TEXT, weight REAL)")
@@ -97,10 +99,10 @@ def test_sql_over_database_datasets_runs_in_postgresql(served):
     sql = "SELECT id, amount FROM sales WHERE id % 100 = 7 ORDER BY id"
     got = sql_query(cluster.flight_uri, token, sql)
     assert got.equals(pg.query(sql).cast(got.schema))
-    assert "PostgreSQL" in sql_query(cluster.flight_uri, token, "SELECT version() AS v FROM sales LIMIT 1")["v"][0].as_py()
     joined = sql_query(cluster.flight_uri, token, "SELECT count(*) AS n FROM sales s JOIN recent r ON s.id = r.id")
     assert joined["n"].to_pylist() == [1000]
-    assert "FROM public.sales AS s JOIN (SELECT id, amount FROM sales WHERE id < 1000) AS r" in pg.log
+    # each dataset's name became its own definition, and PostgreSQL ran the query (its statement log)
+    assert "FROM (SELECT * FROM public.sales) AS s JOIN (SELECT id, amount FROM sales WHERE id < 1000) AS r" in pg.log
 
 
 @pytest.mark.parametrize("sql, text, mark", [
@@ -117,6 +119,67 @@ def test_what_is_not_one_select_over_exposed_datasets_never_reaches_the_database
         sql_query(cluster.flight_uri, token, sql)
     assert "statement: SELECT" in pg.log  # the log does record what reaches the database
     assert mark not in pg.log
+
+
+@pytest.fixture(scope="module")
+def only_recent(db, tmp_path_factory):
+    """A connector exposing one dataset, `recent` (a query over sales: id and amount of the first 1,000 rows),
+    through the read-only role, which can read more (`sales` whole, `cards`)."""
+    pg, _, root = db
+    sources = root / "only-recent.yaml"
+    sources.write_text(f"datasets:\n  recent: {{url: '{pg.url('reader')}', query: "
+                       "'SELECT id, amount FROM sales WHERE id < 1000'}\n")
+    tenants = make_tenants(1)
+    with Cluster(tmp_path_factory.mktemp("recent"), tenants, root, with_connectors=False, with_direct=False) as c:
+        c.start_connector("tenant_001", data="", extra=("--sources", str(sources)),
+                          env={"POC_SOURCE_PASSWORD": PASSWORD})
+        c.wait_online(["tenant_001"])
+        yield c, tenants["tenant_001"].client_token, pg
+
+
+@pytest.mark.parametrize("sql, mark", [
+    ("SELECT query_to_xml('select id, card_number from cards', true, false, '') FROM recent", "query_to_xml"),
+    ("SELECT query_to_xml('select id, value from sales where id >= 4997', true, false, '') AS x FROM recent",
+     "query_to_xml"),
+    ("SELECT database_to_xml(true, false, '') FROM recent", "database_to_xml"),
+    ("SELECT relname FROM pg_class", "pg_class"),
+    ("SELECT * FROM recent, pg_catalog.pg_tables", "pg_tables"),
+    ("SELECT * FROM information_schema.tables", "information_schema"),
+    ("SELECT 'cards'::regclass FROM recent", "regclass"),
+    ("SELECT to_regclass('cards') FROM recent", "to_regclass"),
+    ("SELECT id::regtype FROM recent", "regtype"),
+    ("SELECT ctid, xmin, tableoid FROM recent", None),  # reaches PostgreSQL, where `recent` has no such columns
+    ("SELECT current_setting('data_directory') FROM recent", "data_directory"),
+    ("SELECT * FROM recent WHERE id IN (SELECT id FROM cards)", "FROM cards)"),
+    ("SELECT * FROM cards, (WITH cards AS (SELECT 1) SELECT 1 FROM recent) x", "FROM cards, ("),
+    ("WITH a AS (SELECT * FROM cards), cards AS (SELECT 1) SELECT * FROM a, recent", "WITH a AS"),
+    ("SELECT * FROM recent, dblink('dbname=shop', 'select 1') AS t(c text)", "dblink"),
+    ("SELECT pg_ls_dir('.') FROM recent", "pg_ls_dir"),
+    ("SELECT row_to_json(c) FROM recent r, LATERAL (SELECT * FROM cards) c", "row_to_json"),
+    ("SELECT * FROM recent UNION ALL SELECT id, card_number::int FROM cards", "card_number::int"),
+    ("SELECT (xpath('/row', query_to_xml('select 1', true, false, '')))[1] FROM recent", "xpath"),
+], ids=lambda value: str(value)[:40])
+def test_sql_pushed_into_a_database_reads_only_the_exposed_datasets(only_recent, sql, mark):
+    """The attacks of a client with a valid token on a connector that exposes one query over PostgreSQL,
+    through a role that can read more: each is refused — by the allow-list before PostgreSQL sees it, or by
+    PostgreSQL for columns the rewritten query does not have — and nothing the dataset hides is answered."""
+    cluster, token, pg = only_recent
+    with pytest.raises(Exception) as refused:
+        got = sql_query(cluster.flight_uri, token, sql)
+        pytest.fail(f"answered: {got.to_pylist()[:3]}")
+    text = str(refused.value)
+    assert any(reason in text for reason in ("not allowed", "no dataset", "does not exist")), text
+    assert SECRET_CARD not in text
+    if mark is not None:  # refused at the connector: the statement never reached the database
+        assert "not allowed" in text or "no dataset" in text, text
+        assert mark not in pg.log
+
+
+def test_the_exposed_dataset_still_answers_queries(only_recent):
+    cluster, token, pg = only_recent
+    got = sql_query(cluster.flight_uri, token, "SELECT count(*) AS n, max(id) AS top FROM recent WHERE amount >= 0")
+    assert got.to_pylist() == pg.query("SELECT count(*) AS n, max(id) AS top FROM sales WHERE id < 1000 "
+                                       "AND amount >= 0").to_pylist()
 
 
 def _reader_backends(pg) -> list[dict]:

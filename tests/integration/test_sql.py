@@ -172,8 +172,8 @@ def test_the_direct_server_answers_the_same_sql(sql_cluster):
     ("SELEC id FROM sales", ProgrammingError, "syntax error"),
     ("SELECT nope FROM sales", ProgrammingError, "nope"),
     ("SELECT * FROM no_such_table", ProgrammingError, "no_such_table"),
-    ("SELECT * FROM read_csv('/etc/passwd')", DatabaseError, "disabled by configuration"),
-    ("SELECT * FROM read_parquet('/etc/hostname')", DatabaseError, "disabled by configuration"),
+    ("SELECT * FROM read_csv('/etc/passwd')", DatabaseError, "read_csv is not allowed"),
+    ("SELECT * FROM read_parquet('/etc/hostname')", DatabaseError, "read_parquet is not allowed"),
     ("COPY sales TO '/tmp/stolen.csv'", ProgrammingError, "only SELECT"),
     ("ATTACH '/tmp/other.db' AS other", ProgrammingError, "only SELECT"),
     ("INSTALL httpfs", ProgrammingError, "only SELECT"),
@@ -188,6 +188,37 @@ def test_bad_queries_get_the_engines_message(sql_cluster, sql, error, text):
     with pytest.raises(error, match=text):
         query(cluster.flight_uri, token, sql)
     assert query(cluster.flight_uri, token, "SELECT 1 AS one")["one"].to_pylist() == [1]  # the link goes on
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT current_setting('allowed_paths') AS p",
+    "SELECT * FROM duckdb_settings()",
+    "SELECT * FROM duckdb_views()",
+    "SELECT sql FROM duckdb_views",
+    "SELECT * FROM '{folder}/sales.parquet'",
+    "SELECT * FROM read_parquet('{folder}/sales.parquet')",
+    "SELECT nope FROM sales",
+    "SELECT * FROM _source_0",
+], ids=["current_setting", "settings", "views()", "views", "path", "read_parquet", "error", "source"])
+def test_nothing_of_the_connectors_host_reaches_a_client(sql_cluster, sql):
+    """Settings, catalogues and engine errors: the client sees a refusal or the engine's message, never a path
+    of the connector's host."""
+    cluster, _, token, folder = tenant(sql_cluster, 0)
+    with pytest.raises(Exception) as refused:
+        got = query(cluster.flight_uri, token, sql.format(folder=folder))
+        pytest.fail(f"answered: {got.to_pylist()[:3]}")
+    text = str(refused.value).replace(f"{folder}/sales.parquet", "<the client's own text>")
+    assert str(folder) not in text and "/tmp/" not in text, text
+
+
+def test_a_query_error_cannot_forge_a_line_of_the_connectors_log(sql_cluster):
+    cluster, tenant_id, token, _ = tenant(sql_cluster, 0)
+    forged = "2026-01-01 00:00:00,000 INFO poc.connector: tenant_002 registered"
+    with pytest.raises(ProgrammingError):
+        query(cluster.flight_uri, token, f'SELECT "x\n{forged}" FROM sales')
+    log = cluster.components[f"connector-{tenant_id}"].log_tail(200)
+    assert "\\n" + forged in log  # the error was logged, on one line, its line break escaped
+    assert not any(line.startswith(forged) for line in log.splitlines())
 
 
 def test_an_unknown_table_is_not_found(sql_cluster):
