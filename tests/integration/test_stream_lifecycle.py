@@ -8,6 +8,7 @@ import pyarrow.flight as flight
 import pytest
 
 from poc.auth import TicketSigner
+from poc.config import make_tenants
 from poc.workbook.runner import Cluster
 from tests.helpers import bearer, sales
 
@@ -111,19 +112,26 @@ def test_an_expired_ticket_is_refused(tmp_path, tenants, datasets):
                 client.do_get(ticket, options).read_all()
 
 
-def test_the_gateway_wide_buffer_cap_refuses_new_streams(tmp_path, tenants, datasets):
-    """Two windows fit under the cap; a third stream, of any tenant, is refused at once, and served again
-    once one of the first two ends."""
-    args = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20), "--max-buffered-bytes", str(4 << 20))
-    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=args, with_direct=False) as c:
-        first = [open_reader(c, "tenant_001"), open_reader(c, "tenant_002")]
+def test_the_buffer_caps_refuse_new_streams_with_their_reason(tmp_path, datasets):
+    """Each tenant may reserve 2 MiB (one window) of the gateway's 6 MiB: three tenants' streams fill it; the
+    first tenant's second stream is refused by its share, a fourth tenant's by the gateway-wide cap, and that
+    tenant is served once another's stream ends. No tenant alone can reach the gateway-wide cap."""
+    tenants = make_tenants(4)
+    a, b, c, d = tenants
+    args = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20), "--max-buffered-bytes", str(6 << 20),
+            "--max-tenant-buffered-bytes", str(2 << 20))
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=args, with_direct=False) as cluster:
+        first = [open_reader(cluster, tenant) for tenant in (a, b, c)]
         for _, reader in first:
             reader.read_chunk()
-        with pytest.raises(flight.FlightUnavailableError, match="buffer limit"):
-            open_reader(c, "tenant_001")[1].read_all()
-        assert first[0][1].read_all().num_rows > 0
-        first[0][0].close()
-        _, reader = open_reader(c, "tenant_001")
+        with pytest.raises(flight.FlightUnavailableError, match=f"tenant {a} is at its share"):
+            open_reader(cluster, a)[1].read_all()
+        with pytest.raises(flight.FlightUnavailableError, match="gateway is at its buffer limit"):
+            open_reader(cluster, d)[1].read_all()
+        assert first[2][1].read_all().num_rows > 0
+        first[2][0].close()
+        _, reader = open_reader(cluster, d)
         assert reader.read_all().num_rows == 1_000_000
-        first[1][1].cancel()
-        first[1][0].close()
+        for client, reader in first[:2]:
+            reader.cancel()
+            client.close()
