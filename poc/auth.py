@@ -43,20 +43,25 @@ PEER_TTL_S = 30.0
 
 class PeerCredentials:
     """What one gateway replica asserts to another when it forwards a client's call (`--registry`): the
-    tenant, the epoch of the tunnel the call is for, the replica it is meant for and an expiry, with an
-    HMAC-SHA256 under the replicas' shared peer secret (POC_PEER_SECRET)."""
+    tenant, the epoch of the tunnel the call is for, the replica it is meant for, the Flight method and a
+    SHA-256 of the call's request (ticket, descriptor or action), and an expiry, with an HMAC-SHA256 under the
+    replicas' shared peer secret (POC_PEER_SECRET). One cannot be replayed for another call, at another
+    replica, or after PEER_TTL_S (docs/security.md)."""
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
 
-    def make(self, tenant_id: str, epoch: int, gateway_id: str) -> str:
-        body = json.dumps({"t": tenant_id, "p": epoch, "g": gateway_id, "x": round(time.time() + PEER_TTL_S, 3)},
+    def make(self, tenant_id: str, epoch: int, gateway_id: str, method: str, request: bytes,
+             ttl_s: float = PEER_TTL_S) -> str:
+        body = json.dumps({"t": tenant_id, "p": epoch, "g": gateway_id, "m": method,
+                           "r": hashlib.sha256(request).hexdigest(), "x": round(time.time() + ttl_s, 3)},
                           separators=(",", ":")).encode()
         mac = hmac.new(self._secret, body, hashlib.sha256).digest()
         return (base64.urlsafe_b64encode(body) + b"." + base64.urlsafe_b64encode(mac)).decode()
 
-    def check(self, value: str, gateway_id: str) -> tuple[str, int]:
-        """(tenant, epoch) of a valid assertion meant for `gateway_id`; FlightUnauthenticatedError else."""
+    def check(self, value: str, gateway_id: str, method: str) -> tuple[str, int, str]:
+        """(tenant, epoch, request digest) of a valid assertion meant for `gateway_id` and `method`;
+        FlightUnauthenticatedError else. The handler compares the digest with the call's request."""
         try:
             body_b64, mac_b64 = value.encode().split(b".")
             body, mac = base64.urlsafe_b64decode(body_b64), base64.urlsafe_b64decode(mac_b64)
@@ -64,12 +69,42 @@ class PeerCredentials:
             raise flight.FlightUnauthenticatedError("malformed peer credentials") from None
         if not hmac.compare_digest(mac, hmac.new(self._secret, body, hashlib.sha256).digest()):
             raise flight.FlightUnauthenticatedError("peer credentials are not valid")
-        claims = json.loads(body)
-        if claims.get("g") != gateway_id:
+        claims = _claims(body, {"t": str, "p": int, "g": str, "m": str, "r": str, "x": (int, float)})
+        if claims is None:
+            raise flight.FlightUnauthenticatedError("malformed peer credentials")
+        if claims["g"] != gateway_id:
             raise flight.FlightUnauthenticatedError("peer credentials are for another gateway")
-        if time.time() > claims.get("x", 0):
+        if claims["m"] != method:
+            raise flight.FlightUnauthenticatedError(f"peer credentials are for another call ({claims['m'][:40]})")
+        if time.time() > claims["x"]:
             raise flight.FlightUnauthenticatedError("peer credentials expired")
-        return str(claims["t"]), int(claims["p"])
+        return claims["t"], claims["p"], claims["r"]
+
+
+PEER_METHODS = {flight.FlightMethod.GET_FLIGHT_INFO: "get_flight_info", flight.FlightMethod.DO_GET: "do_get",
+                flight.FlightMethod.DO_ACTION: "do_action", flight.FlightMethod.LIST_FLIGHTS: "list_flights"}
+
+
+def request_bytes(method: str, args: tuple) -> bytes:
+    """The request of a call as peer credentials bind it (the forwarding replica makes them the same way)."""
+    if method in ("get_flight_info", "get_schema"):
+        return args[0].serialize()
+    if method == "_do_get":
+        return args[0].ticket
+    if method == "do_action":
+        return action_bytes(args[0])
+    if method == "list_flights":
+        return bytes(args[0] or b"")
+    return b""
+
+
+def action_bytes(action: flight.Action) -> bytes:
+    return action.type.encode() + b"\0" + (action.body.to_pybytes() if action.body is not None else b"")
+
+
+def request_digest(request: bytes) -> str:
+    """What peer credentials bind a forwarded call's request to."""
+    return hashlib.sha256(request).hexdigest()
 
 
 class TenantCalls:
@@ -110,11 +145,18 @@ class TenantAuthMiddleware(flight.ServerMiddleware):
     for a call counted in `calls`, it counts the call out when the call completes."""
 
     def __init__(self, tenant_id: str, request_id: str, peer_epoch: int | None = None,
-                 calls: TenantCalls | None = None) -> None:
+                 calls: TenantCalls | None = None, peer_request: str | None = None) -> None:
         self.tenant_id = tenant_id
         self.request_id = request_id
         self.peer_epoch = peer_epoch  # set: a call forwarded by another replica, for the tunnel of this epoch
+        self.peer_request = peer_request  # …and the digest of the one request its credentials allow
         self._calls = calls
+
+    def check_request(self, request: bytes) -> None:
+        """For a forwarded call: FlightUnauthenticatedError unless its credentials were made for this request
+        (a ticket, a descriptor, an action); nothing for a client's own call."""
+        if self.peer_request is not None and not hmac.compare_digest(self.peer_request, request_digest(request)):
+            raise flight.FlightUnauthenticatedError("peer credentials are for another request")
 
     def sending_headers(self):
         return {"x-request-id": self.request_id}
@@ -132,6 +174,7 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
     def __init__(self, tenants: dict[str, TenantCredentials], peers: PeerCredentials | None = None,
                  gateway_id: str = "", calls: TenantCalls | None = None) -> None:
         self._tokens = TenantTokens(tenants, "client_token")
+        self._tenants = set(tenants)
         self._peers = peers
         self._gateway_id = gateway_id
         self.calls = calls or TenantCalls(0)
@@ -139,6 +182,7 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
     def reload(self, tenants: dict[str, TenantCredentials]) -> None:
         """Take new client tokens: calls that start from now on are checked against them."""
         self._tokens = TenantTokens(tenants, "client_token")
+        self._tenants = set(tenants)
 
     def tenant_for(self, token: str) -> str | None:
         """The tenant whose client token this is (HTTP's bearer check: the same tokens as Flight's)."""
@@ -152,8 +196,13 @@ class BearerAuthFactory(flight.ServerMiddlewareFactory):
         if peer:
             if self._peers is None or len(peer) != 1:
                 raise flight.FlightUnauthenticatedError("peer calls are not accepted here")
-            tenant_id, epoch = self._peers.check(str(peer[0]), self._gateway_id)
-            return self._counted(TenantAuthMiddleware(tenant_id, request_id, epoch))
+            method = PEER_METHODS.get(info.method)
+            if method is None:
+                raise flight.FlightUnauthenticatedError("this method is never forwarded between replicas")
+            tenant_id, epoch, digest = self._peers.check(str(peer[0]), self._gateway_id, method)
+            if tenant_id not in self._tenants:
+                raise flight.FlightUnauthenticatedError("peer credentials name a tenant this gateway does not know")
+            return self._counted(TenantAuthMiddleware(tenant_id, request_id, epoch, peer_request=digest))
         values = headers.get("authorization") or []
         if len(values) != 1 or not str(values[0]).startswith("Bearer "):
             raise flight.FlightUnauthenticatedError("missing 'authorization: Bearer <token>' header")

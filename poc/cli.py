@@ -162,8 +162,18 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         cfg.drain_delay_s = max(0.0, args.drain_delay_s)
         cfg.advertise_tunnel, cfg.rebalance_s = args.advertise_tunnel, max(0.0, args.rebalance_s)
         cfg.peer_ca_file = args.peer_ca_file
+        from .gateway.directory import FLIGHT_LOCATION, GATEWAY_ID
+
         if args.gateway_id:
+            if not GATEWAY_ID.fullmatch(args.gateway_id):
+                raise ConfigError("--gateway-id must be 1-64 of A-Z a-z 0-9 . _ -")
             cfg.gateway_id = args.gateway_id
+        for location in (args.peer_flight or []):
+            if not FLIGHT_LOCATION.fullmatch(location):
+                raise ConfigError(f"--peer-flight {location!r} is not a grpc:// or grpc+tls:// HOST:PORT location")
+        cfg.peer_flights = tuple(args.peer_flight or ())
+        if cfg.peer_flights and args.advertise_flight and args.advertise_flight not in cfg.peer_flights:
+            raise ConfigError("--advertise-flight must be one of the --peer-flight locations when they are given")
 
     async def main() -> None:
         stop = _stop_event_for_signals(asyncio.get_running_loop())
@@ -478,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry-ttl-s", type=float, default=config.REGISTRY_TTL_S,
                    help="a tunnel's registry entry lives this long unless its replica renews it, every third "
                         "of it (default %(default)s)")
+    p.add_argument("--peer-flight", action="append", metavar="URI",
+                   help="with --registry: a replica's Flight location (repeatable; give every replica's, this "
+                        "one's included). Calls are forwarded, and clients pointed, only to these; without the "
+                        "list, to the location each replica advertises in its own registry record, so whoever "
+                        "can write Redis could name a host (docs/security.md)")
     p.add_argument("--peer-ca-file", help="with --registry and grpc+tls:// replicas: CA bundle that signed the "
                                           "other replicas' certificates (default: the system's)")
     p.add_argument("--advertise-tunnel", metavar="URL",

@@ -28,6 +28,15 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tenant_data(tmp_path_factory) -> dict[str, Path]:
+    """A data folder per tenant (tenant_001…tenant_006), each a different table (other rows, other sizes), so a
+    test that reads a tenant's data can tell it from any other tenant's."""
+    root = tmp_path_factory.mktemp("tenant-data")
+    return {f"tenant_{i:03d}": write_dataset(15_000 + 1_000 * i, root / f"t{i}" / "sales.parquet", seed=20 + i).parent
+            for i in range(1, 7)}
+
+
+@pytest.fixture(scope="session")
 def _orders(datasets) -> Path:
     return write_dataset(2_000, datasets["a"] / "orders.parquet", seed=5)
 

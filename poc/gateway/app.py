@@ -71,6 +71,8 @@ class GatewayConfig:
     advertise_flight: str | None = None  # this replica's Flight location for clients and peers
     peer_secret: bytes | None = None  # required with a registry: authenticates calls between replicas
     peer_ca_file: str | None = None  # with a registry and TLS: the CA that signed the other replicas' certificates
+    peer_flights: tuple[str, ...] = ()  # with a registry: the replicas' Flight locations (--peer-flight); ()
+    # trusts each replica's own record for its location
     registry_ttl_s: float = config.REGISTRY_TTL_S
     drain_delay_s: float = 1.0  # with a registry: Flight keeps answering this long after /readyz turns 503
     advertise_tunnel: str | None = None  # this replica's tunnel URL as connectors know it (goaway's `prefer`)
@@ -151,7 +153,7 @@ class Gateway:
         peers = PeerCredentials(cfg.peer_secret) if cfg.registry_url else None
         if cfg.registry_url:
             self.directory = RedisDirectory(cfg.registry_url, cfg.gateway_id, "", cfg.registry_ttl_s,
-                                            on_error=self.metrics.registry_errors.inc)
+                                            on_error=self.metrics.registry_errors.inc, trusted=cfg.peer_flights)
         bridge = TunnelBridge(loop, self.registry, cfg.request_timeout_s, self.metrics,
                               owner_check=self.directory.confirm if self.directory else None,
                               elsewhere=self._elsewhere)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pyarrow.flight as flight
 
-from ..auth import PEER_HEADER, PeerCredentials
+from ..auth import PEER_HEADER, PeerCredentials, action_bytes
 from .directory import RedisDirectory, RegistryUnavailable, TunnelEntry
 from .metrics import GatewayMetrics
 
@@ -39,10 +39,11 @@ class ClusterRouter:
                 client = self._clients[location] = flight.connect(location, **self._tls)
             return client
 
-    def _options(self, who, entry: TunnelEntry) -> flight.FlightCallOptions:
+    def _options(self, who, entry: TunnelEntry, method: str, request: bytes) -> flight.FlightCallOptions:
+        """Peer credentials for this one call (method and request) at this one replica and tunnel."""
+        credentials = self.peers.make(who.tenant_id, entry.epoch, entry.gateway, method, request)
         return flight.FlightCallOptions(timeout=self.timeout_s, headers=[
-            (PEER_HEADER.encode(), self.peers.make(who.tenant_id, entry.epoch, entry.gateway).encode()),
-            (b"x-request-id", who.request_id.encode())])
+            (PEER_HEADER.encode(), credentials.encode()), (b"x-request-id", who.request_id.encode())])
 
     def remote_tunnels(self, tenant_id: str, prefer_epoch: int | None = None) -> list[TunnelEntry]:
         """The tenant's tunnels on other replicas, read from the registry now, in the order to try them: the
@@ -64,13 +65,13 @@ class ClusterRouter:
         remote.sort(key=lambda e: e.epoch != prefer_epoch)
         return remote[:3]  # an unreachable or refusing owner: the next tunnel, a few at most
 
-    def _each_owner(self, who, method: str, call, prefer_epoch: int | None = None):
+    def _each_owner(self, who, method: str, request: bytes, call, prefer_epoch: int | None = None):
         """`call(client, options)` at the owner of one of the tenant's tunnels; on a stale-owner refusal, at
         the next one."""
         tunnels = self.remote_tunnels(who.tenant_id, prefer_epoch)
         for i, entry in enumerate(tunnels):
             try:
-                result = call(self._client(entry.flight), self._options(who, entry))
+                result = call(self._client(entry.flight), self._options(who, entry, method, request))
             except flight.FlightUnavailableError:
                 if i + 1 < len(tunnels):  # a stale or unreachable owner (killed, draining): the next tunnel
                     continue
@@ -84,20 +85,22 @@ class ClusterRouter:
         raise AssertionError("unreachable")
 
     def flight_info(self, who, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
-        return self._each_owner(who, "get_flight_info", lambda c, o: c.get_flight_info(descriptor, o))
+        return self._each_owner(who, "get_flight_info", descriptor.serialize(),
+                                lambda c, o: c.get_flight_info(descriptor, o))
 
     def do_action(self, who, action: flight.Action) -> list:
-        return self._each_owner(who, "do_action", lambda c, o: [r.body.to_pybytes() for r in c.do_action(action, o)])
+        return self._each_owner(who, "do_action", action_bytes(action),
+                                lambda c, o: [r.body.to_pybytes() for r in c.do_action(action, o)])
 
     def list_flights(self, who) -> list[flight.FlightInfo]:
-        return self._each_owner(who, "list_flights", lambda c, o: list(c.list_flights(options=o)))
+        return self._each_owner(who, "list_flights", b"", lambda c, o: list(c.list_flights(options=o)))
 
     def do_get(self, who, ticket: flight.Ticket, epoch: int) -> tuple:
         """(schema, batches) of the owner's stream; the schema has arrived when this returns."""
         def call(client, options):
             reader = client.do_get(ticket, options)
             return reader, reader.schema  # the owner's refusal arrives with the schema
-        reader, schema = self._each_owner(who, "do_get", call, prefer_epoch=epoch)
+        reader, schema = self._each_owner(who, "do_get", ticket.ticket, call, prefer_epoch=epoch)
         return schema, _relay(reader)
 
     def close(self) -> None:

@@ -10,6 +10,12 @@ entry with that epoch. `poc:gateway:<id>` (also with a TTL) says each replica's 
 Every routing decision reads Redis; nothing is cached. When Redis cannot be reached the gateway goes on
 serving the tunnels it holds, refuses what it cannot route with a FlightUnavailableError naming the cause,
 reports it in /readyz and metrics, and publishes its entries again once Redis answers.
+
+What Redis holds is checked when it is read (docs/security.md, "Replicas and Redis"): an entry must be well
+formed and name the tenant of its key, and its Flight location must be one this replica trusts — a location
+of `--peer-flight` when the operator lists them, else the location the named replica advertises in its own
+record, with this replica's scheme (a TLS cluster never forwards in the clear). Anything else is ignored and
+logged: a registry entry alone never sends a call, or a client, to a host that is not a replica.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 
+from ..tunnel.messages import TRACE_ID
 from .link import TenantLink
 
 log = logging.getLogger("poc.gateway")
@@ -62,17 +70,65 @@ class TunnelEntry:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> "TunnelEntry | None":
+    def decode(cls, raw: bytes | str, tenant: str) -> "TunnelEntry | None":
+        """The entry of `tenant` this text holds, or None when it is not one a gateway of this version wrote
+        for that tenant (malformed, another tenant's, a location that is not a Flight URI)."""
         try:
             doc = json.loads(raw)
-            return cls(str(doc["tenant"]), str(doc["gateway"]), str(doc["session"]), str(doc["flight"]),
-                       int(doc["epoch"]), str(doc.get("connector", "")))
-        except (ValueError, KeyError, TypeError):
-            return None  # not written by a gateway of this version: ignored
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        if not isinstance(doc, dict) or set(doc) - {"tenant", "gateway", "session", "flight", "epoch", "connector"}:
+            return None
+        texts = [doc.get(k) for k in ("tenant", "gateway", "session", "flight")]
+        connector, epoch = doc.get("connector", ""), doc.get("epoch")
+        if not all(isinstance(t, str) for t in texts) or not isinstance(connector, str) \
+                or not isinstance(epoch, int) or isinstance(epoch, bool):
+            return None
+        entry = cls(*texts, epoch, connector)
+        if (entry.tenant != tenant or not GATEWAY_ID.fullmatch(entry.gateway) or not SESSION.fullmatch(entry.session)
+                or not FLIGHT_LOCATION.fullmatch(entry.flight) or not 1 <= entry.epoch < 2**63
+                or (entry.connector and not TRACE_ID.fullmatch(entry.connector))):
+            return None
+        return entry
+
+
+GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # --gateway-id
+SESSION = re.compile(r"sess_[0-9a-f]{16}")
+FLIGHT_LOCATION = re.compile(r"(grpc|grpc\+tcp|grpc\+tls)://[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|"
+                             r"(grpc|grpc\+tcp|grpc\+tls)://\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+
+
+def scheme_of(location: str) -> str:
+    """grpc+tls for a TLS location, grpc otherwise (grpc and grpc+tcp are the same)."""
+    return "grpc+tls" if location.startswith("grpc+tls://") else "grpc"
 
 
 class RegistryUnavailable(Exception):
     """Redis cannot be reached (or answered with an error); the message names the cause."""
+
+
+def _record(raw) -> dict | None:
+    """A replica's record (`poc:gateway:<id>`), checked: an object whose id, location, count and flags have
+    their types; None otherwise."""
+    try:
+        doc = json.loads(raw) if raw is not None else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or not GATEWAY_ID.fullmatch(doc["id"]):
+        return None
+    tunnels, at = doc.get("tunnels", 0), doc.get("at", 0)
+    if not isinstance(tunnels, int) or isinstance(tunnels, bool) or not isinstance(at, (int, float)):
+        return None
+    if not isinstance(doc.get("flight"), str) or not FLIGHT_LOCATION.fullmatch(doc["flight"]):
+        return None
+    if not isinstance(doc.get("tunnel", ""), str) or not isinstance(doc.get("draining", False), bool):
+        return None
+    return doc
+
+
+def _record_flight(raw) -> str | None:
+    record = _record(raw)
+    return record["flight"] if record is not None else None
 
 
 def _tunnel_key(tenant: str, session: str) -> str:
@@ -87,11 +143,14 @@ class RedisDirectory:
     """The registry of one gateway replica; its coroutines run on the gateway's event loop."""
 
     def __init__(self, url: str, gateway_id: str, flight_location: str, ttl_s: float = 10.0,
-                 timeout_s: float = 1.0, on_error=lambda: None) -> None:
+                 timeout_s: float = 1.0, on_error=lambda: None, trusted: tuple[str, ...] = ()) -> None:
         import redis.asyncio as redis
 
         self.gateway_id = gateway_id
         self.flight_location = flight_location
+        self.trusted = set(trusted)  # --peer-flight: the replicas' Flight locations; empty: as they advertise
+        self.ignored = 0  # entries read and ignored (malformed, or a location no replica vouches for)
+        self._told: set[str] = set()  # what was logged about ignored entries (bounded)
         self.ttl_ms = int(ttl_s * 1000)
         self.ttl_s = ttl_s
         from redis.asyncio.retry import Retry
@@ -256,18 +315,58 @@ class RedisDirectory:
     # -- every replica's tunnels -----------------------------------------------------------------------
 
     async def tunnels(self, tenant: str) -> list[TunnelEntry]:
-        """The tenant's live tunnels on every replica, read from Redis now."""
+        """The tenant's live tunnels on every replica, read from Redis now: only well-formed entries whose
+        location a replica vouches for (module docstring)."""
         async def step():
-            sessions = [s.decode() if isinstance(s, bytes) else s
-                        for s in await self._redis.smembers(_index_key(tenant))]
+            sessions = [s.decode("utf-8", "replace") if isinstance(s, bytes) else s
+                        for s in await self._redis.smembers(_index_key(tenant))][:64]
             if not sessions:
                 return []
             values = await self._redis.mget([_tunnel_key(tenant, s) for s in sessions])
             gone = [s for s, v in zip(sessions, values) if v is None]
             if gone:
                 await self._redis.srem(_index_key(tenant), *gone)
-            return [e for e in (TunnelEntry.decode(v) for v in values if v is not None) if e is not None]
+            entries = [self._entry(v, tenant) for v in values if v is not None]
+            return await self._vouched([e for e in entries if e is not None])
         return await self._call(step)
+
+    def _entry(self, raw, tenant: str) -> TunnelEntry | None:
+        entry = TunnelEntry.decode(raw, tenant)
+        if entry is None:
+            self._ignore(f"a malformed registry entry for tenant {tenant}: {str(raw)[:200]}")
+        return entry
+
+    async def _vouched(self, entries: list[TunnelEntry]) -> list[TunnelEntry]:
+        """The entries whose Flight location is a replica's: this one's own, one of --peer-flight, or (without
+        that list) the one the named replica advertises in its record; always with this replica's scheme."""
+        advertised: dict[str, str] = {}
+        if not self.trusted:
+            ids = sorted({e.gateway for e in entries if e.gateway != self.gateway_id})
+            records = await self._redis.mget([f"{PREFIX}gateway:{i}" for i in ids]) if ids else []
+            for gateway, record in zip(ids, records):
+                location = _record_flight(record)
+                if location is not None:
+                    advertised[gateway] = location
+        kept = []
+        for entry in entries:
+            if entry.gateway == self.gateway_id:
+                good = entry.flight == self.flight_location
+            elif self.trusted:
+                good = entry.flight in self.trusted
+            else:
+                good = advertised.get(entry.gateway) == entry.flight
+            if good and scheme_of(entry.flight) == scheme_of(self.flight_location or entry.flight):
+                kept.append(entry)
+            else:
+                self._ignore(f"tenant {entry.tenant}'s registry entry names {entry.flight!r} for replica "
+                             f"{entry.gateway!r}, which no replica vouches for")
+        return kept
+
+    def _ignore(self, what: str) -> None:
+        self.ignored += 1
+        if what not in self._told and len(self._told) < 256:
+            self._told.add(what)
+            log.warning("ignored %s", what)
 
     async def all_tunnels(self, tenants: list[str]) -> dict[str, list[TunnelEntry]]:
         """Every listed tenant's live tunnels on every replica (for GET /health)."""
@@ -276,14 +375,16 @@ class RedisDirectory:
                 for tenant in tenants:
                     pipe.smembers(_index_key(tenant))
                 indexes = await pipe.execute()
-            keys = [_tunnel_key(t, s.decode()) for t, sessions in zip(tenants, indexes) for s in sessions]
-            values = await self._redis.mget(keys) if keys else []
+            owners = [(t, s.decode("utf-8", "replace")) for t, sessions in zip(tenants, indexes)
+                      for s in list(sessions)[:64]]
+            values = await self._redis.mget([_tunnel_key(t, s) for t, s in owners]) if owners else []
             found: dict[str, list[TunnelEntry]] = {}
-            for value in values:
-                entry = TunnelEntry.decode(value) if value is not None else None
+            for (tenant, _), value in zip(owners, values):
+                entry = self._entry(value, tenant) if value is not None else None
                 if entry is not None:
                     found.setdefault(entry.tenant, []).append(entry)
-            return found
+            vouched = set(await self._vouched([e for entries in found.values() for e in entries]))
+            return {t: [e for e in entries if e in vouched] for t, entries in found.items()}
         return await self._call(step)
 
     async def claim_move(self, tenant: str, gateway_id: str, hold_s: float = 60.0) -> bool:
@@ -305,14 +406,14 @@ class RedisDirectory:
             return None
 
     async def gateways(self) -> list[dict]:
-        """Every replica with a live record: id, Flight location, tunnels held."""
+        """Every replica with a live, well-formed record: id, Flight location, tunnels held."""
         async def step():
-            ids = [i.decode() for i in await self._redis.smembers(f"{PREFIX}gateways")]
+            ids = [i.decode("utf-8", "replace") for i in await self._redis.smembers(f"{PREFIX}gateways")][:256]
             values = await self._redis.mget([f"{PREFIX}gateway:{i}" for i in ids]) if ids else []
             gone = [i for i, v in zip(ids, values) if v is None]
             if gone:
                 await self._redis.srem(f"{PREFIX}gateways", *gone)
-            return [json.loads(v) for v in values if v is not None]
+            return [record for record in map(_record, values) if record is not None]
         return await self._call(step)
 
     async def close(self) -> None:

@@ -9,7 +9,8 @@ import time
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..auth import BearerAuthFactory, PeerCredentials, TenantCalls, TicketSigner, caller, dataset_from_descriptor
+from ..auth import (BearerAuthFactory, PeerCredentials, TenantCalls, TicketSigner, caller, dataset_from_descriptor,
+                    request_bytes)
 from ..config import TenantCredentials
 from ..http_arrow import ArrowHttp
 from ..sql.proto import TicketStatementQuery, pack_any
@@ -53,6 +54,8 @@ def served(handler):
         start = time.perf_counter()
         who = caller(context)
         try:
+            if who.peer_request is not None:  # forwarded: its credentials name this one request
+                who.check_request(request_bytes(method, args))
             result = handler(self, who, *args)
         except Exception as exc:
             self._observe(method, who, start, exc)

@@ -19,12 +19,12 @@ class Replicas(Started):
     (`gw-1`…) on free ports with `--registry`, and `connect(tenant, i)` to start a tenant's connector
     against gateway i. Everything is stopped by PID on exit, also when the block fails."""
 
-    def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path, count: int = 3,
+    def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path | dict, count: int = 3,
                  registry_ttl_s: float = 3.0, gateway_args: tuple[str, ...] = ("--rebalance-s", "1"),
                  delay_ms: str = "0", tls: TlsFiles | None = None) -> None:
         self.workdir = Path(workdir)
         self.tenants = tenants
-        self.data = Path(data)
+        self.data = {t: Path(p) for t, p in data.items()} if isinstance(data, dict) else Path(data)  # or per tenant
         self.count = count
         self.registry_ttl_s = registry_ttl_s
         self.gateway_args = list(gateway_args)
@@ -76,9 +76,10 @@ class Replicas(Started):
         """Start a connector for `tenant_id` that dials the replicas `gateway_ids` (each a --gateway), or
         `urls` as given."""
         dial = [arg for url in (*(self.tunnel_url(g) for g in gateway_ids), *urls) for arg in ("--gateway", url)]
+        data = self.data[tenant_id] if isinstance(self.data, dict) else self.data
         component = start_component(
             name or f"connector-{tenant_id}",
-            ["connector", *dial, "--tenant", tenant_id, "--data", str(self.data), "--delay-ms", self.delay_ms,
+            ["connector", *dial, "--tenant", tenant_id, "--data", str(data), "--delay-ms", self.delay_ms,
              "--heartbeat-s", "1", *(("--tunnels", str(tunnels)) if tunnels else ()),
              *(("--ca-file", str(self.tls.ca)) if self.tls else ())],
             self.log_dir, env={"POC_CONNECTOR_TOKEN": self.tenants[tenant_id].connector_token}, launcher=launcher)
@@ -146,8 +147,10 @@ class LoadLoop:
     answers /readyz (as a load balancer would pick one), until stopped; every call is recorded."""
 
     def __init__(self, replicas: Replicas, tenant_ids: list[str], through: list[str] | None = None,
-                 readers: int = 3, max_seconds: float = 120.0, following: int = 0, check_ready: bool = True) -> None:
+                 readers: int = 3, max_seconds: float = 120.0, following: int = 0, check_ready: bool = True,
+                 tables: dict | None = None) -> None:
         self.replicas = replicas
+        self.tables = tables or {}  # tenant → the table it must read exactly (content, not only its rows)
         self.tenant_ids = tenant_ids
         self.through = through  # None: every replica started so far
         self.following = following  # this many readers follow endpoint locations; the others ignore them
@@ -197,7 +200,7 @@ class LoadLoop:
             token = self.replicas.tenants[tenant].client_token
             options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())], timeout=30)
             record = {"start": time.time(), "tenant": tenant, "through": gateway, "read_from": gateway,
-                      "follows_locations": follow, "rows": 0, "expected": None, "error": None}
+                      "follows_locations": follow, "rows": 0, "expected": None, "error": None, "exact": None}
             try:
                 with flight.connect(self.replicas.flight_uri(gateway)) as client:
                     info = client.get_flight_info(flight.FlightDescriptor.for_path("dataset", "sales"), options)
@@ -207,9 +210,12 @@ class LoadLoop:
                         uri = endpoint.locations[0].uri.decode()
                         record["read_from"] = self.replicas.gateway_at(uri) or uri
                         with flight.connect(uri) as owner:
-                            record["rows"] = owner.do_get(endpoint.ticket, options).read_all().num_rows
+                            table = owner.do_get(endpoint.ticket, options).read_all()
                     else:
-                        record["rows"] = client.do_get(endpoint.ticket, options).read_all().num_rows
+                        table = client.do_get(endpoint.ticket, options).read_all()
+                    record["rows"] = table.num_rows
+                    if tenant in self.tables:
+                        record["exact"] = table.equals(self.tables[tenant])
             except Exception as exc:  # recorded: the test decides what may fail
                 record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             record["end"] = time.time()
@@ -221,5 +227,6 @@ class LoadLoop:
         return [r for r in self.records if r["error"] is not None and r["start"] >= since]
 
     def short(self) -> list[dict]:
-        """Calls that ended without an error but with fewer rows than GetFlightInfo announced: never allowed."""
-        return [r for r in self.records if r["error"] is None and r["rows"] != r["expected"]]
+        """Calls that ended without an error but with fewer rows than GetFlightInfo announced, or (given the
+        tenants' tables) with another table than the tenant's: never allowed."""
+        return [r for r in self.records if r["error"] is None and (r["rows"] != r["expected"] or r["exact"] is False)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.request
@@ -21,27 +22,29 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
-def replicas(tmp_path, datasets):
-    """Three replicas; tenant_00i's connector dials gw-i."""
+def replicas(tmp_path, tenant_data):
+    """Three replicas; tenant_00i's connector dials gw-i and serves a table of its own."""
     tenants = make_tenants(3)  # each connector knows one replica: rebalancing could not move it, so it is off
-    with Replicas(tmp_path, tenants, datasets["small"], count=3, gateway_args=("--rebalance-s", "0")) as r:
+    with Replicas(tmp_path, tenants, tenant_data, count=3, gateway_args=("--rebalance-s", "0")) as r:
         for i, tenant in enumerate(tenants, start=1):
             r.connect(tenant, f"gw-{i}")
         r.wait_routable(list(tenants))
         yield r
 
 
-def expected(datasets):
-    return pq.read_table(datasets["small"] / "sales.parquet")
+def expected(tenant_data, tenant_id: str = "tenant_001"):
+    return pq.read_table(tenant_data[tenant_id] / "sales.parquet")
 
 
-def test_every_replica_serves_every_tenant_exactly_to_a_plain_client(replicas, datasets):
-    table = expected(datasets)
+def tables_of(tenant_data, tenants) -> dict:
+    return {tenant: expected(tenant_data, tenant) for tenant in tenants}
+
+
+def test_every_replica_serves_every_tenant_exactly_to_a_plain_client(replicas, tenant_data):
     for gateway in replicas.gateways:
         for tenant_id, creds in replicas.tenants.items():
             _, got = read(replicas.flight_uri(gateway), creds.client_token)
-            assert got.equals(table), (gateway, tenant_id)
-            assert got.num_rows == table.num_rows
+            assert got.equals(expected(tenant_data, tenant_id)), (gateway, tenant_id)  # its own table, no other
     # gw-1 forwarded the DoGets of the two tenants it does not hold, and counted them
     metrics = scrape(replicas, "gw-1")
     assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_get"), ("outcome", "ok")))] == 2
@@ -51,7 +54,7 @@ def test_every_replica_serves_every_tenant_exactly_to_a_plain_client(replicas, d
                          for g in ("gw-1", "gw-2", "gw-3")), 10, "one tunnel per replica in gw-1's metrics")
 
 
-def test_sql_at_any_replica_runs_at_the_tenants_connector(replicas, datasets):
+def test_sql_at_any_replica_runs_at_the_tenants_connector(replicas, tenant_data):
     """ADBC at a replica without the tenant's tunnel: the statement's GetFlightInfo, DoGet, the prepared
     statement's action and the metadata reach the owner (stateless handles: no replica keeps a statement)."""
     from tests.integration.test_sql import connect, local
@@ -61,14 +64,14 @@ def test_sql_at_any_replica_runs_at_the_tenants_connector(replicas, datasets):
     for gateway in ("gw-1", "gw-3"):
         with connect(replicas.flight_uri(gateway), creds.client_token) as conn, conn.cursor() as cursor:
             cursor.execute(sql)
-            assert cursor.fetch_arrow_table().equals(local(datasets["small"], sql))
-            assert conn.adbc_get_table_schema("sales").names == expected(datasets).schema.names
+            assert cursor.fetch_arrow_table().equals(local(tenant_data["tenant_002"], sql))
+            assert conn.adbc_get_table_schema("sales").names == expected(tenant_data).schema.names
     metrics = scrape(replicas, "gw-1")
     assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_action"), ("outcome", "ok")))] >= 1
     assert metrics[("poc_gateway_forwarded_requests_total", (("method", "do_get"), ("outcome", "ok")))] >= 1
 
 
-def test_browsers_reach_any_replica_over_http(replicas, datasets):
+def test_browsers_reach_any_replica_over_http(replicas, tenant_data):
     """The HTTP Arrow endpoints at a replica without the tenant's tunnel: the dataset, the list and a query's
     result come from the owner, forwarded over Flight."""
     from tests.integration.test_browser import http
@@ -77,13 +80,14 @@ def test_browsers_reach_any_replica_over_http(replicas, datasets):
     port = replicas.gateways["gw-1"].ready["http_port"]
     host = replicas.hosts["gw-1"]
     status, headers, body = http(f"http://{host}:{port}/v1/datasets/sales", creds.client_token)
-    assert status == 200 and pa.ipc.open_stream(body).read_all().equals(expected(datasets))
+    assert status == 200 and pa.ipc.open_stream(body).read_all().equals(expected(tenant_data, "tenant_002"))
     assert http(f"http://{host}:{port}/v1/datasets", creds.client_token)[2] == b'{"datasets": ["sales"]}'
     status, _, body = http(f"http://{host}:{port}/v1/query", creds.client_token, {"sql": "SELECT count(*) AS n FROM sales"})
-    assert status == 200 and pa.ipc.open_stream(body).read_all()["n"].to_pylist() == [expected(datasets).num_rows]
+    assert status == 200 and pa.ipc.open_stream(body).read_all()["n"].to_pylist() == [
+        expected(tenant_data, "tenant_002").num_rows]
 
 
-def test_flight_info_names_the_owner_so_clients_can_follow_locations(replicas, datasets):
+def test_flight_info_names_the_owner_so_clients_can_follow_locations(replicas, tenant_data):
     creds = replicas.tenants["tenant_002"]
     with flight.connect(replicas.flight_uri("gw-1")) as client:
         info = client.get_flight_info(sales(), bearer(creds.client_token))
@@ -92,7 +96,7 @@ def test_flight_info_names_the_owner_so_clients_can_follow_locations(replicas, d
     assert [location.uri.decode() for location in endpoint.locations] == [owner]
     with flight.connect(endpoint.locations[0]) as client:  # a client that follows locations reads from the owner
         got = client.do_get(endpoint.ticket, bearer(creds.client_token)).read_all()
-    assert got.equals(expected(datasets))
+    assert got.equals(expected(tenant_data, "tenant_002"))
     # and the owner served it itself: nothing was forwarded there
     assert ("poc_gateway_forwarded_requests_total", (("method", "do_get"), ("outcome", "ok"))) not in \
         scrape(replicas, "gw-2")
@@ -117,19 +121,19 @@ def test_a_forwarded_call_for_a_tunnel_the_owner_no_longer_holds_is_refused_by_e
     peers = PeerCredentials(replicas.env["POC_PEER_SECRET"].encode())
 
     def as_peer(epoch: int, gateway: str = "gw-2") -> flight.FlightCallOptions:
-        return flight.FlightCallOptions(headers=[(PEER_HEADER.encode(),
-                                                  peers.make("tenant_002", epoch, gateway).encode())], timeout=30)
+        return flight.FlightCallOptions(headers=[(PEER_HEADER.encode(), peers.make(
+            "tenant_002", epoch, gateway, "do_get", ticket.ticket).encode())], timeout=30)
     with flight.connect(replicas.flight_uri("gw-2")) as owner:
         assert owner.do_get(ticket, as_peer(epoch)).read_all().num_rows > 0  # the current epoch is served
         with pytest.raises(flight.FlightUnavailableError, match="stale owner.*epoch 999"):
             owner.do_get(ticket, as_peer(999)).read_all()
         with pytest.raises(flight.FlightUnauthenticatedError, match="another gateway"):
             owner.do_get(ticket, flight.FlightCallOptions(headers=[(PEER_HEADER.encode(), peers.make(
-                "tenant_002", epoch, "gw-3").encode())])).read_all()
+                "tenant_002", epoch, "gw-3", "do_get", ticket.ticket).encode())])).read_all()
         forged = PeerCredentials(b"not-the-peer-secret-of-replicas")
         with pytest.raises(flight.FlightUnauthenticatedError, match="not valid"):
             owner.do_get(ticket, flight.FlightCallOptions(headers=[(PEER_HEADER.encode(), forged.make(
-                "tenant_002", epoch, "gw-2").encode())])).read_all()
+                "tenant_002", epoch, "gw-2", "do_get", ticket.ticket).encode())])).read_all()
     # the connector registers again (new epoch); the old ticket still reads the table through any replica
     replicas.connectors.pop("connector-tenant_002").stop()
     replicas.connect("tenant_002", "gw-3")
@@ -144,14 +148,15 @@ def test_a_forwarded_call_for_a_tunnel_the_owner_no_longer_holds_is_refused_by_e
             owner.do_get(ticket, as_peer(epoch, "gw-3")).read_all()  # gw-3 holds the new epoch, not the old one
 
 
-def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_route(replicas, datasets):
+def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_route(replicas, tenant_data):
     local, remote = replicas.tenants["tenant_001"], replicas.tenants["tenant_002"]
-    with LoadLoop(replicas, list(replicas.tenants), through=["gw-1"], readers=2, check_ready=False) as load:
+    with LoadLoop(replicas, list(replicas.tenants), through=["gw-1"], readers=2, check_ready=False,
+                  tables=tables_of(tenant_data, replicas.tenants)) as load:
         time.sleep(1)
         stopped = time.time()
         replicas.redis.stop()
         _, got = read(replicas.flight_uri("gw-1"), local.client_token)  # its own tunnel: served
-        assert got.equals(expected(datasets))
+        assert got.equals(expected(tenant_data, "tenant_001"))
         with pytest.raises(flight.FlightUnavailableError, match=r"registry \(Redis\) unreachable"):
             read(replicas.flight_uri("gw-1"), remote.client_token)
         status, body = replicas.ready("gw-1")
@@ -173,7 +178,7 @@ def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_rou
                 except flight.FlightUnavailableError:
                     assert time.monotonic() < deadline, replicas.gateways["gw-2"].log_tail()
                     time.sleep(0.2)
-            assert got.equals(expected(datasets))
+            assert got.equals(expected(tenant_data, tenant))
         recovered = time.time()
         time.sleep(2)
     # under load: the local tenant never failed; the others failed only while Redis was away, saying why
@@ -189,6 +194,164 @@ def test_without_redis_replicas_serve_what_they_hold_and_say_why_they_cannot_rou
     assert not load.short()
     assert len([r for r in load.records if r["start"] > recovered and r["error"] is None]) >= 3
     assert len(load.failed()) >= 1 and during > 5  # the load did run into the outage
+
+
+def peer_options(replicas: Replicas, tenant: str, epoch: int, gateway: str, method: str, request: bytes,
+                 **kwargs) -> flight.FlightCallOptions:
+    credentials = PeerCredentials(replicas.env["POC_PEER_SECRET"].encode()).make(tenant, epoch, gateway, method,
+                                                                                  request, **kwargs)
+    return flight.FlightCallOptions(headers=[(PEER_HEADER.encode(), credentials.encode())], timeout=30)
+
+
+def test_peer_credentials_serve_one_call_at_one_replica_until_they_expire(replicas):
+    """Credentials a replica made to forward one call cannot be replayed for another ticket, another method, a
+    tenant the owner does not know, or after they expire."""
+    creds = replicas.tenants["tenant_002"]
+    with flight.connect(replicas.flight_uri("gw-1")) as client:
+        ticket = client.get_flight_info(sales(), bearer(creds.client_token)).endpoints[0].ticket
+        other = client.get_flight_info(sales(), bearer(replicas.tenants["tenant_001"].client_token)).endpoints[0].ticket
+    epoch = replicas.health("gw-2")["tenants"]["tenant_002"]["epoch"]
+    with flight.connect(replicas.flight_uri("gw-2")) as owner:
+        good = peer_options(replicas, "tenant_002", epoch, "gw-2", "do_get", ticket.ticket)
+        assert owner.do_get(ticket, good).read_all().num_rows > 0
+        cases = [
+            ("do_get", ticket.ticket, {}, other, "for another request"),  # made for one ticket, shown another
+            ("get_flight_info", sales().serialize(), {}, ticket, "for another call"),
+            ("do_get", ticket.ticket, {"ttl_s": -1}, ticket, "expired"),
+        ]
+        for method, request, extra, presented, reason in cases:
+            options = peer_options(replicas, "tenant_002", epoch, "gw-2", method, request, **extra)
+            with pytest.raises(flight.FlightUnauthenticatedError, match=reason):
+                owner.do_get(presented, options).read_all()
+        with pytest.raises(flight.FlightUnauthenticatedError, match="does not know"):
+            owner.do_get(ticket, peer_options(replicas, "tenant_999", epoch, "gw-2", "do_get", ticket.ticket)).read_all()
+        with pytest.raises(flight.FlightUnauthenticatedError, match="another request"):
+            owner.get_flight_info(flight.FlightDescriptor.for_path("dataset", "other"),
+                                  peer_options(replicas, "tenant_002", epoch, "gw-2", "get_flight_info",
+                                               sales().serialize()))
+
+
+def test_one_tenants_ticket_at_another_replica_with_another_tenants_token_is_refused(replicas):
+    with flight.connect(replicas.flight_uri("gw-1")) as client:
+        ticket = client.get_flight_info(sales(), bearer(replicas.tenants["tenant_002"].client_token)).endpoints[0].ticket
+    with flight.connect(replicas.flight_uri("gw-3")) as client:
+        with pytest.raises(flight.FlightUnauthorizedError, match="belongs to another tenant"):
+            client.do_get(ticket, bearer(replicas.tenants["tenant_001"].client_token)).read_all()
+
+
+def test_a_peer_header_at_a_gateway_without_a_registry_is_refused(tmp_path, tenant_data):
+    from poc.workbook.runner import Cluster
+
+    tenants = make_tenants(1)
+    with Cluster(tmp_path, tenants, tenant_data["tenant_001"], with_direct=False) as cluster:
+        peers = PeerCredentials(b"a-secret-this-gateway-never-had")
+        with flight.connect(cluster.flight_uri) as client:
+            ticket = client.get_flight_info(sales(), bearer(tenants["tenant_001"].client_token)).endpoints[0].ticket
+            options = flight.FlightCallOptions(headers=[(PEER_HEADER.encode(), peers.make(
+                "tenant_001", 1, "gw-1", "do_get", ticket.ticket).encode())], timeout=30)
+            with pytest.raises(flight.FlightUnauthenticatedError, match="peer calls are not accepted here"):
+                client.do_get(ticket, options).read_all()
+
+
+class Trap(flight.FlightServerBase):
+    """A host that is not a replica: it records every call that reaches it and answers none."""
+
+    def __init__(self) -> None:
+        super().__init__("grpc://127.0.0.1:0")
+        self.calls: list[str] = []
+
+    def get_flight_info(self, context, descriptor):
+        self.calls.append("get_flight_info")
+        raise flight.FlightUnavailableError("trap")
+
+    def do_get(self, context, ticket):
+        self.calls.append("do_get")
+        raise flight.FlightUnavailableError("trap")
+
+    def list_flights(self, context, criteria):
+        self.calls.append("list_flights")
+        return iter(())
+
+
+def write_entries(replicas: Replicas, tenant: str, entries: dict[str, str]) -> None:
+    """Raw registry entries (session → text), as whoever can write Redis could write them."""
+    import redis
+
+    client = redis.Redis.from_url(replicas.redis.url)
+    try:
+        for session, text in entries.items():
+            client.set(f"poc:tunnel:{tenant}:{session}", text, px=600_000)
+            client.sadd(f"poc:tunnels:{tenant}", session)
+    finally:
+        client.close()
+
+
+def test_foreign_and_malformed_registry_entries_send_no_call_and_no_client_elsewhere(replicas, tenant_data):
+    """Entries for tenant_002 that point at a host no replica advertises (with higher epochs), that are not
+    JSON, or that name another tenant: the replicas ignore them, log it, and go on serving from gw-2."""
+    from poc.gateway.directory import TunnelEntry
+
+    trap = Trap()
+    try:
+        trap_uri = f"grpc://127.0.0.1:{trap.port}"
+        entries = {f"sess_{i:016x}": TunnelEntry("tenant_002", "gw-9", f"sess_{i:016x}", trap_uri, 100 + i).encode()
+                   for i in range(6)}
+        entries["sess_00000000000000aa"] = "{not json"
+        entries["sess_00000000000000bb"] = TunnelEntry("tenant_001", "gw-1", "sess_00000000000000bb", trap_uri,
+                                                       500).encode()
+        write_entries(replicas, "tenant_002", entries)
+        token = replicas.tenants["tenant_002"].client_token
+        for gateway in ("gw-1", "gw-3"):
+            for _ in range(4):
+                with flight.connect(replicas.flight_uri(gateway)) as client:
+                    info = client.get_flight_info(sales(), bearer(token))
+                    assert [x.uri.decode() for x in info.endpoints[0].locations] == [replicas.flight_uri("gw-2")]
+                    assert client.do_get(info.endpoints[0].ticket, bearer(token)).read_all().equals(
+                        expected(tenant_data, "tenant_002"))
+                    assert {i.descriptor.path[1] for i in client.list_flights(options=bearer(token))} == {b"sales"}
+        assert trap.calls == []
+        assert "no replica vouches for" in replicas.gateways["gw-1"].log_tail(5_000)
+        assert "a malformed registry entry" in replicas.gateways["gw-1"].log_tail(5_000)
+        tunnels = replicas.health("gw-1")["tenants"]["tenant_002"]["tunnels"]
+        assert [t["gateway"] for t in tunnels] == ["gw-2"]
+    finally:
+        trap.shutdown()
+
+
+def test_with_peer_flight_listed_even_a_forged_replica_record_sends_nothing_elsewhere(tmp_path, tenant_data):
+    """`--peer-flight` names the replicas: an attacker who writes both an entry and a replica record for a
+    host of theirs (which advertised-location trust would accept) still gets no call."""
+    import redis
+    from poc.gateway.directory import TunnelEntry
+
+    tenants = make_tenants(2)
+    with Replicas(tmp_path, tenants, tenant_data, count=0, gateway_args=("--rebalance-s", "0")) as r:
+        ports = {g: r.reserve(g) for g in ("gw-1", "gw-2")}
+        peers = [f"grpc://127.0.0.1:{ports[g]['flight_port']}" for g in ports]
+        r.gateway_args += [arg for uri in peers for arg in ("--peer-flight", uri)]
+        for gateway in ports:
+            r.start_gateway(gateway)
+        r.connect("tenant_001", "gw-1")
+        r.connect("tenant_002", "gw-2")
+        r.wait_routable(list(tenants))
+        trap = Trap()
+        try:
+            trap_uri = f"grpc://127.0.0.1:{trap.port}"
+            write_entries(r, "tenant_002", {"sess_00000000000000cc": TunnelEntry(
+                "tenant_002", "gw-9", "sess_00000000000000cc", trap_uri, 900).encode()})
+            client = redis.Redis.from_url(r.redis.url)
+            client.set("poc:gateway:gw-9", json.dumps({"id": "gw-9", "flight": trap_uri, "tunnels": 0,
+                                                        "at": time.time(), "tunnel": "", "draining": False}), px=600_000)
+            client.sadd("poc:gateways", "gw-9")
+            client.close()
+            token = tenants["tenant_002"].client_token
+            for _ in range(6):
+                _, got = read(r.flight_uri("gw-1"), token)
+                assert got.equals(expected(tenant_data, "tenant_002"))
+            assert trap.calls == []
+            assert "no replica vouches for" in r.gateways["gw-1"].log_tail(5_000)
+        finally:
+            trap.shutdown()
 
 
 def scrape(replicas: Replicas, gateway: str) -> dict:
@@ -214,10 +377,10 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 @pytest.fixture
-def ha(tmp_path, datasets):
+def ha(tmp_path, tenant_data):
     """Three replicas; each tenant's connector is given all three and keeps two tunnels."""
     tenants = make_tenants(3)
-    with Replicas(tmp_path, tenants, datasets["small"], count=3, delay_ms="20") as r:
+    with Replicas(tmp_path, tenants, tenant_data, count=3, delay_ms="20") as r:
         for tenant in tenants:
             r.connect(tenant, "gw-1", "gw-2", "gw-3")
         for tenant in tenants:
@@ -225,26 +388,24 @@ def ha(tmp_path, datasets):
         yield r
 
 
-def test_a_connector_given_several_replicas_keeps_two_tunnels_on_distinct_ones(ha):
+def test_a_connector_given_several_replicas_keeps_two_tunnels_on_distinct_ones(ha, tenant_data):
     for tenant in ha.tenants:
         tunnels = tunnels_of(ha, tenant)
         assert len({t["gateway"] for t in tunnels}) == 2
         assert len({t["epoch"] for t in tunnels}) == 2
     # both tunnels of a tenant serve: a replica holding one serves from it, the others forward
-    table = None
     for gateway in ha.gateways:
-        for creds in ha.tenants.values():
+        for tenant_id, creds in ha.tenants.items():
             _, got = read(ha.flight_uri(gateway), creds.client_token)
-            table = table or got
-            assert got.equals(table)
+            assert got.equals(expected(tenant_data, tenant_id)), (gateway, tenant_id)
 
 
-def test_sigkill_of_a_replica_under_load_fails_only_its_streams_and_others_serve_within_two_seconds(ha):
+def test_sigkill_of_a_replica_under_load_fails_only_its_streams_and_others_serve_within_two_seconds(ha, tenant_data):
     holders = [x["gateway"] for t in ha.tenants for x in tunnels_of(ha, t)]
     victim = max(ha.gateways, key=holders.count)  # the replica holding the most tunnels
     held = [t for t in ha.tenants if any(x["gateway"] == victim for x in tunnels_of(ha, t))]
     survivors = [g for g in ha.gateways if g != victim]
-    with LoadLoop(ha, list(ha.tenants), through=survivors, readers=3) as load:
+    with LoadLoop(ha, list(ha.tenants), through=survivors, readers=3, tables=tables_of(tenant_data, ha.tenants)) as load:
         time.sleep(2)
         killed_at = time.time()
         ha.kill(victim)
@@ -259,8 +420,8 @@ def test_sigkill_of_a_replica_under_load_fails_only_its_streams_and_others_serve
                  f"{tenant} has two live tunnels again")
 
 
-def test_a_rolling_restart_under_load_fails_no_request(ha):
-    with LoadLoop(ha, list(ha.tenants), readers=3) as load:
+def test_a_rolling_restart_under_load_fails_no_request(ha, tenant_data):
+    with LoadLoop(ha, list(ha.tenants), readers=3, tables=tables_of(tenant_data, ha.tenants)) as load:
         time.sleep(1)
         for gateway in list(ha.gateways):
             ha.restart(gateway)  # SIGTERM: goaway, replacement tunnels elsewhere, in-flight streams finish
@@ -293,9 +454,9 @@ def test_a_connectors_two_tunnels_stream_the_same_dataset_at_once_without_mixing
         assert "never opened" not in r.gateways["gw-1"].log_tail(10_000) + r.gateways["gw-2"].log_tail(10_000)
 
 
-def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, datasets):
+def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, tenant_data):
     tenants = make_tenants(6)
-    with Replicas(tmp_path, tenants, datasets["small"], count=2) as r:
+    with Replicas(tmp_path, tenants, tenant_data, count=2) as r:
         r.reserve("gw-3")  # its address is known to the connectors before it runs, as a DNS name would be
         for tenant in tenants:
             r.connect(tenant, "gw-1", "gw-2", "gw-3", tunnels=1)
@@ -308,7 +469,8 @@ def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, datasets
                     counts[tunnel["gateway"]] = counts.get(tunnel["gateway"], 0) + 1
             return counts
         assert held()["gw-3"] == 0
-        with LoadLoop(r, list(tenants), through=["gw-1", "gw-2"], readers=2) as load:
+        with LoadLoop(r, list(tenants), through=["gw-1", "gw-2"], readers=2,
+                      tables=tables_of(tenant_data, tenants)) as load:
             r.start_gateway("gw-3")
             counts = wait_for(lambda: (lambda c: c if c["gw-3"] >= 2 and sum(c.values()) == 6 else None)(held()),
                               60, "gw-3 gets its share")
@@ -319,12 +481,12 @@ def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, datasets
         assert "asking tenant" in moved and "to move to gw-3" in moved
 
 
-def test_replicas_with_tls_forward_to_each_other_over_tls(tmp_path, datasets):
+def test_replicas_with_tls_forward_to_each_other_over_tls(tmp_path, tenant_data):
     from poc.workbook.certs import make_test_pki
 
     pki = make_test_pki(tmp_path / "pki")
     tenants = make_tenants(2)
-    with Replicas(tmp_path, tenants, datasets["small"], count=2, tls=pki) as r:
+    with Replicas(tmp_path, tenants, tenant_data, count=2, tls=pki) as r:
         r.connect("tenant_001", "gw-1")
         r.connect("tenant_002", "gw-2")
         r.wait_routable(list(tenants))
@@ -333,14 +495,14 @@ def test_replicas_with_tls_forward_to_each_other_over_tls(tmp_path, datasets):
             info = client.get_flight_info(sales(), options)
             assert info.endpoints[0].locations[0].uri.decode() == r.flight_uri("gw-2")  # grpc+tls://
             got = client.do_get(info.endpoints[0].ticket, options).read_all()  # forwarded over TLS
-        assert got.equals(expected(datasets))
+        assert got.equals(expected(tenant_data, "tenant_002"))
         assert scrape(r, "gw-1")[("poc_gateway_forwarded_requests_total",
                                   (("method", "do_get"), ("outcome", "ok")))] == 1
 
 
-def test_with_one_tunnel_a_killed_replicas_tenants_come_back_within_ttl_plus_backoff(tmp_path, datasets):
+def test_with_one_tunnel_a_killed_replicas_tenants_come_back_within_ttl_plus_backoff(tmp_path, tenant_data):
     tenants = make_tenants(2)
-    with Replicas(tmp_path, tenants, datasets["small"], count=2, registry_ttl_s=3.0) as r:
+    with Replicas(tmp_path, tenants, tenant_data, count=2, registry_ttl_s=3.0) as r:
         r.connect("tenant_001", "gw-1", "gw-2", tunnels=1)
         r.wait_routable(["tenant_001"])
         holder = tunnels_of(r, "tenant_001")[0]["gateway"]
@@ -351,14 +513,14 @@ def test_with_one_tunnel_a_killed_replicas_tenants_come_back_within_ttl_plus_bac
 
         def served() -> bool:
             try:
-                return read(r.flight_uri(other), token)[1].num_rows == 20_000
+                return read(r.flight_uri(other), token)[1].equals(expected(tenant_data, "tenant_001"))
             except flight.FlightUnavailableError:
                 return False
         wait_for(served, 3.0 + 5.0, "served through the other replica within TTL + backoff")
         assert time.monotonic() - killed < 3.0 + 5.0
 
 
-def test_a_connector_given_one_name_for_two_replicas_keeps_a_tunnel_on_each(tmp_path, datasets):
+def test_a_connector_given_one_name_for_two_replicas_keeps_a_tunnel_on_each(tmp_path, tenant_data):
     """One --gateway whose name resolves to two addresses (a hosts file of the connector's own, bound over
     /etc/hosts in a mount namespace of its own): a tunnel to each replica, two by default."""
     import socket
@@ -369,7 +531,7 @@ def test_a_connector_given_one_name_for_two_replicas_keeps_a_tunnel_on_each(tmp_
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     tenants = make_tenants(1)
-    with Replicas(tmp_path, tenants, datasets["small"], count=0) as r:
+    with Replicas(tmp_path, tenants, tenant_data, count=0) as r:
         r.start_gateway("gw-1", {"ws_port": port}, host="127.0.0.1")
         r.start_gateway("gw-2", {"ws_port": port}, host="127.0.0.2")
         own_hosts = ("unshare", "--mount", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts))
@@ -377,7 +539,7 @@ def test_a_connector_given_one_name_for_two_replicas_keeps_a_tunnel_on_each(tmp_
         tunnels = wait_for(lambda: (lambda t: t if len(t) == 2 else None)(tunnels_of(r, "tenant_001")), 20,
                            "a tunnel on each replica")
         assert {t["gateway"] for t in tunnels} == {"gw-1", "gw-2"}
-        table = expected(datasets)
+        table = expected(tenant_data)
         for gateway in ("gw-1", "gw-2"):
             assert read(r.flight_uri(gateway), tenants["tenant_001"].client_token)[1].equals(table)
         assert "#127.0.0.2" in r.connectors["connector-tenant_001"].log_tail(1000)
