@@ -142,7 +142,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,
         ticket_ttl_s=args.ticket_ttl_s, tunnel_rcvbuf_bytes=max(0, args.tunnel_rcvbuf_bytes),
         max_tenant_buffered_bytes=args.max_tenant_buffered_bytes, max_calls_per_tenant=args.max_calls_per_tenant,
-        max_links_per_tenant=args.max_links_per_tenant, http_max_connections=args.max_http_connections,
+        max_links_per_tenant=args.max_links_per_tenant, max_pending_tunnels=args.max_pending_tunnels,
+        http_max_connections=args.max_http_connections,
         http_request_deadline_s=args.http_request_deadline_s, admin_token=os.environ.get("POC_ADMIN_TOKEN") or None)
     cfg.check()
     logging.getLogger("poc.gateway").info(
@@ -517,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Flight and HTTP calls one tenant may have in progress at once (a DoGet until its stream "
                         "ends); the next is refused at once, FlightUnavailableError or HTTP 503; 0 = no cap "
                         "(default %(default)s)")
+    p.add_argument("--max-pending-tunnels", type=int, default=config.MAX_PENDING_TUNNELS,
+                   help="tunnels open and not registered yet that the gateway holds at once (each for at most "
+                        "--register-timeout-s, with at most one control message); more are closed at once with "
+                        "1013; 0 = no cap (default %(default)s)")
     p.add_argument("--max-http-connections", type=int, default=config.HTTP_MAX_CONNECTIONS,
                    help="connections the HTTP port holds at once; more are answered 503 and closed "
                         "(default %(default)s)")

@@ -32,6 +32,7 @@ MAX_BUFFERED_BYTES = 2 * 1024**3  # gateway-wide: the sum of open streams' windo
 TENANT_BUFFER_SHARE = 0.5  # --max-tenant-buffered-bytes by default: this part of --max-buffered-bytes
 MAX_CALLS_PER_TENANT = 256  # Flight and HTTP calls one tenant may have in progress at the gateway at once
 MAX_LINKS_PER_TENANT = 8  # tunnels one tenant may hold on one gateway (--max-links-per-tenant)
+MAX_PENDING_TUNNELS = 256  # tunnels open and not registered yet, at once: what strangers may hold
 TUNNEL_RCVBUF_BYTES = 512 * 1024  # SO_RCVBUF of a near tunnel's socket at the gateway (docs/results.md)
 GIL_SWITCH_MS = 1.0  # the gateway's sys.setswitchinterval, in ms (Python's default: 5)
 HTTP_MAX_CONNECTIONS = 512  # connections the HTTP port holds at once; more get 503 (--max-http-connections)

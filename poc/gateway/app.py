@@ -54,6 +54,7 @@ class GatewayConfig:
     max_tenant_buffered_bytes: int | None = None  # one tenant's share; None: TENANT_BUFFER_SHARE of the cap
     max_calls_per_tenant: int = config.MAX_CALLS_PER_TENANT  # Flight and HTTP calls in progress; 0: no cap
     max_links_per_tenant: int = config.MAX_LINKS_PER_TENANT  # tunnels of one tenant here; 0: no cap
+    max_pending_tunnels: int = config.MAX_PENDING_TUNNELS  # tunnels not registered yet, at once; 0: no cap
     http_max_connections: int = config.HTTP_MAX_CONNECTIONS
     http_request_deadline_s: float = config.HTTP_REQUEST_DEADLINE_S
     ticket_ttl_s: float = config.TICKET_TTL_S
@@ -129,6 +130,7 @@ class Gateway:
         self.directory: RedisDirectory | None = None
         self._router: ClusterRouter | None = None
         self._epochs: dict[str, int] = {}  # without a registry: each tenant's registrations, counted here
+        self._unregistered = 0  # tunnels open that have not registered yet (--max-pending-tunnels)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -442,12 +444,21 @@ class Gateway:
         reason = "closed"
         code: int | None = None  # how the tunnel closed, when known
         close_reason = None  # set: this side must still close the socket, with `code`
+        self._unregistered += 1  # counted until it registers or ends: strangers hold at most the cap of them
+        pending = True
         try:
             if self.registry.draining:
                 code, close_reason = CloseCode.GOING_AWAY, "gateway shutting down; connect to another gateway"
                 return
+            if self.cfg.max_pending_tunnels and self._unregistered > self.cfg.max_pending_tunnels:
+                code, close_reason = CloseCode.TRY_AGAIN_LATER, (
+                    f"{self.cfg.max_pending_tunnels} tunnels are waiting to register, the most this gateway "
+                    "holds; retry later")
+                return
             async with asyncio.timeout(self.cfg.register_timeout_s):
                 first = await anext(events)
+            pending = False
+            self._unregistered -= 1
             link = await self._register(transport, first[0])
             if link is None:
                 return
@@ -464,6 +475,8 @@ class Gateway:
             log.exception("link of tenant %s failed", link.tenant_id if link else "(unregistered)")
             code, close_reason = 1011, "internal error in the gateway"
         finally:
+            if pending:
+                self._unregistered -= 1
             await events.aclose()
             if transport.closed is not None and not isinstance(code, int):
                 code = transport.closed.code

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007, 4008}
+CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 1013, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007, 4008}
 
 
 def close_label(code: int | None) -> str:

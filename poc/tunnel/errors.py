@@ -66,3 +66,4 @@ class CloseCode:
     TENANT_REMOVED = 4006      # the tenant was removed from the gateway's configuration
     LEASE_LOST = 4007          # --registry: the tunnel's registry entry ran out; register again
     TOO_MANY_LINKS = 4008      # the tenant holds --max-links-per-tenant tunnels here; back off, then retry
+    TRY_AGAIN_LATER = 1013     # RFC 6455: the gateway holds --max-pending-tunnels unregistered tunnels

@@ -23,7 +23,8 @@ from tests.hostile import (INTS, ROWS, STRINGS, RawConnector, compressed_zeros, 
                            strings_batch, with_length, with_offset)
 
 GATEWAY_ARGS = ("--max-message-bytes", str(64 << 10), "--max-frame-bytes", str(1 << 20),
-                "--window-bytes", str(2 << 20), "--register-timeout-s", "2", "--request-timeout-s", "3")
+                "--window-bytes", str(2 << 20), "--register-timeout-s", "2", "--request-timeout-s", "3",
+                "--max-pending-tunnels", "6")
 TRANSPORTS = ["picows", "websockets", "grpc"]
 
 
@@ -259,6 +260,21 @@ def test_a_tunnel_that_never_registers_is_closed(attack):
     tunnel = connect()
     code, reason = tunnel.closed(timeout=10)
     assert code == 4000 and "no register within 2 s" in reason
+
+
+def test_tunnels_that_do_not_register_are_held_to_the_cap_and_the_next_is_closed_with_1013(attack):
+    """Strangers holding unregistered tunnels: six are held (each until the register timeout), the seventh is
+    closed at once with 1013 and the cap as its reason; once they are gone, a connector registers."""
+    cluster, connect = attack
+    held = [connect() for _ in range(6)]
+    time.sleep(0.3)
+    extra = connect()
+    code, reason = extra.closed(timeout=5)
+    assert code == 1013 and "6 tunnels are waiting to register" in reason, (code, reason)
+    for tunnel in held:
+        tunnel.close()
+    time.sleep(0.5)
+    assert registered(cluster, connect).close_code is None
 
 
 def test_an_oversized_message_before_register_is_refused(attack):
