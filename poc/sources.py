@@ -345,11 +345,14 @@ def pushdown(sql: str, tables: dict[str, DatabaseDataset], files: set[str]) -> t
         check_pushdown(tree, mine, database.DIALECT)
     except RecursionError:
         raise SqlError("invalid_request", "the query is nested too deeply") from None
+    definitions: dict[str, exp.Expression] = {}  # each dataset's definition, parsed once
     for table in list(tree.find_all(exp.Table)):
         if is_cte_reference(table):
             continue
         dataset, alias = tables[table.name], table.alias or table.name
-        definition = (exp.select("*").from_(exp.to_table(dataset.table, dialect=database.DIALECT)) if dataset.table
-                      else sqlglot.parse_one(dataset.query, read=database.DIALECT))
-        table.replace(exp.Subquery(this=definition, alias=exp.TableAlias(this=exp.to_identifier(alias))))
+        if dataset.name not in definitions:
+            definitions[dataset.name] = (exp.select("*").from_(exp.to_table(dataset.table, dialect=database.DIALECT))
+                                         if dataset.table else sqlglot.parse_one(dataset.query, read=database.DIALECT))
+        table.replace(exp.Subquery(this=definitions[dataset.name].copy(),
+                                   alias=exp.TableAlias(this=exp.to_identifier(alias))))
     return database, tree.sql(dialect=database.DIALECT)

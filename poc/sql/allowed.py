@@ -88,10 +88,17 @@ def _refuse(what: str) -> SqlError:
                                  "functions and types docs/security.md lists")
 
 
+MAX_NODES = 20_000  # nodes of a query's tree: far beyond what analysts write, a bound on the time checks take
+MAX_RELATIONS = 256  # datasets and CTEs a query names
+
+
 def check_duckdb(tree_json: str, datasets: set[str]) -> None:
     """Walk DuckDB's serialized tree of one SELECT (`json_serialize_sql`); SqlError on the first thing that is
     not on the lists or names no dataset."""
-    tree = json.loads(tree_json)
+    try:
+        tree = json.loads(tree_json)
+    except RecursionError:
+        raise SqlError("invalid_request", "the query is nested too deeply") from None
     if tree.get("error"):
         raise SqlError("invalid_request", f"only SELECT queries are allowed: {tree.get('error_message', '')}")
     try:
@@ -189,7 +196,12 @@ def check_pushdown(tree, datasets: set[str], dialect: str) -> None:
     from sqlglot import exp
 
     allowed = _sqlglot_nodes()
-    for node in tree.walk():
+    nodes = list(tree.walk())
+    if len(nodes) > MAX_NODES:
+        raise SqlError("invalid_request", f"the query has over {MAX_NODES} parts: too large to check")
+    if sum(isinstance(node, (exp.Table, exp.CTE)) for node in nodes) > MAX_RELATIONS:
+        raise SqlError("invalid_request", f"a query may name at most {MAX_RELATIONS} relations and CTEs")
+    for node in nodes:
         if isinstance(node, exp.Anonymous):
             name = node.name.lower()
             if name not in SCALARS | AGGREGATES | WINDOW_FUNCTIONS:

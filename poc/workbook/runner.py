@@ -289,6 +289,24 @@ class Cluster(Started):
             self.components[name].stop()
 
 
+def reset_peak_rss(pid: int) -> int:
+    """Start a new peak: Linux resets a process's VmHWM to its current RSS when 5 is written to its clear_refs
+    (its owner, or root, may). Returns the RSS now, in bytes."""
+    with open(f"/proc/{pid}/clear_refs", "w") as refs:
+        refs.write("5")
+    return peak_rss(pid)
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak RSS (VmHWM) since it started or since `reset_peak_rss`, in bytes: what it held at
+    its worst, also if it gave the memory back before it was looked at."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
 class ProcessSampler:
     """Samples CPU % and RSS of named processes about every `interval_s` in a background thread."""
 

@@ -191,18 +191,33 @@ def answer(result: SqlResult) -> str:
 def compare_engines(rows: int = 1_000_000, runs: int = 7, data_dir: str = "outputs/data") -> list[dict]:
     """The two candidate engines for the connector on the notebook's queries over the same Parquet file: DuckDB
     (what the connector uses) and polars SQL over a lazy scan; median time to the whole result, and whether
-    the engine can hand the result over batch by batch (docs/architecture.md, "SQL at the connector")."""
+    the engine can hand the result over batch by batch (docs/architecture.md, "SQL at the connector"). Then
+    the connector's own engine (poc.sql.engine: DuckDB over the datasets registered as Arrow datasets, each
+    query parsed and checked against the allow-list first), batch by batch as the connector reads it."""
     import duckdb
     import polars as pl
+
+    from ..sql.engine import SqlEngine
 
     file = dataset_folder(data_dir, rows) / "sales.parquet"
     con = duckdb.connect()
     con.execute(f"CREATE VIEW sales AS SELECT * FROM read_parquet('{file}')")
     ctx = pl.SQLContext(sales=pl.scan_parquet(file))
+    connector = SqlEngine({"sales": file})
+
+    def through_connector(sql: str) -> pa.Table:
+        query = connector.start(sql)
+        batches = []
+        while (batch := connector.read(query)) is not None:
+            batches.append(batch)
+        query.close()
+        return pa.Table.from_batches(batches, schema=query.schema)
+
     out = []
     for name, sql in QUERIES.items():
         for engine, run in (("duckdb", lambda: con.sql(sql).to_arrow_table()),
-                            ("polars", lambda: ctx.execute(sql).collect().to_arrow())):
+                            ("polars", lambda: ctx.execute(sql).collect().to_arrow()),
+                            ("connector", lambda: through_connector(sql))):
             times, table, _ = _timed(runs, lambda: (run(), 0.0))
             out.append({"query": name, "engine": engine, "p50_ms": round(statistics.median(times), 1),
                         "rows": table.num_rows})

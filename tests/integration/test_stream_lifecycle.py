@@ -100,6 +100,20 @@ def test_a_connector_error_frees_the_stream(cluster):
     assert freed(cluster)["streams_in_flight"] == 0
 
 
+@pytest.mark.parametrize("name", ["../../etc/passwd", "x" * 300, ""])
+def test_a_ticket_naming_no_valid_dataset_never_crosses_the_tunnel(cluster, name):
+    """A ticket signed with the (shared, leakable) ticket secret but naming what no GetFlightInfo would issue:
+    refused at the gateway; the tenant's tunnel is the same one afterwards and serves on."""
+    session = cluster.health()["tenants"]["tenant_002"]["session_id"]
+    ticket = flight.Ticket(TicketSigner(SECRET.encode()).issue("tenant_002", name))
+    with flight.connect(cluster.flight_uri) as client:
+        with pytest.raises(flight.FlightUnauthorizedError, match="malformed ticket"):
+            client.do_get(ticket, bearer(cluster.tenants["tenant_002"].client_token)).read_all()
+    _, reader = open_reader(cluster, "tenant_002")
+    assert reader.read_all().num_rows == 1_000_000
+    assert cluster.health()["tenants"]["tenant_002"]["session_id"] == session
+
+
 def test_an_expired_ticket_is_refused(tmp_path, tenants, datasets):
     with Cluster(tmp_path, tenants, datasets["small"], gateway_args=("--ticket-ttl-s", "0.5"),
                  with_direct=False) as c:

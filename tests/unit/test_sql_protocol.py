@@ -252,3 +252,11 @@ def test_a_pattern_of_many_percent_signs_is_matched_without_backtracking():
 def test_a_pattern_over_the_limit_is_refused():
     with pytest.raises(pa.ArrowInvalid, match="over the limit"):
         like("%" * (MAX_PATTERN_CHARS + 1))
+
+
+def test_a_query_too_nested_for_the_checks_is_refused_not_raised(engine):
+    built, _ = engine
+    joins = "SELECT 1 FROM t " + " ".join(f"JOIN t t{i} ON t{i}.id = t.id" for i in range(1500))
+    with pytest.raises(SqlError) as refused:
+        built.check(joins)
+    assert refused.value.code == "invalid_request" and "nested too deeply" in str(refused.value)
