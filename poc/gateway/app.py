@@ -518,7 +518,10 @@ class Gateway:
                                       "gateway, the most it allows (--max-links-per-tenant); retry later",
                                       CloseCode.TOO_MANY_LINKS)
         session_id = "sess_" + secrets.token_hex(8)
-        await transport.call(transport.endpoint.accept, session_id, self.cfg.heartbeat_s)
+        # `registered` is queued before the link can be routed to, and the link is routable before `registered`
+        # is written: a client that calls as soon as its connector is registered finds it, and the requests
+        # routed to it leave after `registered` (they queue behind it).
+        transport.endpoint.accept(session_id, self.cfg.heartbeat_s)
         link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport, self.budget,
                           connector_id=register.connector_id or "")
         if self.cfg.max_requests_per_s > 0:
@@ -526,11 +529,12 @@ class Gateway:
         link.last_heartbeat = time.time()
         if self.directory is not None:
             link.lease_until = 0.0  # not served as owner before the registry has its entry
-        old = self.registry.register(link)
-        if self.directory is not None:
-            await self.directory.publish(link)
         else:
             link.epoch = self._epochs[link.tenant_id] = self._epochs.get(link.tenant_id, 0) + 1
+        old = self.registry.register(link)
+        await transport.call(lambda: None)  # `registered` written
+        if self.directory is not None:
+            await self.directory.publish(link)
         self.metrics.registrations.labels("ok").inc()
         if old is not None:
             self.metrics.registrations.labels("replaced").inc()

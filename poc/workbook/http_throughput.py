@@ -15,7 +15,6 @@ import http.client
 import json
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pyarrow as pa
 
 from ..config import make_tenants
 from .dataset import dataset_folder
-from .runner import Cluster
+from .runner import Cluster, at_once
 
 
 def fetch(port: int, token: str, name: str = "sales") -> int:
@@ -53,11 +52,7 @@ def round_mb_s(port: int, token: str, concurrency: int) -> float:
             errors.append(exc)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=one) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
+    at_once(one, concurrency)
     if errors or len(sizes) != concurrency:
         raise RuntimeError(f"a read failed: {errors[:1]}")
     return sum(sizes) / (time.perf_counter() - started) / 1e6

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +25,7 @@ import pyarrow.flight as flight
 
 from ..config import MAX_MESSAGE_BYTES, make_tenants
 from .dataset import dataset_folder
-from .runner import Cluster, peak_rss, reset_peak_rss
+from .runner import Cluster, at_once, peak_rss, reset_peak_rss
 
 
 def flight_case(cluster: Cluster, mib: int, parallel: int) -> dict:
@@ -45,11 +44,7 @@ def flight_case(cluster: Cluster, mib: int, parallel: int) -> dict:
             outcomes.append(type(exc).__name__)
 
     started = time.monotonic()
-    threads = [threading.Thread(target=one) for _ in range(parallel)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
+    at_once(one, parallel)
     return {"case": "flight", "mib": mib, "parallel": parallel, "seconds": round(time.monotonic() - started, 1),
             "peak_growth_mib": round((peak_rss(cluster.gateway.pid) - base) / 2**20), "outcomes": dict(Counter(outcomes))}
 

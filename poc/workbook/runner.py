@@ -289,6 +289,15 @@ class Cluster(Started):
             self.components[name].stop()
 
 
+def at_once(call, count: int, timeout: float = 300.0) -> None:
+    """Run `call()` in `count` threads started together; return once all have ended (or `timeout` passed)."""
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+
+
 def reset_peak_rss(pid: int) -> int:
     """Start a new peak: Linux resets a process's VmHWM to its current RSS when 5 is written to its clear_refs
     (its owner, or root, may). Returns the RSS now, in bytes."""
