@@ -17,6 +17,8 @@ from ..tunnel import LocalProtocolError
 from ..tunnel.endpoint import GatewayEndpoint
 from ..tunnel.limits import TokenBucket
 from ..tunnel.messages import clip
+from ..flight_errors import flight_error
+from .arrow_checks import read_schema
 from .shares import BufferBudget
 
 
@@ -69,8 +71,6 @@ class FlightInfoReply:
 
 def request_error(tenant_id: str, code: str, message: str) -> Exception:
     """The Flight error a client sees for a connector's error reply (docs/protocol.md §9)."""
-    from ..sql.service import flight_error
-
     return flight_error(code, clip(message), f"connector of tenant {tenant_id}")
 
 
@@ -152,8 +152,6 @@ class TenantLink:
         same bytes every time): the Flight thread waiting for it then has nothing left to decode."""
         schema = self._schemas.get(message)
         if schema is None:
-            from .bridge import read_schema
-
             schema = read_schema(message, self.tenant_id)
             if len(self._schemas) >= 256:
                 self._schemas.clear()

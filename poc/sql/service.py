@@ -20,6 +20,7 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from ..flight_errors import flight_error
 from . import proto
 from .patterns import like
 from .engine import CATALOG, DB_SCHEMA, MAX_QUERY_BYTES
@@ -81,23 +82,6 @@ def checked_query(sql: str, max_bytes: int = MAX_QUERY_BYTES) -> str:
     if not sql.strip():
         raise pa.ArrowInvalid("empty query")
     return sql
-
-
-def flight_error(code: str, message: str, source: str) -> Exception:
-    """The error a Flight client sees for an error `code` of a query or request (docs/protocol.md §9):
-    not found → KeyError, invalid request → ArrowInvalid, forbidden → unauthorized, timed out → timed out,
-    anything else a server error naming `source` and the code."""
-    if code == "not_found":
-        return pa.ArrowKeyError(message)
-    if code == "invalid_request":
-        return pa.ArrowInvalid(message)
-    if code == "forbidden":
-        return flight.FlightUnauthorizedError(message)
-    if code == "timed_out":
-        return flight.FlightTimedOutError(f"{source}: {message}")
-    if code == "unavailable":
-        return flight.FlightUnavailableError(f"{source}: {message}")
-    return flight.FlightServerError(f"{source} failed the request ({code[:40]}): {message}")
 
 
 def local_error(exc) -> Exception:

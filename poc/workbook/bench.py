@@ -219,7 +219,7 @@ def validation_cost(data: Path, rounds: int = 10) -> dict[str, float]:
     import pyarrow.parquet as pq
 
     from ..catalog import cut_batches
-    from ..gateway.bridge import bounds_schema
+    from ..gateway.arrow_checks import bounds_schema
 
     table = pq.read_table(next(data.glob("*.parquet")))
     messages = [b.serialize() for b in cut_batches(table)]

@@ -25,3 +25,9 @@ def test_the_product_installs_without_the_workbook(tmp_path):
     bench = subprocess.run([str(python), "-m", "poc", "bench"], capture_output=True, text=True, cwd=tmp_path,
                            timeout=60)
     assert bench.returncode == 2 and "pip install 'poc[workbook]'" in bench.stderr
+    listed = subprocess.run([str(python), "-m", "poc", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=60).stdout
+    commands = listed.split("COMMAND\n", 1)[-1]
+    assert "gateway" in commands and "connector" in commands and "direct" in commands
+    for workbook_command in ("report", "bench", "soak", "swarm", "load", "dataset"):
+        assert f"    {workbook_command} " not in commands  # a product-only install does not list them

@@ -7,7 +7,7 @@ import struct
 import pyarrow as pa
 import pytest
 
-from poc.gateway.bridge import bounds_schema
+from poc.gateway.arrow_checks import bounds_schema
 from poc.tunnel import ipc
 
 

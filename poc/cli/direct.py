@@ -1,0 +1,76 @@
+"""`python -m poc direct`: the direct baseline, plain Flight over the same data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+from .. import config
+from ..config import ConfigError
+from .common import add_cors, add_tls, check_tls, emit_ready, hide_tracebacks_from_clients
+
+
+def add(sub) -> None:
+    p = sub.add_parser("direct", help="direct baseline: the same datasets and delay over plain Flight",
+                       description="Serve the Parquet datasets of --data straight over Arrow Flight: the "
+                                   "no-tunnel baseline every figure is compared with.")
+    p.add_argument("--data", help="Parquet file or folder")
+    p.add_argument("--sources", help="YAML file of datasets, as the connector's --sources (databases through ADBC)")
+    p.add_argument("--db-connections", type=int, default=config.DB_CONNECTIONS,
+                   help="connections to each database of --sources at once (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=config.DIRECT_PORT,
+                   help="Flight port (default %(default)s, beside the gateway's 8815 on one host)")
+    p.add_argument("--delay-ms", default="200-250", help="simulated delay before each DoGet (default %(default)s)")
+    p.add_argument("--tenants", help="tenants YAML: require the same bearer tokens as the gateway")
+    p.add_argument("--http-port", type=int, default=-1,
+                   help="serve the gateway's HTTP Arrow endpoints and page (/v1/datasets, /v1/query, /ui/) on this "
+                        "port too, for browser comparisons; -1 (default) turns it off, 0 picks one")
+    add_cors(p)
+    add_tls(p)
+    p.set_defaults(func=run)
+
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..catalog import load_datasets
+    from ..direct import DirectFlightServer
+
+    from ..auth import flight_certificate
+
+    check_tls(args)
+    hide_tracebacks_from_clients()
+    tenants = config.load_tenants(args.tenants) if args.tenants else None
+    scheme, tls = ("grpc+tls", [flight_certificate(args.tls_cert, args.tls_key)]) if args.tls_cert else ("grpc", None)
+    if not args.data and not args.sources:
+        raise ConfigError("give --data (Parquet) or --sources (a YAML file of datasets), or both")
+    datasets = load_datasets(args.data) if args.data else {}
+    sources = {}
+    if args.sources:
+        from ..catalog import load_file
+        from ..sources import load_sources
+
+        sources, files = load_sources(args.sources)
+        datasets.update({name: load_file(name, file) for name, file in files.items()})
+    server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", datasets, tenants,
+                                config.parse_delay(args.delay_ms), sources=sources, db_connections=args.db_connections,
+                                tls_certificates=tls)
+    ports = {"flight_port": server.port}
+    if args.http_port >= 0:
+        from ..http_arrow import default_vendor_dir, serve_arrow
+
+        http = serve_arrow((args.host, args.http_port),
+                           server.arrow_http(tuple(args.cors_origin or ()), default_vendor_dir()))
+        ports["http_port"] = http.server_address[1]
+    def shutdown(*_) -> None:  # shutdown() waits for calls in flight, so not on the signal's own stack
+        threading.Thread(target=server.shutdown, name="shutdown").start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, shutdown)
+    emit_ready(component="direct", pid=os.getpid(), **ports)
+    server.serve()
+    return 0
+
+
