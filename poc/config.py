@@ -8,6 +8,10 @@ from pathlib import Path
 
 import yaml
 
+# The tunnel's limits have their one home in the protocol core; here for the command line and the workbook.
+from .tunnel.limits import (INITIAL_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_STREAMS,  # noqa: F401
+                            MAX_WINDOW_BYTES, UNSOLICITED_PER_S)
+
 WS_PORT = 8443
 FLIGHT_PORT = 8815
 HTTP_PORT = 8080
@@ -22,12 +26,7 @@ MAX_RESULT_BYTES = 1 << 30  # connector --max-result-bytes: the IPC bytes one qu
 QUERY_TIMEOUT_S = 60.0  # connector --query-timeout-s
 QUERY_MEMORY_MB = 1024  # connector --query-memory-mb: DuckDB's memory_limit
 DB_CONNECTIONS = 8  # connector --db-connections: connections to each database at once
-MAX_FRAME_BYTES = 4 * 1024 * 1024
-WINDOW_BYTES = 8 * 1024 * 1024  # a stream's credit at do_get
-MAX_WINDOW_BYTES = 64 * 1024 * 1024  # what adaptive windows may grow to (--window-bytes)
 COMPRESS_BELOW_MBPS = 1000.0  # connector --compression auto: compress on links that drain slower than this
-MAX_STREAMS = 256
-MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_BUFFERED_BYTES = 2 * 1024**3  # gateway-wide: the sum of open streams' windows
 TENANT_BUFFER_SHARE = 0.5  # --max-tenant-buffered-bytes by default: this part of --max-buffered-bytes
 MAX_CALLS_PER_TENANT = 256  # Flight and HTTP calls one tenant may have in progress at the gateway at once
@@ -155,6 +154,12 @@ def parse_delay(text: str) -> tuple[float, float]:
     if low is None or not 0 <= low <= high:
         raise ConfigError(f"delay must be MS or LOW-HIGH milliseconds with 0 <= LOW <= HIGH, got {text!r}")
     return low, high
+
+
+def extraction_delay_s(delay_ms: tuple[float, float], rng: random.Random = random) -> float:
+    """The simulated extraction delay before a transfer (the seed's 200–250 ms): uniform in the range, seconds."""
+    low, high = delay_ms
+    return rng.uniform(low, high) / 1000 if high > 0 else 0.0
 
 
 def params_from_yaml(cls, path: str | Path, **overrides):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 
@@ -11,7 +10,7 @@ import pyarrow.flight as flight
 
 from .auth import BearerAuthFactory, TenantCalls, TicketSigner, caller_tenant, dataset_from_descriptor
 from .catalog import Dataset
-from .config import DB_CONNECTIONS, MAX_CALLS_PER_TENANT, TenantCredentials
+from .config import DB_CONNECTIONS, MAX_CALLS_PER_TENANT, TenantCredentials, extraction_delay_s
 from .sql.service import FlightSqlService, LocalSql, descriptor_command, serve_result, sql_command
 
 
@@ -101,9 +100,7 @@ class DirectFlightServer(flight.FlightServerBase):
 
         def dataset(who, name):
             ds = self._dataset(name)
-            low, high = self._delay_ms
-            if high > 0:
-                time.sleep(random.uniform(low, high) / 1000)
+            time.sleep(extraction_delay_s(self._delay_ms))
             return ds.schema, iter(self._tables[ds.name].to_batches())
 
         return ArrowHttp(tokens.tenant_for if tokens else (lambda token: ""), lambda who: list(self._datasets),
@@ -148,7 +145,5 @@ class DirectFlightServer(flight.FlightServerBase):
                 raise local_error(exc) from None
             return flight.GeneratorStream(query.schema, _released(stream_query(query), slots))
         table = self._tables[self._dataset(name).name]
-        low, high = self._delay_ms
-        if high > 0:
-            time.sleep(random.uniform(low, high) / 1000)
+        time.sleep(extraction_delay_s(self._delay_ms))
         return flight.RecordBatchStream(table)

@@ -33,7 +33,7 @@ def add_tunnel_limits(p: argparse.ArgumentParser) -> None:
                    help="the largest credit window of a stream: the most bytes buffered per stream "
                         "(default %(default)s)")
     p.add_argument("--initial-window-bytes", type=int, default=None,
-                   help=f"a stream's window when it opens (default {config.WINDOW_BYTES}, kept between "
+                   help=f"a stream's window when it opens (default {config.INITIAL_WINDOW_BYTES}, kept between "
                         "--max-frame-bytes and --window-bytes); with --window-policy adaptive it grows towards twice the link's measured "
                         "bandwidth-delay product, up to --window-bytes, while --max-buffered-bytes has room")
     p.add_argument("--window-policy", choices=("adaptive", "fixed"), default="adaptive",
@@ -46,7 +46,7 @@ def add_tunnel_limits(p: argparse.ArgumentParser) -> None:
                    help="streams in flight per connector link (default %(default)s)")
     p.add_argument("--max-message-bytes", type=int, default=config.MAX_MESSAGE_BYTES,
                    help="largest control message from a connector (default %(default)s)")
-    p.add_argument("--max-unsolicited-per-s", type=float, default=50.0,
+    p.add_argument("--max-unsolicited-per-s", type=float, default=config.UNSOLICITED_PER_S,
                    help="heartbeats and messages for closed streams a connector may send per second; "
                         "a flood closes its link with 4005 (default %(default)s)")
     p.add_argument("--max-requests-per-s", type=float, default=0.0,
@@ -95,13 +95,15 @@ def tunnel_limits(args: argparse.Namespace):
     from ..tunnel import Limits
 
     codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip() and c.strip() != "none")
-    initial = args.initial_window_bytes or min(max(config.WINDOW_BYTES, args.max_frame_bytes), args.window_bytes)
-    if not args.max_frame_bytes <= initial <= args.window_bytes:
+    if args.window_bytes < args.max_frame_bytes:
+        raise ConfigError("--window-bytes must be at least --max-frame-bytes")
+    initial = args.initial_window_bytes
+    if initial is not None and not args.max_frame_bytes <= initial <= args.window_bytes:
         raise ConfigError("--initial-window-bytes must lie between --max-frame-bytes and --window-bytes")
     try:
         return Limits(args.max_frame_bytes, args.window_bytes, args.max_streams,
                       max_message_bytes=args.max_message_bytes, unsolicited_per_s=args.max_unsolicited_per_s,
-                      initial_window_bytes=initial, adaptive_window=args.window_policy == "adaptive",
+                      initial_window_bytes=args.initial_window_bytes, adaptive_window=args.window_policy == "adaptive",
                       codecs=codecs)
     except ValueError as exc:
         raise ConfigError(f"gateway limits: {exc}") from None

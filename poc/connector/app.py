@@ -25,7 +25,7 @@ from ..catalog import Dataset, fit_batch
 from ..transports.base import TunnelTransport, keep_unsent_small
 from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint, FrameType, TunnelClosed
-from ..tunnel import endpoint as ev
+from ..tunnel import events as ev
 from ..tunnel.messages import clip
 from .metrics import ConnectorMetrics
 
@@ -720,9 +720,7 @@ class _Session:
         if ds is None:
             await self.transport.call(self.endpoint.fail_request, stream_id, "not_found", f"dataset {name!r} not found")
             return
-        low, high = self.connector.cfg.delay_ms
-        if high > 0:
-            await asyncio.sleep(random.uniform(low, high) / 1000)  # simulated extraction
+        await asyncio.sleep(config.extraction_delay_s(self.connector.cfg.delay_ms))  # simulated extraction
         await self._send(stream_id, FrameType.SCHEMA, ds.schema_message)
         max_frame = frame_budget(self.transport.drain_bps, self.endpoint.registered.max_frame_bytes)
         if ds.is_cut(max_frame):

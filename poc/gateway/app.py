@@ -48,8 +48,7 @@ class GatewayConfig:
     offline_after_s: float = config.OFFLINE_AFTER_S
     request_timeout_s: float = config.REQUEST_TIMEOUT_S
     register_timeout_s: float = config.REGISTER_TIMEOUT_S
-    limits: Limits = field(default_factory=lambda: Limits(config.MAX_FRAME_BYTES, config.WINDOW_BYTES,
-                                                          config.MAX_STREAMS, config.MAX_MESSAGE_BYTES))
+    limits: Limits = field(default_factory=Limits)  # the tunnel's limits and their defaults (poc.tunnel.limits)
     max_buffered_bytes: int = config.MAX_BUFFERED_BYTES  # 0: no gateway-wide cap
     max_tenant_buffered_bytes: int | None = None  # one tenant's share; None: TENANT_BUFFER_SHARE of the cap
     max_calls_per_tenant: int = config.MAX_CALLS_PER_TENANT  # Flight and HTTP calls in progress; 0: no cap

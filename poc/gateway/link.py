@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..transports.base import TunnelTransport
-from ..tunnel import endpoint as ev
+from ..tunnel import events as ev
 from ..tunnel import LocalProtocolError
-from ..tunnel.endpoint import GatewayEndpoint
+from ..tunnel import GatewayEndpoint
 from ..tunnel.limits import TokenBucket
 from ..tunnel.messages import clip
 from ..flight_errors import flight_error

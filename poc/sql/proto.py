@@ -14,6 +14,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+from ..protowire import WireError, read_varint, write_varint
+
 TYPE_URL_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
 MAX_COMMAND_BYTES = 1 << 20  # a command, action body or ticket larger than this is refused unread
 
@@ -23,18 +25,10 @@ class ProtoError(ValueError):
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ProtoError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift >= 64:
-            raise ProtoError("varint longer than 10 bytes")
+    try:
+        return read_varint(data, pos)
+    except WireError as exc:
+        raise ProtoError(str(exc)) from None
 
 
 def decode_fields(data: bytes) -> dict[int, list[int | bytes]]:
@@ -68,18 +62,6 @@ def decode_fields(data: bytes) -> dict[int, list[int | bytes]]:
     return fields
 
 
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def encode_fields(*fields: tuple[int, int | bytes | str | None]) -> bytes:
     """Fields in order; None is left out, ints are varints, str and bytes length-delimited."""
     out = bytearray()
@@ -87,10 +69,10 @@ def encode_fields(*fields: tuple[int, int | bytes | str | None]) -> bytes:
         if value is None:
             continue
         if isinstance(value, int):
-            out += _encode_varint(number << 3) + _encode_varint(value)
+            out += write_varint(number << 3) + write_varint(value)
         else:
             raw = value.encode() if isinstance(value, str) else bytes(value)
-            out += _encode_varint(number << 3 | 2) + _encode_varint(len(raw)) + raw
+            out += write_varint(number << 3 | 2) + write_varint(len(raw)) + raw
     return bytes(out)
 
 

@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
-from ..tunnel.endpoint import Endpoint, Event
+from ..tunnel.endpoint import Endpoint
+from ..tunnel.events import Event
 
 log = logging.getLogger("poc.transports")
 

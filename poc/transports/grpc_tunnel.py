@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import grpc.aio
 
+from ..protowire import WireError, read_varint, write_varint
 from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
 from ..tunnel.endpoint import Endpoint
 from .base import Link
@@ -31,12 +32,7 @@ _TEXT, _BINARY = 0x0A, 0x12  # protobuf tags: field 1 and field 2, length-delimi
 def encode(item: str | bytes | bytearray) -> bytes:
     """One Envelope: a text (control) or binary (data) message."""
     tag, data = (_TEXT, item.encode()) if isinstance(item, str) else (_BINARY, item)
-    size, prefix = len(data), bytearray([tag])
-    while size >= 0x80:
-        prefix.append((size & 0x7F) | 0x80)
-        size >>= 7
-    prefix.append(size)
-    return bytes(prefix) + data
+    return bytes([tag]) + write_varint(len(data)) + data
 
 
 def decode(data: bytes) -> str | memoryview:
@@ -44,16 +40,10 @@ def decode(data: bytes) -> str | memoryview:
     view = memoryview(data)
     if len(view) < 2 or view[0] not in (_TEXT, _BINARY):
         raise RemoteProtocolError("envelope is not a text or binary message")
-    size, shift, pos = 0, 0, 1
-    while True:
-        if pos >= len(view) or shift > 35:
-            raise RemoteProtocolError("envelope length is malformed")
-        byte = view[pos]
-        size |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            break
-        shift += 7
+    try:
+        size, pos = read_varint(view, 1, max_bytes=5)
+    except WireError:
+        raise RemoteProtocolError("envelope length is malformed") from None
     if pos + size != len(view):
         raise RemoteProtocolError("envelope length does not match its size")
     payload = view[pos:]

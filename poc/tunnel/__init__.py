@@ -1,6 +1,9 @@
 """The tunnel's wire protocol, sans-I/O (docs/protocol.md). Imports no asyncio, sockets or grpc."""
 
-from .endpoint import ConnectorEndpoint, GatewayEndpoint, Limits, LinkState
+from .connector_endpoint import ConnectorEndpoint
+from .endpoint import LinkState
+from .gateway_endpoint import GatewayEndpoint
+from .limits import Limits
 from .errors import CloseCode, FlowControlError, LocalProtocolError, ProtocolError, RemoteProtocolError, TunnelClosed, TunnelError
 from .frames import HEADER, DataFrame, FrameType
 from .messages import PROTOCOL_VERSION

@@ -11,7 +11,7 @@ import pytest
 import poc.tunnel
 from poc.tunnel import (CloseCode, ConnectorEndpoint, DataFrame, FlowControlError, FrameType, GatewayEndpoint,
                         Limits, LocalProtocolError, RemoteProtocolError, StreamEvent, StreamState, TRANSITIONS)
-from poc.tunnel import endpoint as ev
+from poc.tunnel import events as ev
 from poc.tunnel.frames import HEADER
 from poc.tunnel.messages import DoGet, Register, parse_message
 from poc.tunnel.streams import Stream

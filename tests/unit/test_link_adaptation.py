@@ -10,7 +10,7 @@ import pytest
 
 from poc.catalog import compress_message
 from poc.tunnel import ConnectorEndpoint, FlowControlError, FrameType, GatewayEndpoint, Limits
-from poc.tunnel import endpoint as ev
+from poc.tunnel import events as ev
 from poc.tunnel import ipc
 from poc.tunnel.frames import HEADER
 

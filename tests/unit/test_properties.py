@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from poc.tunnel import ConnectorEndpoint, DataFrame, FrameType, GatewayEndpoint, Limits, ProtocolError
-from poc.tunnel import endpoint as ev
+from poc.tunnel import events as ev
 from poc.tunnel.errors import LocalProtocolError, RemoteProtocolError
 from poc.tunnel.frames import HEADER
 from poc.tunnel.messages import MESSAGE_TYPES, parse_message

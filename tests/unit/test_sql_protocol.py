@@ -15,7 +15,7 @@ from poc.sql.engine import SqlEngine, SqlError
 from poc.sql.patterns import MAX_PATTERN_CHARS
 from poc.sql.service import like, sql_command, sql_info_table
 from poc.tunnel import ConnectorEndpoint, GatewayEndpoint, LocalProtocolError
-from poc.tunnel import endpoint as ev
+from poc.tunnel import events as ev
 from poc.tunnel.messages import parse_message
 from tests.unit.test_core import LIMITS, deliver
 

@@ -10,7 +10,7 @@ from poc.tunnel.endpoint import QUANTUM
 from poc.tunnel.frames import HEADER
 
 MIB = 1024 * 1024
-LIMITS = Limits(max_frame_bytes=2 * MIB, window_bytes=64 * MIB, max_streams=8)
+LIMITS = Limits(max_frame_bytes=2 * MIB, window_bytes=64 * MIB, initial_window_bytes=64 * MIB, max_streams=8)
 
 
 class SlowLink(Link):

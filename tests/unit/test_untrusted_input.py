@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poc.tunnel import CloseCode, FrameType, Limits, RemoteProtocolError
-from poc.tunnel import endpoint as ev
+from poc.tunnel import events as ev
 from poc.tunnel import ipc
 from poc.tunnel.frames import HEADER
 from poc.tunnel.messages import MAX_TEXT_CHARS, parse_message, valid_dataset_name
