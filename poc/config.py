@@ -22,6 +22,7 @@ OFFLINE_AFTER_S = 120.0
 DELAY_MS = (200.0, 250.0)
 REQUEST_TIMEOUT_S = 60.0
 BATCH_BYTES = 2 * 1024 * 1024
+MAX_QUERY_BYTES = 64 * 1024  # the text of one SQL query, at the gateway and the connector
 MAX_RESULT_BYTES = 1 << 30  # connector --max-result-bytes: the IPC bytes one query may send
 QUERY_TIMEOUT_S = 60.0  # connector --query-timeout-s
 QUERY_MEMORY_MB = 1024  # connector --query-memory-mb: DuckDB's memory_limit

@@ -79,8 +79,8 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..catalog import load_datasets
-    from ..connector.app import Connector, ConnectorConfig, RegistrationRefused, Replaced, names_several
+    from ..connector import Connector, ConnectorConfig, RegistrationRefused, Replaced, names_several
+    from ..sources import load_data
 
     token = args.token or os.environ.get("POC_CONNECTOR_TOKEN")
     if not token:
@@ -100,19 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_result_bytes < 1 or args.query_timeout_s <= 0 or args.query_memory_mb < 64 or args.db_connections < 1:
         raise ConfigError("--max-result-bytes, --query-timeout-s and --db-connections must be positive, "
                           "--query-memory-mb at least 64")
-    if not args.data and not args.sources:
-        raise ConfigError("give --data (Parquet) or --sources (a YAML file of datasets), or both")
-    datasets = load_datasets(args.data, args.batch_bytes) if args.data else {}
-    sources = {}
-    if args.sources:
-        from ..catalog import load_file
-        from ..sources import load_sources
-
-        sources, files = load_sources(args.sources)
-        clash = (set(sources) | set(files)) & set(datasets)
-        if clash:
-            raise ConfigError(f"datasets named both in --data and in --sources: {sorted(clash)}")
-        datasets.update({name: load_file(name, file, args.batch_bytes) for name, file in files.items()})
+    sources = load_data(args.data, args.sources, args.batch_bytes)
     cfg = ConnectorConfig(gateway=args.gateway[0], tenant_id=args.tenant, token=token,
                           delay_ms=config.parse_delay(args.delay_ms), heartbeat_s=args.heartbeat_s,
                           ca_file=args.ca_file, ws_impl=args.ws_impl, more_gateways=tuple(args.gateway[1:]),
@@ -122,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                           query_memory_mb=args.query_memory_mb, db_connections=args.db_connections)
     if args.connector_id:
         cfg.connector_id = args.connector_id
-    connector = Connector(cfg, datasets, sources)
+    connector = Connector(cfg, sources)
     metrics_port = {}
     if args.metrics_port is not None:
         from prometheus_client import start_http_server

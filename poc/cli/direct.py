@@ -8,7 +8,6 @@ import signal
 import threading
 
 from .. import config
-from ..config import ConfigError
 from .common import add_cors, add_tls, check_tls, emit_ready, hide_tracebacks_from_clients
 
 
@@ -35,27 +34,17 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..catalog import load_datasets
-    from ..direct import DirectFlightServer
-
     from ..auth import flight_certificate
+    from ..direct import DirectFlightServer
+    from ..sources import load_data
 
     check_tls(args)
     hide_tracebacks_from_clients()
     tenants = config.load_tenants(args.tenants) if args.tenants else None
     scheme, tls = ("grpc+tls", [flight_certificate(args.tls_cert, args.tls_key)]) if args.tls_cert else ("grpc", None)
-    if not args.data and not args.sources:
-        raise ConfigError("give --data (Parquet) or --sources (a YAML file of datasets), or both")
-    datasets = load_datasets(args.data) if args.data else {}
-    sources = {}
-    if args.sources:
-        from ..catalog import load_file
-        from ..sources import load_sources
-
-        sources, files = load_sources(args.sources)
-        datasets.update({name: load_file(name, file) for name, file in files.items()})
-    server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", datasets, tenants,
-                                config.parse_delay(args.delay_ms), sources=sources, db_connections=args.db_connections,
+    sources = load_data(args.data, args.sources)
+    server = DirectFlightServer(f"{scheme}://{args.host}:{args.port}", sources, tenants,
+                                config.parse_delay(args.delay_ms), db_connections=args.db_connections,
                                 tls_certificates=tls)
     ports = {"flight_port": server.port}
     if args.http_port >= 0:
@@ -64,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         http = serve_arrow((args.host, args.http_port),
                            server.arrow_http(tuple(args.cors_origin or ()), default_vendor_dir()))
         ports["http_port"] = http.server_address[1]
+
     def shutdown(*_) -> None:  # shutdown() waits for calls in flight, so not on the signal's own stack
         threading.Thread(target=server.shutdown, name="shutdown").start()
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from ..config import MAX_QUERY_BYTES
 from .allowed import check_duckdb
 from .errors import SqlError
 
 CATALOG = "connector"  # the one catalog a tenant's client sees (Flight SQL GetCatalogs)
 DB_SCHEMA = "main"
-MAX_QUERY_BYTES = 64 * 1024
 
 
 def _duckdb():

@@ -20,10 +20,10 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..flight_errors import flight_error
 from . import proto
 from .patterns import like
-from .engine import CATALOG, DB_SCHEMA, MAX_QUERY_BYTES
+from ..config import MAX_QUERY_BYTES
+from .engine import CATALOG, DB_SCHEMA
 
 HANDLE_PREFIX = b"poc-sql/1\n"
 ACTIONS = {"CreatePreparedStatement": "create a prepared statement (one SELECT; no parameters)",
@@ -82,68 +82,6 @@ def checked_query(sql: str, max_bytes: int = MAX_QUERY_BYTES) -> str:
     if not sql.strip():
         raise pa.ArrowInvalid("empty query")
     return sql
-
-
-def local_error(exc) -> Exception:
-    """An engine's or database's SqlError as a server in this process reports it to a Flight client."""
-    return flight_error(exc.code, str(exc)[:1024], "the server")
-
-
-class LocalSql:
-    """A `SqlBackend` over an engine in this process (the direct server: the same SQL surface, no tunnel).
-    Queries naming database datasets (`sources`, poc.sources) run in their database, as at a connector."""
-
-    def __init__(self, engine, schemas: dict[str, pa.Schema], sources: dict | None = None,
-                 timeout_s: float = 60.0) -> None:
-        self.engine = engine
-        self.schemas = schemas
-        self.sources = sources or {}
-        self.timeout_s = timeout_s
-
-    def tables(self, who, with_schemas: bool) -> list[tuple[str, pa.Schema | None]]:
-        return [(name, schema if with_schemas else None) for name, schema in self.schemas.items()]
-
-    def _pushed(self, sql: str):
-        from ..sources import involves, pushdown
-
-        if self.sources and involves(sql, self.sources):
-            return pushdown(sql, self.sources, set(self.schemas) - set(self.sources))
-        return None
-
-    def describe(self, who, sql: str) -> pa.Schema:
-        from ..sources import describe
-        from .engine import SqlError
-
-        try:
-            pushed = self._pushed(sql)
-            return describe(*pushed, self.timeout_s) if pushed else self.engine.schema(sql)
-        except SqlError as exc:
-            raise local_error(exc) from None
-
-    def execute(self, who, sql: str, cancelled):
-        from ..sources import DatabaseQuery
-        from .engine import SqlError
-
-        try:
-            pushed = self._pushed(sql)
-            query = (DatabaseQuery(*pushed, self.timeout_s) if pushed else self.engine.open(sql)).run()
-        except SqlError as exc:
-            raise local_error(exc) from None
-        return query.schema, stream_query(query)
-
-
-def stream_query(query) -> Iterator[pa.RecordBatch]:
-    """A started query's batches (DuckDB's or a database's); however the stream ends, the query is stopped."""
-    from .engine import SqlError
-
-    try:
-        while (batch := query.read()) is not None:
-            yield batch
-    except SqlError as exc:
-        raise local_error(exc) from None
-    finally:
-        query.interrupt()
-        query.close()
 
 
 # -- the metadata results' schemas, as FlightSql.proto gives them

@@ -15,15 +15,16 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from ..catalog import Dataset
+from ..sources.parquet import ParquetSource
 from ..config import TenantCredentials
-from ..connector.app import Connector, ConnectorConfig
+from ..connector import Connector, ConnectorConfig
 
 log = logging.getLogger("poc.swarm")
 
 
-def tiny_dataset() -> dict[str, Dataset]:
+def tiny_dataset() -> dict[str, ParquetSource]:
     table = pa.table({"id": pa.array(range(10), pa.int64()), "value": [f"v{i}" for i in range(10)]})
-    return {"tiny": Dataset("tiny", table.schema, table.to_batches())}
+    return {"tiny": ParquetSource(Dataset("tiny", table.schema, table.to_batches()))}
 
 
 class Swarm:

@@ -287,11 +287,11 @@ def test_a_wrong_password_is_a_clear_error_and_never_logged(db, _orders, tmp_pat
 
 
 def test_a_password_in_a_url_is_used_and_never_shown(tmp_path):
-    from poc.sources import load_sources, source_error
+    from poc.sources import load_sources
+    from poc.sources.database import source_error
 
     (tmp_path / "s.yaml").write_text("datasets: {s: {url: 'postgresql://u:p%40ss@127.0.0.1:1/db', table: t}}")
-    tables, _ = load_sources(tmp_path / "s.yaml")
-    database = tables["s"].database
+    database = load_sources(tmp_path / "s.yaml")["s"].database
     assert "p%40ss" not in database.url and "p@ss" not in database.url
     assert "p@ss" not in str(source_error(database, RuntimeError("login as u with p@ss failed")))
 

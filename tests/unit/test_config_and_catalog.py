@@ -9,7 +9,7 @@ import pytest
 
 from poc.catalog import Dataset, cut_batches, load_datasets
 from poc.config import ConfigError, load_tenants, make_tenants, parse_delay, write_tenants
-from poc.connector.app import backoff_delay
+from poc.connector import backoff_delay
 from poc.workbook.dataset import SCHEMA, make_table, write_dataset
 
 

@@ -213,7 +213,7 @@ def test_a_pong_nobody_asked_for_counts_as_unsolicited():
 # -- frames sized to the link (the connector)
 
 def test_frames_shrink_to_what_a_slow_link_drains_in_20_ms_and_never_past_the_gateways_limit():
-    from poc.connector.app import frame_budget
+    from poc.connector import frame_budget
 
     assert frame_budget(None, 4 * MIB) == 4 * MIB  # rate unknown: the gateway's limit
     assert frame_budget(50e6 / 8, 4 * MIB) == 64 * 1024  # 50 Mbit/s: 125 KB in 20 ms → the floor, 64 KiB

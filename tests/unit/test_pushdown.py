@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from poc.sources import DatabaseDataset, PostgreSQL, pushdown
+from poc.sources.database import DatabaseSource, PostgreSQL
+from poc.sources.pushdown import pushdown
 from poc.sql.errors import SqlError
 
 DB = PostgreSQL("postgresql://reader@127.0.0.1:5432/shop", None)
-TABLES = {"recent": DatabaseDataset("recent", DB, query="SELECT id, amount FROM sales WHERE id < 1000"),
-          "sales": DatabaseDataset("sales", DB, table="public.sales")}
+TABLES = {"recent": DatabaseSource("recent", DB, query="SELECT id, amount FROM sales WHERE id < 1000"),
+          "sales": DatabaseSource("sales", DB, table="public.sales")}
 
 
 @pytest.mark.parametrize("sql, rewritten", [

@@ -1,0 +1,71 @@
+"""SQL pushed into the database its datasets live in: parsed with sqlglot, checked against the allow-list of
+poc.sql.allowed, and rewritten so that each dataset's name reads its own definition as a subquery."""
+
+from __future__ import annotations
+
+from ..sql.allowed import check_pushdown, is_cte_reference
+from ..sql.errors import SqlError
+from .database import Database, DatabaseSource
+
+
+def involves(sql: str, tables: dict[str, DatabaseSource]) -> bool:
+    """Whether a query names any database dataset (it then runs in that database, not in DuckDB)."""
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        trees = sqlglot.parse(sql)
+    except sqlglot.errors.ParseError:
+        return False  # DuckDB's parser gives the client its own message
+    return any(t.name in tables for tree in trees if tree is not None for t in tree.find_all(exp.Table))
+
+
+def pushdown(sql: str, tables: dict[str, DatabaseSource], files: set[str]) -> tuple[Database, str]:
+    """A client's query for the database its datasets live in: one SELECT over exposed datasets of one
+    database only, holding nothing but what poc.sql.allowed lists (node types, functions, types), and
+    rewritten so that each dataset's name reads its own definition as a subquery — `(SELECT * FROM <table>)`
+    or `(<query>)` — the only SQL that touches real tables (so no system column or catalogue is in reach
+    either). Raises SqlError with the reason."""
+    import sqlglot
+    from sqlglot import exp
+    from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
+
+    try:
+        named = {t.name for tree in sqlglot.parse(sql) if tree is not None for t in tree.find_all(exp.Table)}
+    except (sqlglot.errors.SqlglotError, RecursionError) as exc:
+        raise SqlError("invalid_request", f"syntax error: {str(exc)[:500]}") from None
+    databases = {id(tables[n].database): tables[n].database for n in named if n in tables}
+    if not databases:
+        raise SqlError("not_found", f"the query names none of the connector's datasets ({', '.join(sorted(tables))})")
+    if len(databases) != 1:
+        raise SqlError("invalid_request", "a query may read the datasets of one database only")
+    if named & files:
+        raise SqlError("invalid_request", "a query may not join database datasets with Parquet datasets: "
+                                          f"{sorted(named & files)} are files")
+    database = next(iter(databases.values()))
+    try:
+        trees = sqlglot.parse(sql, read=database.DIALECT)
+    except (sqlglot.errors.SqlglotError, RecursionError) as exc:
+        raise SqlError("invalid_request", f"syntax error: {str(exc)[:500]}") from None
+    if len(trees) != 1 or trees[0] is None:
+        raise SqlError("invalid_request", f"one statement per query, got {len(trees)}")
+    tree = trees[0]
+    if not isinstance(tree, exp.Query) or tree.find(exp.Into) or tree.find(exp.Lock):
+        raise SqlError("invalid_request", "only SELECT queries are allowed (no INTO, no FOR UPDATE)")
+    mine = {name for name, table in tables.items() if table.database is database}
+    try:
+        tree = normalize_identifiers(tree, dialect=database.DIALECT)  # names as the database compares them
+        check_pushdown(tree, mine, database.DIALECT)
+    except RecursionError:
+        raise SqlError("invalid_request", "the query is nested too deeply") from None
+    definitions: dict[str, exp.Expression] = {}  # each dataset's definition, parsed once
+    for table in list(tree.find_all(exp.Table)):
+        if is_cte_reference(table):
+            continue
+        dataset, alias = tables[table.name], table.alias or table.name
+        if dataset.name not in definitions:
+            definitions[dataset.name] = (exp.select("*").from_(exp.to_table(dataset.table, dialect=database.DIALECT))
+                                         if dataset.table else sqlglot.parse_one(dataset.query, read=database.DIALECT))
+        table.replace(exp.Subquery(this=definitions[dataset.name].copy(),
+                                   alias=exp.TableAlias(this=exp.to_identifier(alias))))
+    return database, tree.sql(dialect=database.DIALECT)
