@@ -150,7 +150,15 @@ class TenantAuthMiddleware(flight.ServerMiddleware):
         self.request_id = request_id
         self.peer_epoch = peer_epoch  # set: a call forwarded by another replica, for the tunnel of this epoch
         self.peer_request = peer_request  # …and the digest of the one request its credentials allow
+        self.leaving_ok = False  # with replicas: this replica's tunnel on its way out may serve the call
         self._calls = calls
+
+    def leaving(self) -> "TenantAuthMiddleware":
+        """The same caller, for a replica's tunnel on its way out (draining, moving) when no other replica can
+        serve it (poc.gateway.cluster); the copy does not count the call out."""
+        copy = TenantAuthMiddleware(self.tenant_id, self.request_id, self.peer_epoch, None, self.peer_request)
+        copy.leaving_ok = True
+        return copy
 
     def check_request(self, request: bytes) -> None:
         """For a forwarded call: FlightUnauthenticatedError unless its credentials were made for this request

@@ -121,7 +121,8 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..gateway.app import GatewayConfig, run_gateway
+    from ..gateway.app import run_gateway
+    from ..gateway.settings import GatewayConfig
 
     check_tls(args)
     if not 0 < args.gil_switch_ms <= 100:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -13,80 +13,75 @@ import pyarrow.flight as flight
 from .arrow_checks import DECODE_ERRORS, bounds_schema, read_schema
 from .link import StreamItem, StreamSink, TenantLink
 from .metrics import GatewayMetrics
-from .registry import TenantRegistry
-
 
 
 class NotHere(Exception):
     """`--registry`: the tenant has no tunnel this gateway may serve; route the call to another replica."""
 
 
-STALE = "stale owner"
+Picker = Callable[[object], object]  # who → their TenantLink, or an awaitable of it
 
 
 class TunnelBridge:
-    """Called from gRPC threads; runs each step on the loop and waits for it with a deadline.
+    """Called from gRPC threads: each operation picks the caller's tenant link on the gateway's loop, runs its
+    step there, and the thread waits once for the result, within a deadline.
 
-    Without `owner_check` a tenant's link is this gateway's or the tenant is offline. With one (`--registry`)
-    a call may use a local link only if `owner_check(link, epoch)` confirms this gateway still owns it; a
-    forwarded call (`peer`) must find the tunnel of its epoch here, any other call raises NotHere to be
-    routed to another replica."""
+    `pick(who)` names the link to serve a call from: alone, the tenant's live link here (poc.gateway.registry,
+    at once); with replicas, a coroutine that first confirms this replica still owns the tunnel and raises
+    NotHere when the call should go to another (poc.gateway.cluster). Every operation has one version for
+    both: a link picked at once is used in the same turn of the loop, without a coroutine — under load a
+    call's control path costs most in turns of the loop (docs/results.md)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, registry: TenantRegistry, timeout_s: float,
-                 metrics: GatewayMetrics | None = None,
-                 owner_check: Callable[[TenantLink, int | None], Awaitable[bool]] | None = None,
-                 elsewhere: Callable[[str], Awaitable[bool]] | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pick: Picker, timeout_s: float,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.loop = loop
-        self.registry = registry
+        self.pick = pick
         self.timeout_s = timeout_s
         self.metrics = metrics or GatewayMetrics()
-        self.owner_check = owner_check
-        self.elsewhere = elsewhere
 
-    async def _live(self, tenant_id: str, epoch: int | None = None, leaving_ok: bool = False) -> TenantLink:
-        """The link to serve the tenant's call from (on the loop); `epoch` is set for forwarded calls. While
-        this replica drains, a client's call goes to another replica if the tenant has a tunnel there, and is
-        served here (by the tunnel still open) if not."""
-        if self.owner_check is None:
-            return self.registry.live(tenant_id)
-        if epoch is not None:  # a forwarded call: the tunnel of that epoch, whichever of the tenant's it is
-            link = next((x for x in self.registry.tenant_links(tenant_id)
-                         if x.epoch == epoch and x.closing_reason is None), None)
-        else:
-            link = self.registry.local(tenant_id, include_draining=True)
-        if (link is not None and epoch is None and not leaving_ok and (self.registry.draining or link.moving)
-                and self.elsewhere is not None and await self._elsewhere(tenant_id)):
-            raise NotHere(tenant_id)  # this link is on its way out and the tenant has one on another replica
-        if link is not None and await self.owner_check(link, epoch):
-            return link
-        if epoch is not None:
-            raise flight.FlightUnavailableError(f"{STALE}: this gateway does not hold tenant {tenant_id}'s tunnel "
-                                                f"of epoch {epoch} (any more)")
-        raise NotHere(tenant_id)
+    def _on_link(self, who, step: Callable[[TenantLink], object]) -> concurrent.futures.Future:
+        """Pick `who`'s link on the loop, then `step(link)` there; the future holds what the step returned (or,
+        when that is a future itself — an answer the connector will send — what that one gets)."""
+        result: concurrent.futures.Future = concurrent.futures.Future()
 
-    async def _elsewhere(self, tenant_id: str) -> bool:
-        try:
-            return await self.elsewhere(tenant_id)
-        except Exception:  # the registry cannot say: serve here while the tunnel is open
-            return False
-
-    def run_on_loop(self, fn: Callable[[], object]):
-        """Run `fn` on the gateway's loop in its next step and return what it returns (or raise what it
-        raises), from a Flight thread: one turn of the loop, no coroutine, which under load is what a call's
-        control path costs most (docs/results.md)."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
+        def proceed(link: TenantLink) -> None:
             try:
-                done.set_result(fn())
+                value = step(link)
             except BaseException as exc:  # handed to the waiting thread
-                done.set_exception(exc)
+                result.set_exception(exc)
+                return
+            if isinstance(value, concurrent.futures.Future):
+                value.add_done_callback(lambda done: _copy(done, result))
+            else:
+                result.set_result(value)
 
-        self.loop.call_soon_threadsafe(run)
+        def picked(task: asyncio.Future) -> None:
+            if task.cancelled():
+                result.cancel()
+            elif task.exception() is not None:
+                result.set_exception(task.exception())
+            else:
+                proceed(task.result())
+
+        def start() -> None:
+            try:
+                link = self.pick(who)
+            except BaseException as exc:
+                result.set_exception(exc)
+                return
+            if isinstance(link, TenantLink):
+                proceed(link)
+            else:  # a replica confirms it still owns the tunnel first
+                self.loop.create_task(link).add_done_callback(picked)
+
+        self.loop.call_soon_threadsafe(start)
+        return result
+
+    def _wait(self, future: concurrent.futures.Future, timeout_s: float, what: str):
         try:
-            return done.result(self.timeout_s + 1)
+            return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
-            raise flight.FlightTimedOutError(f"gateway did not answer in {self.timeout_s:.0f} s") from None
+            raise flight.FlightTimedOutError(f"{what} did not answer in {self.timeout_s:.0f} s") from None
 
     def await_on_loop(self, coro):
         """Run `coro` on the gateway's loop from a Flight thread and wait for it, within the request timeout."""
@@ -97,72 +92,48 @@ class TunnelBridge:
             future.cancel()
             raise flight.FlightTimedOutError(f"gateway did not answer in {self.timeout_s:.0f} s") from None
 
-    def datasets(self, tenant_id: str, epoch: int | None = None, leaving_ok: bool = False) -> tuple[list[str], int]:
+    def datasets(self, who) -> tuple[list[str], int]:
         """The datasets the tenant's connector registered, and its tunnel's epoch."""
-        if self.owner_check is None:
-            link = self.run_on_loop(lambda: self.registry.live(tenant_id))
-            return list(link.datasets), link.epoch
+        future = self._on_link(who, lambda link: (list(link.datasets), link.epoch))
+        return self._wait(future, self.timeout_s + 1, "gateway")
 
-        async def ask():
-            link = await self._live(tenant_id, epoch, leaving_ok)
-            return list(link.datasets), link.epoch
-        return self.await_on_loop(ask())
+    def flight_info(self, who, dataset: str, sql: str | None = None) -> tuple[pa.Schema, int, int, int]:
+        """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector, and the tunnel's epoch; given
+        `sql`, the schema of that query's result instead (rows, bytes: -1). The connector's answer (or the
+        tenant being offline) wakes this thread directly: one wait, one wake-up."""
+        answer: concurrent.futures.Future = concurrent.futures.Future()
+        asked: list = []
 
-    def flight_info(self, tenant_id: str, dataset: str, trace_id: str | None = None,
-                    epoch: int | None = None, leaving_ok: bool = False,
-                    sql: str | None = None) -> tuple[pa.Schema, int, int, int]:
-        """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector, and the tunnel's epoch.
-        `leaving_ok`: a link on its way out (draining, moving) will do (the other replicas could not serve).
-        Without a registry the request is sent in the loop's next step and the connector's answer wakes this
-        thread directly. Given `sql`, the schema of that query's result is asked instead (rows, bytes: -1)."""
-        if self.owner_check is None:
-            # One wait, one wake-up: the loop sends the request in its next step, and the connector's answer
-            # (or the tenant being offline) is set on `answer` there. Under load each time a Flight thread
-            # waits it must win the GIL back from every busy stream's thread (docs/results.md).
-            answer: concurrent.futures.Future = concurrent.futures.Future()
-            asked: list = []
+        def ask(link: TenantLink) -> concurrent.futures.Future:
+            asked.extend((link, link.ask_flight_info(dataset, who.request_id, answer, sql)))
+            return answer
 
-            def ask_now() -> None:
-                try:
-                    link = self.registry.live(tenant_id)
-                    asked.extend((link, link.ask_flight_info(dataset, trace_id, answer, sql)))
-                except BaseException as exc:
-                    answer.set_exception(exc)
+        try:
+            reply = self._wait(self._on_link(who, ask), self.timeout_s, f"connector of tenant {who.tenant_id}")
+        except flight.FlightTimedOutError:
+            if asked:
+                self.loop.call_soon_threadsafe(asked[0].forget_flight_info, asked[1])
+            raise
+        return reply.schema, reply.rows, reply.bytes, asked[0].epoch
 
-            self.loop.call_soon_threadsafe(ask_now)
-            try:
-                reply = answer.result(self.timeout_s)
-            except concurrent.futures.TimeoutError:
-                if asked:
-                    self.loop.call_soon_threadsafe(asked[0].forget_flight_info, asked[1])
-                raise flight.FlightTimedOutError(f"connector of tenant {tenant_id} did not answer in "
-                                                 f"{self.timeout_s:.0f} s") from None
-            return reply.schema, reply.rows, reply.bytes, asked[0].epoch
-        else:
-            async def ask():
-                link = await self._live(tenant_id, epoch, leaving_ok)
-                return await link.flight_info(dataset, self.timeout_s, trace_id, sql), link.epoch
-            reply, link_epoch = self.await_on_loop(ask())
-        return reply.schema, reply.rows, reply.bytes, link_epoch
-
-    def open_stream(self, tenant_id: str, dataset: str, cancelled: Callable[[], bool] = lambda: False,
-                    trace_id: str | None = None, epoch: int | None = None,
-                    leaving_ok: bool = False, sql: str | None = None) -> "TunnelStream":
+    def open_stream(self, who, dataset: str, cancelled: Callable[[], bool] = lambda: False,
+                    sql: str | None = None) -> "TunnelStream":
         """Open a stream through the tenant's tunnel — a dataset's, or given `sql` that query's result — and
         wait for its schema (or for the client to leave)."""
-        if self.owner_check is None:
-            def start_now():
-                link = self.registry.live(tenant_id)
-                return (link, *link.open_stream(dataset, trace_id, sql))
-            link, stream_id, sink = self.run_on_loop(start_now)
-        else:
-            async def start():
-                link = await self._live(tenant_id, epoch, leaving_ok)
-                return (link, *link.open_stream(dataset, trace_id, sql))
-            link, stream_id, sink = self.await_on_loop(start())
+        future = self._on_link(who, lambda link: (link, *link.open_stream(dataset, who.request_id, sql)))
+        link, stream_id, sink = self._wait(future, self.timeout_s + 1, "gateway")
         stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)
         stream.read_schema()
         return stream
+
+
+def _copy(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
 
 
 def _cancel_on_loop(loop: asyncio.AbstractEventLoop, link: TenantLink, stream_id: int, reason: str) -> None:

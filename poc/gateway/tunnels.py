@@ -1,0 +1,241 @@
+"""The connectors' side of the gateway: the tunnel endpoints (WebSocket on websockets or picows, gRPC), each
+tunnel from its register to its close, the links it registers (poc.gateway.registry), links taken out of service,
+and the heartbeat watch. Calls reach the links through poc.gateway.bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import ssl
+import time
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from ..transports.base import TunnelTransport, bound_receive_queue
+from ..transports.websocket import WebSocketLink
+from ..tunnel import HEADER, CloseCode, GatewayEndpoint, TunnelClosed
+from ..tunnel.limits import TokenBucket
+from ..tunnel.messages import PROTOCOL_VERSION, Register
+from .link import TenantLink
+from .metrics import GatewayMetrics, close_label
+from .registry import TenantRegistry
+from .settings import GatewayConfig
+from .shares import BufferBudget
+
+log = logging.getLogger("poc.gateway")
+
+
+class Tunnels:
+    """Runs on the gateway's loop. `replica` (poc.gateway.replica), when set, publishes what registers here and
+    withdraws what closes."""
+
+    def __init__(self, cfg: GatewayConfig, registry: TenantRegistry, budget: BufferBudget,
+                 metrics: GatewayMetrics) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.budget = budget
+        self.metrics = metrics
+        self.replica = None
+        self.ports: dict[str, int] = {}
+        self._ws_server: Server | None = None
+        self._grpc_server = None
+        self._tasks: set[asyncio.Task] = set()
+        self._epochs: dict[str, int] = {}  # without a registry: each tenant's registrations, counted here
+        self._unregistered = 0  # tunnels open that have not registered yet (--max-pending-tunnels)
+
+    async def listen(self, ssl_context: ssl.SSLContext | None) -> None:
+        """Open the tunnel ports (`ports` then names them) and start watching heartbeats."""
+        cfg = self.cfg
+        max_message = cfg.limits.max_frame_bytes + HEADER.size
+        if cfg.ws_impl == "picows":
+            from ..transports.picows_ws import serve_picows
+
+            self._ws_server = await serve_picows(self.serve, lambda: GatewayEndpoint(cfg.limits), cfg.host,
+                                                 cfg.ws_port, ssl_context, max_message)
+            self._stop_accepting = self._ws_server.close
+        else:
+            self._ws_server = await serve(
+                self._handle, cfg.host, cfg.ws_port, process_request=self._only_connect_path, ssl=ssl_context,
+                compression=None, max_size=max_message, ping_interval=None, write_limit=1024 * 1024,
+                close_timeout=3)
+            self._stop_accepting = lambda: self._ws_server.close(close_connections=False)
+        self.ports["ws_port"] = self._ws_server.sockets[0].getsockname()[1]
+        if cfg.grpc_tunnel_port is not None:
+            from ..transports.grpc_tunnel import serve_grpc
+
+            tls_pair = None
+            if cfg.tls:
+                with open(cfg.tls_cert, "rb") as cert, open(cfg.tls_key, "rb") as key:
+                    tls_pair = (cert.read(), key.read())
+            self._grpc_server, self.ports["grpc_tunnel_port"] = await serve_grpc(
+                self.serve, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port, max_message,
+                tls_pair)
+        self._spawn(self._watch_heartbeats())
+
+    async def close(self, deadline: float) -> None:
+        """Stop accepting; let in-flight streams finish until `deadline`; close every tunnel (1001)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._ws_server is not None:
+            self._stop_accepting()
+            while time.monotonic() < deadline and any(link.streams_in_flight for link in self.registry.links()):
+                await asyncio.sleep(0.05)
+            for link in self.registry.links():
+                self.drop(link, "gateway shutting down", CloseCode.GOING_AWAY)
+            await asyncio.wait_for(self._ws_server.wait_closed(), 15)
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(1.0)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _only_connect_path(connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?")[0] != "/connect":
+            return connection.respond(404, "the tunnel endpoint is /connect\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        await self.serve(WebSocketLink(ws, GatewayEndpoint(self.cfg.limits)))
+
+    async def serve(self, transport: TunnelTransport) -> None:
+        """One tunnel from its register to its close, whatever transport carries it. However it ends — a
+        close, a broken rule, a timeout or a bug — the socket is closed and the link's calls fail."""
+        bound_receive_queue(transport.socket(), self.cfg.tunnel_rcvbuf_bytes)
+        events = transport.events()
+        link: TenantLink | None = None
+        reason = "closed"
+        code: int | None = None  # how the tunnel closed, when known
+        close_reason = None  # set: this side must still close the socket, with `code`
+        self._unregistered += 1  # counted until it registers or ends: strangers hold at most the cap of them
+        pending = True
+        try:
+            if self.registry.draining:
+                code, close_reason = CloseCode.GOING_AWAY, "gateway shutting down; connect to another gateway"
+                return
+            if self.cfg.max_pending_tunnels and self._unregistered > self.cfg.max_pending_tunnels:
+                code, close_reason = CloseCode.TRY_AGAIN_LATER, (
+                    f"{self.cfg.max_pending_tunnels} tunnels are waiting to register, the most this gateway "
+                    "holds; retry later")
+                return
+            async with asyncio.timeout(self.cfg.register_timeout_s):
+                first = await anext(events)
+            pending = False
+            self._unregistered -= 1
+            link = await self._register(transport, first[0])
+            if link is None:
+                return
+            async for batch in events:
+                for event in batch:
+                    link.handle(event)
+        except TimeoutError:
+            code, close_reason = CloseCode.PROTOCOL_ERROR, f"no register within {self.cfg.register_timeout_s:g} s"
+        except TunnelClosed as exc:
+            reason, code = str(exc) or reason, exc.code
+        except StopAsyncIteration:
+            pass
+        except Exception:  # a bug on this side: this link ends, the gateway and every other link go on
+            log.exception("link of tenant %s failed", link.tenant_id if link else "(unregistered)")
+            code, close_reason = 1011, "internal error in the gateway"
+        finally:
+            if pending:
+                self._unregistered -= 1
+            await events.aclose()
+            if transport.closed is not None and not isinstance(code, int):
+                code = transport.closed.code
+            self.metrics.tunnel_closes.labels(close_label(code)).inc()
+            if close_reason is not None and transport.closed is None:
+                reason = close_reason
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(transport.close(code, close_reason), 5)
+            if link is not None:
+                self.registry.unregister(link)
+                self._withdraw(link)
+                link.fail_all(link.closing_reason or reason)
+                log.info("tenant %s session %s disconnected: %s", link.tenant_id, link.session_id,
+                         link.closing_reason or reason, extra={"tenant": link.tenant_id, "session": link.session_id})
+
+    async def _register(self, transport: TunnelTransport, event) -> TenantLink | None:
+        register: Register = event.register  # the core lets nothing else come first
+        creds = self.registry.tenants.get(register.tenant_id)
+        expected = creds.connector_token if creds else secrets.token_hex(16)
+        token_ok = hmac.compare_digest(register.token.encode(), expected.encode()) and creds is not None
+        if register.version.split(".")[0] != PROTOCOL_VERSION:
+            self.metrics.registrations.labels("refused").inc()
+            return await self._refuse(transport, "unsupported_version",
+                                      f"protocol version {register.version!r} is not supported; "
+                                      f"this gateway speaks {PROTOCOL_VERSION}", CloseCode.PROTOCOL_ERROR)
+        if not token_ok:
+            log.warning("refused a connector for tenant %r: invalid token", register.tenant_id)
+            self.metrics.registrations.labels("refused").inc()
+            return await self._refuse(transport, "unauthenticated",
+                                      f"invalid token for tenant {register.tenant_id!r}", CloseCode.UNAUTHENTICATED)
+        held = [x for x in self.registry.tenant_links(register.tenant_id)
+                if x.connector_id != (register.connector_id or "") and x.closing_reason is None]
+        if self.cfg.max_links_per_tenant and len(held) >= self.cfg.max_links_per_tenant:
+            log.warning("refused a tunnel of tenant %s: it holds %d here, the most allowed", register.tenant_id,
+                        len(held), extra={"tenant": register.tenant_id})
+            self.metrics.registrations.labels("refused").inc()
+            return await self._refuse(transport, "too_many_links",
+                                      f"tenant {register.tenant_id!r} already holds {len(held)} tunnels on this "
+                                      "gateway, the most it allows (--max-links-per-tenant); retry later",
+                                      CloseCode.TOO_MANY_LINKS)
+        session_id = "sess_" + secrets.token_hex(8)
+        # `registered` is queued before the link can be routed to, and the link is routable before `registered`
+        # is written: a client that calls as soon as its connector is registered finds it, and the requests
+        # routed to it leave after `registered` (they queue behind it).
+        transport.endpoint.accept(session_id, self.cfg.heartbeat_s)
+        link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport, self.budget,
+                          connector_id=register.connector_id or "")
+        if self.cfg.max_requests_per_s > 0:
+            link.request_rate = TokenBucket(self.cfg.max_requests_per_s)
+        link.last_heartbeat = time.time()
+        if self.replica is not None:
+            link.lease_until = 0.0  # not served as owner before the registry has its entry
+        else:
+            link.epoch = self._epochs[link.tenant_id] = self._epochs.get(link.tenant_id, 0) + 1
+        old = self.registry.register(link)
+        await transport.call(lambda: None)  # `registered` written
+        if self.replica is not None:
+            await self.replica.registered(link)
+        self.metrics.registrations.labels("ok").inc()
+        if old is not None:
+            self.metrics.registrations.labels("replaced").inc()
+            self.drop(old, f"replaced by a new registration ({session_id})", CloseCode.REPLACED)
+        log.info("tenant %s registered: session %s, epoch %d, datasets %s", link.tenant_id, session_id, link.epoch,
+                 link.datasets,
+                 extra={"tenant": link.tenant_id, "session": session_id})
+        return link
+
+    async def _refuse(self, transport: TunnelTransport, code: str, message: str, close_code: int) -> None:
+        await transport.call(transport.endpoint.refuse, code, message)
+        await transport.close(close_code, message)
+        return None
+
+    def drop(self, link: TenantLink, reason: str, close_code: int) -> None:
+        """Take a link out of service now; its requests fail at once, the close completes in the background."""
+        link.closing_reason = reason
+        self.registry.unregister(link)
+        self._withdraw(link)
+        link.fail_all(reason)
+        self._spawn(link.transport.close(close_code, reason))
+
+    def _withdraw(self, link: TenantLink) -> None:
+        if self.replica is not None:
+            self.replica.withdraw(link)
+
+    async def _watch_heartbeats(self) -> None:
+        interval = max(0.05, min(5.0, self.cfg.offline_after_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for link in self.registry.links():
+                if now - link.last_seen > self.cfg.offline_after_s:
+                    log.warning("tenant %s silent for %.0f s: offline", link.tenant_id, now - link.last_seen)
+                    self.drop(link, f"no heartbeat for {self.cfg.offline_after_s:.0f} s", CloseCode.HEARTBEAT_TIMEOUT)
