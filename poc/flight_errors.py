@@ -1,23 +1,25 @@
-"""The project's error codes (docs/protocol.md §9) as the Flight errors a client sees."""
+"""The project's errors (poc.errors) as the Flight errors a client sees: the one mapping, used by the Flight
+servers' handlers."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from . import errors
+
+FLIGHT = {errors.NotFound: pa.ArrowKeyError, errors.InvalidRequest: pa.ArrowInvalid,
+          errors.Forbidden: flight.FlightUnauthorizedError, errors.Unavailable: flight.FlightUnavailableError,
+          errors.TimedOut: flight.FlightTimedOutError, errors.Cancelled: flight.FlightCancelledError,
+          errors.Unsupported: pa.ArrowNotImplementedError, errors.SourceFailed: flight.FlightServerError,
+          errors.Internal: flight.FlightInternalError}
+
+
+def for_flight(exc: errors.CallError) -> Exception:
+    """The Flight (or Arrow) error of the same kind and message."""
+    return FLIGHT.get(type(exc), flight.FlightInternalError)(str(exc))
+
 
 def flight_error(code: str, message: str, source: str) -> Exception:
-    """The error a Flight client sees for an error `code` of a query or request (docs/protocol.md §9):
-    not found → KeyError, invalid request → ArrowInvalid, forbidden → unauthorized, timed out → timed out,
-    anything else a server error naming `source` and the code."""
-    if code == "not_found":
-        return pa.ArrowKeyError(message)
-    if code == "invalid_request":
-        return pa.ArrowInvalid(message)
-    if code == "forbidden":
-        return flight.FlightUnauthorizedError(message)
-    if code == "timed_out":
-        return flight.FlightTimedOutError(f"{source}: {message}")
-    if code == "unavailable":
-        return flight.FlightUnavailableError(f"{source}: {message}")
-    return flight.FlightServerError(f"{source} failed the request ({code[:40]}): {message}")
+    """The Flight error for an error `code` of a request that `source` answered (poc.errors.from_code)."""
+    return for_flight(errors.from_code(code, message, source))

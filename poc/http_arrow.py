@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from .auth import REQUEST_ID, TenantAuthMiddleware, TenantCalls
+from .errors import CallError
+from .flight_errors import for_flight
 from .http_server import HttpServer, Request, Response
 from .tunnel.messages import valid_dataset_name
 
@@ -50,6 +52,9 @@ ERRORS = ((flight.FlightUnauthenticatedError, 401), (flight.FlightUnauthorizedEr
 
 
 def status_of(error: Exception) -> int:
+    """The status of a call's error: the project's errors by their Flight kind, as a forwarded call's are."""
+    if isinstance(error, CallError):
+        error = for_flight(error)
     return next((status for kind, status in ERRORS if isinstance(error, kind)), 500)
 
 

@@ -4,7 +4,8 @@ and refused when Arrow cannot read them or they carry dictionaries, and the sche
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.flight as flight
+
+from ..errors import Internal
 
 DECODE_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, pa.ArrowIndexError, OSError,
                  ValueError)
@@ -15,10 +16,10 @@ def read_schema(payload, tenant_id: str) -> pa.Schema:
     try:
         schema = pa.ipc.read_schema(pa.py_buffer(payload))
     except DECODE_ERRORS as exc:
-        raise flight.FlightInternalError(f"connector of tenant {tenant_id} sent an invalid schema: "
+        raise Internal(f"connector of tenant {tenant_id} sent an invalid schema: "
                                          f"{str(exc)[:300]}") from None
     if any(_has_dictionary(f.type) for f in schema):
-        raise flight.FlightInternalError(f"connector of tenant {tenant_id} sent a schema with dictionary-encoded "
+        raise Internal(f"connector of tenant {tenant_id} sent a schema with dictionary-encoded "
                                          "fields, which protocol version 1 does not carry")
     return schema
 

@@ -8,8 +8,8 @@ import weakref
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.flight as flight
 
+from .. import errors
 from .arrow_checks import DECODE_ERRORS, bounds_schema, read_schema
 from .link import StreamItem, StreamSink, TenantLink
 from .metrics import GatewayMetrics
@@ -81,7 +81,7 @@ class TunnelBridge:
         try:
             return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
-            raise flight.FlightTimedOutError(f"{what} did not answer in {self.timeout_s:.0f} s") from None
+            raise errors.TimedOut(f"{what} did not answer in {self.timeout_s:.0f} s") from None
 
     def await_on_loop(self, coro):
         """Run `coro` on the gateway's loop from a Flight thread and wait for it, within the request timeout."""
@@ -90,7 +90,7 @@ class TunnelBridge:
             return future.result(self.timeout_s + 1)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise flight.FlightTimedOutError(f"gateway did not answer in {self.timeout_s:.0f} s") from None
+            raise errors.TimedOut(f"gateway did not answer in {self.timeout_s:.0f} s") from None
 
     def datasets(self, who) -> tuple[list[str], int]:
         """The datasets the tenant's connector registered, and its tunnel's epoch."""
@@ -110,7 +110,7 @@ class TunnelBridge:
 
         try:
             reply = self._wait(self._on_link(who, ask), self.timeout_s, f"connector of tenant {who.tenant_id}")
-        except flight.FlightTimedOutError:
+        except errors.TimedOut:
             if asked:
                 self.loop.call_soon_threadsafe(asked[0].forget_flight_info, asked[1])
             raise
@@ -172,10 +172,10 @@ class TunnelStream:
     def _next(self) -> tuple[str, object]:
         try:
             kind, value = self._sink.get(self._bridge.timeout_s, self._cancelled)
-        except flight.FlightTimedOutError:
+        except errors.TimedOut:
             self._cancel("timed out waiting for the connector")
             raise
-        except flight.FlightCancelledError:
+        except errors.Cancelled:
             self._cancel("the Flight client cancelled the call")
             raise
         if kind in (StreamItem.END, StreamItem.ERROR):
@@ -198,10 +198,10 @@ class TunnelStream:
         kind, payload = self._next()
         if kind != StreamItem.SCHEMA:
             self._cancel("no schema")
-            raise flight.FlightInternalError("connector ended the stream before sending its schema")
+            raise errors.Internal("connector ended the stream before sending its schema")
         try:
             self.schema = read_schema(payload, self._link.tenant_id)
-        except flight.FlightError:
+        except errors.CallError:
             self._cancel("invalid schema")
             raise
         bounds = bounds_schema(self.schema)
@@ -237,7 +237,7 @@ class TunnelStream:
             return pa.ipc.read_record_batch(message, self.schema)
         except DECODE_ERRORS as exc:
             self._cancel("invalid Arrow IPC")
-            raise flight.FlightInternalError(f"connector of tenant {self._link.tenant_id} sent invalid Arrow "
+            raise errors.Internal(f"connector of tenant {self._link.tenant_id} sent invalid Arrow "
                                              f"IPC: {str(exc)[:300]}") from None
 
     def batches(self) -> Iterator[pa.RecordBatch]:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..auth import PEER_HEADER, PeerCredentials, action_bytes
+from ..errors import Unavailable
 from ..sql.service import sql_command
 from .bridge import NotHere
 from .directory import RedisDirectory, RegistryUnavailable, TunnelEntry
@@ -56,7 +57,7 @@ class ClusterLinks:
         if link is not None and await self.directory.confirm(link, epoch):
             return link
         if epoch is not None:
-            raise flight.FlightUnavailableError(f"{STALE}: this gateway does not hold tenant {tenant_id}'s tunnel "
+            raise Unavailable(f"{STALE}: this gateway does not hold tenant {tenant_id}'s tunnel "
                                                 f"of epoch {epoch} (any more)")
         raise NotHere(tenant_id)
 
@@ -93,10 +94,10 @@ class ClusterRouter:
         except NotHere:
             try:
                 return there()
-            except flight.FlightUnavailableError:
+            except (Unavailable, flight.FlightUnavailableError):
                 try:
                     return here(who.leaving())
-                except (NotHere, flight.FlightUnavailableError):
+                except (NotHere, Unavailable):
                     pass
                 raise
 
@@ -160,16 +161,16 @@ class ClusterRouter:
         try:
             entries = self._await(self.directory.tunnels(tenant_id))
         except RegistryUnavailable as exc:
-            raise flight.FlightUnavailableError(
+            raise Unavailable(
                 f"tenant {tenant_id} has no tunnel on this gateway and the {exc}") from None
         remote = [e for e in entries if e.gateway != self.directory.gateway_id]
         if not remote:
             uptime = self._await(self.directory.uptime_s())
             if uptime is not None and uptime < self.directory.ttl_s:
-                raise flight.FlightUnavailableError(
+                raise Unavailable(
                     f"tenant {tenant_id} is not in the registry yet: the registry (Redis) restarted {uptime:.0f} s "
                     "ago and the replicas are publishing their tunnels again; retry")
-            raise flight.FlightUnavailableError(f"tenant {tenant_id} is offline: no connector is registered")
+            raise Unavailable(f"tenant {tenant_id} is offline: no connector is registered")
         random.shuffle(remote)
         remote.sort(key=lambda e: e.epoch != prefer_epoch)
         return remote[:3]  # an unreachable or refusing owner: the next tunnel, a few at most

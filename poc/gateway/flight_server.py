@@ -11,6 +11,8 @@ import pyarrow.flight as flight
 
 from ..auth import BearerAuthFactory, PeerCredentials, TenantCalls, caller, request_bytes
 from ..config import TenantCredentials
+from ..errors import CallError
+from ..flight_errors import for_flight
 from ..http_arrow import ArrowHttp
 from ..sql.service import FlightSqlService, descriptor_command, serve_result
 from .metrics import GatewayMetrics
@@ -32,8 +34,12 @@ def outcome_of(error: BaseException | None) -> str:
 
 
 def _as_client_error(handler_name: str, exc: Exception) -> Exception:
-    """Flight and Arrow errors pass; anything else is a gateway bug, logged here with its traceback and shown
-    to the client as an internal error without one (docs/security.md)."""
+    """The one place the gateway's errors become Flight's: the project's errors (poc.errors) as their Flight
+    kind; Flight and Arrow errors (a forwarded call's, the middleware's, Flight SQL's) pass; anything else is a
+    gateway bug, logged here with its traceback and shown to the client as an internal error without one
+    (docs/security.md)."""
+    if isinstance(exc, CallError):
+        return for_flight(exc)
     if isinstance(exc, (flight.FlightError, pa.ArrowException)):
         return exc
     log.error("%s failed", handler_name, exc_info=exc)
@@ -54,8 +60,9 @@ def served(handler):
                 who.check_request(request_bytes(method, args))
             result = handler(self, who, *args)
         except Exception as exc:
-            self._observe(method, who, start, exc)
-            raise _as_client_error(method, exc) from None
+            error = _as_client_error(method, exc)
+            self._observe(method, who, start, error)
+            raise error from None
         if isinstance(result, flight.GeneratorStream):
             return result  # observed when its stream ends (`_observed_batches`)
         self._observe(method, who, start, None)
@@ -99,7 +106,8 @@ class GatewayFlightServer(flight.FlightServerBase):
         except BaseException as exc:
             error = exc
             if isinstance(exc, Exception):
-                raise _as_client_error("do_get", exc) from None
+                error = _as_client_error("do_get", exc)
+                raise error from None
             raise
         finally:
             self._observe("do_get", who, start, error)

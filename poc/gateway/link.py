@@ -9,15 +9,14 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.flight as flight
 
+from .. import errors
 from ..transports.base import TunnelTransport
 from ..tunnel import events as ev
 from ..tunnel import LocalProtocolError
 from ..tunnel import GatewayEndpoint
 from ..tunnel.limits import TokenBucket
 from ..tunnel.messages import clip
-from ..flight_errors import flight_error
 from .arrow_checks import read_schema
 from .shares import BufferBudget
 
@@ -43,15 +42,15 @@ class StreamSink:
         self._queue.put((kind, value))
 
     def get(self, timeout: float, cancelled=lambda: False):
-        """The next item; FlightTimedOutError after `timeout`, FlightCancelledError as soon as `cancelled()`
+        """The next item; TimedOut after `timeout`, Cancelled as soon as `cancelled()`
         (the Flight client left or its deadline passed), checked every `POLL_S`."""
         deadline = time.monotonic() + timeout
         while True:
             if cancelled():
-                raise flight.FlightCancelledError("the Flight client cancelled the call")
+                raise errors.Cancelled("the Flight client cancelled the call")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise flight.FlightTimedOutError(f"no data from the connector for {timeout:.0f} s")
+                raise errors.TimedOut(f"no data from the connector for {timeout:.0f} s")
             try:
                 return self._queue.get(timeout=min(left, self.POLL_S))
             except queue.Empty:
@@ -69,9 +68,9 @@ class FlightInfoReply:
     bytes: int
 
 
-def request_error(tenant_id: str, code: str, message: str) -> Exception:
-    """The Flight error a client sees for a connector's error reply (docs/protocol.md §9)."""
-    return flight_error(code, clip(message), f"connector of tenant {tenant_id}")
+def request_error(tenant_id: str, code: str, message: str) -> errors.CallError:
+    """The error a client sees for a connector's error reply (docs/protocol.md §9)."""
+    return errors.from_code(code, clip(message), f"connector of tenant {tenant_id}")
 
 
 @dataclass
@@ -126,7 +125,7 @@ class TenantLink:
         elif isinstance(event, ev.StreamEnded):
             self._end_stream(event.stream_id, StreamItem.END)
         elif isinstance(event, ev.StreamRejected):
-            self._end_stream(event.stream_id, StreamItem.ERROR, flight.FlightInternalError(
+            self._end_stream(event.stream_id, StreamItem.ERROR, errors.Internal(
                 f"connector of tenant {self.tenant_id} sent {clip(event.reason, 300)}"))
         elif isinstance(event, ev.FlightInfoReceived):
             future = self._infos.pop(event.request_id, None)
@@ -135,7 +134,7 @@ class TenantLink:
                 return
             try:
                 future.set_result(FlightInfoReply(self._schema(event.schema), event.rows, event.bytes))
-            except flight.FlightError as exc:
+            except errors.CallError as exc:
                 future.set_exception(exc)
         elif isinstance(event, ev.RequestFailed):
             error = request_error(self.tenant_id, event.code, event.message)
@@ -171,12 +170,12 @@ class TenantLink:
     def _admit(self) -> None:
         """The per-link request rate (docs/protocol.md §7): refuse at once rather than queue."""
         if self.request_rate is not None and not self.request_rate.take(time.monotonic()):
-            raise flight.FlightUnavailableError(
+            raise errors.Unavailable(
                 f"tenant {self.tenant_id} is over its request rate of {self.request_rate.rate:g}/s; retry later")
 
     def _require_sql(self) -> None:
         if self.endpoint.sql is None:
-            raise pa.ArrowNotImplementedError(
+            raise errors.Unsupported(
                 f"the connector of tenant {self.tenant_id} does not support SQL (it speaks the tunnel protocol "
                 "before 1.5, or was started without it); datasets can still be read whole")
 
@@ -204,7 +203,7 @@ class TenantLink:
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            raise flight.FlightTimedOutError(f"connector of tenant {self.tenant_id} did not answer in {timeout:.0f} s") from None
+            raise errors.TimedOut(f"connector of tenant {self.tenant_id} did not answer in {timeout:.0f} s") from None
         finally:
             self.forget_flight_info(rid)
 
@@ -219,7 +218,7 @@ class TenantLink:
             sid = self.endpoint.open_stream(dataset, trace_id, sql)
         except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
             self.budget.release(self.tenant_id, window)
-            raise flight.FlightUnavailableError(f"tenant {self.tenant_id}: {exc}") from None
+            raise errors.Unavailable(f"tenant {self.tenant_id}: {exc}") from None
         self._reserved[sid] = window
         sink = self._sinks[sid] = StreamSink()
         self.transport.flush_soon()
@@ -246,7 +245,7 @@ class TenantLink:
 
     def fail_all(self, reason: str) -> None:
         """The link is gone: every waiting request and open stream ends in an error, none looks complete."""
-        error = flight.FlightUnavailableError(f"connector of tenant {self.tenant_id} disconnected: {reason}")
+        error = errors.Unavailable(f"connector of tenant {self.tenant_id} disconnected: {reason}")
         for future in self._infos.values():
             if not future.done():
                 future.set_exception(error)

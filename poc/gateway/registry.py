@@ -5,9 +5,8 @@ from __future__ import annotations
 import itertools
 import threading
 
-import pyarrow.flight as flight
-
 from ..config import TenantCredentials
+from ..errors import Unavailable
 from .link import TenantLink
 
 
@@ -58,12 +57,12 @@ class TenantRegistry:
         return candidates[next(self._turn) % len(candidates)]
 
     def live(self, tenant_id: str) -> TenantLink:
-        """A live link of the tenant (as `local`), or FlightUnavailableError at once."""
+        """A live link of the tenant (as `local`), or Unavailable at once."""
         if self.draining:
-            raise flight.FlightUnavailableError("gateway is shutting down; retry on another gateway")
+            raise Unavailable("gateway is shutting down; retry on another gateway")
         link = self.local(tenant_id)
         if link is None:
-            raise flight.FlightUnavailableError(f"tenant {tenant_id} is offline: no connector is registered")
+            raise Unavailable(f"tenant {tenant_id} is offline: no connector is registered")
         return link
 
     def links(self) -> list[TenantLink]:

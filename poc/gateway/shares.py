@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-import pyarrow.flight as flight
+from ..errors import Unavailable
 
 
 class BufferBudget:
@@ -25,15 +25,15 @@ class BufferBudget:
         self._lock = threading.Lock()  # reserved on the loop, read by the HTTP and metrics threads
 
     def reserve(self, tenant: str, size: int) -> None:
-        """Reserve a new stream's window, or FlightUnavailableError naming the cap it would pass."""
+        """Reserve a new stream's window, or Unavailable naming the cap it would pass."""
         with self._lock:
             held = self._by_tenant.get(tenant, 0)
             if self.tenant_limit and held + size > self.tenant_limit:
-                raise flight.FlightUnavailableError(
+                raise Unavailable(
                     f"tenant {tenant} is at its share of the gateway's buffer ({self.tenant_limit} bytes reserved "
                     "by its open streams); retry when one ends")
             if self.limit and self.reserved + size > self.limit:
-                raise flight.FlightUnavailableError(
+                raise Unavailable(
                     f"gateway is at its buffer limit ({self.limit} bytes reserved by open streams); retry later")
             self._take(tenant, held, size)
 

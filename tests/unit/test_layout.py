@@ -147,3 +147,26 @@ def test_the_workbook_adds_its_commands_through_entry_points():
 
     parser = build_parser()
     assert parser.unavailable == {}  # the workbook is installed here: all its commands are listed
+
+
+# Modules that speak Flight to clients: they may make Flight (and Arrow) errors. Everything below them raises
+# the project's own (poc.errors), mapped once by poc.flight_errors at the handlers.
+SPEAKS_FLIGHT = {"poc.auth", "poc.direct", "poc.flight_errors", "poc.gateway.flight_server", "poc.http_arrow",
+                 "poc.sql.service", "poc.sql.patterns"}
+FLIGHT_ERROR = re.compile(r"\b(?:flight\.Flight\w*Error|pa\.Arrow\w*(?:Error|Invalid))\(")
+
+
+def makes_flight_errors(path: Path) -> bool:
+    return bool(FLIGHT_ERROR.search(path.read_text()))
+
+
+def test_flight_errors_are_made_only_where_clients_are_answered():
+    product = {m: p for m, p in MODULES.items() if not m.startswith("poc.workbook")}
+    assert {m for m, p in product.items() if makes_flight_errors(p)} <= SPEAKS_FLIGHT
+    assert makes_flight_errors(MODULES["poc.gateway.flight_server"])  # the rule sees what it looks for
+
+
+def test_the_gateway_below_its_handlers_raises_the_projects_errors():
+    for module in ("poc.gateway.link", "poc.gateway.bridge", "poc.gateway.registry", "poc.gateway.shares",
+                   "poc.gateway.arrow_checks", "poc.gateway.cluster"):
+        assert "poc.errors" in imported(MODULES[module]), module

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pyarrow.flight as flight
 import pytest
 
 from poc.config import make_tenants
+from poc.errors import Unavailable
 from poc.gateway.link import StreamSink, TenantLink
 from poc.gateway.registry import TenantRegistry
 
@@ -53,5 +53,5 @@ def test_a_draining_registry_serves_nothing_unless_asked_to():
     registry.draining = True
     assert registry.local("tenant_001") is None
     assert registry.local("tenant_001", include_draining=True).session_id == "s1"
-    with pytest.raises(flight.FlightUnavailableError, match="shutting down"):
+    with pytest.raises(Unavailable, match="shutting down"):
         registry.live("tenant_001")
