@@ -7,7 +7,7 @@ from hypothesis import settings
 
 from poc.config import make_tenants
 from poc.workbook.dataset import write_dataset
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 
 
 # Property tests check what code does, never how fast: a shared machine's pauses must not fail them.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow.flight as flight
 
-from poc.workbook.runner import peak_rss, reset_peak_rss  # noqa: F401 (the tests' memory checks)
+from poc.workbook.servers.runner import peak_rss, reset_peak_rss  # noqa: F401 (the tests' memory checks)
 
 
 def bearer(token: str, tenant_id: str | None = None, timeout: float = 30.0) -> flight.FlightCallOptions:

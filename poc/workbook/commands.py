@@ -93,7 +93,7 @@ def _summary_text(summary: dict, label: str) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchParams, run_bench, table, write_json
+    from .experiments.bench import BenchParams, run_bench, table, write_json
 
     levels = tuple(int(x) for x in args.concurrency.split(","))
     tunnels = tuple(t.strip() for t in args.tunnels.split(","))
@@ -114,7 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from .soak import TRANSPORTS, SoakParams, passed, run_soak, table, write_json
+    from .experiments.soak import TRANSPORTS, SoakParams, passed, run_soak, table, write_json
 
     transports = tuple(t.strip() for t in args.transports.split(","))
     if not transports or set(transports) - set(TRANSPORTS):
@@ -133,7 +133,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
-    from .swarm import Swarm
+    from .load.swarm import Swarm
 
     tenants = list(config.load_tenants(args.tenants).values())
     count = args.count or len(tenants)
@@ -163,7 +163,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import run_report
+    from .report.build import run_report
 
     out = run_report(args.params, args.output_root)
     print(f"report: {out / 'report.html'}")

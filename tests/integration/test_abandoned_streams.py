@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from poc.workbook.soak import TRANSPORTS, SoakParams, soak_one
+from poc.workbook.experiments.soak import TRANSPORTS, SoakParams, soak_one
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

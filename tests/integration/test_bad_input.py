@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, read, sales
 
 LIMITS = ("--max-message-bytes", "4096", "--max-frame-bytes", str(256 << 10), "--window-bytes", str(512 << 10),

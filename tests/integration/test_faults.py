@@ -11,9 +11,9 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, read, sales
-from poc.workbook.faults import TcpProxy
+from poc.workbook.emulation.faults import TcpProxy
 
 SMALL_WINDOW = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
 
@@ -179,7 +179,7 @@ def test_gateway_sigterm_lets_a_stream_that_is_being_read_finish(tmp_path, tenan
 def test_a_draining_gateway_is_not_ready_and_refuses_new_tunnels(tmp_path, tenants, datasets):
     """During the SIGTERM grace: /readyz answers 503, /livez 200, and a new tunnel is closed with 1001
     (gRPC included) instead of registering into a gateway that is going away."""
-    from poc.workbook.runner import get_json
+    from poc.workbook.servers.runner import get_json
     from tests.hostile import RawConnector
     import urllib.error
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, peak_rss, reset_peak_rss, sales
 
 WINDOW = 2 << 20

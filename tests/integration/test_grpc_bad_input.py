@@ -10,7 +10,7 @@ import struct
 import grpc
 import pytest
 
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from poc.transports.grpc_tunnel import METHOD, decode, encode
 from tests.helpers import read
 

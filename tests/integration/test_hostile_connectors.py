@@ -17,7 +17,7 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, peak_rss, read, reset_peak_rss, sales
 from tests.hostile import (INTS, ROWS, STRINGS, RawConnector, compressed_zeros, dictionary_messages, frame,
                            strings_batch, with_length, with_offset)

@@ -11,7 +11,7 @@ import pytest
 
 from poc.config import make_tenants
 from poc.http_arrow import default_vendor_dir
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 
 DEADLINE_S = 2.0
 

@@ -19,7 +19,7 @@ import pytest
 
 from poc.config import make_tenants
 from poc.sql import proto
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, sales
 
 STALL = ("--delay-ms", "600000")  # A's connector answers no DoGet within any test's time

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from poc.workbook.runner import get_json
+from poc.workbook.servers.runner import get_json
 from tests.helpers import read
 
 

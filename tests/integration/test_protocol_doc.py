@@ -13,7 +13,7 @@ import pytest
 import pyarrow.parquet as pq
 from websockets.sync.client import connect
 
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import read
 from tests.integration.test_sql import query as adbc_query
 

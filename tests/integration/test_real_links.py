@@ -9,8 +9,8 @@ import time
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from poc.workbook import wan
-from poc.workbook.runner import Cluster
+from poc.workbook.emulation import wan
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, read, sales
 from tests.integration.test_metrics import scrape
 

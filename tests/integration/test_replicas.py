@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from poc.auth import PEER_HEADER, PeerCredentials
 from poc.config import make_tenants
-from poc.workbook.replicas import LoadLoop, Replicas
+from poc.workbook.servers.replicas import LoadLoop, Replicas
 from tests.helpers import bearer, read, sales
 
 pytestmark = pytest.mark.timeout(240)
@@ -240,7 +240,7 @@ def test_one_tenants_ticket_at_another_replica_with_another_tenants_token_is_ref
 
 
 def test_a_peer_header_at_a_gateway_without_a_registry_is_refused(tmp_path, tenant_data):
-    from poc.workbook.runner import Cluster
+    from poc.workbook.servers.runner import Cluster
 
     tenants = make_tenants(1)
     with Cluster(tmp_path, tenants, tenant_data["tenant_001"], with_direct=False) as cluster:
@@ -482,7 +482,7 @@ def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, tenant_d
 
 
 def test_replicas_with_tls_forward_to_each_other_over_tls(tmp_path, tenant_data):
-    from poc.workbook.certs import make_test_pki
+    from poc.workbook.servers.certs import make_test_pki
 
     pki = make_test_pki(tmp_path / "pki")
     tenants = make_tenants(2)

@@ -6,7 +6,7 @@ import json
 
 import pyarrow.flight as flight
 
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import sales
 
 

@@ -9,9 +9,9 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from poc.workbook.certs import make_test_pki
+from poc.workbook.servers.certs import make_test_pki
 from poc.workbook.load.client import LoadConfig, run_load
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, sales
 
 

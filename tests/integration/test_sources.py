@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from poc.config import make_tenants
-from poc.workbook.postgres_server import PostgresServer
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.postgres_server import PostgresServer
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer
 from tests.integration.test_sql import query as sql_query
 

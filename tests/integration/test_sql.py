@@ -19,7 +19,7 @@ from adbc_driver_manager import DatabaseError, Error, ProgrammingError
 
 from poc.config import make_tenants
 from poc.sql import proto
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer
 
 SELECTIVE = "SELECT id, value, amount FROM sales WHERE id % 100 = 7 ORDER BY id"

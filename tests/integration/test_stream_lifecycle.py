@@ -9,7 +9,7 @@ import pytest
 
 from poc.auth import TicketSigner
 from poc.config import make_tenants
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, sales
 
 SECRET = "lifecycle-ticket-secret"

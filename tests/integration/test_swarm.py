@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from poc.config import make_tenants
-from poc.workbook.runner import Cluster, start_component
+from poc.workbook.servers.runner import Cluster, start_component
 from tests.helpers import read
 
 

@@ -11,7 +11,7 @@ import pyarrow.flight as flight
 import pytest
 
 from poc.config import TenantCredentials, make_tenants, write_tenants
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import read
 
 

@@ -9,7 +9,7 @@ import psutil
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from poc.workbook.runner import Cluster
+from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer, read, sales
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from poc.workbook import wan
+from poc.workbook.emulation import wan
 
 
 def echo_server() -> tuple[socket.socket, int]:
@@ -53,7 +53,7 @@ def test_the_relay_delays_each_direction_by_half_the_round_trip_and_keeps_every_
 
 SHAPED = """
 import socket, threading, time
-from poc.workbook import wan
+from poc.workbook.emulation import wan
 wan.prepare_namespace()
 server = socket.create_server(("127.0.0.1", 0)); port = server.getsockname()[1]
 got = []

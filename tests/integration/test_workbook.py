@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from poc.workbook.load.client import LoadConfig, run_load
-from poc.workbook.report import run_report
-from poc.workbook.runner import Cluster
+from poc.workbook.report.build import run_report
+from poc.workbook.servers.runner import Cluster
 
 RECORD_FIELDS = {"request_id", "tenant_id", "timestamp", "connect_ms", "metadata_ms", "data_transfer_ms", "total_ms",
                  "queued_ms", "rows_transferred", "bytes", "status", "error"}
@@ -187,7 +187,7 @@ def test_report_refuses_an_unknown_notebook_or_parameter(tmp_path, text, match):
 def test_every_parameter_file_names_a_notebook_and_valid_parameters():
     """What `make report PARAMS=…` reads: each file of parameters/ loads into its notebook's parameters, and
     the file the README's first command uses is the seed's scenario."""
-    from poc.workbook.report import read_params
+    from poc.workbook.report.build import read_params
 
     files = sorted((Path(__file__).resolve().parents[2] / "parameters").glob("*.yaml"))
     assert len(files) >= 10

@@ -1,6 +1,6 @@
 """Throughput of the HTTP Arrow endpoint (`GET /v1/datasets/{name}`), through the tunnel and from the direct server.
 
-    python -m poc.workbook.http_throughput [--rows 1000000] [--runs 7] [--concurrency 1,4]
+    python -m poc.workbook.experiments.http_throughput [--rows 1000000] [--runs 7] [--concurrency 1,4]
 
 Starts a gateway, one connector and a direct server (no artificial delay) on loopback, reads the dataset's Arrow
 IPC stream whole with a plain HTTP client — `runs` times one at a time, then `runs` rounds of `concurrency`
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..config import make_tenants
-from .dataset import dataset_folder
-from .runner import Cluster, at_once
+from ...config import make_tenants
+from ..dataset import dataset_folder
+from ..servers.runner import Cluster, at_once
 
 
 def fetch(port: int, token: str, name: str = "sales") -> int:
@@ -80,7 +80,7 @@ def measure(rows: int, runs: int, levels: list[int], data_dir: str = "outputs/da
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m poc.workbook.http_throughput",
+    parser = argparse.ArgumentParser(prog="python -m poc.workbook.experiments.http_throughput",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the dataset (default %(default)s)")
     parser.add_argument("--runs", type=int, default=7, help="reads (or rounds) per path and level (default %(default)s)")

@@ -1,6 +1,6 @@
 """What strangers can make a gateway hold before they authenticate, measured as its peak RSS (VmHWM).
 
-    python -m poc.workbook.preauth [--flight-mib 256] [--flight-parallel 1,4] [--pending 300]
+    python -m poc.workbook.experiments.preauth [--flight-mib 256] [--flight-parallel 1,4] [--pending 300]
 
 - Flight: unauthenticated DoGets whose ticket is `--flight-mib` MiB, `--flight-parallel` at once. pyarrow's
   server reads a request whole before its middleware can refuse it (docs/security.md).
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pyarrow.flight as flight
 
-from ..config import MAX_MESSAGE_BYTES, make_tenants
-from .dataset import dataset_folder
-from .runner import Cluster, at_once, peak_rss, reset_peak_rss
+from ...config import MAX_MESSAGE_BYTES, make_tenants
+from ..dataset import dataset_folder
+from ..servers.runner import Cluster, at_once, peak_rss, reset_peak_rss
 
 
 def flight_case(cluster: Cluster, mib: int, parallel: int) -> dict:
@@ -83,7 +83,7 @@ def pending_case(cluster: Cluster, count: int, hold_s: float = 12.0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m poc.workbook.preauth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m poc.workbook.experiments.preauth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--flight-mib", type=int, default=256, help="size of each unauthenticated ticket (MiB)")
     parser.add_argument("--flight-parallel", default="1,4", help="unauthenticated calls at once, comma-separated")
     parser.add_argument("--pending", type=int, default=300, help="tunnels that never register")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import polars as pl
 
-from ..config import DB_CONNECTIONS, ConfigError, make_tenants, parse_delay
-from .dataset import dataset_folder
-from .params import RunParams
-from .load.client import LoadConfig, records_as_dicts, run_load
-from .load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
-from .runner import Cluster, ProcessSampler, machine_info
+from ...config import DB_CONNECTIONS, ConfigError, make_tenants, parse_delay
+from ..dataset import dataset_folder
+from ..params import RunParams
+from ..load.client import LoadConfig, records_as_dicts, run_load
+from ..load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
+from ..servers.runner import Cluster, ProcessSampler, machine_info
 
 TUNNEL_TARGETS = {"websocket": "tunnel", "grpc": "grpc_tunnel"}  # transport → target label in the results
 
@@ -53,7 +53,7 @@ class ExperimentParams(RunParams):
             import contextlib
             import io
 
-            from ..cli import build_parser
+            from ...cli import build_parser
 
             said = io.StringIO()
             try:
@@ -131,7 +131,7 @@ def run_experiment(params: ExperimentParams, progress: bool | None = None) -> Ex
     with contextlib.ExitStack() as stack:
         connector_args, env, direct_args = (), {}, None
         if params.source == "postgresql":  # the table lives in a real PostgreSQL; every DoGet reads it there
-            from .postgres_server import postgres_source
+            from ..servers.postgres_server import postgres_source
 
             _, sources, env = stack.enter_context(postgres_source(out, data / f"{params.dataset}.parquet",
                                                                   params.dataset))

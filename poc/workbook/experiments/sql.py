@@ -20,9 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from .dataset import dataset_folder
-from .params import RowsResult, RunParams
-from .runner import Cluster, machine_info
+from ..dataset import dataset_folder
+from ..params import RowsResult, RunParams
+from ..servers.runner import Cluster, machine_info
 
 QUERIES = {
     "selective": "SELECT id, value, amount FROM sales WHERE id % 100 = 7",  # 1 % of the rows, 3 of 4 columns
@@ -43,7 +43,7 @@ class SqlParams(RunParams):
     source: str = "parquet"  # the table in Parquet (DuckDB at the connector) or in PostgreSQL (queries run there)
 
     def __post_init__(self) -> None:
-        from ..config import ConfigError
+        from ...config import ConfigError
 
         if self.rows < 100 or self.repetitions < 1:
             raise ConfigError("rows must be at least 100 and repetitions at least 1")
@@ -115,7 +115,7 @@ def run_sql(params: SqlParams, progress: Callable[[str], None] = lambda _: None)
     import adbc_driver_flightsql.dbapi as flight_sql
     from adbc_driver_flightsql import DatabaseOptions
 
-    from ..config import make_tenants
+    from ...config import make_tenants
 
     folder = dataset_folder(params.data_dir, params.rows)
     tenants = make_tenants(1)
@@ -128,7 +128,7 @@ def run_sql(params: SqlParams, progress: Callable[[str], None] = lambda _: None)
     with contextlib.ExitStack() as stack:
         connector, direct_args, env = {}, None, {}
         if params.source == "postgresql":  # the table in a real PostgreSQL: DoGets and queries run there
-            from .postgres_server import postgres_source
+            from ..servers.postgres_server import postgres_source
 
             _, sources, env = stack.enter_context(postgres_source(out, folder / "sales.parquet", "sales"))
             connector = {"data": "", "extra": ("--sources", str(sources)), "env": env}
@@ -197,7 +197,7 @@ def compare_engines(rows: int = 1_000_000, runs: int = 7, data_dir: str = "outpu
     import duckdb
     import polars as pl
 
-    from ..sql.engine import SqlEngine
+    from ...sql.engine import SqlEngine
 
     file = dataset_folder(data_dir, rows) / "sales.parquet"
     con = duckdb.connect()
@@ -224,9 +224,20 @@ def compare_engines(rows: int = 1_000_000, runs: int = 7, data_dir: str = "outpu
     return out
 
 
-if __name__ == "__main__":  # python -m poc.workbook.sql: the engine comparison
+def main(argv: list[str] | None = None) -> None:
+    import argparse
     import json
-    import sys
 
-    for line in compare_engines(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000):
+    parser = argparse.ArgumentParser(prog="python -m poc.workbook.experiments.sql",
+                                     description="The notebook's queries on DuckDB, polars SQL and the connector's "
+                                                 "engine over one Parquet file; one JSON line per query and engine.")
+    parser.add_argument("rows", nargs="?", type=int, default=1_000_000, help="rows of the file (default 1000000)")
+    args = parser.parse_args(argv)
+    if args.rows < 1:
+        parser.error("rows must be at least 1")
+    for line in compare_engines(args.rows):
         print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()

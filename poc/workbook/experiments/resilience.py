@@ -13,13 +13,13 @@ import polars as pl
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, make_tenants
-from .dataset import dataset_folder
-from .params import RunParams
-from .present import number
-from .faults import TcpProxy
-from .load.client import LoadConfig, RequestRecord, run_load
-from .runner import Cluster, machine_info
+from ...config import ConfigError, make_tenants
+from ..dataset import dataset_folder
+from ..params import RunParams
+from ..report.present import number
+from ..emulation.faults import TcpProxy
+from ..load.client import LoadConfig, RequestRecord, run_load
+from ..servers.runner import Cluster, machine_info
 
 FAULTS = ("gateway_restart", "dropped_link", "half_open_link")
 

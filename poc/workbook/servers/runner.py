@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import TenantCredentials, write_tenants
+from ...config import TenantCredentials, write_tenants
 
 
 class ComponentError(RuntimeError):

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from ..catalog import Dataset
-from ..sources.parquet import ParquetSource
-from ..config import TenantCredentials
-from ..connector import Connector, ConnectorConfig
+from ...catalog import Dataset
+from ...sources.parquet import ParquetSource
+from ...config import TenantCredentials
+from ...connector import Connector, ConnectorConfig
 
 log = logging.getLogger("poc.swarm")
 

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import TenantCredentials
+from ...config import TenantCredentials
 from .redis_server import RedisServer
 from .runner import Component, ComponentError, Started, TlsFiles, get_json, start_component
 

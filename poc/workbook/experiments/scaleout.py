@@ -18,12 +18,12 @@ from pathlib import Path
 import polars as pl
 import pyarrow.flight as flight
 
-from ..config import ConfigError, make_tenants
-from .dataset import dataset_folder
-from .params import RunParams
-from .present import number
-from .replicas import LoadLoop, Replicas
-from .runner import machine_info
+from ...config import ConfigError, make_tenants
+from ..dataset import dataset_folder
+from ..params import RunParams
+from ..report.present import number
+from ..servers.replicas import LoadLoop, Replicas
+from ..servers.runner import machine_info
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ..config import PROJECT_ROOT
+from ...config import PROJECT_ROOT
 
 
 def number(value, decimals: int | None = None) -> str:

@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pyarrow.flight as flight
 
-from ..config import make_tenants
-from .dataset import dataset_folder
-from .load.client import read_stream
-from .runner import Cluster, machine_info
+from ...config import make_tenants
+from ..dataset import dataset_folder
+from ..load.client import read_stream
+from ..servers.runner import Cluster, machine_info
 
 TICKET_REFRESH_S = 60.0  # well inside the servers' ticket lifetime
 GOALS = {  # figure: (goal, "min" = at least, "max" = at most)
@@ -218,8 +218,8 @@ def validation_cost(data: Path, rounds: int = 10) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..catalog import cut_batches
-    from ..gateway.arrow_checks import bounds_schema
+    from ...catalog import cut_batches
+    from ...gateway.arrow_checks import bounds_schema
 
     table = pq.read_table(next(data.glob("*.parquet")))
     messages = [b.serialize() for b in cut_batches(table)]

@@ -7,8 +7,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import PROJECT_ROOT
-from .experiment import ExperimentParams, ExperimentResult
+from ...config import PROJECT_ROOT
+from ..experiments.seed import ExperimentParams, ExperimentResult
 
 ROOT = PROJECT_ROOT
 NOTEBOOKS = ROOT / "notebooks"
@@ -97,13 +97,13 @@ def read_params(params_file: str | Path, output_root: str = "outputs"):
     run is named after the file and the time."""
     import yaml
 
-    from ..config import ConfigError
-    from .browser import BrowserParams
-    from .resilience import ResilienceParams
-    from .scale import ScaleParams
-    from .scaleout import ScaleoutParams
-    from .sql import SqlParams
-    from .wan import WanParams
+    from ...config import ConfigError
+    from ..experiments.browser import BrowserParams
+    from ..experiments.resilience import ResilienceParams
+    from ..experiments.scale import ScaleParams
+    from ..experiments.scaleout import ScaleoutParams
+    from ..experiments.sql import SqlParams
+    from ..experiments.wan import WanParams
 
     params_file = Path(params_file)
     try:

@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 import pyarrow.flight as flight
 
-from ..config import make_tenants
-from .dataset import dataset_folder
-from .runner import Cluster, machine_info
+from ...config import make_tenants
+from ..dataset import dataset_folder
+from ..servers.runner import Cluster, machine_info
 
 TRANSPORTS = ("picows", "websockets", "grpc")
 

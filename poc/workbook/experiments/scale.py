@@ -18,12 +18,12 @@ import polars as pl
 import psutil
 import pyarrow.flight as flight
 
-from ..config import ConfigError, TenantCredentials, make_tenants, write_tenants
-from .certs import make_test_pki
-from .dataset import dataset_folder
-from .params import RunParams
-from .present import number
-from .runner import Cluster, machine_info, start_component
+from ...config import ConfigError, TenantCredentials, make_tenants, write_tenants
+from ..servers.certs import make_test_pki
+from ..dataset import dataset_folder
+from ..params import RunParams
+from ..report.present import number
+from ..servers.runner import Cluster, machine_info, start_component
 
 ACTIVE = "tenant_active"
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import psutil
 
-from .dataset import dataset_folder
-from .params import RowsResult, RunParams
-from .runner import Cluster, machine_info
+from ..dataset import dataset_folder
+from ..params import RowsResult, RunParams
+from ..servers.runner import Cluster, machine_info
 
 QUERY = "SELECT id % 10 AS k, count(*) AS n, sum(amount) AS total FROM sales GROUP BY 1 ORDER BY 1"
 
@@ -35,7 +35,7 @@ class BrowserParams(RunParams):
     screenshot: str = ""   # a path: save the page after the tunnel's first load there (docs/ui.png)
 
     def __post_init__(self) -> None:
-        from ..config import ConfigError
+        from ...config import ConfigError
 
         if self.rows < 1 or self.repetitions < 1:
             raise ConfigError("rows and repetitions must be at least 1")
@@ -77,8 +77,8 @@ def run_browser(params: BrowserParams, progress: Callable[[str], None] = lambda 
 def _run_browser(params: BrowserParams, progress: Callable[[str], None]) -> BrowserResult:
     from playwright.sync_api import sync_playwright
 
-    from ..config import make_tenants
-    from ..http_arrow import default_vendor_dir
+    from ...config import make_tenants
+    from ...http_arrow import default_vendor_dir
 
     if default_vendor_dir() is None:
         raise RuntimeError("the page's JavaScript packages are not installed: 'npm ci --prefix ui'")

@@ -1,0 +1,1 @@
+"""One module per experiment or measurement: its parameters, its run, its answer; the notebooks and `python -m poc` commands call them."""

@@ -1,0 +1,1 @@
+"""The report: notebooks executed and exported, their charts, and how results are shown."""
