@@ -15,10 +15,11 @@ import pyarrow.flight as flight
 
 from .auth import BearerAuthFactory, TenantCalls, TicketSigner, caller_tenant, dataset_from_descriptor
 from .config import DB_CONNECTIONS, MAX_CALLS_PER_TENANT, TenantCredentials, extraction_delay_s
+from .flight_actions import Actions
 from .flight_errors import flight_error
 from .sources import Described, Source
 from .sql.errors import SqlError
-from .sql.service import FlightSqlService, descriptor_command, serve_result, sql_command
+from .sql.service import FlightSqlService, add_sql_actions, descriptor_command, serve_result, sql_command
 
 
 def local_error(exc: SqlError) -> Exception:
@@ -44,6 +45,8 @@ class DirectFlightServer(flight.FlightServerBase):
         self._tickets = TicketSigner()
         self._authenticated = bool(tenants)
         self._sql: FlightSqlService | None = None  # made at the first Flight SQL call (`sql`)
+        self.actions = Actions()  # the Flight actions this server answers (poc.flight_actions)
+        add_sql_actions(self.actions, lambda: self.sql)
 
     @property
     def sql(self) -> FlightSqlService:
@@ -125,10 +128,10 @@ class DirectFlightServer(flight.FlightServerBase):
         return flight.SchemaResult(self.sql.schema(self._tenant(context), command))
 
     def list_actions(self, context):
-        return FlightSqlService.action_types()  # also the load client's connect probe
+        return self.actions.types()  # also the load client's connect probe
 
     def do_action(self, context, action):
-        return self.sql.do_action(self._tenant(context), action)
+        return self.actions.run(self._tenant(context), action)
 
     def do_put(self, context, descriptor, reader, writer):
         raise FlightSqlService.refuse_put(descriptor_command(descriptor))

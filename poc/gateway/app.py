@@ -180,10 +180,7 @@ class Gateway:
 
     def _make_metrics(self) -> GatewayMetrics:
         """Gauges read their value when scraped, so they never drift from the registry and the budget."""
-        metrics = GatewayMetrics()
-        for kind in ("picows", "websockets", "grpc"):
-            metrics.tunnels.labels(kind).set_function(
-                lambda kind=kind: sum(1 for link in self.registry.links() if link.transport.KIND == kind))
+        metrics = GatewayMetrics()  # the tunnels by transport: counted by poc.gateway.tunnels as it listens
         metrics.streams_active.set_function(lambda: sum(link.streams_in_flight for link in self.registry.links()))
         metrics.buffered_bytes.set_function(lambda: self.budget.reserved)
         return metrics

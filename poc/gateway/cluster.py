@@ -115,6 +115,9 @@ class ClusterRouter:
         return self._route(who, self.local.list_flights,
                            lambda: self._at_owner(who, "list_flights", b"", lambda c, o: list(c.list_flights(options=o))))
 
+    def action_types(self) -> list[tuple[str, str]]:
+        return self.local.action_types()
+
     def do_action(self, who, action: flight.Action) -> list[bytes]:
         return self._route(who, lambda w: self.local.do_action(w, action),
                            lambda: self._at_owner(who, "do_action", action_bytes(action),

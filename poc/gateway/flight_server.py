@@ -125,7 +125,7 @@ class GatewayFlightServer(flight.FlightServerBase):
         return flight.SchemaResult(self.router.schema(who, descriptor))
 
     def list_actions(self, context):
-        return FlightSqlService.action_types()  # also the load client's connect probe: authenticated, touches no data
+        return self.router.action_types()  # also the load client's connect probe: authenticated, touches no data
 
     @served
     def do_action(self, who, action):

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..auth import TicketSigner, dataset_from_descriptor
+from ..flight_actions import Actions
 from ..sql.proto import TicketStatementQuery, pack_any
-from ..sql.service import FlightSqlService, checked_query, descriptor_command, make_handle, sql_command
+from ..sql.service import FlightSqlService, add_sql_actions, checked_query, descriptor_command, make_handle, sql_command
 from .bridge import TunnelBridge
 
 QUERY_LABEL = "(sql)"  # the dataset label of a query's stream in metrics and usage
@@ -30,6 +31,8 @@ class Router(Protocol):
     def schema(self, who, descriptor: flight.FlightDescriptor) -> pa.Schema: ...
 
     def list_flights(self, who) -> list[flight.FlightInfo]: ...
+
+    def action_types(self) -> list[tuple[str, str]]: ...
 
     def do_action(self, who, action: flight.Action) -> list[bytes]: ...
 
@@ -71,6 +74,8 @@ class LocalRouter:
         self.bridge = bridge
         self.tickets = tickets
         self.sql = FlightSqlService(TunnelSql(bridge))
+        self.actions = Actions()  # the Flight actions this gateway answers (poc.flight_actions)
+        add_sql_actions(self.actions, lambda: self.sql)
         self.locations: list[flight.Location] = []
 
     def set_locations(self, locations: list[flight.Location]) -> None:
@@ -98,8 +103,11 @@ class LocalRouter:
         names, _ = self.bridge.datasets(who)
         return [self._dataset_info(who, name, flight.FlightDescriptor.for_path("dataset", name)) for name in names]
 
+    def action_types(self) -> list[tuple[str, str]]:
+        return self.actions.types()
+
     def do_action(self, who, action: flight.Action) -> list[bytes]:
-        return self.sql.do_action(who, action)
+        return self.actions.run(who, action)
 
     def claims(self, who, ticket: flight.Ticket) -> tuple[str, int]:
         """The dataset and tunnel epoch a dataset ticket names; refused unless it is the caller's tenant's."""

@@ -52,20 +52,22 @@ class Tunnels:
         cfg = self.cfg
         max_message = cfg.limits.max_frame_bytes + HEADER.size
         if cfg.ws_impl == "picows":
-            from ..transports.picows_ws import serve_picows
+            from ..transports.picows_ws import PicowsLink, serve_picows
 
             self._ws_server = await serve_picows(self.serve, lambda: GatewayEndpoint(cfg.limits), cfg.host,
                                                  cfg.ws_port, ssl_context, max_message)
             self._stop_accepting = self._ws_server.close
+            self._count(PicowsLink.KIND)
         else:
             self._ws_server = await serve(
                 self._handle, cfg.host, cfg.ws_port, process_request=self._only_connect_path, ssl=ssl_context,
                 compression=None, max_size=max_message, ping_interval=None, write_limit=1024 * 1024,
                 close_timeout=3)
             self._stop_accepting = lambda: self._ws_server.close(close_connections=False)
+            self._count(WebSocketLink.KIND)
         self.ports["ws_port"] = self._ws_server.sockets[0].getsockname()[1]
         if cfg.grpc_tunnel_port is not None:
-            from ..transports.grpc_tunnel import serve_grpc
+            from ..transports.grpc_tunnel import GrpcServerLink, serve_grpc
 
             tls_pair = None
             if cfg.tls:
@@ -74,7 +76,13 @@ class Tunnels:
             self._grpc_server, self.ports["grpc_tunnel_port"] = await serve_grpc(
                 self.serve, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port, max_message,
                 tls_pair)
+            self._count(GrpcServerLink.KIND)
         self._spawn(self._watch_heartbeats())
+
+    def _count(self, kind: str) -> None:
+        """poc_gateway_tunnels{transport=kind}: the registered tunnels a transport carries, read when scraped."""
+        self.metrics.tunnels.labels(kind).set_function(
+            lambda: sum(1 for link in self.registry.links() if link.transport.KIND == kind))
 
     async def close(self, deadline: float) -> None:
         """Stop accepting; let in-flight streams finish until `deadline`; close every tunnel (1001)."""

@@ -20,14 +20,13 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from ..flight_actions import Actions
 from . import proto
 from .patterns import like
 from ..config import MAX_QUERY_BYTES
 from .engine import CATALOG, DB_SCHEMA
 
 HANDLE_PREFIX = b"poc-sql/1\n"
-ACTIONS = {"CreatePreparedStatement": "create a prepared statement (one SELECT; no parameters)",
-           "ClosePreparedStatement": "close a prepared statement"}
 SERVER_NAME = "poc tunnel gateway"
 
 
@@ -223,28 +222,24 @@ class FlightSqlService:
             columns["table_schema"] = [s.serialize().to_pybytes() for _, s in rows]
         return pa.table(columns, schema=schema)
 
-    # -- DoAction
-    def do_action(self, who, action: flight.Action) -> list[bytes]:
-        if action.type not in ACTIONS:
-            raise pa.ArrowNotImplementedError(f"action {action.type[:100]!r} is not supported (read-only server; "
-                                              f"actions: {', '.join(ACTIONS)})")
-        message = sql_command(action.body.to_pybytes()) if action.body is not None else None
-        if action.type == "CreatePreparedStatement":
-            if not isinstance(message, proto.ActionCreatePreparedStatementRequest):
-                raise pa.ArrowInvalid("CreatePreparedStatement needs an ActionCreatePreparedStatementRequest")
-            self._refuse_transaction(message)
-            sql = checked_query(message.query, self.max_query_bytes)
-            schema = self.backend.describe(who, sql)
-            result = proto.ActionCreatePreparedStatementResult(make_handle(sql), schema.serialize().to_pybytes())
-            return [proto.pack_any(result)]
+    # -- DoAction (poc.flight_actions: add_sql_actions below puts these in a server's table)
+    def create_prepared(self, who, body: bytes | None) -> list[bytes]:
+        message = sql_command(body) if body is not None else None
+        if not isinstance(message, proto.ActionCreatePreparedStatementRequest):
+            raise pa.ArrowInvalid("CreatePreparedStatement needs an ActionCreatePreparedStatementRequest")
+        self._refuse_transaction(message)
+        sql = checked_query(message.query, self.max_query_bytes)
+        schema = self.backend.describe(who, sql)
+        result = proto.ActionCreatePreparedStatementResult(make_handle(sql), schema.serialize().to_pybytes())
+        return [proto.pack_any(result)]
+
+    @staticmethod
+    def close_prepared(body: bytes | None) -> list[bytes]:
+        message = sql_command(body) if body is not None else None
         if not isinstance(message, proto.ActionClosePreparedStatementRequest):
             raise pa.ArrowInvalid("ClosePreparedStatement needs an ActionClosePreparedStatementRequest")
         query_of(message.prepared_statement_handle)  # a handle of this server: nothing to free
         return []
-
-    @staticmethod
-    def action_types() -> list[tuple[str, str]]:
-        return list(ACTIONS.items())
 
     @staticmethod
     def refuse_put(command: proto.Message | None) -> Exception:
@@ -253,6 +248,15 @@ class FlightSqlService:
             return pa.ArrowNotImplementedError("prepared statements with parameters are not supported; put the "
                                                "values in the query")
         return pa.ArrowNotImplementedError("this server is read-only: DoPut is not supported")
+
+
+def add_sql_actions(actions: Actions, service: Callable[[], FlightSqlService]) -> None:
+    """Flight SQL's actions in a server's table, answered by `service()` (the direct server makes its own at
+    the first Flight SQL call)."""
+    actions.add("CreatePreparedStatement", "create a prepared statement (one SELECT; no parameters)",
+                lambda who, body: service().create_prepared(who, body))
+    actions.add("ClosePreparedStatement", "close a prepared statement",
+                lambda who, body: FlightSqlService.close_prepared(body))  # a handle holds no state to free
 
 
 def serve_result(result, on_batches: Callable[[pa.Schema, Iterator[pa.RecordBatch]], flight.FlightDataStream]):

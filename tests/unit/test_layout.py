@@ -151,7 +151,7 @@ def test_the_workbook_adds_its_commands_through_entry_points():
 
 # Modules that speak Flight to clients: they may make Flight (and Arrow) errors. Everything below them raises
 # the project's own (poc.errors), mapped once by poc.flight_errors at the handlers.
-SPEAKS_FLIGHT = {"poc.auth", "poc.direct", "poc.flight_errors", "poc.gateway.flight_server", "poc.http_arrow",
+SPEAKS_FLIGHT = {"poc.auth", "poc.direct", "poc.flight_actions", "poc.flight_errors", "poc.gateway.flight_server", "poc.http_arrow",
                  "poc.sql.service", "poc.sql.patterns"}
 FLIGHT_ERROR = re.compile(r"\b(?:flight\.Flight\w*Error|pa\.Arrow\w*(?:Error|Invalid))\(")
 
