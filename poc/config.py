@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import yaml
 # The tunnel's limits have their one home in the protocol core; here for the command line and the workbook.
 from .tunnel.limits import (INITIAL_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_STREAMS,  # noqa: F401
                             MAX_WINDOW_BYTES, UNSOLICITED_PER_S)
+from .tunnel.messages import TRACE_ID
 
 WS_PORT = 8443
 FLIGHT_PORT = 8815
@@ -61,9 +65,6 @@ def project_path(path: str | Path) -> Path:
 def raise_open_files_limit() -> int:
     """Lift the soft limit on open files to the hard one (every tunnel is a socket); return the limit in force.
     A limit that cannot be raised is logged and returned as it is."""
-    import logging
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         try:
@@ -91,8 +92,6 @@ class TenantCredentials:
 def valid_connector_id(value: str) -> bool:
     """A connector id as --connector-id takes it: 1-120 printable ASCII characters, no spaces (a tunnel
     registers as ID/POSITION, within protocol.md §2's 128)."""
-    from .tunnel.messages import TRACE_ID
-
     return len(value) <= 120 and TRACE_ID.fullmatch(value) is not None
 
 
@@ -165,8 +164,6 @@ def extraction_delay_s(delay_ms: tuple[float, float], rng: random.Random = rando
 
 def params_from_yaml(cls, path: str | Path, **overrides):
     """Build a parameters dataclass from a YAML file; unknown keys are an error that lists the known ones."""
-    import dataclasses
-
     try:
         doc = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:

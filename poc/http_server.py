@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -307,8 +308,6 @@ def _reason(status: int) -> bytes:
 
 
 def _json_error(message: str) -> bytes:
-    import json
-
     return json.dumps({"error": message}).encode()
 
 

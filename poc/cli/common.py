@@ -12,6 +12,7 @@ import sys
 
 from .. import config
 from ..config import ConfigError
+from ..tunnel import Limits
 
 
 def emit_ready(**fields) -> None:
@@ -92,8 +93,6 @@ def check_tls(args: argparse.Namespace) -> None:
 
 
 def tunnel_limits(args: argparse.Namespace):
-    from ..tunnel import Limits
-
     codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip() and c.strip() != "none")
     if args.window_bytes < args.max_frame_bytes:
         raise ConfigError("--window-bytes must be at least --max-frame-bytes")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import socket
 from dataclasses import dataclass
 
 from .. import config
+from ..catalog import available_codecs
 
 
 class RegistrationRefused(Exception):
@@ -50,15 +52,11 @@ class ConnectorConfig:
     @property
     def sql_dialect(self) -> str | None:
         """What register says about SQL (protocol 1.5): "duckdb" when queries are answered, else None."""
-        import importlib.util
-
         return "duckdb" if self.sql and importlib.util.find_spec("duckdb") is not None else None
 
     @property
     def codecs(self) -> list[str]:
         """What register offers (protocol 1.4): the codecs pyarrow can write, none with --compression off."""
-        from ..catalog import available_codecs
-
         return [] if self.compression == "off" else available_codecs()
 
     def __post_init__(self) -> None:

@@ -14,12 +14,16 @@ import pyarrow.flight as flight
 
 from .. import config
 from ..auth import PeerCredentials, TenantCalls, TicketSigner, flight_certificate
+from ..http_arrow import default_vendor_dir
 from ..tunnel import CloseCode
 from .bridge import TunnelBridge
+from .cluster import ClusterLinks, ClusterRouter
+from .directory import RedisDirectory
 from .flight_server import GatewayFlightServer
 from .health import HealthServer
 from .metrics import GatewayMetrics, ReplicaTunnels
 from .registry import TenantRegistry
+from .replica import Replica
 from .routing import LocalRouter
 from .settings import GatewayConfig
 from .shares import BufferBudget
@@ -67,8 +71,6 @@ class Gateway:
             await self._join_registry(loop, location, tls, tickets)
         # The Flight server already serves once constructed. Its serve() would install signal handlers that
         # shut Flight down before the tunnels, so it is not called: SIGTERM goes to stop() below.
-        from ..http_arrow import default_vendor_dir
-
         self._http = HealthServer((cfg.host, cfg.http_port), self._snapshot, self._readiness,
                                   cfg.admin_token, lambda: self.budget.reserved, self.metrics,
                                   reload=lambda: asyncio.run_coroutine_threadsafe(self._reload(), loop).result(10),
@@ -105,10 +107,6 @@ class Gateway:
     async def _join_registry(self, loop, location: str, tls, tickets: TicketSigner) -> None:
         """`--registry`: the Flight server routes through a ClusterRouter; this replica publishes its tunnels and
         its record (poc.gateway.replica) before it says it is ready."""
-        from .cluster import ClusterLinks, ClusterRouter
-        from .directory import RedisDirectory
-        from .replica import Replica
-
         cfg = self.cfg
         peers = PeerCredentials(cfg.peer_secret)
         directory = RedisDirectory(cfg.registry_url, cfg.gateway_id, "", cfg.registry_ttl_s,

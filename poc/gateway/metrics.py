@@ -11,6 +11,7 @@ import threading
 from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 CLOSE_CODES = {1000, 1001, 1005, 1006, 1009, 1011, 1013, 4000, 4001, 4002, 4003, 4004, 4005, 4006, 4007, 4008}
 
@@ -70,13 +71,9 @@ class ReplicaTunnels:
         self._fetch = fetch  # () -> list of replica records {id, tunnels, ...}; may raise
 
     def describe(self):
-        from prometheus_client.core import GaugeMetricFamily
-
         yield GaugeMetricFamily(self.NAME, self.HELP, labels=["gateway"])
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
         family = GaugeMetricFamily(self.NAME, self.HELP, labels=["gateway"])
         try:
             records = self._fetch()

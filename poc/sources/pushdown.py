@@ -3,6 +3,10 @@ poc.sql.allowed, and rewritten so that each dataset's name reads its own definit
 
 from __future__ import annotations
 
+import sqlglot
+from sqlglot import exp
+from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
+
 from ..sql.allowed import check_pushdown, is_cte_reference
 from ..sql.errors import SqlError
 from .database import Database, DatabaseSource
@@ -10,9 +14,6 @@ from .database import Database, DatabaseSource
 
 def involves(sql: str, tables: dict[str, DatabaseSource]) -> bool:
     """Whether a query names any database dataset (it then runs in that database, not in DuckDB)."""
-    import sqlglot
-    from sqlglot import exp
-
     try:
         trees = sqlglot.parse(sql)
     except sqlglot.errors.ParseError:
@@ -26,10 +27,6 @@ def pushdown(sql: str, tables: dict[str, DatabaseSource], files: set[str]) -> tu
     rewritten so that each dataset's name reads its own definition as a subquery — `(SELECT * FROM <table>)`
     or `(<query>)` — the only SQL that touches real tables (so no system column or catalogue is in reach
     either). Raises SqlError with the reason."""
-    import sqlglot
-    from sqlglot import exp
-    from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
-
     try:
         named = {t.name for tree in sqlglot.parse(sql) if tree is not None for t in tree.find_all(exp.Table)}
     except (sqlglot.errors.SqlglotError, RecursionError) as exc:

@@ -20,11 +20,12 @@ from typing import Protocol
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from .. import __version__
+from ..config import MAX_QUERY_BYTES
 from ..flight_actions import Actions
 from . import proto
-from .patterns import like
-from ..config import MAX_QUERY_BYTES
 from .engine import CATALOG, DB_SCHEMA
+from .patterns import like
 
 HANDLE_PREFIX = b"poc-sql/1\n"
 SERVER_NAME = "poc tunnel gateway"
@@ -113,7 +114,6 @@ SQL_INFO_SCHEMA = pa.schema([pa.field("info_name", pa.uint32(), False), pa.field
 # _TRANSACTION (0: none), _CANCEL, SQL_DDL_CATALOG/_SCHEMA/_TABLE, SQL_IDENTIFIER_QUOTE_CHAR,
 # SQL_SEARCH_STRING_ESCAPE ("": none), SQL_CATALOG_TERM, SQL_SCHEMA_TERM.
 def _sql_info_values() -> dict[int, object]:
-    from .. import __version__
     return {0: SERVER_NAME, 1: __version__, 2: pa.__version__, 3: True, 4: True, 5: False, 8: ("int32", 0),
             9: False, 500: False, 501: False, 502: False, 504: '"', 513: "", 529: "schema", 531: "catalog"}
 
