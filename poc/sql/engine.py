@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset
 
 from ..config import MAX_QUERY_BYTES
 from .allowed import check_duckdb
@@ -87,6 +86,8 @@ class SqlEngine:
     def __init__(self, files: dict[str, Path] | None = None, tables: dict[str, pa.Table] | None = None, *,
                  memory_limit_mb: int = 1024, threads: int = 2, max_query_bytes: int = MAX_QUERY_BYTES) -> None:
         duckdb = _duckdb()
+        import pyarrow.dataset  # here: the gateway imports this module's names, never runs it (18 MB)
+
         self.max_query_bytes = max_query_bytes
         files = {name: Path(path).resolve() for name, path in (files or {}).items()}
         # Each dataset is an Arrow object registered with every cursor as `_source_N`; its view names it.

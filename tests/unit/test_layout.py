@@ -170,3 +170,15 @@ def test_the_gateway_below_its_handlers_raises_the_projects_errors():
     for module in ("poc.gateway.link", "poc.gateway.bridge", "poc.gateway.registry", "poc.gateway.shares",
                    "poc.gateway.arrow_checks", "poc.gateway.cluster"):
         assert "poc.errors" in imported(MODULES[module]), module
+
+
+def test_a_gateway_loads_nothing_it_never_runs():
+    """The imports kept inside functions keep what a gateway never runs out of its memory (architecture.md):
+    pyarrow.dataset alone is 18 MB of a gateway's resident set."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, poc.gateway.app, poc.cli.gateway; print(' '.join(m for m in ('duckdb', 'sqlglot', "
+             "'pyarrow.dataset', 'polars', 'adbc_driver_manager', 'redis') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []
