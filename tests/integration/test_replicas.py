@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from poc.auth import PEER_HEADER, PeerCredentials
 from poc.config import make_tenants
 from poc.workbook.servers.replicas import LoadLoop, Replicas
+from poc.workbook.servers.runner import wait_all_ready
 from tests.helpers import bearer, read, sales
 
 pytestmark = pytest.mark.timeout(240)
@@ -26,8 +27,7 @@ def replicas(tmp_path, tenant_data):
     """Three replicas; tenant_00i's connector dials gw-i and serves a table of its own."""
     tenants = make_tenants(3)  # each connector knows one replica: rebalancing could not move it, so it is off
     with Replicas(tmp_path, tenants, tenant_data, count=3, gateway_args=("--rebalance-s", "0")) as r:
-        for i, tenant in enumerate(tenants, start=1):
-            r.connect(tenant, f"gw-{i}")
+        wait_all_ready([r.connect(tenant, f"gw-{i}", wait=False) for i, tenant in enumerate(tenants, start=1)])
         r.wait_routable(list(tenants))
         yield r
 
@@ -381,8 +381,7 @@ def ha(tmp_path, tenant_data):
     """Three replicas; each tenant's connector is given all three and keeps two tunnels."""
     tenants = make_tenants(3)
     with Replicas(tmp_path, tenants, tenant_data, count=3, delay_ms="20") as r:
-        for tenant in tenants:
-            r.connect(tenant, "gw-1", "gw-2", "gw-3")
+        wait_all_ready([r.connect(tenant, "gw-1", "gw-2", "gw-3", wait=False) for tenant in tenants])
         for tenant in tenants:
             wait_for(lambda: len(tunnels_of(r, tenant)) == 2, 20, f"{tenant} has two tunnels")
         yield r

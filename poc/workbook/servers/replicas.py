@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ...config import TenantCredentials
 from .redis_server import RedisServer
-from .runner import Component, ComponentError, Started, TlsFiles, get_json, start_component
+from .runner import Component, ComponentError, Started, TlsFiles, get_json, start_component, stop_all, wait_all_ready
 
 
 class Replicas(Started):
@@ -43,8 +43,7 @@ class Replicas(Started):
     def start(self) -> None:
         self.prepare()
         self.redis.start()
-        for i in range(1, self.count + 1):
-            self.start_gateway(f"gw-{i}")
+        wait_all_ready([self.start_gateway(f"gw-{i}", wait=False) for i in range(1, self.count + 1)])
 
     def reserve(self, gateway_id: str) -> dict:
         """Free ports for a replica to be started later (`start_gateway` takes them)."""
@@ -53,9 +52,10 @@ class Replicas(Started):
         self.reserved[gateway_id] = {"ws_port": _free_port(), "flight_port": _free_port(), "http_port": _free_port()}
         return self.reserved[gateway_id]
 
-    def start_gateway(self, gateway_id: str, ports: dict | None = None, host: str = "127.0.0.1") -> Component:
+    def start_gateway(self, gateway_id: str, ports: dict | None = None, host: str = "127.0.0.1",
+                      wait: bool = True) -> Component:
         """Start (or start again, on the same ports when `ports` is given) the replica `gateway_id` on `host`
-        (any 127.x.y.z address is loopback)."""
+        (any 127.x.y.z address is loopback); `wait=False` returns before its ready line (`wait_all_ready`)."""
         ports = ports or self.reserved.pop(gateway_id, {})
         self.hosts[gateway_id] = host
         args = ["gateway", "--tenants", str(self.tenants_file), "--registry", self.redis.url, "--host", host,
@@ -63,7 +63,7 @@ class Replicas(Started):
                 "--ws-port", str(ports.get("ws_port", 0)), "--flight-port", str(ports.get("flight_port", 0)),
                 "--http-port", str(ports.get("http_port", 0)), "--grpc-tunnel-port", "-1", *self.gateway_args,
                 *((*self.tls.server_args(), "--peer-ca-file", str(self.tls.ca)) if self.tls else ())]
-        component = start_component(gateway_id, args, self.log_dir, env=self.env)
+        component = start_component(gateway_id, args, self.log_dir, env=self.env, wait=wait)
         self.gateways[gateway_id] = component
         return component
 
@@ -72,9 +72,9 @@ class Replicas(Started):
         return f"{'wss' if self.tls else 'ws'}://{self.hosts.get(gateway_id, '127.0.0.1')}:{ports['ws_port']}/connect"
 
     def connect(self, tenant_id: str, *gateway_ids: str, tunnels: int | None = None, name: str | None = None,
-                urls: tuple[str, ...] = (), launcher: tuple[str, ...] = ()) -> Component:
+                urls: tuple[str, ...] = (), launcher: tuple[str, ...] = (), wait: bool = True) -> Component:
         """Start a connector for `tenant_id` that dials the replicas `gateway_ids` (each a --gateway), or
-        `urls` as given."""
+        `urls` as given; `wait=False` returns before its ready line (`wait_all_ready`)."""
         dial = [arg for url in (*(self.tunnel_url(g) for g in gateway_ids), *urls) for arg in ("--gateway", url)]
         data = self.data[tenant_id] if isinstance(self.data, dict) else self.data
         component = start_component(
@@ -82,7 +82,8 @@ class Replicas(Started):
             ["connector", *dial, "--tenant", tenant_id, "--data", str(data), "--delay-ms", self.delay_ms,
              "--heartbeat-s", "1", *(("--tunnels", str(tunnels)) if tunnels else ()),
              *(("--ca-file", str(self.tls.ca)) if self.tls else ())],
-            self.log_dir, env={"POC_CONNECTOR_TOKEN": self.tenants[tenant_id].connector_token}, launcher=launcher)
+            self.log_dir, env={"POC_CONNECTOR_TOKEN": self.tenants[tenant_id].connector_token}, launcher=launcher,
+            wait=wait)
         self.connectors[component.name] = component
         return component
 
@@ -137,8 +138,9 @@ class Replicas(Started):
         component.popen.wait(10)
 
     def stop(self) -> None:
-        for component in [*self.connectors.values(), *self.gateways.values()]:
-            component.stop()
+        """The connectors together, then the replicas together (each drains for `--drain-delay-s`), then Redis."""
+        stop_all(list(self.connectors.values()))
+        stop_all(list(self.gateways.values()))
         self.redis.stop()
 
 

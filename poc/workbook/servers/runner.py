@@ -62,16 +62,46 @@ class Component:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; return the exit code."""
+        self.terminate()
+        return self.reap(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM, if it still runs: it drains and exits (`reap` waits for it)."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+
+    def reap(self, timeout: float) -> int | None:
+        """Wait up to `timeout` for the process to exit, then SIGKILL it; return the exit code."""
+        try:
+            self.popen.wait(max(timeout, 0.0))
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
         if self.popen.stdout:
             self.popen.stdout.close()
         return self.popen.returncode
+
+
+def stop_all(components: list[Component], timeout: float = 10.0) -> None:
+    """SIGTERM every component at once, then reap each (SIGKILL what still runs after `timeout`): a group
+    stops in the time of its slowest, not the sum of all."""
+    for component in components:
+        component.terminate()
+    deadline = time.monotonic() + timeout
+    for component in components:
+        component.reap(deadline - time.monotonic())
+
+
+def wait_all_ready(components: list[Component], timeout: float = 60.0) -> None:
+    """Wait for the ready line of components started with `wait=False` (they start side by side); if one
+    fails, stop them all and raise its ComponentError."""
+    deadline = time.monotonic() + timeout
+    try:
+        for component in components:
+            component.wait_ready(max(deadline - time.monotonic(), 0.1))
+    except BaseException:
+        stop_all(components)
+        raise
 
 
 def start_component(name: str, args: list[str], log_dir: Path, env: dict | None = None,
@@ -178,16 +208,19 @@ class Cluster(Started):
     def start(self) -> None:
         self.prepare()
         self.start_gateway()
-        if self.with_connectors:
-            for tenant_id in self.tenants:
-                self.start_connector(tenant_id)
-            self.wait_online(list(self.tenants))
+        # the connectors and the direct server start side by side once the gateway listens
+        starting = [self.start_connector(tenant_id, wait=False) for tenant_id in self.tenants] \
+            if self.with_connectors else []
         if self.with_direct:
             self.components["direct"] = start_component(
                 "direct", ["direct", *(("--data", str(self.data)) if self.direct_args is None else self.direct_args),
                            "--host", self.host, "--port", "0", "--http-port", "0",
                            "--delay-ms", self.delay_ms, "--tenants", str(self.tenants_file), *self._tls_args()],
-                self.log_dir, env=self.direct_env)
+                self.log_dir, env=self.direct_env, wait=False)
+            starting.append(self.components["direct"])
+        wait_all_ready(starting)
+        if self.with_connectors:
+            self.wait_online(list(self.tenants))
 
     def start_gateway(self, extra: tuple[str, ...] = ()) -> Component:
         ports = ("--ws-port", "0", "--flight-port", "0", "--http-port", "0", "--grpc-tunnel-port", "0")
@@ -284,9 +317,10 @@ class Cluster(Started):
         raise ComponentError(f"tenants {tenant_ids} not online after {timeout:.0f} s: {health}")
 
     def stop(self) -> None:
-        """Stop every component this cluster started, connectors first."""
-        for name in sorted(self.components, key=lambda n: n == "gateway"):
-            self.components[name].stop()
+        """Stop every component this cluster started: the connectors and the direct server together, then
+        the gateway."""
+        stop_all([c for name, c in self.components.items() if name != "gateway"])
+        stop_all([c for name, c in self.components.items() if name == "gateway"])
 
 
 def at_once(call, count: int, timeout: float = 300.0) -> None:
