@@ -3,8 +3,9 @@
 Each open stream reserves its window (docs/protocol.md §5) when it opens and what the window grows by
 (§5b) as it grows, so the sum of reservations bounds what the gateway holds, whatever clients and connectors
 do. A tenant may reserve at most its share (`--max-tenant-buffered-bytes`, half the budget by default): with
-one tenant holding all it may, the others still have the rest. Windows grow only within half the budget, so
-growth never takes the room new streams need for their initial windows.
+one tenant holding all it may, the others still have the rest. Windows grow only within half the budget and
+half the tenant's share, so growth never takes the room new streams need for their initial windows, the
+tenant's own included.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ class BufferBudget:
             self._take(tenant, held, size)
 
     def try_grow(self, tenant: str, size: int) -> bool:
-        """Reserve for a window that widens (protocol §5b): within the tenant's share, and within half the
-        whole budget."""
+        """Reserve for a window that widens (protocol §5b): within half the tenant's share and half the whole
+        budget (the other halves stay for streams yet to open)."""
         with self._lock:
             held = self._by_tenant.get(tenant, 0)
-            if (self.tenant_limit and held + size > self.tenant_limit) or (
+            if (self.tenant_limit and held + size > self.tenant_limit // 2) or (
                     self.limit and self.reserved + size > self.limit // 2):
                 return False
             self._take(tenant, held, size)
