@@ -212,8 +212,11 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="tunnel vs direct benchmark: throughput ratios, latency, memory, CPU",
                        description="Start a gateway, a connector and a direct server (no artificial delay), then "
                                    "for each repetition measure: aggregate DoGet throughput at each concurrency "
-                                   "level, one DoGet alone, GetFlightInfo P50, gateway peak RSS and CPU per GB. "
-                                   "Prints each figure's median and spread against its goal.")
+                                   "level, one DoGet alone, GetFlightInfo P50, gateway peak RSS, and the CPU each "
+                                   "process (direct server, connector, gateway, this load client) spends per GB "
+                                   "delivered on each path. Prints each figure's median and spread against its "
+                                   "goal, where the core-seconds go, and the two-hop limit of tunnel ÷ direct "
+                                   "computed from them.")
     add_measurement_options(p)
     p.add_argument("--concurrency", default="10,100", help="comma-separated levels (default %(default)s)")
     p.add_argument("--requests", type=int, default=0, help="DoGets per level; 0 = twice the level (default)")

@@ -1,0 +1,37 @@
+"""`python -m poc bench`: every process's core-seconds per GB, per path, and the two-hop limit computed from them."""
+
+from __future__ import annotations
+
+import pytest
+
+from poc.workbook.experiments.bench import BenchParams, account, run_bench, table
+
+
+def test_account_puts_each_hop_against_its_ideal_and_computes_the_two_hop_limit():
+    """The figures of a measured run (core-s/GB): a connector at 1.84 × the direct server, a gateway at 1.22 ×
+    server + client; an ideal relay would cost 0.225 + 0.515 + 0.335, so 0.48 × direct is the limit."""
+    run = {"direct_server_cpu_s_per_gb": 0.225, "direct_client_cpu_s_per_gb": 0.29,
+           "ws_connector_cpu_s_per_gb": 0.415, "ws_gateway_cpu_s_per_gb": 0.63, "ws_client_cpu_s_per_gb": 0.335}
+    figures = account(run, "ws_")
+    assert figures["ws_connector_cpu_ratio"] == pytest.approx(0.415 / 0.225)
+    assert figures["ws_gateway_cpu_ratio"] == pytest.approx(0.63 / 0.515)
+    assert figures["ws_tunnel_cpu_s_per_gb"] == pytest.approx(1.38)
+    assert figures["ws_cpu_ratio"] == pytest.approx(0.515 / 1.38)
+    assert figures["ws_two_hop_limit"] == pytest.approx(0.515 / 1.075)
+
+
+def test_the_bench_says_where_every_core_second_goes(tmp_path):
+    params = BenchParams(rows=1_000_000, concurrency=(2,), requests_per_level=4, single_runs=1, info_calls=2,
+                         repetitions=1, data_dir=str(tmp_path / "data"))
+    result = run_bench(params, log=lambda line: None)
+    run = result["runs"][0]
+    for key in ("direct_server", "direct_client", "connector", "gateway", "client"):
+        assert run[f"{key}_cpu_s_per_gb_c2"] > 0, key  # each process served or read the bytes: it spent CPU
+    # four DoGets of ~50 MB each way: the CPU is divided by what was delivered, not by a guess
+    assert 0.05 < run["direct_server_cpu_s_per_gb"] < 20 and 0.05 < run["connector_cpu_s_per_gb"] < 20
+    assert run["two_hop_limit"] == pytest.approx(account(run)["two_hop_limit"])
+    assert result["figures"]["gateway_cpu_ratio"]["median"] == run["gateway_cpu_ratio"]
+    text = table(result)
+    assert "where the core-seconds go" in text
+    assert f"two-hop limit of tunnel ÷ direct {run['two_hop_limit']:.2f}" in text
+    assert "connector CPU per GB ÷ direct server's" in text and "≤1.1" in text
