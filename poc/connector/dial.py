@@ -16,7 +16,6 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 from .. import config
-from ..transports.base import keep_unsent_small
 from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint
 from .config import ConnectorConfig, RefusedForNow
@@ -85,8 +84,9 @@ async def dial(target: str, cfg: ConnectorConfig):
         async with connect(url, compression=None, proxy=None, ssl=_ssl_context(url, cfg.ca_file), sock=sock,
                            max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
                            ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
-            keep_unsent_small(ws.transport.get_extra_info("socket"))
-            yield WebSocketLink(ws, ConnectorEndpoint())
+            link = WebSocketLink(ws, ConnectorEndpoint())
+            link.bound_unsent()
+            yield link
         return
     if url.startswith(("grpc://", "grpcs://")):
         from ..transports.grpc_tunnel import dial_grpc

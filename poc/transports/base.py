@@ -29,18 +29,30 @@ from ..tunnel.events import Event
 log = logging.getLogger("poc.transports")
 
 
-UNSENT_LOWAT = 128 * 1024  # bytes the kernel may hold unsent on a sending socket (TCP_NOTSENT_LOWAT)
+UNSENT_LOWAT = 128 * 1024  # bytes the kernel may hold unsent on a sending socket (TCP_NOTSENT_LOWAT), at least
+MAX_UNSENT_LOWAT = 1024 * 1024  # … and at most, once the link's rate is known
+UNSENT_BUDGET_S = 0.02  # what the link drains in this long: a control message waits for no more behind data
 
 
-def keep_unsent_small(sock: socket.socket | None) -> None:
-    """Let the socket report room only while it holds less than UNSENT_LOWAT bytes not yet sent, instead of a
+def unsent_budget(drain_bps: float | None) -> int:
+    """The unsent bytes a connector's socket may hold: what the link drains in UNSENT_BUDGET_S (as frames are
+    cut, docs/protocol.md §5a), from UNSENT_LOWAT (also while the rate is unknown) to MAX_UNSENT_LOWAT. A
+    fast link then sends in large pieces (a 128 KiB bound cost the connector a wake-up per 128 KiB: 2.8 × the
+    direct server's CPU per GB, docs/results.md); a slow one still lets a control message overtake its data."""
+    if drain_bps is None:
+        return UNSENT_LOWAT
+    return int(min(max(drain_bps * UNSENT_BUDGET_S, UNSENT_LOWAT), MAX_UNSENT_LOWAT))
+
+
+def keep_unsent_small(sock: socket.socket | None, size: int = UNSENT_LOWAT) -> None:
+    """Let the socket report room only while it holds less than `size` bytes not yet sent, instead of a
     whole autotuned send buffer (megabytes): data then waits in the endpoint's queue, where a control message
     can overtake it, rather than in the kernel, where it cannot. Linux only; elsewhere a no-op."""
     option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
     if sock is None or option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_LOWAT)
+        sock.setsockopt(socket.IPPROTO_TCP, option, size)
     except OSError:
         pass
 
@@ -120,6 +132,7 @@ class Link:
         self._writer: asyncio.Task | None = None  # runs while the endpoint has something queued
         self._progress: asyncio.Future | None = None  # set when the writer sent a control message, or stopped
         self.drain_bps: float | None = None  # how fast this link took data while more waited (bytes/s)
+        self.unsent_bound: int | None = None  # a connector's: the socket's TCP_NOTSENT_LOWAT (bound_unsent)
         self._busy = [0, 0.0]  # bytes and seconds of writing with more waiting, since the last estimate
 
     # -- to be supplied by each adapter
@@ -241,6 +254,14 @@ class Link:
             rate = busy[0] / busy[1]
             self.drain_bps = rate if self.drain_bps is None else (self.drain_bps + rate) / 2
             busy[0], busy[1] = 0, 0.0
+            if self.unsent_bound is not None and unsent_budget(self.drain_bps) != self.unsent_bound:
+                self.bound_unsent()
+
+    def bound_unsent(self) -> None:
+        """Keep this link's unsent bytes in the endpoint's queue, not the kernel's (keep_unsent_small), beyond
+        what the link drains in UNSENT_BUDGET_S; re-applied as the drain rate is measured. Connectors do this."""
+        self.unsent_bound = unsent_budget(self.drain_bps)
+        keep_unsent_small(self.socket(), self.unsent_bound)
 
     def _tell_progress(self) -> None:
         progress, self._progress = self._progress, None

@@ -21,7 +21,7 @@ from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WS
 
 from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
 from ..tunnel.endpoint import Endpoint
-from .base import Link, keep_unsent_small
+from .base import Link
 
 log = logging.getLogger(__name__)
 _CLOSED = object()
@@ -218,5 +218,5 @@ async def dial_picows(url: str, endpoint_factory: Callable[[], Endpoint], ssl: s
                                websocket_handshake_timeout=10)
     if link is None or link.closed is not None:
         raise ConnectionError(f"tunnel to {url} closed during the handshake")
-    keep_unsent_small(link.transport.underlying_transport.get_extra_info("socket"))
+    link.bound_unsent()
     return link
