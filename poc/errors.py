@@ -57,10 +57,12 @@ def from_code(code: str, message: str, source: str) -> CallError:
     """The error a client sees for an error `code` of a request (docs/protocol.md §9) that `source` answered:
     not found, invalid request and forbidden as they are; timed out and unavailable naming `source`; anything
     else a failure of `source` naming its code."""
-    if code in ("not_found", "invalid_request", "forbidden"):
-        return {"not_found": NotFound, "invalid_request": InvalidRequest, "forbidden": Forbidden}[code](message)
-    if code == "timed_out":
-        return TimedOut(f"{source}: {message}")
-    if code == "unavailable":
-        return Unavailable(f"{source}: {message}")
+    if code in _AS_IS:
+        return _AS_IS[code](message)
+    if code in _NAMING_SOURCE:
+        return _NAMING_SOURCE[code](f"{source}: {message}")
     return SourceFailed(f"{source} failed the request ({code[:40]}): {message}")
+
+
+_AS_IS = {cls.code: cls for cls in (NotFound, InvalidRequest, Forbidden)}
+_NAMING_SOURCE = {cls.code: cls for cls in (TimedOut, Unavailable)}

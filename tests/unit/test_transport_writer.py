@@ -1,10 +1,11 @@
-"""The writer every transport shares, and the order the core gives it: no socket."""
+"""The writer every transport shares, the order the core gives it, and the unsent bound it keeps on a connector's socket."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
-from poc.transports.base import Link
+from poc.transports.base import MAX_UNSENT_LOWAT, UNSENT_LOWAT, Link, unsent_budget
 from poc.tunnel import ConnectorEndpoint, FrameType, GatewayEndpoint, Limits
 from poc.tunnel.endpoint import QUANTUM
 from poc.tunnel.frames import HEADER
@@ -195,10 +196,6 @@ class SocketLink(SlowLink):
 def test_a_connectors_unsent_bound_follows_what_its_link_drains_in_20_ms():
     """128 KiB while the rate is unknown (a control message overtakes data on any link); on a fast link it
     grows to 1 MiB, since a wake-up per 128 KiB cost the connector 2.8 × the direct server's CPU per GB."""
-    import socket
-
-    from poc.transports.base import MAX_UNSENT_LOWAT, UNSENT_LOWAT, unsent_budget
-
     assert unsent_budget(None) == UNSENT_LOWAT
     assert unsent_budget(50e6 / 8) == UNSENT_LOWAT  # 50 Mbit/s drains 125 KB in 20 ms
     assert unsent_budget(400e6 / 8) == 1_000_000  # 400 Mbit/s: 1 MB in 20 ms

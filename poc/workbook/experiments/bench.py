@@ -225,8 +225,7 @@ def run_bench(params: BenchParams, log=print) -> dict:
                     run[f"{key}{role}_cpu_s_per_gb"] = statistics.median(
                         run[f"{key}{role}_cpu_s_per_gb_c{c}"] for c in params.concurrency)
                 run.update(account(run, key))
-                connector = cluster.components[f"connector-{by_tunnel[name].tenant_id}"]
-                run[f"{key}connector_rss_mb"] = psutil.Process(connector.pid).memory_info().rss / 2**20
+                run[f"{key}connector_rss_mb"] = serving[name]["connector"].memory_info().rss / 2**20
                 log(f"rep {rep} {name}: single {run['direct_single_ms']:.0f} vs {single[name] * 1000:.0f} ms, "
                     f"flightinfo +{run[f'{key}flightinfo_overhead_ms']:.2f} ms, "
                     f"gateway peak {run[f'{key}gateway_peak_rss_mb']:.0f} MB")
