@@ -1,4 +1,4 @@
-"""The writer every transport shares, the order the core gives it, and the unsent bound it keeps on a connector's socket."""
+"""The writer every transport shares, the order the core gives it, and the unsent bound of a connector's socket."""
 
 from __future__ import annotations
 
