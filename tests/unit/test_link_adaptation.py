@@ -249,3 +249,47 @@ def test_batches_cut_small_for_a_slow_link_still_compress_within_the_gateways_fr
     assert within_cut.count(None) > 0 and within_frame.count(None) == 0
     assert any(charge > 64 * 1024 for _, charge in within_frame) and all(c <= 4 * MIB for _, c in within_frame)
     assert ds.is_cut(64 * 1024) and ds.is_cut(64 * 1024, "zstd", 0, 4 * MIB) and not ds.is_cut(32 * 1024)
+
+
+# -- when to compress (the connector, --compression auto)
+
+class _Link:
+    """What a session reads of its transport to decide on compression: a registered endpoint, the measured
+    drain rate and the link's socket (a real loopback TCP connection here)."""
+
+    def __init__(self, endpoint: ConnectorEndpoint, drain_bps: float, sock) -> None:
+        self.endpoint, self.drain_bps, self._sock = endpoint, drain_bps, sock
+
+    def socket(self):
+        return self._sock
+
+
+def _session(link: _Link):
+    from poc.connector.config import ConnectorConfig
+    from poc.connector.session import Session
+
+    cfg = ConnectorConfig(gateway="ws://127.0.0.1:1/connect", tenant_id="t1", token="secret-token")
+    return Session(cfg, serving=None, metrics=None, transport=link, hooks=None)
+
+
+def test_a_loopback_link_is_never_compressed_even_when_its_heartbeats_come_back_late():
+    """Under load a heartbeat waits behind every queue, so its round trip on loopback can pass the 2 ms that
+    marks a wide-area link: the kernel's own minimum round trip of the link's socket says the link is local,
+    and a slowly draining local link is busy, not far. Without the socket's view it goes compressed."""
+    import socket
+
+    _, connector = pair(["zstd"])
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as sock, server.accept()[0] as peer:
+        for _ in range(20):  # round trips for the kernel to measure
+            sock.sendall(b"x")
+            peer.recv(1)
+            peer.sendall(b"y")
+            sock.recv(1)
+        session = _session(_Link(connector, drain_bps=10e6, sock=sock))  # 80 Mbit/s: slow enough to compress
+        session.rtt_s = 0.050  # heartbeats came back after 50 ms
+        assert session.round_trip_s() < 0.002
+        assert not session.compressing()
+        blind = _session(_Link(connector, drain_bps=10e6, sock=None))  # a transport with no socket (gRPC)
+        blind.rtt_s = 0.050
+        assert blind.compressing()  # only the heartbeats to go by: a slow far link
