@@ -30,7 +30,7 @@ log = logging.getLogger("poc.transports")
 
 
 UNSENT_LOWAT = 128 * 1024  # bytes the kernel may hold unsent on a sending socket (TCP_NOTSENT_LOWAT), at least
-MAX_UNSENT_LOWAT = 8 * 1024 * 1024  # … and at most, once the link's rate is known
+MAX_UNSENT_LOWAT = 1024 * 1024  # … and at most, once the link's rate is known
 UNSENT_BUDGET_S = 0.02  # what the link drains in this long: a control message waits for no more behind data
 
 
@@ -38,8 +38,7 @@ def unsent_budget(drain_bps: float | None) -> int:
     """The unsent bytes a connector's socket may hold: what the link drains in UNSENT_BUDGET_S (as frames are
     cut, docs/protocol.md §5a), from UNSENT_LOWAT (also while the rate is unknown) to MAX_UNSENT_LOWAT. A
     fast link then sends in large pieces (a 128 KiB bound cost the connector a wake-up per 128 KiB: 2.8 × the
-    direct server's CPU per GB, docs/results.md) and hands each frame to the kernel whole (keep_unsent_small);
-    a slow one still lets a control message overtake its data."""
+    direct server's CPU per GB, docs/results.md); a slow one still lets a control message overtake its data."""
     if drain_bps is None:
         return UNSENT_LOWAT
     return int(min(max(drain_bps * UNSENT_BUDGET_S, UNSENT_LOWAT), MAX_UNSENT_LOWAT))
@@ -55,35 +54,7 @@ def keep_unsent_small(sock: socket.socket | None, size: int = UNSENT_LOWAT) -> N
     try:
         sock.setsockopt(socket.IPPROTO_TCP, option, size)
     except OSError:
-        return
-    if size >= MAX_UNSENT_LOWAT:
-        room_for_whole_frames(sock, size)
-
-
-def wmem_max() -> int | None:
-    """The largest send buffer a socket may ask for (net.core.wmem_max), where the system says."""
-    try:
-        return int(open("/proc/sys/net/core/wmem_max").read())
-    except (OSError, ValueError):
-        return None
-
-
-def room_for_whole_frames(sock: socket.socket, size: int, limit: int | None = None) -> bool:
-    """On a link fast enough for the largest unsent bound, give the socket a send buffer of `size` (the kernel
-    doubles it, within net.core.wmem_max) if that is more than it has: Linux calls a socket writable once its
-    queue is under two thirds of its send buffer, and a frame the kernel cannot take whole is copied by the
-    WebSocket library into a buffer of its own, one more pass over most of its bytes. With autotuning's usual
-    4 MiB a 2 MiB frame never fit; with 8 MiB it does (connector CPU per GB: docs/results.md). Never shrinks a
-    buffer (setting one ends the kernel's autotuning, so a smaller grant would cap a long link). True if set."""
-    limit = wmem_max() if limit is None else limit
-    try:
-        current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        if limit is None or 2 * min(size, limit) <= current:
-            return False
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-    except OSError:
-        return False
-    return True
+        pass
 
 
 NEAR_RTT_US = 1000  # a TCP round trip under this: a link within one site, whose receive queue can be short
