@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..transports.base import TunnelTransport, tcp_min_rtt_us
+from ..transports.base import TunnelTransport
 from ..tunnel import CloseCode, ConnectorEndpoint, FrameType
 from ..tunnel import events as ev
 from ..tunnel.messages import clip
@@ -212,23 +212,14 @@ class Session:
             return False
         if cfg.compression == "always":
             return True
-        rate, rtt = self.transport.drain_bps, self.round_trip_s()
+        rate = self.transport.drain_bps
         slow = (rate is not None and rate * 8 / 1e6 < cfg.compress_below_mbps
-                and rtt is not None and rtt >= COMPRESS_MIN_RTT_S)
+                and self.rtt_s is not None and self.rtt_s >= COMPRESS_MIN_RTT_S)
         if slow != self.compressing_now:
             self.compressing_now = slow
             log.info("link drains at %.0f Mbit/s: batches go %s", (rate or 0) * 8 / 1e6,
                      f"compressed ({self.endpoint.codec})" if slow else "uncompressed", extra=self.context())
         return slow
-
-    def round_trip_s(self) -> float | None:
-        """The link's smallest round trip: the heartbeats' or, where the link's TCP socket reaches the gateway,
-        the kernel's (TCP_INFO's minimum), whichever is smaller. A heartbeat's is end to end but waits behind
-        every queue on the way: under load, on loopback, it can take several milliseconds, which would call a
-        local link a wide-area one and compress on it; the kernel's minimum waits behind none."""
-        tcp_us = tcp_min_rtt_us(self.transport.socket())
-        candidates = [r for r in (self.rtt_s, None if not tcp_us else tcp_us / 1e6) if r is not None]
-        return min(candidates) if candidates else None
 
     async def compressed(self, dataset, max_frame: int, index: int) -> tuple[bytearray, int] | None:
         """A held dataset's batch compressed with the link's codec when compressing pays now, else None. The
