@@ -216,7 +216,8 @@ def add_bench(sub) -> None:
                                    "process (direct server, connector, gateway, this load client) spends per GB "
                                    "delivered on each path. Prints each figure's median and spread against its "
                                    "goal, where the core-seconds go, and the two-hop limit of tunnel ÷ direct "
-                                   "computed from them.")
+                                   "computed from them; warns when a connector turned compression on during the "
+                                   "run (its gateway figures then include decompressing).")
     add_measurement_options(p)
     p.add_argument("--concurrency", default="10,100", help="comma-separated levels (default %(default)s)")
     p.add_argument("--requests", type=int, default=0, help="DoGets per level; 0 = twice the level (default)")

@@ -35,3 +35,8 @@ def test_the_bench_says_where_every_core_second_goes(tmp_path):
     assert "where the core-seconds go" in text
     assert f"two-hop limit of tunnel ÷ direct {run['two_hop_limit']:.2f}" in text
     assert "connector CPU per GB ÷ direct server's" in text and "≤1.1" in text
+    assert "compressed_switches" in run  # read from the connector's log: a run that compressed says so
+    run["compressed_switches"] = 0
+    assert "WARNING" not in table(result)
+    run["compressed_switches"] = 2
+    assert "WARNING: the websocket connector turned compression on 2 time(s)" in table(result)

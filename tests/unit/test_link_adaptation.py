@@ -249,3 +249,35 @@ def test_batches_cut_small_for_a_slow_link_still_compress_within_the_gateways_fr
     assert within_cut.count(None) > 0 and within_frame.count(None) == 0
     assert any(charge > 64 * 1024 for _, charge in within_frame) and all(c <= 4 * MIB for _, c in within_frame)
     assert ds.is_cut(64 * 1024) and ds.is_cut(64 * 1024, "zstd", 0, 4 * MIB) and not ds.is_cut(32 * 1024)
+
+
+# -- what the bench reads of a connector's compression (poc.workbook.experiments.bench)
+
+def test_the_bench_counts_each_time_a_connector_turns_compression_on(tmp_path, caplog):
+    """`--compression auto` turns compression on for a link it judges wide-area and slow; the bench reads the
+    connector's log to say so, since on loopback the gateway's figures would then include decompression. The
+    line counted is the one the session logs (a reworded log line would break the count here, not silently)."""
+    import logging
+
+    from poc.connector.config import ConnectorConfig
+    from poc.connector.session import Session
+    from poc.workbook.experiments.bench import compressed_switches
+
+    class Link:  # what a session reads of its transport for this decision
+        def __init__(self, endpoint) -> None:
+            self.endpoint, self.drain_bps = endpoint, 10e6  # 80 Mbit/s: under --compress-below-mbps
+
+    _, connector = pair(["zstd"])
+    cfg = ConnectorConfig(gateway="ws://127.0.0.1:1/connect", tenant_id="t1", token="secret-token")
+    session = Session(cfg, serving=None, metrics=None, transport=Link(connector), hooks=None)
+    session.rtt_s = 0.050  # heartbeats came back after 50 ms: a wide-area link
+    with caplog.at_level(logging.INFO, logger="poc.connector"):
+        assert session.compressing()
+        session.transport.drain_bps = 1e9  # fast again: off (not counted) ...
+        assert not session.compressing()
+        session.transport.drain_bps = 10e6  # ... and on once more
+        assert session.compressing()
+    log = tmp_path / "connector.log"
+    log.write_text("\n".join(record.getMessage() for record in caplog.records) + "\n")
+    assert compressed_switches(log) == 2
+    assert compressed_switches(tmp_path / "absent.log") == 0

@@ -120,6 +120,20 @@ def account(run: dict, key: str = "") -> dict[str, float]:
             f"{key}two_hop_limit": direct_total / ideal}
 
 
+COMPRESSED_SWITCH = "batches go compressed"  # what a connector logs as --compression auto turns compression on
+
+
+def compressed_switches(log_path: Path) -> int:
+    """How many times a connector's `--compression auto` turned compression on, from its log. On loopback it
+    should never: a switch means the link was judged wide-area (its heartbeats came back late under load), and
+    the gateway's figures then include decompressing the batches (docs/results.md)."""
+    try:
+        with open(log_path, errors="replace") as log:
+            return sum(COMPRESSED_SWITCH in line for line in log)
+    except FileNotFoundError:
+        return 0
+
+
 def _single_s(path: Path_, runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -226,6 +240,8 @@ def run_bench(params: BenchParams, log=print) -> dict:
                         run[f"{key}{role}_cpu_s_per_gb_c{c}"] for c in params.concurrency)
                 run.update(account(run, key))
                 run[f"{key}connector_rss_mb"] = serving[name]["connector"].memory_info().rss / 2**20
+                run[f"{key}compressed_switches"] = compressed_switches(
+                    cluster.log_dir / f"connector-{by_tunnel[name].tenant_id}.log")  # so far in the run
                 log(f"rep {rep} {name}: single {run['direct_single_ms']:.0f} vs {single[name] * 1000:.0f} ms, "
                     f"flightinfo +{run[f'{key}flightinfo_overhead_ms']:.2f} ms, "
                     f"gateway peak {run[f'{key}gateway_peak_rss_mb']:.0f} MB")
@@ -325,6 +341,12 @@ def _detail_rows(result: dict) -> list[str]:
         f"{t} {fig[f'{_prefix(t, tunnels[0])}connector_rss_mb']['median']:.0f} MB" for t in tunnels
         if f"{_prefix(t, tunnels[0])}connector_rss_mb" in fig))
     lines += _cpu_rows(result)
+    for t in tunnels:
+        switches = max(r.get(f"{_prefix(t, tunnels[0])}compressed_switches", 0) for r in result["runs"])
+        if switches:
+            lines.append(f"  WARNING: the {t} connector turned compression on {switches} time(s) during the run "
+                         "(--compression auto judged the loopback link wide-area): its gateway figures include "
+                         "decompressing batches; run again, or pass --connector-arg=--compression=off")
     cost = result.get("validation_s_per_gb")
     if cost:
         lines.append(f"  batch validation in the gateway: {cost['bounds']:.3f} core-s/GB (bounds and offsets; "
