@@ -119,6 +119,9 @@ def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
     assert all(r["websocket_overhead_ms"] is not None for r in doc["requests"] if r["target"] != "direct")
     assert set(doc["summaries"]["tunnel"]["tenants"]) == {"tenant_001", "tenant_002"}
     assert set(doc["summaries"]["grpc_tunnel"]["tenants"]) == {"tenant_003", "tenant_004"}
+    assert set(doc["compressed_switches"]) == {"tunnel", "grpc_tunnel"}  # read from every connector's log
+    assert all(set(per) <= {"tenant_001", "tenant_002", "tenant_003", "tenant_004"}
+               for per in doc["compressed_switches"].values())
     for name in ("latency_by_tenant_and_phase", "latency_distribution", "overhead_by_phase",
                  "throughput_over_time", "process_resources"):
         assert (out / "charts" / f"{name}.html").exists() and (out / "charts" / f"{name}.png").stat().st_size > 5_000

@@ -251,7 +251,7 @@ def test_batches_cut_small_for_a_slow_link_still_compress_within_the_gateways_fr
     assert ds.is_cut(64 * 1024) and ds.is_cut(64 * 1024, "zstd", 0, 4 * MIB) and not ds.is_cut(32 * 1024)
 
 
-# -- what the bench reads of a connector's compression (poc.workbook.experiments.bench)
+# -- what the bench and the report read of a connector's compression (poc.workbook.servers.runner)
 
 def test_the_bench_counts_each_time_a_connector_turns_compression_on(tmp_path, caplog):
     """`--compression auto` turns compression on for a link it judges wide-area and slow; the bench reads the
@@ -261,7 +261,7 @@ def test_the_bench_counts_each_time_a_connector_turns_compression_on(tmp_path, c
 
     from poc.connector.config import ConnectorConfig
     from poc.connector.session import Session
-    from poc.workbook.experiments.bench import compressed_switches
+    from poc.workbook.servers.runner import compressed_switches
 
     class Link:  # what a session reads of its transport for this decision
         def __init__(self, endpoint) -> None:
@@ -281,3 +281,11 @@ def test_the_bench_counts_each_time_a_connector_turns_compression_on(tmp_path, c
     log.write_text("\n".join(record.getMessage() for record in caplog.records) + "\n")
     assert compressed_switches(log) == 2
     assert compressed_switches(tmp_path / "absent.log") == 0
+
+
+def test_the_report_says_which_tenants_compressed_and_that_their_spread_is_not_comparable():
+    from poc.workbook.report.build import compression_note
+
+    assert compression_note({}) == ""  # nothing compressed: nothing to say
+    note = compression_note({"tenant_005": 11, "tenant_002": 1})
+    assert "tenant_002 (1×), tenant_005 (11×)" in note and "not comparable" in note

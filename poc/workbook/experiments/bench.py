@@ -120,20 +120,6 @@ def account(run: dict, key: str = "") -> dict[str, float]:
             f"{key}two_hop_limit": direct_total / ideal}
 
 
-COMPRESSED_SWITCH = "batches go compressed"  # what a connector logs as --compression auto turns compression on
-
-
-def compressed_switches(log_path: Path) -> int:
-    """How many times a connector's `--compression auto` turned compression on, from its log. On loopback it
-    should never: a switch means the link was judged wide-area (its heartbeats came back late under load), and
-    the gateway's figures then include decompressing the batches (docs/results.md)."""
-    try:
-        with open(log_path, errors="replace") as log:
-            return sum(COMPRESSED_SWITCH in line for line in log)
-    except FileNotFoundError:
-        return 0
-
-
 def _single_s(path: Path_, runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -240,8 +226,7 @@ def run_bench(params: BenchParams, log=print) -> dict:
                         run[f"{key}{role}_cpu_s_per_gb_c{c}"] for c in params.concurrency)
                 run.update(account(run, key))
                 run[f"{key}connector_rss_mb"] = serving[name]["connector"].memory_info().rss / 2**20
-                run[f"{key}compressed_switches"] = compressed_switches(
-                    cluster.log_dir / f"connector-{by_tunnel[name].tenant_id}.log")  # so far in the run
+                run[f"{key}compressed_switches"] = cluster.compressed_switches(by_tunnel[name].tenant_id)  # so far
                 log(f"rep {rep} {name}: single {run['direct_single_ms']:.0f} vs {single[name] * 1000:.0f} ms, "
                     f"flightinfo +{run[f'{key}flightinfo_overhead_ms']:.2f} ms, "
                     f"gateway peak {run[f'{key}gateway_peak_rss_mb']:.0f} MB")

@@ -89,6 +89,9 @@ class ExperimentResult:
     machine: dict
     summaries: dict = field(default_factory=dict)
     extraction_ms: list[float] = field(default_factory=list)  # source postgresql: DoGet to first batch, direct
+    # per tunnel target, the tenants whose connector's --compression auto turned compression on during the run
+    # (tenant → times): on loopback it should not, and their figures then include the gateway's decompression
+    compressed_switches: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def out_dir(self) -> Path:
@@ -164,8 +167,11 @@ def run_experiment(params: ExperimentParams, progress: bool | None = None) -> Ex
                                                         "rss_mb": pl.Float64})
         if params.source == "postgresql":
             extraction_ms = first_batch_ms(cluster.direct_uri, tokens["direct"], params.dataset)
+        switches = {TUNNEL_TARGETS[t]: {c.tenant_id: n for c in group
+                                        if (n := cluster.compressed_switches(c.tenant_id))}
+                    for t, group in groups.items()}
     df = add_overhead(to_frame(records))
-    result = ExperimentResult(params, df, samples, machine, summaries(df), extraction_ms)
+    result = ExperimentResult(params, df, samples, machine, summaries(df), extraction_ms, switches)
     write_results(result)
     return result
 
@@ -195,7 +201,7 @@ def write_results(result: ExperimentResult) -> None:
     """results.json (seed field names, per-tenant summaries), results.parquet, samples, tables, machine."""
     out = result.out_dir
     doc = {"params": asdict(result.params), "machine": result.machine, "summaries": result.summaries,
-           "extraction_ms": result.extraction_ms,
+           "extraction_ms": result.extraction_ms, "compressed_switches": result.compressed_switches,
            "gateway_cpu_pct": {t: result.gateway_cpu_pct(t) for t in result.params.targets},
            "requests": result.requests.to_dicts()}
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=str))

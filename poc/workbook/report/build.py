@@ -69,7 +69,8 @@ def answer(result: ExperimentResult) -> str:
             f"seed criteria: {passed} of {len(verdicts)} pass"
             + (f" (fail: {', '.join(fails)})" if fails else "") + "; GetFlightInfo under load "
             f"{'—' if info_added is None else f'{info_added:+,.1f} ms'} over direct at P50 (goal ≤ +20 ms); "
-            f"slowest ÷ fastest tenant's P50 {'—' if spread is None else f'{spread:.2f}'} (goal ≤ 1.5).")
+            f"slowest ÷ fastest tenant's P50 {'—' if spread is None else f'{spread:.2f}'} (goal ≤ 1.5)."
+            + compression_note(result.compressed_switches.get(target, {})))
     if result.params.source == "postgresql" and result.extraction_ms:
         first = sorted(result.extraction_ms)[len(result.extraction_ms) // 2]
         lines.append(f"- Source: every DoGet read the table from PostgreSQL through ADBC, not from memory, and the "
@@ -77,6 +78,17 @@ def answer(result: ExperimentResult) -> str:
                      f"first batch after {first:,.0f} ms (P50 of {len(result.extraction_ms)} lone calls to the "
                      "direct server).")
     return "\n".join(lines)
+
+
+def compression_note(switches: dict[str, int]) -> str:
+    """What to say of a path whose connectors' `--compression auto` turned compression on during the run
+    (tenant → times): on loopback it should not, and those tenants then compete on other terms (fewer bytes
+    through the gateway for the same rows, decompression in it) — the tenant spread is not comparable."""
+    if not switches:
+        return ""
+    named = ", ".join(f"{tenant} ({times}×)" for tenant, times in sorted(switches.items()))
+    return (f" Compression turned on under load by the connector of {named} (--compression auto judged the "
+            "link wide-area): the tenant spread of this run is not comparable.")
 
 
 def _info_added(summary: dict, direct: dict) -> float | None:

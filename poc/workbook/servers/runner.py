@@ -179,6 +179,20 @@ class Started:
         self.stop()
 
 
+COMPRESSED_SWITCH = "batches go compressed"  # what a connector logs as --compression auto turns compression on
+
+
+def compressed_switches(log_path: Path) -> int:
+    """How many times a connector's `--compression auto` turned compression on, from its log. On loopback it
+    should never: a switch means the link was judged wide-area (its heartbeats came back late under load), and
+    the gateway then decompresses that tenant's batches (docs/results.md)."""
+    try:
+        with open(log_path, errors="replace") as log:
+            return sum(COMPRESSED_SWITCH in line for line in log)
+    except FileNotFoundError:
+        return 0
+
+
 class Cluster(Started):
     """A gateway, one connector per tenant and a direct server, on free loopback ports."""
 
@@ -302,6 +316,10 @@ class Cluster(Started):
     def health(self) -> dict:
         """The gateway's per-tenant view (with the cluster's admin token)."""
         return get_json(self.health_url, token=self.admin_token)
+
+    def compressed_switches(self, tenant_id: str) -> int:
+        """How many times that tenant's connector turned compression on so far (`compressed_switches`)."""
+        return compressed_switches(self.log_dir / f"connector-{tenant_id}.log")
 
     def wait_online(self, tenant_ids: list[str], timeout: float = 30.0, session_not: dict | None = None) -> dict:
         """Wait until /health shows each tenant online (with a session other than `session_not[tenant]`)."""
