@@ -87,7 +87,8 @@ def compression_note(switches: dict[str, int]) -> str:
     if not switches:
         return ""
     named = ", ".join(f"{tenant} ({times}×)" for tenant, times in sorted(switches.items()))
-    return (f" Compression turned on under load by the connector of {named} (--compression auto judged the "
+    whose = "connector" if len(switches) == 1 else "connectors"
+    return (f" Compression turned on under load by the {whose} of {named} (--compression auto judged the "
             "link wide-area): the tenant spread of this run is not comparable.")
 
 
