@@ -44,7 +44,7 @@ def unsent_budget(drain_bps: float | None) -> int:
     return int(min(max(drain_bps * UNSENT_BUDGET_S, UNSENT_LOWAT), MAX_UNSENT_LOWAT))
 
 
-def keep_unsent_small(sock: socket.socket | None, size: int = UNSENT_LOWAT) -> None:
+def keep_unsent_small(sock: socket.socket | None, size: int) -> None:
     """Let the socket report room only while it holds less than `size` bytes not yet sent, instead of a
     whole autotuned send buffer (megabytes): data then waits in the endpoint's queue, where a control message
     can overtake it, rather than in the kernel, where it cannot. Linux only; elsewhere a no-op."""
