@@ -21,7 +21,8 @@ def add(sub) -> None:
                                    "connector of the same tenant replaced this one.")
     p.add_argument("--gateway", required=True, action="append",
                    help="ws://HOST:PORT/connect or wss://… (WebSocket tunnel), grpc://HOST:PORT or grpcs://… "
-                        "(gRPC tunnel); the scheme picks the transport. For gateway replicas give it several "
+                        "(gRPC tunnel), flight://HOST:PORT or flight+tls://… (Flight tunnel, docs/protocol.md "
+                        "§13); the scheme picks the transport. For gateway replicas give it several "
                         "times, or give a ws[s]:// name that resolves to several addresses (resolved again at "
                         "every reconnect): the connector keeps --tunnels tunnels, each to a different one")
     p.add_argument("--tunnels", type=int, default=None,
@@ -43,7 +44,7 @@ def add(sub) -> None:
     p.add_argument("--delay-ms", default="200-250", help="simulated extraction delay before each transfer, "
                                                          "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")
-    p.add_argument("--ca-file", help="CA bundle to verify a wss:// or grpcs:// gateway")
+    p.add_argument("--ca-file", help="CA bundle to verify a wss://, grpcs:// or flight+tls:// gateway")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics (poc_connector_*) on this port; off by default; 0 picks one")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default %(default)s)")
@@ -86,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if not token:
         raise ConfigError("a connector token is needed: --token TOKEN or POC_CONNECTOR_TOKEN")
     for url in args.gateway:
-        if not url.startswith(("ws://", "wss://", "grpc://", "grpcs://")):
-            raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or grpc[s]://HOST:PORT "
-                              f"(gRPC tunnel), got {url!r}")
+        if not url.startswith(("ws://", "wss://", "grpc://", "grpcs://", "flight://", "flight+tls://")):
+            raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel), grpc[s]://HOST:PORT "
+                              f"(gRPC tunnel) or flight[+tls]://HOST:PORT (Flight tunnel), got {url!r}")
     several = len(set(args.gateway)) > 1 or names_several(args.gateway[0])
     tunnels = args.tunnels if args.tunnels is not None else (2 if several else 1)
     if tunnels < 1:

@@ -40,6 +40,9 @@ def add(sub) -> None:
     p.add_argument("--grpc-tunnel-port", type=int, default=config.GRPC_TUNNEL_PORT,
                    help="port of the gRPC reverse tunnel (connectors dial grpc://HOST:PORT); -1 turns it off "
                         "(default %(default)s)")
+    p.add_argument("--flight-tunnel-port", type=int, default=config.FLIGHT_TUNNEL_PORT,
+                   help="port of the Flight reverse tunnel (connectors dial flight://HOST:PORT, flight+tls:// with "
+                        "--tls-cert; docs/protocol.md §13); -1 turns it off (default %(default)s)")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight streams may finish before they fail (default %(default)s)")
     p.add_argument("--register-timeout-s", type=float, default=config.REGISTER_TIMEOUT_S,
@@ -140,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         ticket_secret=os.environb.get(b"POC_TICKET_SECRET"), max_requests_per_s=args.max_requests_per_s,
         tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl,
         grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port,
+        flight_tunnel_port=None if args.flight_tunnel_port < 0 else args.flight_tunnel_port,
         register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,
         ticket_ttl_s=args.ticket_ttl_s, tunnel_rcvbuf_bytes=max(0, args.tunnel_rcvbuf_bytes),
         max_tenant_buffered_bytes=args.max_tenant_buffered_bytes, max_calls_per_tenant=args.max_calls_per_tenant,

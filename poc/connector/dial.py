@@ -11,6 +11,7 @@ import ssl
 import urllib.parse
 
 import grpc.aio
+import pyarrow as pa
 from picows import WSError
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
@@ -20,7 +21,8 @@ from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint
 from .config import ConnectorConfig, RefusedForNow
 
-LINK_LOST = (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError, RefusedForNow)
+LINK_LOST = (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError, RefusedForNow,
+             pa.ArrowException)
 
 
 def names_several(url: str) -> bool:
@@ -76,7 +78,7 @@ def _ssl_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
 
 @contextlib.asynccontextmanager
 async def dial(target: str, cfg: ConnectorConfig):
-    """The link to a gateway; the URL's scheme picks gRPC or WebSocket, --ws-impl the WebSocket library;
+    """The link to a gateway; the URL's scheme picks Flight, gRPC or WebSocket, --ws-impl the WebSocket library;
     a target URL#ADDRESS connects to that address. Closed (1001) on leaving, if still open."""
     url, _, address = target.partition("#")
     sock = await _socket_to(url, address) if address else None
@@ -88,7 +90,12 @@ async def dial(target: str, cfg: ConnectorConfig):
             link.bound_unsent()
             yield link
         return
-    if url.startswith(("grpc://", "grpcs://")):
+    if url.startswith(("flight://", "flight+tls://")):
+        from ..transports.flight_tunnel import dial_flight
+
+        ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
+        link = await dial_flight(url, ConnectorEndpoint, cfg.tenant_id, cfg.token, ca, config.FLIGHT_TUNNEL_CHANNELS)
+    elif url.startswith(("grpc://", "grpcs://")):
         from ..transports.grpc_tunnel import dial_grpc
 
         ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None

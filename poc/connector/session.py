@@ -70,6 +70,7 @@ class Session:
         self.traces: dict[int, str | None] = {}  # stream → the Flight call's request id, for log lines
         self.compressing_now = False  # --compression auto: whether batches go compressed on this link now
         self.rtt_s: float | None = None  # the smallest heartbeat round trip seen on this link
+        self.data_calls = getattr(transport, "data_calls", False)  # each stream on its own call (Flight tunnel)
 
     async def serve(self) -> None:
         events = self.transport.events()
@@ -95,6 +96,8 @@ class Session:
             raise refused(f"gateway refused the registration ({event.code}): {event.message}")
         self.session_id = event.registered.session_id
         self.registered = True
+        if self.data_calls:
+            self.transport.session_id = self.session_id  # it names the stream's data calls (docs/protocol.md §13)
         log.info("registered tenant %s as session %s at %s", self.cfg.tenant_id, self.session_id,
                  self.url or self.cfg.gateway)
         self.hooks.registered(self, self.session_id)
@@ -163,6 +166,8 @@ class Session:
         return context
 
     def _forget(self, stream_id: int) -> None:
+        if self.data_calls:
+            self.transport.drop_data(stream_id)  # a no-op once the stream was sent to its END
         self.metrics.streams.dec()
         self.traces.pop(stream_id, None)
         self.tasks.pop(stream_id, None)
@@ -186,11 +191,17 @@ class Session:
         return frame_budget(self.transport.drain_bps, self.endpoint.registered.max_frame_bytes)
 
     def end(self, stream_id: int) -> None:
+        if self.data_calls:
+            self.endpoint.end_stream_elsewhere(stream_id)
+            self.transport.end_data(stream_id)
+            return
         self.endpoint.send_frame(FrameType.END, stream_id)
         self.transport.flush_soon()
 
     async def fail(self, request_id: int, code: str, message: str) -> None:
         await self.transport.call(self.endpoint.fail_request, request_id, code, message)
+        if self.data_calls:
+            self.transport.drop_data(request_id)
 
     def fail_now(self, request_id: int, code: str, message: str) -> None:
         self.endpoint.fail_request(request_id, code, message)  # the transport flushes after each event
@@ -238,6 +249,16 @@ class Session:
         in the stream's turn. A `framed` buffer is shared by every stream of the dataset, on every link: the
         writer writes its header as it hands it to the socket (poc.tunnel.endpoint)."""
         size = len(framed) - 8 if framed is not None else len(payload)
+        if self.data_calls:  # its own call, held back by HTTP/2 rather than credit (docs/protocol.md §13)
+            if self.endpoint.credit(stream_id) < 0:
+                raise asyncio.CancelledError
+            data = memoryview(framed)[8:] if framed is not None else memoryview(payload)
+            try:
+                await self.transport.send_data(stream_id, data)
+            except ConnectionError:  # the gateway ended the call: the stream was cancelled there
+                raise asyncio.CancelledError from None
+            self.metrics.sent_bytes.inc(size)
+            return
         cost = size if charge is None else charge
         if 0 <= self.endpoint.credit(stream_id) < cost:
             self.metrics.credit_waits.inc()

@@ -162,7 +162,8 @@ class TunnelStream:
         self.stream_id = stream_id
         self._sink = sink
         self._cancelled = cancelled
-        self._grant_at = link.endpoint.grant_threshold
+        # credit goes back by message, except where each stream's call has its own flow control (FlowSink)
+        self._grant_at = float("inf") if link.data_calls else link.endpoint.grant_threshold
         self.schema: pa.Schema | None = None
         self._bounds: pa.Schema | None = None  # the schema batches are validated with (bounds, not UTF-8)
         self._done = False
@@ -186,6 +187,8 @@ class TunnelStream:
         return kind, value
 
     def _grant(self, size: int) -> None:
+        if self._grant_at == float("inf"):
+            return
         self._bridge.loop.call_soon_threadsafe(self._link.grant, self.stream_id, size)
 
     def _cancel(self, reason: str) -> None:

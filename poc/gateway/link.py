@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -58,6 +60,61 @@ class StreamSink:
 
     POLL_S = 0.25
 
+    def close(self) -> None:
+        """The stream ended: nothing more will be taken from the connector."""
+
+
+class FlowSink(StreamSink):
+    """A stream's sink on a transport whose streams carry their own flow control (the Flight tunnel, docs/protocol.md
+    §13): the data call's thread offers each message and waits while the sink holds `capacity` charged bytes
+    (the stream's reserved window), so the connector is held back by HTTP/2, not by credit messages; the Flight
+    thread that serves the stream makes room as it takes them."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: collections.deque = collections.deque()
+        self._held = 0
+        self._capacity = capacity
+        self._closed = False
+        self._ready = threading.Condition()
+
+    def put(self, kind: str, value=None) -> None:
+        with self._ready:
+            self._items.append((kind, value, 0))
+            self._ready.notify_all()
+
+    def offer(self, kind: str, value, charge: int) -> bool:
+        """Queue a message once there is room for its charge (at once while the sink is empty); False, without
+        queueing it, once the stream ended."""
+        with self._ready:
+            while not self._closed and self._held and self._held + charge > self._capacity:
+                self._ready.wait()
+            if self._closed:
+                return False
+            self._items.append((kind, value, charge))
+            self._held += charge
+            self._ready.notify_all()
+            return True
+
+    def get(self, timeout: float, cancelled=lambda: False):
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while not self._items:
+                if cancelled():
+                    raise errors.Cancelled("the Flight client cancelled the call")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise errors.TimedOut(f"no data from the connector for {timeout:.0f} s")
+                self._ready.wait(min(left, self.POLL_S))
+            kind, value, charge = self._items.popleft()
+            self._held -= charge
+            self._ready.notify_all()
+            return kind, value
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
 
 @dataclass(frozen=True)
 class FlightInfoReply:
@@ -94,6 +151,7 @@ class TenantLink:
     _infos: dict[int, "asyncio.Future | concurrent.futures.Future"] = field(default_factory=dict)
     _sinks: dict[int, StreamSink] = field(default_factory=dict)
     _reserved: dict[int, int] = field(default_factory=dict)  # stream → bytes it holds of the budget: its window
+    _data_calls: dict[int, object] = field(default_factory=dict)  # stream → its data call's gRPC context (Flight)
     _schemas: dict[bytes, pa.Schema] = field(default_factory=dict)  # flight_info schema message → schema
     dropped_events: int = 0  # events for streams or requests the gateway had already closed
 
@@ -166,6 +224,10 @@ class TenantLink:
         self.budget.release(self.tenant_id, self._reserved.pop(stream_id, 0))
         if kind != StreamItem.CANCEL:
             sink.put(kind, value)
+        sink.close()
+        call = self._data_calls.pop(stream_id, None)
+        if call is not None and kind != StreamItem.END:
+            call.cancel()  # a data call still sending (or stalled) ends with the stream
 
     def _admit(self) -> None:
         """The per-link request rate (docs/protocol.md §7): refuse at once rather than queue."""
@@ -220,9 +282,38 @@ class TenantLink:
             self.budget.release(self.tenant_id, window)
             raise errors.Unavailable(f"tenant {self.tenant_id}: {exc}") from None
         self._reserved[sid] = window
-        sink = self._sinks[sid] = StreamSink()
+        sink = self._sinks[sid] = FlowSink(window) if self.data_calls else StreamSink()
         self.transport.flush_soon()
         return sid, sink
+
+    @property
+    def data_calls(self) -> bool:
+        """Whether each stream's data comes on its own call, with its own flow control (the Flight tunnel)."""
+        return getattr(self.transport, "data_calls", False)
+
+    def attach_data_call(self, stream_id: int, context) -> FlowSink | None:
+        """A data call for one of this link's open streams (the Flight tunnel, docs/protocol.md §13): its sink, or
+        None when the stream is not open here or already has its call. `context` is cancelled if the stream
+        ends before the call does."""
+        sink = self._sinks.get(stream_id)
+        if not isinstance(sink, FlowSink) or stream_id in self._data_calls:
+            return None
+        self._data_calls[stream_id] = context
+        return sink
+
+    def data_call_ended(self, stream_id: int) -> None:
+        """A data call ended with END after the messages it queued: the stream is complete."""
+        self.last_seen = time.monotonic()
+        if stream_id in self._sinks:
+            self.endpoint.end_stream_elsewhere(stream_id)
+            self._end_stream(stream_id, StreamItem.END)
+
+    def data_call_rejected(self, stream_id: int, reason: str) -> None:
+        """A data call broke a rule of §4a or §13: that stream ends (its client gets the reason), the link goes on."""
+        if stream_id in self._sinks:
+            self.endpoint.cancel_stream(stream_id, reason)
+            self.handle(ev.StreamRejected(stream_id, reason))
+            self.transport.flush_soon()
 
     def grant(self, stream_id: int, size: int) -> None:
         """Credit back what the client consumed, widening the stream's window towards the link's measured

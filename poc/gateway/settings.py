@@ -38,6 +38,7 @@ class GatewayConfig:
     shutdown_grace_s: float = 10.0
     ws_impl: str = config.WS_IMPL
     grpc_tunnel_port: int | None = config.GRPC_TUNNEL_PORT  # None: no gRPC tunnel endpoint
+    flight_tunnel_port: int | None = config.FLIGHT_TUNNEL_PORT  # None: no Flight tunnel endpoint
     tls_cert: str | None = None
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the HTTP Arrow endpoints (--cors-origin)
     tls_key: str | None = None

@@ -19,7 +19,7 @@ from ..transports.base import TunnelTransport, bound_receive_queue
 from ..transports.websocket import WebSocketLink
 from ..tunnel import HEADER, CloseCode, GatewayEndpoint, TunnelClosed
 from ..tunnel.limits import TokenBucket
-from ..tunnel.messages import PROTOCOL_VERSION, Register
+from ..tunnel.messages import PROTOCOL_VERSION, Error, Register
 from .link import TenantLink
 from .metrics import GatewayMetrics, close_label
 from .registry import TenantRegistry
@@ -43,6 +43,7 @@ class Tunnels:
         self.ports: dict[str, int] = {}
         self._ws_server: Server | None = None
         self._grpc_server = None
+        self._flight_server = None
         self._tasks: set[asyncio.Task] = set()
         self._epochs: dict[str, int] = {}  # without a registry: each tenant's registrations, counted here
         self._unregistered = 0  # tunnels open that have not registered yet (--max-pending-tunnels)
@@ -77,7 +78,42 @@ class Tunnels:
                 self.serve, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port, max_message,
                 tls_pair)
             self._count(GrpcServerLink.KIND)
+        if cfg.flight_tunnel_port is not None:
+            self._listen_flight()
         self._spawn(self._watch_heartbeats())
+
+    def _listen_flight(self) -> None:
+        """The Flight tunnel (docs/protocol.md §13): control calls served as every tunnel is, data calls by
+        poc.gateway.data_calls in their own threads."""
+        from ..transports.flight_tunnel import FlightServerLink, serve_flight_tunnel
+        from .data_calls import DataCalls
+
+        cfg = self.cfg
+        tls_pair = None
+        if cfg.tls:
+            with open(cfg.tls_cert, "rb") as cert, open(cfg.tls_key, "rb") as key:
+                tls_pair = (cert.read(), key.read())
+        data = DataCalls(asyncio.get_running_loop(), self.registry, cfg.request_timeout_s)
+        # A call holds a thread: every tunnel's control call, every stream's data call, and room for strangers
+        # refused at once. Streams are bounded per tenant by its buffer share (each reserves a window).
+        max_calls = cfg.max_pending_tunnels + 2 * cfg.limits.max_streams + 256
+        self._flight_server, self.ports["flight_tunnel_port"] = serve_flight_tunnel(
+            asyncio.get_running_loop(), cfg.host, cfg.flight_tunnel_port, cfg.limits.max_frame_bytes + 64, tls_pair,
+            self._token_ok, self.serve, lambda: GatewayEndpoint(cfg.limits), data.serve, self._refused_by_header,
+            max_calls)
+        self._count(FlightServerLink.KIND)
+
+    def _token_ok(self, tenant_id: str, token: str) -> bool:
+        """Whether `token` is the tenant's connector token (any thread; constant time)."""
+        creds = self.registry.tenants.get(tenant_id)
+        expected = creds.connector_token if creds else secrets.token_hex(16)
+        return hmac.compare_digest(token.encode(), expected.encode()) and creds is not None
+
+    def _refused_by_header(self, tenant_id: str) -> bytes:
+        """The `error` a Flight tunnel call gets when its headers do not carry the tenant's connector token."""
+        log.warning("refused a connector for tenant %r: invalid token (Flight tunnel call)", tenant_id[:64])
+        self.metrics.registrations.labels("refused").inc()
+        return Error(code="unauthenticated", message=f"invalid token for tenant {tenant_id[:64]!r}").serialize().encode()
 
     def _count(self, kind: str) -> None:
         """poc_gateway_tunnels{transport=kind}: the registered tunnels a transport carries, read when scraped."""
@@ -97,6 +133,8 @@ class Tunnels:
             await asyncio.wait_for(self._ws_server.wait_closed(), 15)
         if self._grpc_server is not None:
             await self._grpc_server.stop(1.0)
+        if self._flight_server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self._flight_server.stop(1.0).wait())
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -171,9 +209,9 @@ class Tunnels:
 
     async def _register(self, transport: TunnelTransport, event) -> TenantLink | None:
         register: Register = event.register  # the core lets nothing else come first
-        creds = self.registry.tenants.get(register.tenant_id)
-        expected = creds.connector_token if creds else secrets.token_hex(16)
-        token_ok = hmac.compare_digest(register.token.encode(), expected.encode()) and creds is not None
+        token_ok = self._token_ok(register.tenant_id, register.token)
+        named = getattr(transport, "tenant_id", None)  # a Flight tunnel's call names its tenant in its headers
+        token_ok = token_ok and named in (None, register.tenant_id)
         if register.version.split(".")[0] != PROTOCOL_VERSION:
             self.metrics.registrations.labels("refused").inc()
             return await self._refuse(transport, "unsupported_version",

@@ -153,6 +153,10 @@ class ConnectorEndpoint(Endpoint):
         stream = self.streams.get(stream_id)
         return -1 if stream is None else stream.credit
 
+    def end_stream_elsewhere(self, stream_id: int) -> None:
+        """A stream whose data went on its own call (a Flight tunnel's data call, §13) was sent to its END."""
+        self.streams.pop(stream_id, None)
+
     def send_frame(self, frame_type: FrameType, stream_id: int, payload: bytes | memoryview = b"", *,
                    framed: bytearray | None = None, charge: int | None = None) -> None:
         """Queue a data frame; raise LocalProtocolError if the stream's state or credit forbids it. Credit is

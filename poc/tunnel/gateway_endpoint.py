@@ -274,6 +274,11 @@ class GatewayEndpoint(Endpoint):
                 del self._cancelled[next(iter(self._cancelled))]  # oldest first: the bound of §6
             self._send(m.Cancel(request_id=stream_id, reason=m.clip(reason)))
 
+    def end_stream_elsewhere(self, stream_id: int) -> None:
+        """A stream whose data travelled outside this link (a Flight tunnel's data call, §13, checked there) ended
+        with END: it is no longer in flight."""
+        self.streams.pop(stream_id, None)
+
     def forget_request(self, request_id: int) -> None:
         """Stop waiting for a flight_info reply (the caller gave up); a late reply is ignored."""
         self._pending_info.discard(request_id)
