@@ -15,6 +15,8 @@ import pyarrow as pa
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from poc.protowire import write_varint
+from poc.transports import flight_tunnel
 from poc.transports.grpc_tunnel import METHOD, decode, encode
 
 _END = object()
@@ -25,14 +27,38 @@ def frame(kind: int, stream_id: int, payload: bytes = b"") -> bytes:
     return struct.pack("!B3xI", kind, stream_id) + payload
 
 
-class RawConnector:
-    """One tunnel to the gateway over `transport` ("websocket" or "grpc"); nothing is checked on our side."""
+def flight_descriptor(command: bytes) -> bytes:
+    """A FlightData carrying only a CMD descriptor (Flight.proto), as a Flight client's first message."""
+    descriptor = b"\x08\x02\x12" + write_varint(len(command)) + command
+    return b"\x0a" + write_varint(len(descriptor)) + descriptor
 
-    def __init__(self, url: str, transport: str) -> None:
+
+def flight_headers(tenant_id: str, token: str) -> tuple:
+    return (("authorization", f"Bearer {token}"), (flight_tunnel.TENANT_HEADER, tenant_id))
+
+
+class RawConnector:
+    """One tunnel to the gateway over `transport` ("websocket", "grpc" or "flight"); nothing is checked on our
+    side. Over Flight (docs/protocol.md §13) the control call carries `headers` (by default none: give the
+    tenant's token to get past the gateway's first check), and each §4 frame sent goes to its stream's data
+    call — its payload as app_metadata, END as `end` — opened at the stream's first frame."""
+
+    def __init__(self, url: str, transport: str, headers: tuple = ()) -> None:
         self.transport = transport
         self.close_code: int | None = None
         self.close_reason = ""
-        if transport == "grpc":
+        self.session_id = ""
+        if transport == "flight":
+            self._headers = headers
+            self._inbox = queue.Queue()
+            self._data: dict[int, tuple[queue.Queue, object]] = {}
+            self._channel = grpc.insecure_channel(url.split("://", 1)[1], options=[
+                ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+            self._exchange = self._channel.stream_stream(f"/{flight_tunnel.SERVICE}/DoExchange")
+            self._outbox = self._open_call(flight_tunnel.CONTROL)
+            self._call = self._outbox[1]
+            threading.Thread(target=self._read_flight, daemon=True).start()
+        elif transport == "grpc":
             self._outbox: queue.Queue = queue.Queue()
             self._inbox: queue.Queue = queue.Queue()
             self._channel = grpc.insecure_channel(url.split("://", 1)[1], options=[
@@ -54,8 +80,48 @@ class RawConnector:
             self.close_code, self.close_reason = 1006, f"{exc.code().name}: {exc.details()}"
         self._inbox.put(_END)
 
+    def _open_call(self, command: bytes) -> tuple[queue.Queue, object]:
+        outbox: queue.Queue = queue.Queue()
+        outbox.put(flight_descriptor(command))
+        return outbox, self._exchange(iter(outbox.get, _END), metadata=self._headers, timeout=120)
+
+    def _read_flight(self) -> None:
+        try:
+            for message in self._call:
+                _, metadata = flight_tunnel.read_flight_data(message)
+                if bytes(metadata).startswith(flight_tunnel.CLOSE):
+                    closed = flight_tunnel.read_close(bytes(metadata))
+                    self.close_code, self.close_reason = closed.code, closed.reason
+                else:
+                    self._inbox.put(str(metadata, "utf-8"))
+            if self.close_code is None:
+                self.close_code, self.close_reason = 1006, "control call ended"
+        except grpc.RpcError as exc:
+            self.close_code, self.close_reason = 1006, f"{exc.code().name}: {exc.details()}"
+        self._inbox.put(_END)
+
+    def data_call(self, stream_id: int, command: bytes | None = None) -> tuple[queue.Queue, object]:
+        """Flight: the data call of a stream (opened now if it is not: for `command`, by default this session's
+        stream)."""
+        if stream_id not in self._data:
+            self._data[stream_id] = self._open_call(command or flight_tunnel.data_command(self.session_id,
+                                                                                         stream_id))
+        return self._data[stream_id]
+
+    def send_on_data_call(self, stream_id: int, message: bytes) -> None:
+        """Flight: one raw FlightData on the stream's data call."""
+        self.data_call(stream_id)[0].put(message)
+
     def send(self, item: str | bytes) -> None:
         """One message: text (str) or binary (bytes). A closed tunnel is not an error here."""
+        if self.transport == "flight":
+            if isinstance(item, str):
+                self._outbox[0].put(flight_tunnel.metadata_message(item.encode()))
+                return
+            kind, stream_id = struct.unpack_from("!B3xI", item)
+            payload = flight_tunnel.END if kind == 3 else item[8:]
+            self.send_on_data_call(stream_id, flight_tunnel.metadata_message(payload))
+            return
         if self.transport == "grpc":
             self._outbox.put(encode(item))
             return
@@ -73,7 +139,7 @@ class RawConnector:
 
     def recv(self, timeout: float = 10) -> dict:
         """The next control message from the gateway."""
-        if self.transport == "grpc":
+        if self.transport in ("grpc", "flight"):
             item = self._inbox.get(timeout=timeout)
             if item is _END:
                 raise ConnectionError(f"tunnel closed ({self.close_code}): {self.close_reason}")
@@ -92,14 +158,16 @@ class RawConnector:
                 self.recv(timeout)
         except (ConnectionClosed, ConnectionError):
             pass
-        if self.transport != "grpc":
+        if self.transport not in ("grpc", "flight"):
             self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason
         return self.close_code, self.close_reason
 
     def register(self, tenant_id: str, token: str, datasets=("sales",)) -> dict:
         self.send(json.dumps({"action": "register", "tenant_id": tenant_id, "token": token, "version": "1",
                               "datasets": list(datasets)}))
-        return self.recv()
+        reply = self.recv()
+        self.session_id = reply.get("session_id", "")
+        return reply
 
     def answer_flight_info(self, schema: pa.Schema, rows: int = 10) -> None:
         request = self.recv_until("get_flight_info")
@@ -107,7 +175,11 @@ class RawConnector:
                               "bytes": 1000, "schema": base64.b64encode(schema.serialize().to_pybytes()).decode()}))
 
     def close(self) -> None:
-        if self.transport == "grpc":
+        if self.transport == "flight":
+            for outbox, _ in [self._outbox, *self._data.values()]:
+                outbox.put(_END)
+            self._channel.close()
+        elif self.transport == "grpc":
             self._outbox.put(_END)
             self._channel.close()
         else:
