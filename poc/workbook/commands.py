@@ -96,9 +96,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .experiments.bench import BenchParams, run_bench, table, write_json
 
     levels = tuple(int(x) for x in args.concurrency.split(","))
+    from .servers.runner import TUNNEL_PORTS
+
     tunnels = tuple(t.strip() for t in args.tunnels.split(","))
-    if not tunnels or set(tunnels) - {"websocket", "grpc"} or len(set(tunnels)) != len(tunnels):
-        raise ConfigError(f"--tunnels takes websocket and/or grpc, comma-separated; got {args.tunnels!r}")
+    if not tunnels or set(tunnels) - set(TUNNEL_PORTS) or len(set(tunnels)) != len(tunnels):
+        raise ConfigError(f"--tunnels takes {', '.join(TUNNEL_PORTS)}, comma-separated; got {args.tunnels!r}")
     if args.repetitions < 1 or args.rows < 1 or not levels or min(levels) < 1:
         raise ConfigError("--rows, --repetitions and every --concurrency level must be >= 1")
     params = BenchParams(rows=args.rows, concurrency=levels, requests_per_level=args.requests,
@@ -225,9 +227,10 @@ def add_bench(sub) -> None:
     p.add_argument("--single-runs", type=int, default=5, help="lone DoGets per repetition (default %(default)s)")
     p.add_argument("--info-calls", type=int, default=50, help="GetFlightInfo calls per repetition (default %(default)s)")
     p.add_argument("--connector-arg", action="append", help="extra connector argument (repeatable)")
-    p.add_argument("--tunnels", default="websocket,grpc",
-                   help="tunnel transports to measure against direct in the same run; the first gets the plain "
-                        "JSON keys, the others a prefix such as grpc_ (default %(default)s)")
+    p.add_argument("--tunnels", default="websocket,grpc,flight",
+                   help="tunnel transports to measure against direct in the same run (websocket, grpc, flight); "
+                        "the first gets the plain JSON keys, the others a prefix such as grpc_ (default "
+                        "%(default)s)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -250,14 +253,15 @@ def add_swarm(sub) -> None:
                                    "file (each with its own connector token), each serving a ten-row dataset "
                                    "'tiny', with heartbeats and reconnects as a real connector. Prints a ready line "
                                    "once all are registered; runs until SIGTERM/SIGINT.")
-    p.add_argument("--gateway", required=True, help="ws[s]://HOST:PORT/connect or grpc[s]://HOST:PORT")
+    p.add_argument("--gateway", required=True,
+                   help="ws[s]://HOST:PORT/connect, grpc[s]://HOST:PORT or flight[+tls]://HOST:PORT")
     p.add_argument("--tenants", required=True, help="the gateway's tenants YAML (connector tokens are read from it)")
     p.add_argument("--count", type=int, default=0, help="tunnels; 0 = one per tenant of the file (default)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S,
                    help="heartbeat interval, at most the gateway's (default %(default)s)")
     p.add_argument("--per-second", type=float, default=1000.0,
                    help="tunnels opened per second at start (default %(default)s)")
-    p.add_argument("--ca-file", help="CA bundle for wss:// or grpcs:// gateways (default: the system's)")
+    p.add_argument("--ca-file", help="CA bundle for wss://, grpcs:// or flight+tls:// gateways (default: the system's)")
     add_ws_impl(p)
     p.set_defaults(func=cmd_swarm)
 
@@ -274,7 +278,9 @@ def add_soak(sub) -> None:
     p.add_argument("--abandoning", type=int, default=2, help="readers that leave after one batch (default %(default)s)")
     p.add_argument("--tenants", type=int, default=2, help="tenants the readers spread over (default %(default)s)")
     add_measurement_options(p)
-    p.add_argument("--transports", default=",".join(("picows", "websockets", "grpc")),
-                   help="comma-separated: picows, websockets, grpc (default %(default)s)")
+    from .experiments.soak import TRANSPORTS as SOAK_TRANSPORTS
+
+    p.add_argument("--transports", default=",".join(SOAK_TRANSPORTS),
+                   help=f"comma-separated: {', '.join(SOAK_TRANSPORTS)} (default %(default)s)")
     p.add_argument("--sample-s", type=float, default=5.0, help="memory sample interval (default %(default)s)")
     p.set_defaults(func=cmd_soak)

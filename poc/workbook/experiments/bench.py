@@ -59,7 +59,7 @@ class BenchParams:
     data_dir: str = "outputs/data"
     gateway_args: tuple[str, ...] = ()
     connector_args: tuple[str, ...] = ()
-    tunnels: tuple[str, ...] = ("websocket",)  # "websocket" and/or "grpc", measured in the same run
+    tunnels: tuple[str, ...] = ("websocket",)  # "websocket", "grpc", "flight": measured in the same run
 
 
 @dataclass
