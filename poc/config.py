@@ -22,6 +22,7 @@ HTTP_PORT = 8080
 DIRECT_PORT = 8816
 GRPC_TUNNEL_PORT = 8444
 FLIGHT_TUNNEL_PORT = 8445  # the Flight tunnel's (docs/protocol.md §13)
+FLIGHT_TUNNEL_WINDOW_BYTES = 1 << 20  # a Flight tunnel call's HTTP/2 window at the gateway: a stream's read-ahead
 FLIGHT_TUNNEL_CHANNELS = 4  # a connector's connections for a Flight tunnel's data calls
 HEARTBEAT_S = 60.0
 OFFLINE_AFTER_S = 120.0

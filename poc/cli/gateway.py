@@ -43,6 +43,10 @@ def add(sub) -> None:
     p.add_argument("--flight-tunnel-port", type=int, default=config.FLIGHT_TUNNEL_PORT,
                    help="port of the Flight reverse tunnel (connectors dial flight://HOST:PORT, flight+tls:// with "
                         "--tls-cert; docs/protocol.md §13); -1 turns it off (default %(default)s)")
+    p.add_argument("--flight-tunnel-window-bytes", type=int, default=config.FLIGHT_TUNNEL_WINDOW_BYTES,
+                   help="the Flight tunnel's HTTP/2 window per stream: what the gateway reads ahead of a client, "
+                        "and the most one stream moves per round trip (1 MiB at 50 ms: 21 MB/s); raise it for "
+                        "long links, at that much memory per open stream (default %(default)s)")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight streams may finish before they fail (default %(default)s)")
     p.add_argument("--register-timeout-s", type=float, default=config.REGISTER_TIMEOUT_S,
@@ -144,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl,
         grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port,
         flight_tunnel_port=None if args.flight_tunnel_port < 0 else args.flight_tunnel_port,
+        flight_tunnel_window_bytes=args.flight_tunnel_window_bytes,
         register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,
         ticket_ttl_s=args.ticket_ttl_s, tunnel_rcvbuf_bytes=max(0, args.tunnel_rcvbuf_bytes),
         max_tenant_buffered_bytes=args.max_tenant_buffered_bytes, max_calls_per_tenant=args.max_calls_per_tenant,

@@ -255,7 +255,9 @@ class Session:
             data = memoryview(framed)[8:] if framed is not None else memoryview(payload)
             try:
                 await self.transport.send_data(stream_id, data)
-            except ConnectionError:  # the gateway ended the call: the stream was cancelled there
+            except ConnectionError as exc:  # the gateway ended the call: the stream was cancelled there
+                log.info("stream %d cancelled by the gateway: its data call ended (%s)", stream_id, exc,
+                         extra=self.context(stream_id))
                 raise asyncio.CancelledError from None
             self.metrics.sent_bytes.inc(size)
             return

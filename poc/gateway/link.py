@@ -282,7 +282,10 @@ class TenantLink:
             self.budget.release(self.tenant_id, window)
             raise errors.Unavailable(f"tenant {self.tenant_id}: {exc}") from None
         self._reserved[sid] = window
-        sink = self._sinks[sid] = FlowSink(window) if self.data_calls else StreamSink()
+        # a data call's sink holds one frame's worth while its Flight call sends the one before: enough to keep
+        # the stream moving (HTTP/2 holds the rest at the connector), and a fraction of the window reserved
+        sink = self._sinks[sid] = (FlowSink(min(window, self.endpoint.limits.max_frame_bytes)) if self.data_calls
+                                   else StreamSink())
         self.transport.flush_soon()
         return sid, sink
 

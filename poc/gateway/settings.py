@@ -39,6 +39,7 @@ class GatewayConfig:
     ws_impl: str = config.WS_IMPL
     grpc_tunnel_port: int | None = config.GRPC_TUNNEL_PORT  # None: no gRPC tunnel endpoint
     flight_tunnel_port: int | None = config.FLIGHT_TUNNEL_PORT  # None: no Flight tunnel endpoint
+    flight_tunnel_window_bytes: int = config.FLIGHT_TUNNEL_WINDOW_BYTES  # each Flight tunnel call's HTTP/2 window
     tls_cert: str | None = None
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the HTTP Arrow endpoints (--cors-origin)
     tls_key: str | None = None
@@ -69,6 +70,8 @@ class GatewayConfig:
     def check(self) -> None:
         """ConfigError when the caps leave a tenant no room: each tenant's share must hold one stream's initial
         window, and what one tenant may hold must leave room for another's."""
+        if not 64 * 1024 <= self.flight_tunnel_window_bytes <= 1 << 30:
+            raise config.ConfigError("--flight-tunnel-window-bytes must be from 65536 to 1073741824")
         window, cap, share = self.limits.initial_window, self.max_buffered_bytes, self.tenant_buffer_share
         if cap and cap < 2 * window:
             raise config.ConfigError("--max-buffered-bytes must be 0 or at least two streams' initial windows "

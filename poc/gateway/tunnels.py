@@ -100,7 +100,7 @@ class Tunnels:
         self._flight_server, self.ports["flight_tunnel_port"] = serve_flight_tunnel(
             asyncio.get_running_loop(), cfg.host, cfg.flight_tunnel_port, cfg.limits.max_frame_bytes + 64, tls_pair,
             self._token_ok, self.serve, lambda: GatewayEndpoint(cfg.limits), data.serve, self._refused_by_header,
-            max_calls)
+            max_calls, cfg.flight_tunnel_window_bytes)
         self._count(FlightServerLink.KIND)
 
     def _token_ok(self, tenant_id: str, token: str) -> bool:

@@ -214,10 +214,12 @@ def serve_flight_tunnel(loop: asyncio.AbstractEventLoop, host: str, port: int, m
                         tls: tuple[bytes, bytes] | None, authorize: Callable[[str, str], bool],
                         on_link: Callable[[FlightServerLink], object], endpoint_factory: Callable[[], Endpoint],
                         on_data: Callable[[str, bytes, object, grpc.ServicerContext], None],
-                        refused: Callable[[str], bytes], max_calls: int) -> tuple[grpc.Server, int]:
+                        refused: Callable[[str], bytes], max_calls: int, window: int) -> tuple[grpc.Server, int]:
     """Serve DoExchange on HOST:PORT: a control call runs `on_link(link)` on the loop until the link closes; a
     data call runs `on_data(tenant, command, requests, context)` in its own thread. A call whose headers do not
-    carry the tenant's connector token gets `refused(tenant)` (an `error`) and close 4001, nothing of it read."""
+    carry the tenant's connector token gets `refused(tenant)` (an `error`) and close 4001, nothing of it read.
+    Each call's HTTP/2 window is `window` bytes, fixed: gRPC's own sizing (its BDP probe) let 100 streams on
+    loopback hold 1.3 GB at the gateway (docs/results.md)."""
 
     def exchange(requests, context: grpc.ServicerContext):
         headers = dict(context.invocation_metadata())
@@ -249,7 +251,8 @@ def serve_flight_tunnel(loop: asyncio.AbstractEventLoop, host: str, port: int, m
                          options=[("grpc.max_receive_message_length", max_message),
                                   ("grpc.max_send_message_length", -1),
                                   ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-                                  ("grpc.keepalive_permit_without_calls", 1)])
+                                  ("grpc.keepalive_permit_without_calls", 1),
+                                  ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window)])
     handler = grpc.stream_stream_rpc_method_handler(exchange)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"DoExchange": handler})])
     address = f"{host}:{port}"
