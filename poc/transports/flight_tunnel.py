@@ -288,8 +288,6 @@ class FlightClientLink(Link):
     STREAMS_PER_CHANNEL = 16  # data calls a connection takes before the next one is used
 
     def __init__(self, endpoint: Endpoint, clients: list, options, control) -> None:
-        import pyarrow.flight  # noqa: F401  (the connector's side only)
-
         self._init_link(endpoint)
         self._loop = asyncio.get_running_loop()
         self._clients = clients

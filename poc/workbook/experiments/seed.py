@@ -17,7 +17,7 @@ from ..load.client import LoadConfig, records_as_dicts, run_load
 from ..load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
 from ..servers.runner import Cluster, ProcessSampler, machine_info
 
-TUNNEL_TARGETS = {"websocket": "tunnel", "grpc": "grpc_tunnel"}  # transport → target label in the results
+TUNNEL_TARGETS = {"websocket": "tunnel", "grpc": "grpc_tunnel", "flight": "flight_tunnel"}  # transport → target label in the results
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ExperimentParams(RunParams):
     timeout_s: float = 300.0
     sample_interval_s: float = 0.5
     seed: int = 42
-    tunnels: str = "websocket,grpc"  # tunnel transports measured beside direct, each with its own tenants
+    tunnels: str = "websocket,grpc,flight"  # tunnel transports measured beside direct, each with its own tenants
     source: str = "parquet"  # where connectors and the direct server read: parquet (memory) or postgresql
     gateway_args: str = ""  # more gateway options, as on its command line (e.g. "--tunnel-rcvbuf-bytes 0")
 
@@ -46,7 +46,7 @@ class ExperimentParams(RunParams):
                 raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)!r}")
         super().__post_init__()
         if not self.tunnel_list or set(self.tunnel_list) - set(TUNNEL_TARGETS):
-            raise ConfigError(f"parameter tunnels must name websocket and/or grpc, got {self.tunnels!r}")
+            raise ConfigError(f"parameter tunnels must name some of {', '.join(TUNNEL_TARGETS)}, got {self.tunnels!r}")
         if self.source not in ("parquet", "postgresql"):
             raise ConfigError(f"parameter source must be parquet or postgresql, got {self.source!r}")
         if self.gateway_args:
