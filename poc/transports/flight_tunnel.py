@@ -277,8 +277,9 @@ class _DataCall:
 
 
 class FlightClientLink(Link):
-    """The connector's side: the control call on one Flight client, each stream's data call on one of
-    `clients` (each its own connection, so that many streams do not share one HTTP/2 connection's window and
+    """The connector's side: the control call alone on the first of `clients`, so that a control message never
+    waits behind batches in a connection's windows or socket (protocol §5a); each stream's data call on one
+    of the others (each its own connection: many streams do not share one HTTP/2 connection's window and
     thread). Blocking Flight calls run in threads: the control call's writes in order in one, each data
     call's in the pool."""
 
@@ -290,14 +291,15 @@ class FlightClientLink(Link):
     def __init__(self, endpoint: Endpoint, clients: list, options, control) -> None:
         self._init_link(endpoint)
         self._loop = asyncio.get_running_loop()
-        self._clients = clients
+        self._clients = clients[1:]  # for data calls; clients[0] carries the control call
+        self._all_clients = clients
         self._options = options
         self._control_call = _DataCall(*control)
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._control_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flight-control")
         self._data_pool = concurrent.futures.ThreadPoolExecutor(512, thread_name_prefix="flight-data")
         self._calls: dict[int, _DataCall] = {}
-        self._on_channel = [0] * len(clients)  # open data calls per connection
+        self._on_channel = [0] * len(self._clients)  # open data calls per connection
         self.session_id: str | None = None  # set by the session once registered: it names data calls
         self._ending: set[asyncio.Task] = set()
         threading.Thread(target=self._read, name="flight-control-read", daemon=True).start()
@@ -437,6 +439,8 @@ class FlightClientLink(Link):
         for stream_id in list(self._calls):
             self.drop_data(stream_id)
         self._control_pool.submit(_cancel_call, self._control_call)
+        for client in self._all_clients:  # its connections: every call still on them ends
+            self._control_pool.submit(client.close)
         self._control_pool.shutdown(wait=False)
         self._data_pool.shutdown(wait=False)
         self._inbox.put_nowait(self.closed)
@@ -464,7 +468,7 @@ async def dial_flight(url: str, endpoint_factory: Callable[[], Endpoint], tenant
     def connect() -> tuple[list, tuple]:
         kwargs = {"tls_root_certs": ca} if tls and ca else {}
         clients = [flight.connect(location, generic_options=[("grpc.use_local_subchannel_pool", 1)], **kwargs)
-                   for _ in range(max(1, channels))]
+                   for _ in range(1 + max(1, channels))]
         writer, reader = clients[0].do_exchange(flight.FlightDescriptor.for_command(CONTROL), options=options)
         return clients, (writer, reader)
 
