@@ -91,7 +91,7 @@ async def dial(target: str, cfg: ConnectorConfig):
             yield link
         return
     if url.startswith(("flight://", "flight+tls://")):
-        from ..transports.flight_tunnel import dial_flight
+        from ..transports.flight_connector import dial_flight
 
         ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
         link = await dial_flight(url, ConnectorEndpoint, cfg.tenant_id, cfg.token, ca, config.FLIGHT_TUNNEL_CHANNELS)

@@ -5,7 +5,9 @@
         ├── WebSocketLink               control before data, streams in turn; close on a broken rule
         ├── PicowsLink
         ├── GrpcServerLink
-        └── GrpcClientLink
+        ├── GrpcClientLink
+        ├── FlightServerLink            control call only: each stream's data has a call of its own
+        └── FlightClientLink
 
 Each adapter supplies `_receive()` (the messages of its connection), `_transmit()` (send one message the
 core gave; it must take the bytes — copy them or hand them to the socket — before it first waits, since a
@@ -98,7 +100,7 @@ def bound_receive_queue(sock: socket.socket | None, size: int, min_rtt_us=tcp_mi
 class TunnelTransport(Protocol):
     """One tunnel over one connection, whatever library carries it."""
 
-    KIND: str  # "picows", "websockets" or "grpc": the transport label of metrics
+    KIND: str  # "picows", "websockets", "grpc" or "flight": the transport label of metrics
     endpoint: Endpoint
     closed: TunnelClosed | None
 
