@@ -67,8 +67,8 @@ class StreamSink:
 class FlowSink(StreamSink):
     """A stream's sink on a transport whose streams carry their own flow control (the Flight tunnel, docs/protocol.md
     §13): the data call's thread offers each message and waits while the sink holds `capacity` charged bytes
-    (the stream's reserved window), so the connector is held back by HTTP/2, not by credit messages; the Flight
-    thread that serves the stream makes room as it takes them."""
+    (at most the stream's reserved window), so the connector is held back by HTTP/2, not by credit messages; the
+    Flight thread that serves the stream makes room as it takes them."""
 
     def __init__(self, capacity: int) -> None:
         self._items: collections.deque = collections.deque()

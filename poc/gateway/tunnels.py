@@ -70,13 +70,9 @@ class Tunnels:
         if cfg.grpc_tunnel_port is not None:
             from ..transports.grpc_tunnel import GrpcServerLink, serve_grpc
 
-            tls_pair = None
-            if cfg.tls:
-                with open(cfg.tls_cert, "rb") as cert, open(cfg.tls_key, "rb") as key:
-                    tls_pair = (cert.read(), key.read())
             self._grpc_server, self.ports["grpc_tunnel_port"] = await serve_grpc(
                 self.serve, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port, max_message,
-                tls_pair)
+                self._tls_pair())
             self._count(GrpcServerLink.KIND)
         if cfg.flight_tunnel_port is not None:
             self._listen_flight()
@@ -89,19 +85,22 @@ class Tunnels:
         from .data_calls import DataCalls
 
         cfg = self.cfg
-        tls_pair = None
-        if cfg.tls:
-            with open(cfg.tls_cert, "rb") as cert, open(cfg.tls_key, "rb") as key:
-                tls_pair = (cert.read(), key.read())
         data = DataCalls(asyncio.get_running_loop(), self.registry, cfg.request_timeout_s)
         # A call holds a thread: every tunnel's control call, every stream's data call, and room for strangers
         # refused at once. Streams are bounded per tenant by its buffer share (each reserves a window).
         max_calls = cfg.max_pending_tunnels + 2 * cfg.limits.max_streams + 256
         self._flight_server, self.ports["flight_tunnel_port"] = serve_flight_tunnel(
-            asyncio.get_running_loop(), cfg.host, cfg.flight_tunnel_port, cfg.limits.max_frame_bytes + 64, tls_pair,
-            self._token_ok, self.serve, lambda: GatewayEndpoint(cfg.limits), data.serve, self._refused_by_header,
+            asyncio.get_running_loop(), cfg.host, cfg.flight_tunnel_port, cfg.limits.max_frame_bytes + 64,
+            self._tls_pair(), self._token_ok, self.serve, lambda: GatewayEndpoint(cfg.limits), data.serve, self._refused_by_header,
             max_calls, cfg.flight_tunnel_window_bytes)
         self._count(FlightServerLink.KIND)
+
+    def _tls_pair(self) -> tuple[bytes, bytes] | None:
+        """The certificate and key the gRPC-served tunnels use, read from --tls-cert/--tls-key; None without TLS."""
+        if not self.cfg.tls:
+            return None
+        with open(self.cfg.tls_cert, "rb") as cert, open(self.cfg.tls_key, "rb") as key:
+            return cert.read(), key.read()
 
     def _token_ok(self, tenant_id: str, token: str) -> bool:
         """Whether `token` is the tenant's connector token (any thread; constant time)."""
