@@ -249,7 +249,8 @@ def serve_flight_tunnel(loop: asyncio.AbstractEventLoop, host: str, port: int, m
                                   ("grpc.max_send_message_length", -1),
                                   ("grpc.http2.min_ping_interval_without_data_ms", 1000),
                                   ("grpc.keepalive_permit_without_calls", 1),
-                                  ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window)])
+                                  ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window),
+                                  ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
     handler = grpc.stream_stream_rpc_method_handler(exchange)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"DoExchange": handler})])
     address = f"{host}:{port}"

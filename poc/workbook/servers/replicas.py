@@ -61,7 +61,8 @@ class Replicas(Started):
         args = ["gateway", "--tenants", str(self.tenants_file), "--registry", self.redis.url, "--host", host,
                 "--gateway-id", gateway_id, "--registry-ttl-s", str(self.registry_ttl_s),
                 "--ws-port", str(ports.get("ws_port", 0)), "--flight-port", str(ports.get("flight_port", 0)),
-                "--http-port", str(ports.get("http_port", 0)), "--grpc-tunnel-port", "-1", *self.gateway_args,
+                "--http-port", str(ports.get("http_port", 0)), "--grpc-tunnel-port", "-1",
+                "--flight-tunnel-port", "-1", *self.gateway_args,
                 *((*self.tls.server_args(), "--peer-ca-file", str(self.tls.ca)) if self.tls else ())]
         component = start_component(gateway_id, args, self.log_dir, env=self.env, wait=wait)
         self.gateways[gateway_id] = component
