@@ -456,6 +456,22 @@ def test_a_connectors_two_tunnels_stream_the_same_dataset_at_once_without_mixing
         assert "never opened" not in r.gateways["gw-1"].log_tail(10_000) + r.gateways["gw-2"].log_tail(10_000)
 
 
+def test_a_flight_tunnel_at_one_replica_serves_clients_of_every_replica(tmp_path, tenant_data):
+    """The Flight tunnel (docs/protocol.md §13) registers in the shared registry like any tunnel: clients of the
+    replica that holds it and of one that forwards to it read the tenant's exact table."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tenants = make_tenants(1)
+    with Replicas(tmp_path, tenants, tenant_data, count=2, gateway_args=("--rebalance-s", "0"), tunnel="flight") as r:
+        r.connect("tenant_001", "gw-1")
+        wait_for(lambda: [t["gateway"] for t in tunnels_of(r, "tenant_001", via="gw-2")] == ["gw-1"], 20,
+                 "one tunnel, at gw-1, seen by gw-2")
+        token = tenants["tenant_001"].client_token
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: read(r.flight_uri(f"gw-{i % 2 + 1}"), token)[1], range(8)))
+    assert all(got.equals(expected(tenant_data)) for got in results)
+
+
 def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, tenant_data):
     tenants = make_tenants(6)
     with Replicas(tmp_path, tenants, tenant_data, count=2) as r:

@@ -21,7 +21,7 @@ class Replicas(Started):
 
     def __init__(self, workdir: str | Path, tenants: dict[str, TenantCredentials], data: str | Path | dict, count: int = 3,
                  registry_ttl_s: float = 3.0, gateway_args: tuple[str, ...] = ("--rebalance-s", "1"),
-                 delay_ms: str = "0", tls: TlsFiles | None = None) -> None:
+                 delay_ms: str = "0", tls: TlsFiles | None = None, tunnel: str = "websocket") -> None:
         self.workdir = Path(workdir)
         self.tenants = tenants
         self.data = {t: Path(p) for t, p in data.items()} if isinstance(data, dict) else Path(data)  # or per tenant
@@ -30,6 +30,7 @@ class Replicas(Started):
         self.gateway_args = list(gateway_args)
         self.delay_ms = delay_ms
         self.tls = tls  # wss:// tunnels, grpc+tls:// Flight, also between replicas
+        self.tunnel = tunnel  # what connectors dial: "websocket" (/connect) or "flight" (the Flight tunnel's port)
         self.redis = RedisServer(self.workdir / "redis")
         self.tenants_file = self.workdir / "tenants.yaml"
         self.admin_token = secrets.token_hex(16)
@@ -49,7 +50,8 @@ class Replicas(Started):
         """Free ports for a replica to be started later (`start_gateway` takes them)."""
         from .redis_server import _free_port
 
-        self.reserved[gateway_id] = {"ws_port": _free_port(), "flight_port": _free_port(), "http_port": _free_port()}
+        self.reserved[gateway_id] = {"ws_port": _free_port(), "flight_port": _free_port(), "http_port": _free_port(),
+                                     "flight_tunnel_port": _free_port()}
         return self.reserved[gateway_id]
 
     def start_gateway(self, gateway_id: str, ports: dict | None = None, host: str = "127.0.0.1",
@@ -62,7 +64,8 @@ class Replicas(Started):
                 "--gateway-id", gateway_id, "--registry-ttl-s", str(self.registry_ttl_s),
                 "--ws-port", str(ports.get("ws_port", 0)), "--flight-port", str(ports.get("flight_port", 0)),
                 "--http-port", str(ports.get("http_port", 0)), "--grpc-tunnel-port", "-1",
-                "--flight-tunnel-port", "-1", *self.gateway_args,
+                "--flight-tunnel-port", str(ports.get("flight_tunnel_port", 0)) if self.tunnel == "flight" else "-1",
+                *self.gateway_args,
                 *((*self.tls.server_args(), "--peer-ca-file", str(self.tls.ca)) if self.tls else ())]
         component = start_component(gateway_id, args, self.log_dir, env=self.env, wait=wait)
         self.gateways[gateway_id] = component
@@ -70,7 +73,10 @@ class Replicas(Started):
 
     def tunnel_url(self, gateway_id: str) -> str:
         ports = self.gateways[gateway_id].ready if gateway_id in self.gateways else self.reserved[gateway_id]
-        return f"{'wss' if self.tls else 'ws'}://{self.hosts.get(gateway_id, '127.0.0.1')}:{ports['ws_port']}/connect"
+        host = self.hosts.get(gateway_id, "127.0.0.1")
+        if self.tunnel == "flight":
+            return f"{'flight+tls' if self.tls else 'flight'}://{host}:{ports['flight_tunnel_port']}"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{ports['ws_port']}/connect"
 
     def connect(self, tenant_id: str, *gateway_ids: str, tunnels: int | None = None, name: str | None = None,
                 urls: tuple[str, ...] = (), launcher: tuple[str, ...] = (), wait: bool = True) -> Component:
