@@ -163,7 +163,8 @@ class TunnelStream:
         self._sink = sink
         self._cancelled = cancelled
         # credit goes back by message, except where each stream's call has its own flow control (FlowSink)
-        self._grant_at = float("inf") if link.data_calls else link.endpoint.grant_threshold
+        self._grants = not link.data_calls
+        self._grant_at = link.endpoint.grant_threshold if self._grants else float("inf")
         self.schema: pa.Schema | None = None
         self._bounds: pa.Schema | None = None  # the schema batches are validated with (bounds, not UTF-8)
         self._done = False
@@ -187,7 +188,7 @@ class TunnelStream:
         return kind, value
 
     def _grant(self, size: int) -> None:
-        if self._grant_at == float("inf"):
+        if not self._grants:
             return
         self._bridge.loop.call_soon_threadsafe(self._link.grant, self.stream_id, size)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 
 import grpc
 
@@ -17,8 +16,6 @@ from ..transports.flight_tunnel import END, read_data_command, read_flight_data
 from ..tunnel import RemoteProtocolError, ipc
 from .link import StreamItem, TenantLink
 from .registry import TenantRegistry
-
-log = logging.getLogger("poc.gateway")
 
 
 class DataCalls:

@@ -144,7 +144,7 @@ class FlightServerLink(Link):
         self._ended = False
 
     # -- the call's threads
-    def read(self, requests, context: grpc.ServicerContext) -> None:
+    def read(self, requests) -> None:
         """The control call's messages, each put on the loop as text (or the error that ends the link)."""
         try:
             for data in requests:
@@ -238,7 +238,7 @@ def serve_flight_tunnel(loop: asyncio.AbstractEventLoop, host: str, port: int, m
             return iter(())
         link = FlightServerLink(endpoint_factory(), loop, tenant)
         context.add_callback(link.finish)
-        threading.Thread(target=link.read, args=(requests, context), name="flight-tunnel-read", daemon=True).start()
+        threading.Thread(target=link.read, args=(requests,), name="flight-tunnel-read", daemon=True).start()
         done = asyncio.run_coroutine_threadsafe(on_link(link), loop)
         done.add_done_callback(lambda _: link.finish())
         return link.responses()

@@ -8,8 +8,8 @@ own table, and that the attacker's client gets an error, never a table.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import struct
 import threading
 import time
 
@@ -19,10 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from poc.workbook.servers.runner import Cluster
-from poc.protowire import write_varint
-from poc.transports import flight_tunnel
 from tests.helpers import bearer, peak_rss, read, reset_peak_rss, sales
-from tests.hostile import _END as END_OF_CALL
 from tests.hostile import (INTS, ROWS, STRINGS, RawConnector, compressed_zeros, dictionary_messages, flight_headers,
                            frame, strings_batch, with_length, with_offset)
 
@@ -33,12 +30,11 @@ TRANSPORTS = ["picows", "websockets", "grpc", "flight"]
 TUNNELS = {"grpc": "grpc", "flight": "flight"}  # the transports that are not a WebSocket library
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
-def cluster(request, tmp_path_factory, datasets):
-    """One gateway per transport, with tenant_002's honest connector (data 'b'); tenant_001 is left to attackers."""
+@contextlib.contextmanager
+def hostile_cluster(transport: str, tmp_path_factory, datasets):
+    """A gateway on `transport`, with tenant_002's honest connector (data 'b'); tenant_001 is left to attackers."""
     from poc.config import make_tenants
 
-    transport = request.param
     tenants = make_tenants(2)
     ws_args = () if transport in TUNNELS else ("--ws-impl", transport)
     with Cluster(tmp_path_factory.mktemp(f"hostile-{transport}"), tenants, datasets["b"],
@@ -48,6 +44,13 @@ def cluster(request, tmp_path_factory, datasets):
         c.wait_online(["tenant_002"])
         c.transport = transport
         c.expected = pq.read_table(datasets["b"] / "sales.parquet")
+        yield c
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def cluster(request, tmp_path_factory, datasets):
+    """One gateway per transport (`hostile_cluster`); the Flight tunnel's own attacks: test_flight_hostile.py."""
+    with hostile_cluster(request.param, tmp_path_factory, datasets) as c:
         yield c
 
 
@@ -317,100 +320,3 @@ def test_clients_see_messages_not_tracebacks(attack):
     text = str(info.value)
     assert "no_such_table" in text and "Traceback" not in text and ".py" not in text
 
-
-# -- what only the Flight tunnel has: the call's headers, data calls that name a stream, Flight's own data fields
-
-def flight_only(cluster) -> None:
-    if cluster.transport != "flight":
-        pytest.skip("the Flight tunnel's own surface (docs/protocol.md §13)")
-
-
-def test_a_flight_stranger_is_refused_before_anything_it_sends_is_read(attack):
-    """Without the tenant's connector token in its headers, a call gets `error` and close 4001 at once; the
-    96 MiB message it sent is never read (gRPC's receive limit would refuse it anyway: nothing is held)."""
-    cluster, _ = attack
-    flight_only(cluster)
-    rss_before = reset_peak_rss(cluster.gateway.pid)
-    for headers in ((), flight_headers("tenant_001", "not-the-token"), flight_headers("nobody", "x")):
-        stranger = RawConnector(cluster.ws_url, "flight", headers)
-        stranger.send("x" * (96 << 20))
-        refusal = stranger.recv()
-        assert refusal["action"] == "error" and refusal["code"] == "unauthenticated", refusal
-        assert stranger.closed() == (4001, "invalid token")
-        stranger.close()
-    assert peak_rss(cluster.gateway.pid) - rss_before < 48 << 20
-
-
-def test_a_data_call_is_refused_for_a_stream_it_does_not_own(attack):
-    """A data call names its session and stream: another tenant's session, a stream never opened, a second call for
-    a stream that has one, a command that is not one — each is refused, and the real stream goes on."""
-    cluster, connect = attack
-    flight_only(cluster)
-    tunnel = registered(cluster, connect)
-    other = cluster.health()["tenants"]["tenant_002"]["session_id"]
-    seen: dict = {}
-
-    def respond(sid):
-        import grpc
-
-        for name, command in (("other tenant's session", flight_tunnel.data_command(other, 2)),
-                              ("unopened stream", flight_tunnel.data_command(tunnel.session_id, sid + 1000)),
-                              ("not a command", b"[1, 2]")):
-            outbox, call = tunnel.data_call(-len(seen) - 1, command)
-            outbox.put(END_OF_CALL)  # the gateway answers at once
-            with pytest.raises(grpc.RpcError) as refused:
-                list(call)
-            seen[name] = refused.value.code()
-        tunnel.send(frame(1, sid, STRINGS.serialize().to_pybytes()))
-        outbox, call = tunnel.data_call(-99, flight_tunnel.data_command(tunnel.session_id, sid))
-        outbox.put(END_OF_CALL)
-        with pytest.raises(grpc.RpcError) as twice:
-            list(call)
-        seen["second call"] = twice.value.code()
-        tunnel.send(frame(2, sid, strings_batch(10)))
-        tunnel.send(frame(3, sid))
-
-    outcome: dict = {}
-
-    def client():
-        with flight.connect(cluster.flight_uri) as c:
-            options = bearer(cluster.tenants["tenant_001"].client_token, timeout=20)
-            info = c.get_flight_info(sales(), options)
-            outcome["table"] = c.do_get(info.endpoints[0].ticket, options).read_all()
-
-    thread = threading.Thread(target=client)
-    thread.start()
-    tunnel.answer_flight_info(STRINGS)
-    respond(tunnel.recv_until("do_get")["request_id"])
-    thread.join(30)
-    import grpc
-
-    assert seen == {"other tenant's session": grpc.StatusCode.FAILED_PRECONDITION,
-                    "unopened stream": grpc.StatusCode.FAILED_PRECONDITION,
-                    "not a command": grpc.StatusCode.INVALID_ARGUMENT,
-                    "second call": grpc.StatusCode.FAILED_PRECONDITION}, seen
-    assert outcome["table"].num_rows == 10  # the stream itself was served
-
-
-def test_arrow_data_sent_as_flight_data_is_refused_unread(attack):
-    """The 128 MiB zstd bomb as Flight data (data_header and data_body, as a Flight writer sends a batch): a Flight
-    reader would decompress it before anything checks it; the gateway refuses the message unread."""
-    cluster, connect = attack
-    flight_only(cluster)
-    tunnel = registered(cluster, connect)
-    rss_before = reset_peak_rss(cluster.gateway.pid)
-    bomb = _bomb()
-    meta_len = struct.unpack_from("<i", bomb, 4)[0]
-    header, body = bomb[8:8 + meta_len], bomb[8 + meta_len:]
-    as_flight_data = (b"\x12" + write_varint(len(header)) + header +
-                      write_varint(1000 << 3 | 2) + write_varint(len(body)) + body)
-
-    def respond(sid):
-        tunnel.send(frame(1, sid, INTS.serialize().to_pybytes()))
-        tunnel.send_on_data_call(sid, as_flight_data)
-
-    outcome = attacker_reads(cluster, tunnel, INTS, respond)
-    assert isinstance(outcome["error"], flight.FlightInternalError), outcome["error"]
-    assert "only as app_metadata" in str(outcome["error"])
-    assert tunnel.recv_until("cancel")["reason"]
-    assert peak_rss(cluster.gateway.pid) - rss_before < 64 << 20

@@ -1,0 +1,112 @@
+"""Attacks on what only the Flight tunnel has (docs/protocol.md §13): the calls' headers, data calls that name a
+stream, Flight's own data fields. Each runs inside test_hostile_connectors' `attack`: the honest tenant is read
+throughout and after, exactly, from the same gateway process."""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import grpc
+import pyarrow.flight as flight
+import pytest
+
+import tests.integration.test_hostile_connectors as hostile
+from poc.protowire import write_varint
+from poc.transports import flight_tunnel
+from tests.helpers import bearer, peak_rss, reset_peak_rss, sales
+from tests.hostile import _END as END_OF_CALL
+from tests.hostile import INTS, STRINGS, RawConnector, flight_headers, frame, strings_batch
+
+attack = hostile.attack  # the honest tenant's reads around every attack, and the checks after it
+registered, attacker_reads, _bomb = hostile.registered, hostile.attacker_reads, hostile._bomb
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, datasets):
+    with hostile.hostile_cluster("flight", tmp_path_factory, datasets) as c:
+        yield c
+
+
+def test_a_flight_stranger_is_refused_before_anything_it_sends_is_read(attack):
+    """Without the tenant's connector token in its headers, a call gets `error` and close 4001 at once; the
+    96 MiB message it sent is never read (gRPC's receive limit would refuse it anyway: nothing is held)."""
+    cluster, _ = attack
+    rss_before = reset_peak_rss(cluster.gateway.pid)
+    for headers in ((), flight_headers("tenant_001", "not-the-token"), flight_headers("nobody", "x")):
+        stranger = RawConnector(cluster.ws_url, "flight", headers)
+        stranger.send("x" * (96 << 20))
+        refusal = stranger.recv()
+        assert refusal["action"] == "error" and refusal["code"] == "unauthenticated", refusal
+        assert stranger.closed() == (4001, "invalid token")
+        stranger.close()
+    assert peak_rss(cluster.gateway.pid) - rss_before < 48 << 20
+
+
+def test_a_data_call_is_refused_for_a_stream_it_does_not_own(attack):
+    """A data call names its session and stream: another tenant's session, a stream never opened, a second call for
+    a stream that has one, a command that is not one — each is refused, and the real stream goes on."""
+    cluster, connect = attack
+    tunnel = registered(cluster, connect)
+    other = cluster.health()["tenants"]["tenant_002"]["session_id"]
+    seen: dict = {}
+
+    def respond(sid):
+        for name, command in (("other tenant's session", flight_tunnel.data_command(other, 2)),
+                              ("unopened stream", flight_tunnel.data_command(tunnel.session_id, sid + 1000)),
+                              ("not a command", b"[1, 2]")):
+            outbox, call = tunnel.data_call(-len(seen) - 1, command)
+            outbox.put(END_OF_CALL)  # the gateway answers at once
+            with pytest.raises(grpc.RpcError) as refused:
+                list(call)
+            seen[name] = refused.value.code()
+        tunnel.send(frame(1, sid, STRINGS.serialize().to_pybytes()))
+        outbox, call = tunnel.data_call(-99, flight_tunnel.data_command(tunnel.session_id, sid))
+        outbox.put(END_OF_CALL)
+        with pytest.raises(grpc.RpcError) as twice:
+            list(call)
+        seen["second call"] = twice.value.code()
+        tunnel.send(frame(2, sid, strings_batch(10)))
+        tunnel.send(frame(3, sid))
+
+    outcome: dict = {}
+
+    def client():
+        with flight.connect(cluster.flight_uri) as c:
+            options = bearer(cluster.tenants["tenant_001"].client_token, timeout=20)
+            info = c.get_flight_info(sales(), options)
+            outcome["table"] = c.do_get(info.endpoints[0].ticket, options).read_all()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    tunnel.answer_flight_info(STRINGS)
+    respond(tunnel.recv_until("do_get")["request_id"])
+    thread.join(30)
+    assert seen == {"other tenant's session": grpc.StatusCode.FAILED_PRECONDITION,
+                    "unopened stream": grpc.StatusCode.FAILED_PRECONDITION,
+                    "not a command": grpc.StatusCode.INVALID_ARGUMENT,
+                    "second call": grpc.StatusCode.FAILED_PRECONDITION}, seen
+    assert outcome["table"].num_rows == 10  # the stream itself was served
+
+
+def test_arrow_data_sent_as_flight_data_is_refused_unread(attack):
+    """The 128 MiB zstd bomb as Flight data (data_header and data_body, as a Flight writer sends a batch): a Flight
+    reader would decompress it before anything checks it; the gateway refuses the message unread."""
+    cluster, connect = attack
+    tunnel = registered(cluster, connect)
+    rss_before = reset_peak_rss(cluster.gateway.pid)
+    bomb = _bomb()
+    meta_len = struct.unpack_from("<i", bomb, 4)[0]
+    header, body = bomb[8:8 + meta_len], bomb[8 + meta_len:]
+    as_flight_data = (b"\x12" + write_varint(len(header)) + header +
+                      write_varint(1000 << 3 | 2) + write_varint(len(body)) + body)
+
+    def respond(sid):
+        tunnel.send(frame(1, sid, INTS.serialize().to_pybytes()))
+        tunnel.send_on_data_call(sid, as_flight_data)
+
+    outcome = attacker_reads(cluster, tunnel, INTS, respond)
+    assert isinstance(outcome["error"], flight.FlightInternalError), outcome["error"]
+    assert "only as app_metadata" in str(outcome["error"])
+    assert tunnel.recv_until("cancel")["reason"]
+    assert peak_rss(cluster.gateway.pid) - rss_before < 64 << 20
