@@ -20,7 +20,6 @@ WS_PORT = 8443
 FLIGHT_PORT = 8815
 HTTP_PORT = 8080
 DIRECT_PORT = 8816
-GRPC_TUNNEL_PORT = 8444
 FLIGHT_TUNNEL_PORT = 8445  # the Flight tunnel's (docs/protocol.md §13)
 FLIGHT_TUNNEL_WINDOW_BYTES = 1 << 20  # a Flight tunnel call's HTTP/2 window at the gateway: a stream's read-ahead
 FLIGHT_TUNNEL_CHANNELS = 4  # a connector's connections for a Flight tunnel's data calls

@@ -1,5 +1,5 @@
 """Protobuf's wire format at its smallest: varints, read strictly and bounded, and written. The one codec both the
-gRPC tunnel's envelopes (poc.transports.grpc_tunnel) and the Flight SQL commands (poc.sql.proto) are read with."""
+Flight tunnel's FlightData (poc.transports.flight_tunnel) and the Flight SQL commands (poc.sql.proto) are read with."""
 
 from __future__ import annotations
 

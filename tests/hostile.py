@@ -1,5 +1,5 @@
-"""A hostile connector written from docs/protocol.md alone: plain `websockets` (or one raw gRPC stream of
-Envelopes) and bytes, so it can send whatever an attacker would. And the malformed Arrow IPC it sends."""
+"""A hostile connector written from docs/protocol.md alone: plain `websockets` (or raw gRPC calls carrying
+FlightData, §13) and bytes, so it can send whatever an attacker would. And the malformed Arrow IPC it sends."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from websockets.sync.client import connect
 
 from poc.protowire import write_varint
 from poc.transports import flight_tunnel
-from poc.transports.grpc_tunnel import METHOD, decode, encode
 
 _END = object()
 
@@ -38,7 +37,7 @@ def flight_headers(tenant_id: str, token: str) -> tuple:
 
 
 class RawConnector:
-    """One tunnel to the gateway over `transport` ("websocket", "grpc" or "flight"); nothing is checked on our
+    """One tunnel to the gateway over `transport` ("websocket" or "flight"); nothing is checked on our
     side. Over Flight (docs/protocol.md §13) the control call carries `headers` (by default none: give the
     tenant's token to get past the gateway's first check), and each §4 frame sent goes to its stream's data
     call — its payload as app_metadata, END as `end` — opened at the stream's first frame."""
@@ -58,27 +57,8 @@ class RawConnector:
             self._outbox = self._open_call(flight_tunnel.CONTROL)
             self._call = self._outbox[1]
             threading.Thread(target=self._read_flight, daemon=True).start()
-        elif transport == "grpc":
-            self._outbox: queue.Queue = queue.Queue()
-            self._inbox: queue.Queue = queue.Queue()
-            self._channel = grpc.insecure_channel(url.split("://", 1)[1], options=[
-                ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
-            self._call = self._channel.stream_stream(METHOD)(iter(self._outbox.get, _END), timeout=120)
-            threading.Thread(target=self._read_grpc, daemon=True).start()
         else:
             self._ws = connect(url, compression=None, max_size=None, open_timeout=10)
-
-    def _read_grpc(self) -> None:
-        try:
-            for envelope in self._call:
-                item = decode(envelope)
-                self._inbox.put(item if isinstance(item, str) else bytes(item))
-            trailers = dict(self._call.trailing_metadata() or ())
-            self.close_code = int(trailers.get("tunnel-close-code", 1000))
-            self.close_reason = trailers.get("tunnel-close-reason", "")
-        except grpc.RpcError as exc:
-            self.close_code, self.close_reason = 1006, f"{exc.code().name}: {exc.details()}"
-        self._inbox.put(_END)
 
     def _open_call(self, command: bytes) -> tuple[queue.Queue, object]:
         outbox: queue.Queue = queue.Queue()
@@ -108,6 +88,10 @@ class RawConnector:
                                                                                          stream_id))
         return self._data[stream_id]
 
+    def send_on_control_call(self, message: bytes) -> None:
+        """Flight: one raw FlightData on the control call."""
+        self._outbox[0].put(message)
+
     def send_on_data_call(self, stream_id: int, message: bytes) -> None:
         """Flight: one raw FlightData on the stream's data call."""
         self.data_call(stream_id)[0].put(message)
@@ -121,9 +105,6 @@ class RawConnector:
             kind, stream_id = struct.unpack_from("!B3xI", item)
             payload = flight_tunnel.END if kind == 3 else item[8:]
             self.send_on_data_call(stream_id, flight_tunnel.metadata_message(payload))
-            return
-        if self.transport == "grpc":
-            self._outbox.put(encode(item))
             return
         try:
             self._ws.send(item)
@@ -139,7 +120,7 @@ class RawConnector:
 
     def recv(self, timeout: float = 10) -> dict:
         """The next control message from the gateway."""
-        if self.transport in ("grpc", "flight"):
+        if self.transport == "flight":
             item = self._inbox.get(timeout=timeout)
             if item is _END:
                 raise ConnectionError(f"tunnel closed ({self.close_code}): {self.close_reason}")
@@ -158,7 +139,7 @@ class RawConnector:
                 self.recv(timeout)
         except (ConnectionClosed, ConnectionError):
             pass
-        if self.transport not in ("grpc", "flight"):
+        if self.transport != "flight":
             self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason
         return self.close_code, self.close_reason
 
@@ -178,9 +159,6 @@ class RawConnector:
         if self.transport == "flight":
             for outbox, _ in [self._outbox, *self._data.values()]:
                 outbox.put(_END)
-            self._channel.close()
-        elif self.transport == "grpc":
-            self._outbox.put(_END)
             self._channel.close()
         else:
             self._ws.close()

@@ -20,8 +20,7 @@ def add(sub) -> None:
                                    "with exponential backoff and jitter; exits 3 if the gateway refuses the token, 4 if a newer "
                                    "connector of the same tenant replaced this one.")
     p.add_argument("--gateway", required=True, action="append",
-                   help="ws://HOST:PORT/connect or wss://… (WebSocket tunnel), grpc://HOST:PORT or grpcs://… "
-                        "(gRPC tunnel), flight://HOST:PORT or flight+tls://… (Flight tunnel, docs/protocol.md "
+                   help="ws://HOST:PORT/connect or wss://… (WebSocket tunnel), flight://HOST:PORT or flight+tls://… (Flight tunnel, docs/protocol.md "
                         "§13); the scheme picks the transport. For gateway replicas give it several "
                         "times, or give a ws[s]:// name that resolves to several addresses (resolved again at "
                         "every reconnect): the connector keeps --tunnels tunnels, each to a different one")
@@ -44,7 +43,7 @@ def add(sub) -> None:
     p.add_argument("--delay-ms", default="200-250", help="simulated extraction delay before each transfer, "
                                                          "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")
-    p.add_argument("--ca-file", help="CA bundle to verify a wss://, grpcs:// or flight+tls:// gateway")
+    p.add_argument("--ca-file", help="CA bundle to verify a wss:// or flight+tls:// gateway")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics (poc_connector_*) on this port; off by default; 0 picks one")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default %(default)s)")
@@ -87,9 +86,12 @@ def run(args: argparse.Namespace) -> int:
     if not token:
         raise ConfigError("a connector token is needed: --token TOKEN or POC_CONNECTOR_TOKEN")
     for url in args.gateway:
-        if not url.startswith(("ws://", "wss://", "grpc://", "grpcs://", "flight://", "flight+tls://")):
-            raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel), grpc[s]://HOST:PORT "
-                              f"(gRPC tunnel) or flight[+tls]://HOST:PORT (Flight tunnel), got {url!r}")
+        if url.startswith(("grpc://", "grpcs://")):
+            raise ConfigError(f"--gateway {url!r}: the gRPC tunnel is retired; dial the Flight tunnel, "
+                              "flight://HOST:PORT (flight+tls:// for TLS), on the gateway's --flight-tunnel-port")
+        if not url.startswith(("ws://", "wss://", "flight://", "flight+tls://")):
+            raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or "
+                              f"flight[+tls]://HOST:PORT (Flight tunnel), got {url!r}")
     several = len(set(args.gateway)) > 1 or names_several(args.gateway[0])
     tunnels = args.tunnels if args.tunnels is not None else (2 if several else 1)
     if tunnels < 1:

@@ -37,9 +37,6 @@ def add(sub) -> None:
                    help="a connector silent this long is offline (default %(default)s)")
     p.add_argument("--request-timeout-s", type=float, default=config.REQUEST_TIMEOUT_S,
                    help="longest wait for a connector's answer or next frame (default %(default)s)")
-    p.add_argument("--grpc-tunnel-port", type=int, default=config.GRPC_TUNNEL_PORT,
-                   help="port of the gRPC reverse tunnel (connectors dial grpc://HOST:PORT); -1 turns it off "
-                        "(default %(default)s)")
     p.add_argument("--flight-tunnel-port", type=int, default=config.FLIGHT_TUNNEL_PORT,
                    help="port of the Flight reverse tunnel (connectors dial flight://HOST:PORT, flight+tls:// with "
                         "--tls-cert; docs/protocol.md §13); -1 turns it off (default %(default)s)")
@@ -146,7 +143,6 @@ def run(args: argparse.Namespace) -> int:
         limits=tunnel_limits(args),
         ticket_secret=os.environb.get(b"POC_TICKET_SECRET"), max_requests_per_s=args.max_requests_per_s,
         tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace_s=args.shutdown_grace_s, ws_impl=args.ws_impl,
-        grpc_tunnel_port=None if args.grpc_tunnel_port < 0 else args.grpc_tunnel_port,
         flight_tunnel_port=None if args.flight_tunnel_port < 0 else args.flight_tunnel_port,
         flight_tunnel_window_bytes=args.flight_tunnel_window_bytes,
         register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,

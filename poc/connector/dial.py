@@ -10,7 +10,6 @@ import socket
 import ssl
 import urllib.parse
 
-import grpc.aio
 import pyarrow as pa
 from picows import WSError
 from websockets.asyncio.client import connect
@@ -21,7 +20,7 @@ from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint
 from .config import ConnectorConfig, RefusedForNow
 
-LINK_LOST = (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, grpc.aio.AioRpcError, RefusedForNow,
+LINK_LOST = (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, RefusedForNow,
              pa.ArrowException)
 
 
@@ -78,7 +77,7 @@ def _ssl_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
 
 @contextlib.asynccontextmanager
 async def dial(target: str, cfg: ConnectorConfig):
-    """The link to a gateway; the URL's scheme picks Flight, gRPC or WebSocket, --ws-impl the WebSocket library;
+    """The link to a gateway; the URL's scheme picks Flight or WebSocket, --ws-impl the WebSocket library;
     a target URL#ADDRESS connects to that address. Closed (1001) on leaving, if still open."""
     url, _, address = target.partition("#")
     sock = await _socket_to(url, address) if address else None
@@ -95,12 +94,6 @@ async def dial(target: str, cfg: ConnectorConfig):
 
         ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
         link = await dial_flight(url, ConnectorEndpoint, cfg.tenant_id, cfg.token, ca, config.FLIGHT_TUNNEL_CHANNELS)
-    elif url.startswith(("grpc://", "grpcs://")):
-        from ..transports.grpc_tunnel import dial_grpc
-
-        ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
-        link = await dial_grpc(url.split("://", 1)[1].rstrip("/"), ConnectorEndpoint, ca,
-                               url.startswith("grpcs://"), cfg.heartbeat_s, config.MAX_FRAME_BYTES)
     else:
         from ..transports.picows_ws import dial_picows
 

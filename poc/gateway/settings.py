@@ -37,7 +37,6 @@ class GatewayConfig:
     max_requests_per_s: float = 0.0  # per tenant link; 0 = unlimited
     shutdown_grace_s: float = 10.0
     ws_impl: str = config.WS_IMPL
-    grpc_tunnel_port: int | None = config.GRPC_TUNNEL_PORT  # None: no gRPC tunnel endpoint
     flight_tunnel_port: int | None = config.FLIGHT_TUNNEL_PORT  # None: no Flight tunnel endpoint
     flight_tunnel_window_bytes: int = config.FLIGHT_TUNNEL_WINDOW_BYTES  # each Flight tunnel call's HTTP/2 window
     tls_cert: str | None = None

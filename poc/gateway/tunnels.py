@@ -1,4 +1,4 @@
-"""The connectors' side of the gateway: the tunnel endpoints (WebSocket on websockets or picows, gRPC), each
+"""The connectors' side of the gateway: the tunnel endpoints (WebSocket on websockets or picows, Arrow Flight), each
 tunnel from its register to its close, the links it registers (poc.gateway.registry), links taken out of service,
 and the heartbeat watch. Calls reach the links through poc.gateway.bridge."""
 
@@ -42,7 +42,6 @@ class Tunnels:
         self.replica = None
         self.ports: dict[str, int] = {}
         self._ws_server: Server | None = None
-        self._grpc_server = None
         self._flight_server = None
         self._tasks: set[asyncio.Task] = set()
         self._epochs: dict[str, int] = {}  # without a registry: each tenant's registrations, counted here
@@ -67,13 +66,6 @@ class Tunnels:
             self._stop_accepting = lambda: self._ws_server.close(close_connections=False)
             self._count(WebSocketLink.KIND)
         self.ports["ws_port"] = self._ws_server.sockets[0].getsockname()[1]
-        if cfg.grpc_tunnel_port is not None:
-            from ..transports.grpc_tunnel import GrpcServerLink, serve_grpc
-
-            self._grpc_server, self.ports["grpc_tunnel_port"] = await serve_grpc(
-                self.serve, lambda: GatewayEndpoint(cfg.limits), cfg.host, cfg.grpc_tunnel_port, max_message,
-                self._tls_pair())
-            self._count(GrpcServerLink.KIND)
         if cfg.flight_tunnel_port is not None:
             self._listen_flight()
         self._spawn(self._watch_heartbeats())
@@ -96,7 +88,7 @@ class Tunnels:
         self._count(FlightServerLink.KIND)
 
     def _tls_pair(self) -> tuple[bytes, bytes] | None:
-        """The certificate and key the gRPC-served tunnels use, read from --tls-cert/--tls-key; None without TLS."""
+        """The certificate and key the Flight tunnel uses, read from --tls-cert/--tls-key; None without TLS."""
         if not self.cfg.tls:
             return None
         with open(self.cfg.tls_cert, "rb") as cert, open(self.cfg.tls_key, "rb") as key:
@@ -130,8 +122,6 @@ class Tunnels:
             for link in self.registry.links():
                 self.drop(link, "gateway shutting down", CloseCode.GOING_AWAY)
             await asyncio.wait_for(self._ws_server.wait_closed(), 15)
-        if self._grpc_server is not None:
-            await self._grpc_server.stop(1.0)
         if self._flight_server is not None:
             await asyncio.get_running_loop().run_in_executor(None, lambda: self._flight_server.stop(1.0).wait())
 

@@ -4,8 +4,6 @@
     └── Link                            the shared loop: received messages into the core, events out,
         ├── WebSocketLink               control before data, streams in turn; close on a broken rule
         ├── PicowsLink
-        ├── GrpcServerLink
-        ├── GrpcClientLink
         ├── FlightServerLink            control call only: each stream's data has a call of its own
         └── FlightClientLink
 
@@ -274,4 +272,4 @@ class Link:
         raise NotImplementedError
 
     def socket(self) -> socket.socket | None:
-        return None  # gRPC: its sockets are its own
+        return None  # the Flight tunnel: gRPC's sockets are its own

@@ -141,7 +141,7 @@ class FlightServerLink(Link):
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._room = threading.Semaphore(self.INBOX)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._ended = False
+        self._close_sent = False
 
     # -- the call's threads
     def read(self, requests) -> None:
@@ -199,9 +199,9 @@ class FlightServerLink(Link):
             self._send_now(item)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        if self._ended:
+        if self._close_sent:
             return
-        self._ended = True
+        self._close_sent = True
         self.closed = self.closed or TunnelClosed(code, reason)
         self._outbox.put(metadata_message(close_message(code, reason)))
         self.finish()

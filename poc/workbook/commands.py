@@ -227,9 +227,9 @@ def add_bench(sub) -> None:
     p.add_argument("--single-runs", type=int, default=5, help="lone DoGets per repetition (default %(default)s)")
     p.add_argument("--info-calls", type=int, default=50, help="GetFlightInfo calls per repetition (default %(default)s)")
     p.add_argument("--connector-arg", action="append", help="extra connector argument (repeatable)")
-    p.add_argument("--tunnels", default="websocket,grpc,flight",
-                   help="tunnel transports to measure against direct in the same run (websocket, grpc, flight); "
-                        "the first gets the plain JSON keys, the others a prefix such as grpc_ (default "
+    p.add_argument("--tunnels", default="websocket,flight",
+                   help="tunnel transports to measure against direct in the same run (websocket, flight); "
+                        "the first gets the plain JSON keys, the others a prefix such as flight_ (default "
                         "%(default)s)")
     p.set_defaults(func=cmd_bench)
 
@@ -254,14 +254,14 @@ def add_swarm(sub) -> None:
                                    "'tiny', with heartbeats and reconnects as a real connector. Prints a ready line "
                                    "once all are registered; runs until SIGTERM/SIGINT.")
     p.add_argument("--gateway", required=True,
-                   help="ws[s]://HOST:PORT/connect, grpc[s]://HOST:PORT or flight[+tls]://HOST:PORT")
+                   help="ws[s]://HOST:PORT/connect or flight[+tls]://HOST:PORT")
     p.add_argument("--tenants", required=True, help="the gateway's tenants YAML (connector tokens are read from it)")
     p.add_argument("--count", type=int, default=0, help="tunnels; 0 = one per tenant of the file (default)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S,
                    help="heartbeat interval, at most the gateway's (default %(default)s)")
     p.add_argument("--per-second", type=float, default=1000.0,
                    help="tunnels opened per second at start (default %(default)s)")
-    p.add_argument("--ca-file", help="CA bundle for wss://, grpcs:// or flight+tls:// gateways (default: the system's)")
+    p.add_argument("--ca-file", help="CA bundle for wss:// or flight+tls:// gateways (default: the system's)")
     add_ws_impl(p)
     p.set_defaults(func=cmd_swarm)
 

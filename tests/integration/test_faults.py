@@ -178,9 +178,9 @@ def test_gateway_sigterm_lets_a_stream_that_is_being_read_finish(tmp_path, tenan
 
 def test_a_draining_gateway_is_not_ready_and_refuses_new_tunnels(tmp_path, tenants, datasets):
     """During the SIGTERM grace: /readyz answers 503, /livez 200, and a new tunnel is closed with 1001
-    (gRPC included) instead of registering into a gateway that is going away."""
+    (the Flight tunnel included) instead of registering into a gateway that is going away."""
     from poc.workbook.servers.runner import get_json
-    from tests.hostile import RawConnector
+    from tests.hostile import RawConnector, flight_headers
     import urllib.error
 
     with Cluster(tmp_path, tenants, datasets["large"], gateway_args=SMALL_WINDOW, with_direct=False) as c:
@@ -193,8 +193,8 @@ def test_a_draining_gateway_is_not_ready_and_refuses_new_tunnels(tmp_path, tenan
         with pytest.raises(urllib.error.HTTPError) as not_ready:
             get_json(f"{base}/readyz")
         assert not_ready.value.code == 503 and get_json(f"{base}/livez") == {"status": "alive"}
-        if c.tunnel == "grpc":  # the WebSocket server stops accepting at once; gRPC must refuse the tunnel itself
-            tunnel = RawConnector(c.ws_url, "grpc")
+        if c.tunnel == "flight":  # the WebSocket server stops accepting at once; the Flight one refuses the tunnel
+            tunnel = RawConnector(c.ws_url, "flight", flight_headers("tenant_002", tenants["tenant_002"].connector_token))
             tunnel.send('{"action":"register","tenant_id":"tenant_002","token":"%s","version":"1","datasets":[]}'
                         % tenants["tenant_002"].connector_token)
             assert tunnel.closed()[0] == 1001

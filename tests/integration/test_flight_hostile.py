@@ -110,3 +110,59 @@ def test_arrow_data_sent_as_flight_data_is_refused_unread(attack):
     assert "only as app_metadata" in str(outcome["error"])
     assert tunnel.recv_until("cancel")["reason"]
     assert peak_rss(cluster.gateway.pid) - rss_before < 64 << 20
+
+
+@pytest.mark.parametrize("message, code, reason", [
+    (flight_tunnel.metadata_message(b"{not json"), 4000, "not valid JSON"),
+    (flight_tunnel.metadata_message(b'{"action": "self_destruct"}'), 4000, "unknown action"),
+    (flight_tunnel.metadata_message(b"\xff\xfe{}"), 4000, "not UTF-8"),
+    (flight_tunnel.metadata_message(b'{"action": "heartbeat", "pad": "%s"}' % (b"x" * (80 << 10))), 1009,
+     "exceeds the limit"),
+    (b"\x12\x03abc", 4000, "only as app_metadata"),  # Arrow data on the control call
+    (b"\x22\x01a", 4000, "not allowed"),  # a field FlightData does not have
+], ids=["malformed-json", "unknown-action", "not-utf8", "oversized-text", "data-header", "unknown-field"])
+def test_a_bad_control_message_ends_the_control_call_with_a_code_and_reason(attack, message, code, reason):
+    cluster, connect = attack
+    tunnel = registered(cluster, connect)
+    tunnel.send_on_control_call(message)
+    closed = tunnel.closed()
+    assert closed[0] == code and reason in closed[1], closed
+
+
+def test_anything_before_register_is_refused_on_the_control_call(attack):
+    cluster, connect = attack
+    tunnel = connect()
+    tunnel.send('{"action": "heartbeat"}')
+    closed = tunnel.closed()
+    assert closed[0] == 4000 and "before register" in closed[1], closed
+
+
+def test_a_control_call_flood_is_closed_with_4005(attack):
+    cluster, connect = attack
+    tunnel = registered(cluster, connect)
+    for _ in range(200):
+        tunnel.send('{"action": "heartbeat", "ts": 1.0}')
+    assert tunnel.closed()[0] == 4005
+
+
+def test_random_flight_data_on_the_control_call_leaves_the_gateway_serving(attack):
+    """Every control call ends with a documented close code, or gRPC's refusal of what it cannot read; never
+    an internal error or a traceback in the gateway's log."""
+    import random
+
+    cluster, connect = attack
+    rng = random.Random(11)
+    codes = []
+    for _ in range(20):
+        tunnel = registered(cluster, connect) if rng.random() < 0.8 else connect()
+        for _ in range(rng.randint(1, 30)):
+            tunnel.send_on_control_call(rng.choice([
+                flight_tunnel.metadata_message(rng.randbytes(rng.randint(0, 40))),
+                flight_tunnel.metadata_message(rng.randbytes(rng.randint(0, 40)).decode("latin-1").encode()),
+                rng.randbytes(rng.randint(0, 30))]))
+        codes.append(tunnel.closed()[0])
+        tunnel.close()
+    assert set(codes) <= {1000, 1006, 1009, 4000, 4005}, codes
+    assert 4000 in codes
+    log = cluster.gateway.log_tail(100_000)
+    assert "Traceback" not in log and "never retrieved" not in log

@@ -26,8 +26,7 @@ from tests.hostile import (INTS, ROWS, STRINGS, RawConnector, compressed_zeros, 
 GATEWAY_ARGS = ("--max-message-bytes", str(64 << 10), "--max-frame-bytes", str(1 << 20),
                 "--window-bytes", str(2 << 20), "--register-timeout-s", "2", "--request-timeout-s", "3",
                 "--max-pending-tunnels", "6")
-TRANSPORTS = ["picows", "websockets", "grpc", "flight"]
-TUNNELS = {"grpc": "grpc", "flight": "flight"}  # the transports that are not a WebSocket library
+TRANSPORTS = ["picows", "websockets", "flight"]
 
 
 @contextlib.contextmanager
@@ -36,10 +35,10 @@ def hostile_cluster(transport: str, tmp_path_factory, datasets):
     from poc.config import make_tenants
 
     tenants = make_tenants(2)
-    ws_args = () if transport in TUNNELS else ("--ws-impl", transport)
+    ws_args = () if transport == "flight" else ("--ws-impl", transport)
     with Cluster(tmp_path_factory.mktemp(f"hostile-{transport}"), tenants, datasets["b"],
                  gateway_args=GATEWAY_ARGS + ws_args, with_direct=False, with_connectors=False,
-                 tunnel=TUNNELS.get(transport, "websocket"), connector_args=ws_args) as c:
+                 tunnel="flight" if transport == "flight" else "websocket", connector_args=ws_args) as c:
         c.start_connector("tenant_002")
         c.wait_online(["tenant_002"])
         c.transport = transport
@@ -101,7 +100,7 @@ def attack(cluster):
         began.append(time.monotonic())
         # over Flight the attacker holds tenant_001's token: what it can do past the headers' check
         headers = flight_headers("tenant_001", cluster.tenants["tenant_001"].connector_token)
-        tunnels.append(RawConnector(cluster.ws_url, TUNNELS.get(cluster.transport, "websocket"), headers))
+        tunnels.append(RawConnector(cluster.ws_url, "flight" if cluster.transport == "flight" else "websocket", headers))
         return tunnels[-1]
 
     with Honest(cluster) as honest:
@@ -289,11 +288,11 @@ def test_tunnels_that_do_not_register_are_held_to_the_cap_and_the_next_is_closed
 
 def test_an_oversized_message_before_register_is_refused(attack):
     """96 MiB of one text message from a tunnel that never registered: WebSocket fragments are counted
-    as they arrive (close 1009); gRPC refuses the Envelope over its receive limit. Neither holds it."""
+    as they arrive (close 1009); the Flight tunnel's gRPC refuses the FlightData over its receive limit. Neither holds it."""
     cluster, connect = attack
     rss_before = reset_peak_rss(cluster.gateway.pid)
     tunnel = connect()
-    if cluster.transport in TUNNELS:
+    if cluster.transport == "flight":
         tunnel.send("x" * (96 << 20))
         code, reason = tunnel.closed()
         assert code == 1006 and "RESOURCE_EXHAUSTED" in reason

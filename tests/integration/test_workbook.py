@@ -114,12 +114,12 @@ def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
     assert sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})) == 5
     doc = json.loads((out / "results.json").read_text())
     assert len(doc["requests"]) == 48
-    assert {r["target"] for r in doc["requests"]} == {"direct", "tunnel", "grpc_tunnel"}
+    assert {r["target"] for r in doc["requests"]} == {"direct", "tunnel", "flight_tunnel"}
     assert all(RECORD_FIELDS | {"websocket_overhead_ms"} <= set(r) for r in doc["requests"])
     assert all(r["websocket_overhead_ms"] is not None for r in doc["requests"] if r["target"] != "direct")
     assert set(doc["summaries"]["tunnel"]["tenants"]) == {"tenant_001", "tenant_002"}
-    assert set(doc["summaries"]["grpc_tunnel"]["tenants"]) == {"tenant_003", "tenant_004"}
-    assert set(doc["compressed_switches"]) == {"tunnel", "grpc_tunnel"}  # read from every connector's log
+    assert set(doc["summaries"]["flight_tunnel"]["tenants"]) == {"tenant_003", "tenant_004"}
+    assert set(doc["compressed_switches"]) == {"tunnel", "flight_tunnel"}  # read from every connector's log
     assert all(set(per) <= {"tenant_001", "tenant_002", "tenant_003", "tenant_004"}
                for per in doc["compressed_switches"].values())
     for name in ("latency_by_tenant_and_phase", "latency_distribution", "overhead_by_phase",
@@ -127,16 +127,16 @@ def test_smoke_notebook_runs_under_papermill_and_writes_the_report(tmp_path):
         assert (out / "charts" / f"{name}.html").exists() and (out / "charts" / f"{name}.png").stat().st_size > 5_000
     success = pl.read_csv(out / "success.csv")
     assert success["metric"].to_list()[0] == "latency P50 (ms)" and success.height == 12
-    assert set(success["path"]) == {"tunnel", "grpc_tunnel"}
+    assert set(success["path"]) == {"tunnel", "flight_tunnel"}
     assert "cores" in success["machine"][0]
     samples = pl.read_parquet(out / "samples.parquet")
     assert {"gateway", "direct", "connector-tenant_001"} <= set(samples["process"].unique().to_list())
     assert "receive buffer of near tunnels 300000 bytes" in (out / "cluster" / "logs" / "gateway.log").read_text()
     text = shared_text(out, tmp_path)
-    assert re.search(r"Answer: take the (WebSocket|gRPC) tunnel\.", text)
+    assert re.search(r"Answer: take the (WebSocket|Flight) tunnel\.", text)
     assert "seed criteria: " in text and "the direct throughput" in text
     criteria = text[text.index("seed target"):text.index("Percentiles per path")]
-    for path in ("WebSocket tunnel", "gRPC tunnel"):  # every row of the criteria table, both tunnels
+    for path in ("WebSocket tunnel", "Flight tunnel"):  # every row of the criteria table, both tunnels
         assert criteria.count(path) >= 6 and criteria.count("latency P99 (ms)") == 2
 
 

@@ -117,3 +117,17 @@ def test_the_gateway_refuses_a_gil_switch_interval_out_of_range(tmp_path, value,
     write_tenants(tmp_path / "tenants.yaml", make_tenants(1))
     assert main(["gateway", "--tenants", str(tmp_path / "tenants.yaml"), "--gil-switch-ms", value]) == 2
     assert "--gil-switch-ms must be above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url, says", [
+    ("grpc://127.0.0.1:8444", "the gRPC tunnel is retired; dial the Flight tunnel, flight://HOST:PORT"),
+    ("grpcs://gw.example:8444", "the gRPC tunnel is retired"),
+    ("http://127.0.0.1:8443/connect", "--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or "
+                                      "flight[+tls]://HOST:PORT"),
+])
+def test_the_connector_names_the_tunnels_it_dials(tmp_path, url, says, capsys, monkeypatch):
+    from poc.cli import main
+
+    monkeypatch.setenv("POC_CONNECTOR_TOKEN", "x")
+    assert main(["connector", "--gateway", url, "--tenant", "tenant_001", "--data", str(tmp_path)]) == 2
+    assert says in capsys.readouterr().err

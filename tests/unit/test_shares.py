@@ -11,7 +11,7 @@ MiB = 1 << 20
 
 
 def test_a_tenants_grown_windows_leave_room_for_its_own_new_streams():
-    """Found by `python -m poc bench --tunnels grpc`: 100 streams of one tenant whose windows grew towards
+    """Found by `python -m poc bench` on the (since retired) gRPC tunnel: 100 streams of one tenant whose windows grew towards
     64 MiB filled the tenant's 1 GiB share, and its next DoGet was refused. Growth stops at half the share."""
     budget = BufferBudget(limit=2048 * MiB, tenant_limit=1024 * MiB)
     for _ in range(10):

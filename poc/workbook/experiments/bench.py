@@ -59,7 +59,7 @@ class BenchParams:
     data_dir: str = "outputs/data"
     gateway_args: tuple[str, ...] = ()
     connector_args: tuple[str, ...] = ()
-    tunnels: tuple[str, ...] = ("websocket",)  # "websocket", "grpc", "flight": measured in the same run
+    tunnels: tuple[str, ...] = ("websocket",)  # "websocket", "flight": measured in the same run
 
 
 @dataclass
@@ -162,7 +162,7 @@ class _PeakRss:
 def run_bench(params: BenchParams, log=print) -> dict:
     """Start a gateway, one connector per tunnel transport and a direct server; measure each figure
     `repetitions` times. The first tunnel's figures have the plain keys; the others' are prefixed
-    with their name (`grpc_ratio_c10`, ...)."""
+    with their name (`flight_ratio_c10`, ...)."""
     data = dataset_folder(params.data_dir, params.rows)
     tenants = make_tenants(len(params.tunnels))
     by_tunnel = dict(zip(params.tunnels, tenants.values()))

@@ -17,7 +17,7 @@ from ..load.client import LoadConfig, records_as_dicts, run_load
 from ..load.metrics import add_overhead, percentiles_table, success_table, summaries, to_frame
 from ..servers.runner import Cluster, ProcessSampler, machine_info
 
-TUNNEL_TARGETS = {"websocket": "tunnel", "grpc": "grpc_tunnel", "flight": "flight_tunnel"}  # transport → target label in the results
+TUNNEL_TARGETS = {"websocket": "tunnel", "flight": "flight_tunnel"}  # transport → target label in the results
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ExperimentParams(RunParams):
     timeout_s: float = 300.0
     sample_interval_s: float = 0.5
     seed: int = 42
-    tunnels: str = "websocket,grpc,flight"  # tunnel transports measured beside direct, each with its own tenants
+    tunnels: str = "websocket,flight"  # tunnel transports measured beside direct, each with its own tenants
     source: str = "parquet"  # where connectors and the direct server read: parquet (memory) or postgresql
     gateway_args: str = ""  # more gateway options, as on its command line (e.g. "--tunnel-rcvbuf-bytes 0")
 

@@ -23,8 +23,7 @@ from ...config import make_tenants
 from ..dataset import dataset_folder
 from ..servers.runner import Cluster, machine_info
 
-TRANSPORTS = ("picows", "websockets", "grpc", "flight")
-TUNNELS = ("grpc", "flight")  # the transports that are not a WebSocket library
+TRANSPORTS = ("picows", "websockets", "flight")
 
 
 @dataclass
@@ -92,11 +91,11 @@ def soak_one(params: SoakParams, transport: str, work: Path, log=print) -> SoakR
     """One transport: a gateway, one connector per tenant, `clients` readers for `seconds`."""
     data = dataset_folder(params.data_dir, params.rows)
     tenants = make_tenants(params.tenants)
-    ws_args = () if transport in TUNNELS else ("--ws-impl", transport)
+    ws_args = () if transport == "flight" else ("--ws-impl", transport)
     result = SoakResult(transport, params.seconds)
     with Cluster(work / transport, tenants, data, gateway_args=(*ws_args, *params.gateway_args),
                  connector_args=ws_args, with_direct=False,
-                 tunnel=transport if transport in TUNNELS else "websocket") as cluster:
+                 tunnel="flight" if transport == "flight" else "websocket") as cluster:
         sessions = {t: s["session_id"] for t, s in cluster.health()["tenants"].items()}
         procs = {name: psutil.Process(c.pid) for name, c in cluster.components.items()}
         stop, lock = threading.Event(), threading.Lock()

@@ -14,8 +14,7 @@ ROOT = PROJECT_ROOT
 NOTEBOOKS = ROOT / "notebooks"
 
 
-PATH_NAMES = {"direct": "direct Flight", "tunnel": "WebSocket tunnel", "grpc_tunnel": "gRPC tunnel",
-              "flight_tunnel": "Flight tunnel"}
+PATH_NAMES = {"direct": "direct Flight", "tunnel": "WebSocket tunnel", "flight_tunnel": "Flight tunnel"}
 
 
 def ratio_lines(result: ExperimentResult) -> list[str]:

@@ -63,7 +63,7 @@ class Replicas(Started):
         args = ["gateway", "--tenants", str(self.tenants_file), "--registry", self.redis.url, "--host", host,
                 "--gateway-id", gateway_id, "--registry-ttl-s", str(self.registry_ttl_s),
                 "--ws-port", str(ports.get("ws_port", 0)), "--flight-port", str(ports.get("flight_port", 0)),
-                "--http-port", str(ports.get("http_port", 0)), "--grpc-tunnel-port", "-1",
+                "--http-port", str(ports.get("http_port", 0)),
                 "--flight-tunnel-port", str(ports.get("flight_tunnel_port", 0)) if self.tunnel == "flight" else "-1",
                 *self.gateway_args,
                 *((*self.tls.server_args(), "--peer-ca-file", str(self.tls.ca)) if self.tls else ())]

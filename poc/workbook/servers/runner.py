@@ -179,7 +179,7 @@ class Started:
         self.stop()
 
 
-TUNNEL_PORTS = {"websocket": "ws_port", "grpc": "grpc_tunnel_port", "flight": "flight_tunnel_port"}  # tunnel → port
+TUNNEL_PORTS = {"websocket": "ws_port", "flight": "flight_tunnel_port"}  # tunnel → port
 COMPRESSED_SWITCH = "batches go compressed"  # what a connector logs as --compression auto turns compression on
 
 
@@ -212,7 +212,7 @@ class Cluster(Started):
         self.with_direct = with_direct
         self.host = host
         self.tls = tls
-        self.tunnel = tunnel or os.environ.get("POC_TUNNEL", "websocket")  # or "grpc", "flight"
+        self.tunnel = tunnel or os.environ.get("POC_TUNNEL", "websocket")  # or "flight"
         self.components: dict[str, Component] = {}
         self.tenants_file = self.workdir / "tenants.yaml"
         self.admin_token = secrets.token_hex(16)  # the gateway's /health view
@@ -238,8 +238,7 @@ class Cluster(Started):
             self.wait_online(list(self.tenants))
 
     def start_gateway(self, extra: tuple[str, ...] = ()) -> Component:
-        ports = ("--ws-port", "0", "--flight-port", "0", "--http-port", "0", "--grpc-tunnel-port", "0",
-                 "--flight-tunnel-port", "0")
+        ports = ("--ws-port", "0", "--flight-port", "0", "--http-port", "0", "--flight-tunnel-port", "0")
         gateway = start_component(
             "gateway", ["gateway", "--tenants", str(self.tenants_file), "--host", self.host, *ports,
                         *self._tls_args(), *self.gateway_args, *extra], self.log_dir,
@@ -270,7 +269,6 @@ class Cluster(Started):
         time.sleep(downtime_s)
         return self.start_gateway(("--ws-port", str(ports["ws_port"]), "--flight-port", str(ports["flight_port"]),
                                    "--http-port", str(ports["http_port"]),
-                                   "--grpc-tunnel-port", str(ports["grpc_tunnel_port"]),
                                    "--flight-tunnel-port", str(ports["flight_tunnel_port"])))
 
     def _tls_args(self) -> tuple[str, ...]:
@@ -285,11 +283,9 @@ class Cluster(Started):
         return self.gateway.ready[TUNNEL_PORTS[self.tunnel]]
 
     def tunnel_url(self, port: int | None = None, tunnel: str | None = None) -> str:
-        """Where connectors dial: the cluster's tunnel (or `tunnel`: websocket, grpc or flight), at `port` if given."""
+        """Where connectors dial: the cluster's tunnel (or `tunnel`: websocket or flight), at `port` if given."""
         tunnel = tunnel or self.tunnel
         port = port or self.gateway.ready[TUNNEL_PORTS[tunnel]]
-        if tunnel == "grpc":
-            return f"{'grpcs' if self.tls else 'grpc'}://{self.host}:{port}"
         if tunnel == "flight":
             return f"{'flight+tls' if self.tls else 'flight'}://{self.host}:{port}"
         return f"{'wss' if self.tls else 'ws'}://{self.host}:{port}/connect"
