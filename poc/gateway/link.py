@@ -66,9 +66,10 @@ class StreamSink:
 
 class FlowSink(StreamSink):
     """A stream's sink on a transport whose streams carry their own flow control (the Flight tunnel, docs/protocol.md
-    §13): the data call's thread offers each message and waits while the sink holds `capacity` charged bytes
-    (at most the stream's reserved window), so the connector is held back by HTTP/2, not by credit messages; the
-    Flight thread that serves the stream makes room as it takes them."""
+    §13): the data call, on the event loop, offers each message and waits while the sink holds `capacity` charged
+    bytes (at most the stream's reserved window), reading nothing more from its call meanwhile, so the connector is
+    held back by HTTP/2, not by credit messages; the Flight thread that serves the stream makes room as it takes
+    them and wakes the waiting offer."""
 
     def __init__(self, capacity: int) -> None:
         self._items: collections.deque = collections.deque()
@@ -76,24 +77,39 @@ class FlowSink(StreamSink):
         self._capacity = capacity
         self._closed = False
         self._ready = threading.Condition()
+        self._room: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None  # an offer waiting for room
 
     def put(self, kind: str, value=None) -> None:
         with self._ready:
             self._items.append((kind, value, 0))
             self._ready.notify_all()
 
-    def offer(self, kind: str, value, charge: int) -> bool:
+    async def offer(self, kind: str, value, charge: int) -> bool:
         """Queue a message once there is room for its charge (at once while the sink is empty); False, without
-        queueing it, once the stream ended."""
-        with self._ready:
-            while not self._closed and self._held and self._held + charge > self._capacity:
-                self._ready.wait()
-            if self._closed:
-                return False
-            self._items.append((kind, value, charge))
-            self._held += charge
-            self._ready.notify_all()
-            return True
+        queueing it, once the stream ended. On the event loop; one offer at a time."""
+        while True:
+            with self._ready:
+                if self._closed:
+                    return False
+                if not self._held or self._held + charge <= self._capacity:
+                    self._items.append((kind, value, charge))
+                    self._held += charge
+                    self._ready.notify_all()
+                    return True
+                loop = asyncio.get_running_loop()
+                room = loop.create_future()
+                self._room = (loop, room)
+            await room
+
+    def _wake_offer(self) -> None:
+        """Under the lock: let a waiting offer look again (from the Flight thread, or the loop)."""
+        if self._room is not None:
+            loop, room = self._room
+            self._room = None
+            try:
+                loop.call_soon_threadsafe(lambda: room.done() or room.set_result(None))
+            except RuntimeError:
+                pass  # the loop is closed: the gateway has stopped, nothing waits any more
 
     def get(self, timeout: float, cancelled=lambda: False):
         deadline = time.monotonic() + timeout
@@ -107,13 +123,14 @@ class FlowSink(StreamSink):
                 self._ready.wait(min(left, self.POLL_S))
             kind, value, charge = self._items.popleft()
             self._held -= charge
-            self._ready.notify_all()
+            self._wake_offer()
             return kind, value
 
     def close(self) -> None:
         with self._ready:
             self._closed = True
             self._ready.notify_all()
+            self._wake_offer()
 
 
 @dataclass(frozen=True)
@@ -151,7 +168,7 @@ class TenantLink:
     _infos: dict[int, "asyncio.Future | concurrent.futures.Future"] = field(default_factory=dict)
     _sinks: dict[int, StreamSink] = field(default_factory=dict)
     _reserved: dict[int, int] = field(default_factory=dict)  # stream → bytes it holds of the budget: its window
-    _data_calls: dict[int, object] = field(default_factory=dict)  # stream → its data call's gRPC context (Flight)
+    _data_calls: dict[int, object] = field(default_factory=dict)  # stream → its data call: cancel() ends it (Flight)
     _schemas: dict[bytes, pa.Schema] = field(default_factory=dict)  # flight_info schema message → schema
     dropped_events: int = 0  # events for streams or requests the gateway had already closed
 
@@ -294,14 +311,14 @@ class TenantLink:
         """Whether each stream's data comes on its own call, with its own flow control (the Flight tunnel)."""
         return getattr(self.transport, "data_calls", False)
 
-    def attach_data_call(self, stream_id: int, context) -> FlowSink | None:
+    def attach_data_call(self, stream_id: int, call) -> FlowSink | None:
         """A data call for one of this link's open streams (the Flight tunnel, docs/protocol.md §13): its sink, or
-        None when the stream is not open here or already has its call. `context` is cancelled if the stream
+        None when the stream is not open here or already has its call. `call.cancel()` is called if the stream
         ends before the call does."""
         sink = self._sinks.get(stream_id)
         if not isinstance(sink, FlowSink) or stream_id in self._data_calls:
             return None
-        self._data_calls[stream_id] = context
+        self._data_calls[stream_id] = call
         return sink
 
     def data_call_ended(self, stream_id: int) -> None:
@@ -313,6 +330,7 @@ class TenantLink:
 
     def data_call_rejected(self, stream_id: int, reason: str) -> None:
         """A data call broke a rule of §4a or §13: that stream ends (its client gets the reason), the link goes on."""
+        self._data_calls.pop(stream_id, None)  # the call that broke the rule ends itself, with the reason
         if stream_id in self._sinks:
             self.endpoint.cancel_stream(stream_id, reason)
             self.handle(ev.StreamRejected(stream_id, reason))

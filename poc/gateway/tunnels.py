@@ -67,22 +67,22 @@ class Tunnels:
             self._count(WebSocketLink.KIND)
         self.ports["ws_port"] = self._ws_server.sockets[0].getsockname()[1]
         if cfg.flight_tunnel_port is not None:
-            self._listen_flight()
+            await self._listen_flight()
         self._spawn(self._watch_heartbeats())
 
-    def _listen_flight(self) -> None:
-        """The Flight tunnel (docs/protocol.md §13): control calls served as every tunnel is, data calls by
-        poc.gateway.data_calls in their own threads."""
+    async def _listen_flight(self) -> None:
+        """The Flight tunnel (docs/protocol.md §13), on this loop: control calls served as every tunnel is, data
+        calls by poc.gateway.data_calls."""
         from ..transports.flight_tunnel import FlightServerLink, serve_flight_tunnel
         from .data_calls import DataCalls
 
         cfg = self.cfg
-        data = DataCalls(asyncio.get_running_loop(), self.registry, cfg.request_timeout_s)
-        # A call holds a thread: every tunnel's control call, every stream's data call, and room for strangers
+        data = DataCalls(self.registry)
+        # Calls open at once: every tunnel's control call, every stream's data call, and room for strangers
         # refused at once. Streams are bounded per tenant by its buffer share (each reserves a window).
         max_calls = cfg.max_pending_tunnels + 2 * cfg.limits.max_streams + 256
-        self._flight_server, self.ports["flight_tunnel_port"] = serve_flight_tunnel(
-            asyncio.get_running_loop(), cfg.host, cfg.flight_tunnel_port, cfg.limits.max_frame_bytes + 64,
+        self._flight_server, self.ports["flight_tunnel_port"] = await serve_flight_tunnel(
+            cfg.host, cfg.flight_tunnel_port, cfg.limits.max_frame_bytes + 64,
             self._tls_pair(), self._token_ok, self.serve, lambda: GatewayEndpoint(cfg.limits), data.serve, self._refused_by_header,
             max_calls, cfg.flight_tunnel_window_bytes)
         self._count(FlightServerLink.KIND)
@@ -123,7 +123,7 @@ class Tunnels:
                 self.drop(link, "gateway shutting down", CloseCode.GOING_AWAY)
             await asyncio.wait_for(self._ws_server.wait_closed(), 15)
         if self._flight_server is not None:
-            await asyncio.get_running_loop().run_in_executor(None, lambda: self._flight_server.stop(1.0).wait())
+            await self._flight_server.stop(1.0)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

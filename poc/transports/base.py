@@ -98,7 +98,7 @@ def bound_receive_queue(sock: socket.socket | None, size: int, min_rtt_us=tcp_mi
 class TunnelTransport(Protocol):
     """One tunnel over one connection, whatever library carries it."""
 
-    KIND: str  # "picows", "websockets", "grpc" or "flight": the transport label of metrics
+    KIND: str  # "picows", "websockets" or "flight": the transport label of metrics
     endpoint: Endpoint
     closed: TunnelClosed | None
 

@@ -12,19 +12,16 @@ decompress it before anything checked it (docs/results.md), so the gateway serve
 reads each FlightData's few fields itself and refuses every other one. HTTP/2's per-stream flow control is each
 stream's credit: no `credit`, `ping` or window sizes on this transport.
 
-The gateway's side, here, is synchronous gRPC (a thread per call: a data call's messages are checked in its own
-thread and handed to the Flight call that waits for them, without the event loop); the connector's is pyarrow's
-Flight client (poc.transports.flight_connector).
+The gateway's side, here, is grpc.aio on the gateway's event loop, as every tunnel's control messages are: a data
+call's messages are checked there and handed to the Flight call that waits for them (poc.gateway.data_calls); the
+connector's is pyarrow's Flight client (poc.transports.flight_connector).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
-import queue
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -39,7 +36,6 @@ END = b"end"  # the last message of a data call whose stream is complete
 CLOSE = b"close "  # gateway → connector, last message of a control call: `close <code> <reason>`
 MAX_COMMAND = 256  # bytes of a data call's descriptor command
 TENANT_HEADER = "tunnel-tenant"
-_ENDED = object()
 
 # FlightData (Flight.proto): flight_descriptor = 1, data_header = 2, app_metadata = 3, data_body = 1000.
 # FlightDescriptor: type = 1 (CMD = 2), cmd = 2. Tags: field number << 3 | wire type (2: length-delimited).
@@ -125,136 +121,99 @@ def read_data_command(command: bytes) -> tuple[str, int]:
 
 
 class FlightServerLink(Link):
-    """The gateway's side of one control call. A thread reads the call's messages into the loop (at most
-    INBOX of them waiting: past that the thread stops reading and HTTP/2 holds the connector back); what the
-    core sends is queued for the call's response stream."""
+    """The gateway's side of one control call, on the gateway's event loop (grpc.aio): each received message is
+    read only when the core asks for the next, so HTTP/2 holds a connector back that sends faster; what the
+    core sends is written in turn on the call's response stream."""
 
     KIND = "flight"
     data_calls = True
-    INBOX = 64
-    _closed_errors = (TunnelClosed,)
+    _closed_errors = (TunnelClosed, asyncio.InvalidStateError)
 
-    def __init__(self, endpoint: Endpoint, loop: asyncio.AbstractEventLoop, tenant_id: str) -> None:
+    def __init__(self, endpoint: Endpoint, context: grpc.aio.ServicerContext, tenant_id: str) -> None:
         self._init_link(endpoint)
-        self._loop = loop
+        self._context = context
         self.tenant_id = tenant_id  # named by the call's headers and checked against its token
-        self._inbox: asyncio.Queue = asyncio.Queue()
-        self._room = threading.Semaphore(self.INBOX)
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._close_sent = False
 
-    # -- the call's threads
-    def read(self, requests) -> None:
-        """The control call's messages, each put on the loop as text (or the error that ends the link)."""
-        try:
-            for data in requests:
-                try:
-                    _, metadata = read_flight_data(data)
-                    item: object = str(metadata, "utf-8")
-                except UnicodeDecodeError:
-                    item = RemoteProtocolError("a control message that is not UTF-8")
-                except RemoteProtocolError as exc:
-                    item = exc
-                self._room.acquire()
-                self._loop.call_soon_threadsafe(self._inbox.put_nowait, item)
-                if not isinstance(item, str):
-                    return
-        except grpc.RpcError:
-            pass
-        finally:
-            self._loop.call_soon_threadsafe(self._inbox.put_nowait, _ENDED)
-
-    def responses(self):
-        """The call's response stream: what the core sends, until the link is closed or the call ends."""
-        while (item := self._outbox.get()) is not _ENDED:
-            yield item
-
-    def finish(self) -> None:
-        """The call ends (its handler's link is done, or gRPC ended the call)."""
-        self._outbox.put(_ENDED)
-
-    # -- Link
     async def _receive(self) -> AsyncIterator[str]:
         while True:
-            item = await self._inbox.get()
-            self._room.release()
-            if item is _ENDED:
-                self.closed = self.closed or TunnelClosed(1006, "control call ended")
+            try:
+                data = await self._context.read()
+            except (grpc.RpcError, asyncio.InvalidStateError):
                 return
-            if isinstance(item, RemoteProtocolError):
-                raise item
-            yield item
+            if data is grpc.aio.EOF:
+                return
+            _, metadata = read_flight_data(data)
+            try:
+                text = str(metadata, "utf-8")
+            except UnicodeDecodeError:
+                raise RemoteProtocolError("a control message that is not UTF-8") from None
+            yield text
 
     def _ended(self) -> TunnelClosed:
         return self.closed or TunnelClosed(1006, "control call ended")
 
-    def _can_send_now(self) -> bool:
-        return self.closed is None
-
-    def _send_now(self, text: str) -> None:
-        self._outbox.put(metadata_message(text.encode()))
-
     async def _transmit(self, item: str | bytes | bytearray) -> None:
-        if isinstance(item, str):
-            self._send_now(item)
+        if isinstance(item, str) and not self._close_sent:
+            await self._context.write(metadata_message(item.encode()))
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self._close_sent:
             return
         self._close_sent = True
         self.closed = self.closed or TunnelClosed(code, reason)
-        self._outbox.put(metadata_message(close_message(code, reason)))
-        self.finish()
+        try:
+            await self._context.write(metadata_message(close_message(code, reason)))
+        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError):
+            pass  # the call is gone already
 
 
-def serve_flight_tunnel(loop: asyncio.AbstractEventLoop, host: str, port: int, max_message: int,
-                        tls: tuple[bytes, bytes] | None, authorize: Callable[[str, str], bool],
-                        on_link: Callable[[FlightServerLink], object], endpoint_factory: Callable[[], Endpoint],
-                        on_data: Callable[[str, bytes, object, grpc.ServicerContext], None],
-                        refused: Callable[[str], bytes], max_calls: int, window: int) -> tuple[grpc.Server, int]:
-    """Serve DoExchange on HOST:PORT: a control call runs `on_link(link)` on the loop until the link closes; a
-    data call runs `on_data(tenant, command, requests, context)` in its own thread. A call whose headers do not
-    carry the tenant's connector token gets `refused(tenant)` (an `error`) and close 4001, nothing of it read.
-    Each call's HTTP/2 window is `window` bytes, fixed: gRPC's own sizing (its BDP probe) let 100 streams on
-    loopback hold 1.3 GB at the gateway (docs/results.md)."""
+async def serve_flight_tunnel(host: str, port: int, max_message: int, tls: tuple[bytes, bytes] | None,
+                              authorize: Callable[[str, str], bool],
+                              on_link: Callable[[FlightServerLink], Awaitable[None]],
+                              endpoint_factory: Callable[[], Endpoint],
+                              on_data: Callable[[str, bytes, grpc.aio.ServicerContext], Awaitable[None]],
+                              refused: Callable[[str], bytes], max_calls: int,
+                              window: int) -> tuple[grpc.aio.Server, int]:
+    """Serve DoExchange on HOST:PORT, on the running event loop: a control call runs `on_link(link)` until the link
+    closes; a data call runs `on_data(tenant, command, context)`. A call whose headers do not carry the tenant's
+    connector token gets `refused(tenant)` (an `error`) and close 4001, nothing of it read. Each call's HTTP/2
+    window is `window` bytes, fixed: gRPC's own sizing (its BDP probe) let 100 streams on loopback hold 1.3 GB
+    at the gateway (docs/results.md)."""
 
-    def exchange(requests, context: grpc.ServicerContext):
-        headers = dict(context.invocation_metadata())
+    async def exchange(requests, context: grpc.aio.ServicerContext) -> None:
+        headers = dict(context.invocation_metadata() or ())
         tenant = str(headers.get(TENANT_HEADER, ""))
         bearer = str(headers.get("authorization", ""))
         if not bearer.startswith("Bearer ") or not authorize(tenant, bearer[7:]):
-            return iter([metadata_message(refused(tenant)),
-                         metadata_message(close_message(CloseCode.UNAUTHENTICATED, "invalid token"))])
+            await context.write(metadata_message(refused(tenant)))
+            await context.write(metadata_message(close_message(CloseCode.UNAUTHENTICATED, "invalid token")))
+            return
         try:
-            command, _ = read_flight_data(next(requests))
+            first = await context.read()
+            if first is grpc.aio.EOF:
+                return
+            command, _ = read_flight_data(first)
             if command is None:
                 raise RemoteProtocolError("the call's first message carries no descriptor")
-        except (StopIteration, grpc.RpcError):
-            return iter(())
         except RemoteProtocolError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:200])
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:200])
         if command != CONTROL:
-            on_data(tenant, command, requests, context)
-            return iter(())
-        link = FlightServerLink(endpoint_factory(), loop, tenant)
-        context.add_callback(link.finish)
-        threading.Thread(target=link.read, args=(requests,), name="flight-tunnel-read", daemon=True).start()
-        done = asyncio.run_coroutine_threadsafe(on_link(link), loop)
-        done.add_done_callback(lambda _: link.finish())
-        return link.responses()
+            await on_data(tenant, command, context)
+            return
+        await on_link(FlightServerLink(endpoint_factory(), context, tenant))
 
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_calls, thread_name_prefix="flight-tunnel"),
-                         maximum_concurrent_rpcs=max_calls,
-                         options=[("grpc.max_receive_message_length", max_message),
-                                  ("grpc.max_send_message_length", -1),
-                                  ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-                                  ("grpc.keepalive_permit_without_calls", 1),
-                                  ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window),
-                                  ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_calls,
+                             options=[("grpc.max_receive_message_length", max_message),
+                                      ("grpc.max_send_message_length", -1),
+                                      ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                                      ("grpc.keepalive_permit_without_calls", 1),
+                                      ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window),
+                                      ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
     handler = grpc.stream_stream_rpc_method_handler(exchange)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"DoExchange": handler})])
     address = f"{host}:{port}"
     bound = (server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])])) if tls
              else server.add_insecure_port(address))
-    server.start()
+    await server.start()
     return server, bound

@@ -3,8 +3,9 @@ the close message, and the sink that holds a data call's thread back."""
 
 from __future__ import annotations
 
+import asyncio
+
 import threading
-import time
 
 import pytest
 from hypothesis import given
@@ -75,27 +76,31 @@ def test_the_close_message_carries_the_code_and_reason():
 
 
 def test_a_flow_sink_holds_the_data_call_back_until_its_reader_takes():
-    """Full, the sink blocks its writer (the data call's thread, and through it HTTP/2) until the reader makes
-    room; closed, it lets the writer go and takes nothing more."""
-    sink = FlowSink(4)
-    assert sink.offer(StreamItem.BATCH, ("a", 3), 3)
-    offered = threading.Event()
-    thread = threading.Thread(target=lambda: offered.set() if sink.offer(StreamItem.BATCH, ("b", 3), 3) else None)
-    thread.start()
-    time.sleep(0.2)
-    assert not offered.is_set()  # 3 + 3 > 4: it waits
-    assert sink.get(1) == (StreamItem.BATCH, ("a", 3))
-    thread.join(2)
-    assert offered.is_set() and sink.get(1) == (StreamItem.BATCH, ("b", 3))
-    assert sink.offer(StreamItem.BATCH, ("big", 9), 9)  # an empty sink takes any one message
-    waiting = threading.Thread(target=lambda: sink.offer(StreamItem.BATCH, ("c", 1), 1))
-    waiting.start()
-    sink.close()
-    waiting.join(2)
-    assert not waiting.is_alive() and not sink.offer(StreamItem.BATCH, ("d", 1), 1)
-    assert sink.get(1) == (StreamItem.BATCH, ("big", 9))  # what it held is still handed on
-    with pytest.raises(errors.TimedOut):
-        sink.get(0.3)
+    """Full, the sink holds its writer (the data call's offer on the event loop, and through it HTTP/2) until the
+    reader, a Flight thread, makes room; closed, it lets the writer go and takes nothing more."""
+
+    async def scenario() -> None:
+        sink = FlowSink(4)
+        assert await sink.offer(StreamItem.BATCH, ("a", 3), 3)
+        second = asyncio.ensure_future(sink.offer(StreamItem.BATCH, ("b", 3), 3))
+        await asyncio.sleep(0.2)
+        assert not second.done()  # 3 + 3 > 4: it waits
+        taken = await asyncio.to_thread(sink.get, 1)  # the reader is another thread
+        assert taken == (StreamItem.BATCH, ("a", 3))
+        assert await asyncio.wait_for(second, 2) is True
+        assert await asyncio.to_thread(sink.get, 1) == (StreamItem.BATCH, ("b", 3))
+        assert await sink.offer(StreamItem.BATCH, ("big", 9), 9)  # an empty sink takes any one message
+        waiting = asyncio.ensure_future(sink.offer(StreamItem.BATCH, ("c", 1), 1))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await asyncio.to_thread(sink.close)
+        assert await asyncio.wait_for(waiting, 2) is False
+        assert not await sink.offer(StreamItem.BATCH, ("d", 1), 1)
+        assert sink.get(1) == (StreamItem.BATCH, ("big", 9))  # what it held is still handed on
+        with pytest.raises(errors.TimedOut):
+            sink.get(0.3)
+
+    asyncio.run(scenario())
 
 
 def test_a_flow_sink_reader_leaves_when_its_client_does():
