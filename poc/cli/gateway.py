@@ -71,6 +71,10 @@ def add(sub) -> None:
     p.add_argument("--advertise-tunnel", metavar="URL",
                    help="with --registry: this replica's tunnel URL as connectors reach it, suggested to connectors "
                         "that another replica asks to move (default: ws[s]://HOST:WS_PORT/connect)")
+    p.add_argument("--advertise-flight-tunnel", metavar="URL",
+                   help="with --registry: this replica's Flight tunnel URL as connectors reach it, suggested to "
+                        "connectors on the Flight tunnel that another replica asks to move (default: "
+                        "flight[+tls]://HOST:FLIGHT_TUNNEL_PORT while that port is open)")
     p.add_argument("--rebalance-s", type=float, default=config.REBALANCE_S,
                    help="with --registry: how often this replica compares the tunnels it holds with its share "
                         "and, above it, asks one connector to move to the least-loaded replica; 0 turns it off "
@@ -168,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
         cfg.advertise_flight, cfg.registry_ttl_s = args.advertise_flight, args.registry_ttl_s
         cfg.drain_delay_s = max(0.0, args.drain_delay_s)
         cfg.advertise_tunnel, cfg.rebalance_s = args.advertise_tunnel, max(0.0, args.rebalance_s)
+        if args.advertise_flight_tunnel and not args.advertise_flight_tunnel.startswith(("flight://", "flight+tls://")):
+            raise ConfigError("--advertise-flight-tunnel must be a flight://HOST:PORT or flight+tls://HOST:PORT URL")
+        cfg.advertise_flight_tunnel = args.advertise_flight_tunnel
         cfg.peer_ca_file = args.peer_ca_file
         from ..gateway.directory import FLIGHT_LOCATION, GATEWAY_ID
 

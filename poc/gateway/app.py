@@ -122,6 +122,9 @@ class Gateway:
         directory.record = {"tunnel": cfg.advertise_tunnel or
                             f"{'wss' if cfg.tls else 'ws'}://{cfg.host}:{self.tunnels.ports['ws_port']}/connect",
                             "draining": False}
+        if "flight_tunnel_port" in self.tunnels.ports:
+            directory.record["flight_tunnel"] = cfg.advertise_flight_tunnel or (
+                f"{'flight+tls' if cfg.tls else 'flight'}://{cfg.host}:{self.tunnels.ports['flight_tunnel_port']}")
         peer_ca = open(cfg.peer_ca_file, "rb").read() if cfg.peer_ca_file else None
         self._router = ClusterRouter(local, directory, peers, bridge.await_on_loop, cfg.request_timeout_s,
                                      self.metrics, peer_ca)

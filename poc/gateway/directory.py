@@ -121,7 +121,8 @@ def _record(raw) -> dict | None:
         return None
     if not isinstance(doc.get("flight"), str) or not FLIGHT_LOCATION.fullmatch(doc["flight"]):
         return None
-    if not isinstance(doc.get("tunnel", ""), str) or not isinstance(doc.get("draining", False), bool):
+    if (not isinstance(doc.get("tunnel", ""), str) or not isinstance(doc.get("flight_tunnel", ""), str)
+            or not isinstance(doc.get("draining", False), bool)):
         return None
     return doc
 
@@ -168,7 +169,7 @@ class RedisDirectory:
         self._on_error = on_error
         self._owned: dict[str, tuple[TenantLink, TunnelEntry | None]] = {}  # session → (link, published entry)
         self._load = lambda: len(self._owned)
-        self.record: dict = {}  # more of this replica's record: its tunnel URL, whether it drains
+        self.record: dict = {}  # more of this replica's record: its tunnel URLs, whether it drains
 
     @property
     def available(self) -> bool:

@@ -145,7 +145,8 @@ class Replica:
             told[link.session_id] = time.monotonic()
             log.info("holding %d tunnels, share %d: asking tenant %s to move to %s", len(mine), share,
                      link.tenant_id, target["id"], extra={"tenant": link.tenant_id, "session": link.session_id})
-            link.endpoint.goaway(f"rebalancing: {self.gateway_id} holds more than its share", target["tunnel"])
+            prefer = target.get("flight_tunnel") if link.transport.KIND == "flight" else target["tunnel"]
+            link.endpoint.goaway(f"rebalancing: {self.gateway_id} holds more than its share", prefer or None)
             link.transport.flush_soon()
             link.moving = True
             self._spawn(self._close_when_moved(link, baseline))

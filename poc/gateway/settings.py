@@ -52,6 +52,7 @@ class GatewayConfig:
     registry_ttl_s: float = config.REGISTRY_TTL_S
     drain_delay_s: float = 1.0  # with a registry: Flight keeps answering this long after /readyz turns 503
     advertise_tunnel: str | None = None  # this replica's tunnel URL as connectors know it (goaway's `prefer`)
+    advertise_flight_tunnel: str | None = None  # its Flight tunnel's URL, `prefer` for links on that tunnel
     rebalance_s: float = config.REBALANCE_S  # with a registry: how often to compare load with the others; 0: off
     tunnel_rcvbuf_bytes: int = config.TUNNEL_RCVBUF_BYTES  # receive buffer of near tunnels' sockets; 0: kernel's
 

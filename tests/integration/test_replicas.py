@@ -472,6 +472,25 @@ def test_a_flight_tunnel_at_one_replica_serves_clients_of_every_replica(tmp_path
     assert all(got.equals(expected(tenant_data)) for got in results)
 
 
+def test_a_flight_tunnel_asked_to_move_goes_to_the_flight_tunnel_goaway_prefers(tmp_path, tenant_data):
+    """Rebalancing on the Flight tunnel: a replica added later gets a tunnel, and goaway's `prefer` named the new
+    replica's Flight tunnel URL (its record's `flight_tunnel`), which the connector dialled; no read fails."""
+    tenants = make_tenants(2)
+    with Replicas(tmp_path, tenants, tenant_data, count=1, tunnel="flight",
+                  gateway_args=("--rebalance-s", "0.5")) as r:
+        r.reserve("gw-2")
+        for tenant in tenants:
+            r.connect(tenant, "gw-1", "gw-2", tunnels=1)
+        r.wait_routable(list(tenants))
+        with LoadLoop(r, list(tenants), through=["gw-1"], readers=2, tables=tables_of(tenant_data, tenants)) as load:
+            r.start_gateway("gw-2")
+            wait_for(lambda: sorted(t["gateway"] for tenant in tenants for t in tunnels_of(r, tenant)) == ["gw-1", "gw-2"],
+                     60, "one tunnel on each replica")
+        assert not load.failed(), [(x["through"], x["tenant"], x["error"]) for x in load.failed()[:5]]
+        logs = "".join(c.log_tail(10_000) for c in r.connectors.values())
+        assert f"opening a tunnel to {r.tunnel_url('gw-2')}" in logs and r.tunnel_url("gw-2").startswith("flight://")
+
+
 def test_a_replica_added_under_load_gets_its_share_of_tunnels(tmp_path, tenant_data):
     tenants = make_tenants(6)
     with Replicas(tmp_path, tenants, tenant_data, count=2) as r:
