@@ -10,13 +10,16 @@ BIN := $(VENV)/bin
 # Programs from Debian that the tests and notebooks start themselves (a real Redis for the gateway replicas'
 # registry, Chromium for the browser tests, Node.js and npm for the page's JavaScript packages, PostgreSQL for
 # the connectors on databases, whose server Debian keeps off PATH; tc and ss for the emulated links and the
-# tunnel sockets' buffers); installed with apt-get when missing (as root, as CI runs), skipped when present.
+# tunnel sockets' buffers; squid, as squid-openssl, the build with TLS inspection (ssl_bump), for the corporate
+# proxy: checked by package, since plain squid has the same program without it); installed with apt-get when
+# missing (as root, as CI runs), skipped when present.
 # program:package pairs.
-SYSTEM_PROGRAMS := redis-server:redis-server chromium:chromium node:nodejs npm:npm tc:iproute2 ss:iproute2
+SYSTEM_PROGRAMS := redis-server:redis-server chromium:chromium node:nodejs npm:npm tc:iproute2 ss:iproute2 openssl:openssl
 
 system:
 	@missing=""; for pair in $(SYSTEM_PROGRAMS); do command -v $${pair%%:*} > /dev/null || missing="$$missing $${pair##*:}"; done; \
 	ls /usr/lib/postgresql/*/bin/postgres > /dev/null 2>&1 || missing="$$missing postgresql"; \
+	dpkg-query -W -f='$${Status}' squid-openssl 2> /dev/null | grep -q 'ok installed' || missing="$$missing squid-openssl"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "make: needs$$missing: run 'apt-get install$$missing' as root" >&2; exit 1; fi; \
 	  echo "installing$$missing from Debian"; \

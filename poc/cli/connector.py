@@ -44,6 +44,12 @@ def add(sub) -> None:
                                                          "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
     p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")
     p.add_argument("--ca-file", help="CA bundle to verify a wss:// or flight+tls:// gateway")
+    p.add_argument("--proxy", metavar="URL",
+                   help="reach the gateway through this HTTP proxy, with HTTP CONNECT: http://[USER@]HOST:PORT; "
+                        "the password, if it needs one, from POC_PROXY_PASSWORD (never on the command line). "
+                        "Without it the usual variables apply: http_proxy for ws://, https_proxy for wss:// and "
+                        "flight[+tls]://, no_proxy honoured. The proxy resolves the gateway's name: give "
+                        "replicas as several --gateway (docs/operations.md, 'Behind a corporate proxy')")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics (poc_connector_*) on this port; off by default; 0 picks one")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default %(default)s)")
@@ -92,7 +98,14 @@ def run(args: argparse.Namespace) -> int:
         if not url.startswith(("ws://", "wss://", "flight://", "flight+tls://")):
             raise ConfigError("--gateway must be ws[s]://HOST:PORT/connect (WebSocket tunnel) or "
                               f"flight[+tls]://HOST:PORT (Flight tunnel), got {url!r}")
-    several = len(set(args.gateway)) > 1 or names_several(args.gateway[0])
+    from ..connector.proxy import for_gateway, from_option
+
+    proxy = from_option(args.proxy, dict(os.environ)) if args.proxy else None
+    for url in dict.fromkeys(args.gateway):
+        if (through := for_gateway(url, proxy)) is not None:
+            logging.getLogger("poc.connector").info("gateway %s through proxy %s (HTTP CONNECT)", url, through.shown)
+    several = len(set(args.gateway)) > 1 or (for_gateway(args.gateway[0], proxy) is None
+                                             and names_several(args.gateway[0]))
     tunnels = args.tunnels if args.tunnels is not None else (2 if several else 1)
     if tunnels < 1:
         raise ConfigError("--tunnels must be at least 1")
@@ -110,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                           tunnels=tunnels, compression=args.compression,
                           compress_below_mbps=args.compress_below_mbps, sql=not args.no_sql,
                           max_result_bytes=args.max_result_bytes, query_timeout_s=args.query_timeout_s,
-                          query_memory_mb=args.query_memory_mb, db_connections=args.db_connections)
+                          query_memory_mb=args.query_memory_mb, db_connections=args.db_connections, proxy=proxy)
     if args.connector_id:
         cfg.connector_id = args.connector_id
     connector = Connector(cfg, sources)

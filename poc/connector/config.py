@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .. import config
 from ..catalog import available_codecs
+from .proxy import Proxy
 
 
 class RegistrationRefused(Exception):
@@ -48,6 +49,7 @@ class ConnectorConfig:
     query_timeout_s: float = config.QUERY_TIMEOUT_S
     query_memory_mb: int = config.QUERY_MEMORY_MB
     db_connections: int = config.DB_CONNECTIONS  # per database (--sources): more requests wait for one
+    proxy: Proxy | None = None  # --proxy; None: the environment's proxy variables decide (poc.connector.proxy)
 
     @property
     def sql_dialect(self) -> str | None:

@@ -12,6 +12,7 @@ import urllib.parse
 
 import pyarrow as pa
 from picows import WSError
+from python_socks import ProxyError
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
@@ -19,8 +20,9 @@ from .. import config
 from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint
 from .config import ConnectorConfig, RefusedForNow
+from .proxy import Proxy, for_gateway
 
-LINK_LOST = (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, RefusedForNow,
+LINK_LOST = (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, ProxyError, RefusedForNow,
              pa.ArrowException)
 
 
@@ -36,16 +38,17 @@ def names_several(url: str) -> bool:
         return False
 
 
-async def targets(gateways: list[str]) -> list[str]:
+async def targets(gateways: list[str], proxy: Proxy | None = None) -> list[str]:
     """Where a link may go, resolved now: each --gateway URL, or, for a ws[s]:// URL whose name resolves to
     several addresses (one name for several replicas), one target per address, written URL#ADDRESS (the link
-    keeps the name for TLS and the Host header and connects to that address)."""
+    keeps the name for TLS and the Host header and connects to that address). A URL reached through a proxy
+    (`proxy`, or the environment's) is not resolved here: the proxy resolves it."""
     found: list[str] = []
     loop = asyncio.get_running_loop()
     for url in gateways:
         parsed = urllib.parse.urlsplit(url)
         addresses: list[str] = []
-        if parsed.scheme in ("ws", "wss") and parsed.hostname:
+        if parsed.scheme in ("ws", "wss") and parsed.hostname and for_gateway(url, proxy) is None:
             try:
                 infos = await loop.getaddrinfo(parsed.hostname, parsed.port or 443, type=socket.SOCK_STREAM)
                 addresses = list(dict.fromkeys(info[4][0] for info in infos))
@@ -80,9 +83,11 @@ async def dial(target: str, cfg: ConnectorConfig):
     """The link to a gateway; the URL's scheme picks Flight or WebSocket, --ws-impl the WebSocket library;
     a target URL#ADDRESS connects to that address. Closed (1001) on leaving, if still open."""
     url, _, address = target.partition("#")
-    sock = await _socket_to(url, address) if address else None
+    proxy = for_gateway(url, cfg.proxy)
+    through = proxy.url if proxy is not None else None
+    sock = await _socket_to(url, address) if address and proxy is None else None
     if url.startswith(("ws://", "wss://")) and cfg.ws_impl == "websockets":
-        async with connect(url, compression=None, proxy=None, ssl=_ssl_context(url, cfg.ca_file), sock=sock,
+        async with connect(url, compression=None, proxy=through, ssl=_ssl_context(url, cfg.ca_file), sock=sock,
                            max_size=config.MAX_FRAME_BYTES, ping_interval=cfg.heartbeat_s,
                            ping_timeout=cfg.heartbeat_s, write_limit=1024 * 1024, open_timeout=10) as ws:
             link = WebSocketLink(ws, ConnectorEndpoint())
@@ -93,12 +98,13 @@ async def dial(target: str, cfg: ConnectorConfig):
         from ..transports.flight_connector import dial_flight
 
         ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
-        link = await dial_flight(url, ConnectorEndpoint, cfg.tenant_id, cfg.token, ca, config.FLIGHT_TUNNEL_CHANNELS)
+        link = await dial_flight(url, ConnectorEndpoint, cfg.tenant_id, cfg.token, ca, config.FLIGHT_TUNNEL_CHANNELS,
+                                 through)
     else:
         from ..transports.picows_ws import dial_picows
 
         link = await dial_picows(url, ConnectorEndpoint, _ssl_context(url, cfg.ca_file), cfg.heartbeat_s,
-                                 config.MAX_FRAME_BYTES, sock)
+                                 config.MAX_FRAME_BYTES, sock, through)
     try:
         yield link
     finally:

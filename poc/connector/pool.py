@@ -15,6 +15,7 @@ from ..transports.base import TunnelTransport
 from ..tunnel import CloseCode, TunnelClosed
 from .config import ConnectorConfig, RegistrationRefused, Replaced
 from .dial import LINK_LOST, dial, targets
+from .proxy import PASSWORD_VARIABLE, for_gateway
 from .metrics import ConnectorMetrics
 from .serving import Serving
 from .session import Session, SessionHooks
@@ -124,7 +125,7 @@ class Connector:
         attempt = 0
         while not stop.is_set():
             url = self._in_use[slot] = self._first.pop(slot, None) or self._choose(
-                slot, attempt, await targets(self.cfg.gateways))
+                slot, attempt, await targets(self.cfg.gateways, self.cfg.proxy))
             session: Session | None = None
             try:
                 session = await self._session(stop, url, slot)
@@ -164,7 +165,14 @@ class Connector:
                 raise RegistrationRefused(f"gateway closed the link: {exc.reason}") from None
             log.warning("link to %s lost: %s", url, exc)
         elif isinstance(exc, LINK_LOST):
-            log.warning("link to %s lost: %s", url, exc or type(exc).__name__)
+            proxy = for_gateway(url.partition("#")[0], self.cfg.proxy)
+            if proxy is not None and "407" in str(exc):
+                log.warning("proxy %s refused this connector's credentials (407 Proxy Authentication Required) for "
+                            "%s: check the user in --proxy (or the proxy variable) and %s", proxy.shown, url,
+                            PASSWORD_VARIABLE)
+            else:
+                log.warning("link to %s lost%s: %s", url, f" (through proxy {proxy.shown})" if proxy else "",
+                            exc or type(exc).__name__)
         elif exc is not None:  # whatever else ended the session, a new link may cure it: reconnect, never exit
             log.error("session with %s failed", url, exc_info=exc)
 

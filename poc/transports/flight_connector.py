@@ -210,9 +210,10 @@ def _cancel_call(call: _DataCall) -> None:
 
 
 async def dial_flight(url: str, endpoint_factory: Callable[[], Endpoint], tenant_id: str, token: str,
-                      ca: bytes | None, channels: int) -> FlightClientLink:
+                      ca: bytes | None, channels: int, proxy: str | None = None) -> FlightClientLink:
     """Open the control call to flight://HOST:PORT (flight+tls://: TLS, roots from `ca`, else the system's), with
-    `channels` connections for data calls."""
+    `channels` connections for data calls; through the HTTP proxy `proxy` (HTTP CONNECT) when given, and never
+    through one gRPC would take from the environment otherwise (poc.connector.proxy decided)."""
     import pyarrow.flight as flight
 
     tls = url.startswith("flight+tls://")
@@ -222,7 +223,8 @@ async def dial_flight(url: str, endpoint_factory: Callable[[], Endpoint], tenant
 
     def connect() -> tuple[list, tuple]:
         kwargs = {"tls_root_certs": ca} if tls and ca else {}
-        clients = [flight.connect(location, generic_options=[("grpc.use_local_subchannel_pool", 1)], **kwargs)
+        way_out = [("grpc.http_proxy", proxy)] if proxy else [("grpc.enable_http_proxy", 0)]
+        clients = [flight.connect(location, generic_options=[("grpc.use_local_subchannel_pool", 1), *way_out], **kwargs)
                    for _ in range(1 + max(1, channels))]
         writer, reader = clients[0].do_exchange(flight.FlightDescriptor.for_command(CONTROL), options=options)
         return clients, (writer, reader)

@@ -208,14 +208,16 @@ async def serve_picows(on_link: Callable[[PicowsLink], Any], endpoint_factory: C
 
 
 async def dial_picows(url: str, endpoint_factory: Callable[[], Endpoint], ssl: ssl_module.SSLContext | None,
-                      heartbeat_s: float, max_frame_size: int, sock: socket.socket | None = None) -> PicowsLink:
+                      heartbeat_s: float, max_frame_size: int, sock: socket.socket | None = None,
+                      proxy: str | None = None) -> PicowsLink:
     """Open a tunnel to the gateway (over `sock` when given: already connected to one of the name's
-    addresses); the link is connected when this returns."""
+    addresses; through the HTTP proxy `proxy`, with HTTP CONNECT, when given); the link is connected when this
+    returns."""
     _, link = await ws_connect(lambda: PicowsLink(endpoint_factory, max_frame_size), url, ssl_context=ssl,
                                socket_factory=(lambda _: sock) if sock is not None else None,
                                enable_auto_ping=True, auto_ping_idle_timeout=heartbeat_s,
                                auto_ping_reply_timeout=heartbeat_s, max_frame_size=max_frame_size,
-                               websocket_handshake_timeout=10)
+                               websocket_handshake_timeout=10, proxy=proxy)
     if link is None or link.closed is not None:
         raise ConnectionError(f"tunnel to {url} closed during the handshake")
     link.bound_unsent()

@@ -1,0 +1,114 @@
+"""A real squid for tests and notebooks: an HTTP proxy on a free loopback port, its own folder and access log,
+Basic authentication when asked, CONNECT allowed only to the ports it is given (as a corporate proxy would
+allow 443), stopped by PID. Debian's `squid-openssl` package (`make test` installs it)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .redis_server import _free_port
+
+HELPER = Path("/usr/lib/squid/basic_ncsa_auth")
+
+
+class Squid:
+    """`with Squid(ports=[…], users={"jo": "pw"}) as squid: squid.url` — CONNECT to 127.0.0.1 at `ports` only;
+    with `users`, every request needs one of their Basic credentials (407 otherwise)."""
+
+    def __init__(self, ports: list[int], users: dict[str, str] | None = None, port: int = 0) -> None:
+        self.ports = ports
+        self.users = users or {}
+        self.port = port or _free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="poc-squid-"))  # outside private test folders: squid's user reads it
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def access_log(self) -> str:
+        path = self.folder / "access.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _configure(self) -> Path:
+        auth = []
+        if self.users:
+            lines = [f"{user}:{_hash(password)}" for user, password in self.users.items()]
+            (self.folder / "passwd").write_text("\n".join(lines) + "\n")
+            auth = [f"auth_param basic program {HELPER} {self.folder / 'passwd'}", "auth_param basic realm poc",
+                    "acl authenticated proxy_auth REQUIRED"]
+        config = [
+            f"http_port 127.0.0.1:{self.port}",
+            f"pid_filename {self.folder / 'squid.pid'}",
+            f"cache_log {self.folder / 'cache.log'}",
+            f"access_log stdio:{self.folder / 'access.log'}",
+            "logfile_rotate 0", "cache deny all", "cache_mem 8 MB", f"coredump_dir {self.folder}",
+            "pinger_enable off", "shutdown_lifetime 1 seconds",
+            "acl gateway_ports port " + " ".join(str(p) for p in self.ports),
+            "acl CONNECT method CONNECT",
+            "http_access deny CONNECT !gateway_ports", "http_access deny !CONNECT",
+            *auth,
+            "http_access allow authenticated" if self.users else "http_access allow localhost",
+            "http_access deny all",
+        ]
+        path = self.folder / "squid.conf"
+        path.write_text("\n".join(line for line in config if line) + "\n")
+        if os.geteuid() == 0:  # squid drops root for its own user, which must read and write here
+            proxy_user = pwd.getpwnam("proxy")
+            for item in (self.folder, *self.folder.iterdir()):
+                os.chown(item, proxy_user.pw_uid, proxy_user.pw_gid)
+        return path
+
+    def start(self, timeout: float = 15.0) -> "Squid":
+        binary = shutil.which("squid") or shutil.which("squid", path="/usr/sbin")
+        if binary is None or not HELPER.exists():
+            raise RuntimeError("squid is not installed: `make test` installs it (apt-get install squid-openssl)")
+        config = self._configure()
+        log = open(self.folder / "stderr.log", "ab")
+        self.process = subprocess.Popen([binary, "-N", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"squid exited with {self.process.returncode}: "
+                                   f"{(self.folder / 'stderr.log').read_text()[-800:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+                    if s.recv(16).startswith(b"HTTP/1."):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"squid did not answer on port {self.port} within {timeout:g} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def __enter__(self) -> "Squid":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _hash(password: str) -> str:
+    """An Apache MD5 (apr1) hash, which squid's basic_ncsa_auth reads, from `openssl passwd`."""
+    return subprocess.run(["openssl", "passwd", "-apr1", password], check=True, capture_output=True,
+                          text=True).stdout.strip()
