@@ -170,6 +170,10 @@ class Connector:
                 log.warning("proxy %s refused this connector's credentials (407 Proxy Authentication Required) for "
                             "%s: check the user in --proxy (or the proxy variable) and %s", proxy.shown, url,
                             PASSWORD_VARIABLE)
+            elif proxy is not None and "missing selected ALPN" in str(exc):
+                log.warning("link to %s through proxy %s failed: the proxy inspects TLS and does not speak HTTP/2, "
+                            "which the Flight tunnel needs; behind this proxy use the WebSocket tunnel (wss://) "
+                            "(%s)", url, proxy.shown, exc)
             else:
                 log.warning("link to %s lost%s: %s", url, f" (through proxy {proxy.shown})" if proxy else "",
                             exc or type(exc).__name__)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import re
 import time
 
+import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
 from poc.workbook.servers.runner import Cluster
 from poc.workbook.servers.squid import Squid
-from tests.helpers import read
+from tests.helpers import bearer, read, sales
 
 TRANSPORTS = {"picows": ("websocket", ("--ws-impl", "picows")), "websockets": ("websocket", ("--ws-impl", "websockets")),
               "flight": ("flight", ())}
@@ -95,6 +96,16 @@ def test_the_proxy_variables_are_followed_and_no_proxy_bypasses_them(cluster, sq
             is through
 
 
+def online(cluster: Cluster, wanted: bool, timeout: float = 10) -> bool:
+    """Whether tenant_001 is (`wanted` True) or is no longer online within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (cluster.health()["tenants"]["tenant_001"].get("status") == "online") is wanted:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def wait_for_line(squid: Squid, pattern: str, after: int = 0, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,3 +113,41 @@ def wait_for_line(squid: Squid, pattern: str, after: int = 0, timeout: float = 1
             return True
         time.sleep(0.2)
     return False
+
+
+def test_which_transports_pass_a_tls_inspecting_proxy(tmp_path, datasets):
+    """squid bumping TLS (its own certificate for the gateway, signed by the proxy's CA, which the connector is
+    given with --ca-file): the WebSocket tunnel passes on both libraries; the Flight tunnel does not, since the
+    proxy offers no HTTP/2 (ALPN) inside TLS and gRPC needs it; its connector says so (docs/operations.md)."""
+    from poc.config import make_tenants
+    from poc.workbook.servers.certs import make_test_pki
+
+    gateway_pki, proxy_pki = make_test_pki(tmp_path / "gateway-pki"), make_test_pki(tmp_path / "proxy-pki")
+    tenants = make_tenants(1)
+    passed, logs = {}, {}
+    with Cluster(tmp_path, tenants, datasets["small"], with_direct=False, with_connectors=False, tls=gateway_pki) as c:
+        ports = [c.gateway.ready["ws_port"], c.gateway.ready["flight_tunnel_port"]]
+        with Squid(ports, bump=(proxy_pki.ca, tmp_path / "proxy-pki" / "ca.key"), upstream_ca=gateway_pki.ca) as squid:
+            for transport in TRANSPORTS:
+                tunnel, impl = TRANSPORTS[transport]
+                url = c.tunnel_url(tunnel=tunnel).replace("127.0.0.1", "localhost")  # a name: the proxy's certificate names it
+                proxied = c.start_connector("tenant_001", url=url, name=f"bumped-{transport}",
+                                            extra=(*impl, "--proxy", squid.url, "--ca-file", str(proxy_pki.ca)),
+                                            wait=False)
+                try:
+                    passed[transport] = online(c, True)
+                    if passed[transport]:
+                        with flight.connect(c.flight_uri, tls_root_certs=gateway_pki.ca.read_bytes()) as client:
+                            options = bearer(tenants["tenant_001"].client_token)
+                            info = client.get_flight_info(sales("sales"), options)
+                            table = client.do_get(info.endpoints[0].ticket, options).read_all()
+                        assert table.equals(pq.read_table(datasets["small"] / "sales.parquet"))
+                finally:
+                    proxied.stop()
+                    assert online(c, False)
+                logs[transport] = proxied.log_tail(100_000)
+            bumped = squid.access_log()
+    assert passed == {"picows": True, "websockets": True, "flight": False}, passed
+    # the proxy saw inside the TLS (inspecting, not tunnelling): the WebSocket upgrades, switched (101)
+    assert len(re.findall(r"TCP_TUNNEL/101 \d+ GET https://localhost:\d+/connect ", bumped)) >= 2
+    assert "the proxy inspects TLS and does not speak HTTP/2" in logs["flight"]

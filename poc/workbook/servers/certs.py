@@ -10,7 +10,8 @@ from .runner import TlsFiles
 
 
 def make_test_pki(folder: str | Path, days: int = 2) -> TlsFiles:
-    """Write ca.pem, server.pem and server.key (EC P-256) to `folder`."""
+    """Write ca.pem, server.pem and server.key (EC P-256) to `folder`, and ca.key (for a proxy that signs
+    certificates with this CA: a TLS-inspecting squid)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -46,4 +47,6 @@ def make_test_pki(folder: str | Path, days: int = 2) -> TlsFiles:
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()))
+    (folder / "ca.key").write_bytes(ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
     return files

@@ -16,15 +16,22 @@ from pathlib import Path
 from .redis_server import _free_port
 
 HELPER = Path("/usr/lib/squid/basic_ncsa_auth")
+CERTGEN = Path("/usr/lib/squid/security_file_certgen")
 
 
 class Squid:
     """`with Squid(ports=[…], users={"jo": "pw"}) as squid: squid.url` — CONNECT to 127.0.0.1 at `ports` only;
-    with `users`, every request needs one of their Basic credentials (407 otherwise)."""
+    with `users`, every request needs one of their Basic credentials (407 otherwise). With `bump` (the proxy's
+    CA certificate and key, PEM) it inspects TLS as corporate proxies do: it answers each CONNECT's TLS itself
+    with a certificate it makes for the server, signed by that CA, and opens its own TLS to the server, which
+    it verifies against `upstream_ca`."""
 
-    def __init__(self, ports: list[int], users: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(self, ports: list[int], users: dict[str, str] | None = None, port: int = 0,
+                 bump: tuple[Path, Path] | None = None, upstream_ca: Path | None = None) -> None:
         self.ports = ports
         self.users = users or {}
+        self.bump = bump
+        self.upstream_ca = upstream_ca
         self.port = port or _free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="poc-squid-"))  # outside private test folders: squid's user reads it
         self.process: subprocess.Popen | None = None
@@ -44,8 +51,21 @@ class Squid:
             (self.folder / "passwd").write_text("\n".join(lines) + "\n")
             auth = [f"auth_param basic program {HELPER} {self.folder / 'passwd'}", "auth_param basic realm poc",
                     "acl authenticated proxy_auth REQUIRED"]
+        listen = [f"http_port 127.0.0.1:{self.port}"]
+        if self.bump:
+            cert, key = (shutil.copy(path, self.folder / f"bump-{i}.pem") for i, path in enumerate(self.bump))
+            subprocess.run([str(CERTGEN), "-c", "-s", str(self.folder / "certs"), "-M", "4MB"], check=True,
+                           capture_output=True)
+            listen = [f"http_port 127.0.0.1:{self.port} ssl-bump generate-host-certificates=on "
+                      f"dynamic_cert_mem_cache_size=4MB tls-cert={cert} tls-key={key}",
+                      f"sslcrtd_program {CERTGEN} -s {self.folder / 'certs'} -M 4MB", "sslcrtd_children 2",
+                      "acl step1 at_step SslBump1", "acl step2 at_step SslBump2", "ssl_bump peek step1",
+                      "ssl_bump stare step2", "ssl_bump bump all",  # the server's certificate first: its names copied
+                      f"tls_outgoing_options cafile={shutil.copy(self.upstream_ca, self.folder / 'upstream-ca.pem')}",
+                      "http_upgrade_request_protocols websocket allow all",
+                      "http_upgrade_request_protocols WebSocket allow all"]
         config = [
-            f"http_port 127.0.0.1:{self.port}",
+            *listen,
             f"pid_filename {self.folder / 'squid.pid'}",
             f"cache_log {self.folder / 'cache.log'}",
             f"access_log stdio:{self.folder / 'access.log'}",
@@ -53,7 +73,7 @@ class Squid:
             "pinger_enable off", "shutdown_lifetime 1 seconds",
             "acl gateway_ports port " + " ".join(str(p) for p in self.ports),
             "acl CONNECT method CONNECT",
-            "http_access deny CONNECT !gateway_ports", "http_access deny !CONNECT",
+            "http_access deny !gateway_ports",  # CONNECTs, and requests inside bumped TLS, to the gateway only
             *auth,
             "http_access allow authenticated" if self.users else "http_access allow localhost",
             "http_access deny all",
@@ -62,7 +82,7 @@ class Squid:
         path.write_text("\n".join(line for line in config if line) + "\n")
         if os.geteuid() == 0:  # squid drops root for its own user, which must read and write here
             proxy_user = pwd.getpwnam("proxy")
-            for item in (self.folder, *self.folder.iterdir()):
+            for item in (self.folder, *self.folder.rglob("*")):
                 os.chown(item, proxy_user.pw_uid, proxy_user.pw_gid)
         return path
 
