@@ -43,7 +43,8 @@ EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the IPC stream's end-of-stream mark
 UI_DIR = Path(__file__).resolve().parent / "ui"
 # The npm packages the page loads, served from `vendor_dir` (the project's ui/node_modules, `npm ci --prefix ui`):
 # only files inside these folders, resolved, so nothing else of node_modules is reachable.
-VENDOR_PACKAGES = ("@duckdb/duckdb-wasm/dist", "apache-arrow", "flatbuffers", "tslib")
+VENDOR_PACKAGES = ("@duckdb/duckdb-wasm/dist", "apache-arrow", "flatbuffers", "tslib", "vega/build", "vega-lite/build",
+                   "vega-embed/build")
 
 
 ERRORS = ((flight.FlightUnauthenticatedError, 401), (flight.FlightUnauthorizedError, 403),

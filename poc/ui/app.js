@@ -1,7 +1,8 @@
 // The page's logic: list the tenant's datasets, stream one from the gateway's HTTP Arrow endpoint into
-// DuckDB-WASM batch by batch (bytes and rows shown as they arrive), run SQL on it, show a table and a chart.
+// DuckDB-WASM batch by batch (bytes and rows shown as they arrive), run SQL on it, show a table and a chart
+// (Vega-Lite through vega-embed, as SVG).
 import * as duckdb from "/ui/vendor/@duckdb/duckdb-wasm/dist/duckdb-browser.mjs";
-import { RecordBatchReader, Table } from "apache-arrow";
+import { DataType, RecordBatchReader, Table } from "apache-arrow";
 
 const DIST = "/ui/vendor/@duckdb/duckdb-wasm/dist";
 const $ = (id) => document.getElementById(id);
@@ -79,7 +80,8 @@ async function load() {
 
 async function run() {
   const result = await (await engine()).query($("sql").value);
-  const names = result.schema.fields.map((f) => f.name);
+  const fields = result.schema.fields;
+  const names = fields.map((f) => f.name);
   const rows = result.toArray().slice(0, 100).map((row) => row.toJSON());
   const cell = (tag, text) => Object.assign(document.createElement(tag), { textContent: text });
   const table = document.createElement("table");
@@ -90,33 +92,54 @@ async function run() {
     tr.append(...names.map((n) => cell("td", shown(row[n]))));
   }
   $("result").replaceChildren(table);
-  chart(names, rows);
+  await chart(fields, rows);
 }
 
 function shown(value) {
   return typeof value === "number" && !Number.isInteger(value) ? value.toFixed(2) : String(value);
 }
 
-function chart(names, rows) {  // bars of the last column by the first, when it is numeric
-  const svg = $("chart");
-  const values = rows.slice(0, 30).map((row) => Number(row[names[names.length - 1]]));
-  if (names.length < 2 || values.length === 0 || values.some((v) => !Number.isFinite(v))) {
-    svg.setAttribute("height", "0");
-    svg.replaceChildren();
-    return;
+function kindOf(field) {  // what a chart can do with a column, from its Arrow type
+  const type = field.type;
+  if (DataType.isTimestamp(type) || DataType.isDate(type)) return "time";
+  if (DataType.isInt(type) || DataType.isFloat(type) || DataType.isDecimal(type)) return "number";
+  if (DataType.isUtf8(type) || DataType.isLargeUtf8(type) || DataType.isBool(type) || DataType.isDictionary(type)) {
+    return "category";
   }
-  const top = Math.max(...values.map(Math.abs)) || 1;
-  const width = 600 / values.length;
-  svg.setAttribute("height", "160");
-  svg.replaceChildren(...values.map((v, i) => {
-    const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
-    const h = (Math.abs(v) / top) * 150;
-    Object.entries({ x: i * width + 1, y: 155 - h, width: Math.max(1, width - 2), height: h })
-      .forEach(([k, value]) => bar.setAttribute(k, value));
-    bar.append(Object.assign(document.createElementNS("http://www.w3.org/2000/svg", "title"),
-      { textContent: `${rows[i][names[0]]}: ${v}` }));
-    return bar;
-  }));
+  return "other";
+}
+
+// The chart a result's shape calls for, as a Vega-Lite spec (or null: the table alone): a line of a number over
+// a time column; bars of a number per category (text, or a first integer column of distinct keys, as a
+// GROUP BY gives); axes titled with the columns' names; tooltips.
+function chartSpec(fields, rows) {
+  if (fields.length < 2 || rows.length === 0) return null;
+  const kinds = fields.map(kindOf);
+  const y = fields.map((f, i) => [f, i]).reverse().find(([, i]) => i > 0 && kinds[i] === "number");
+  if (!y) return null;
+  const [x, xKind] = [fields[0], kinds[0]];
+  const distinct = new Set(rows.map((r) => r[x.name])).size === rows.length;
+  let mark, type;
+  if (xKind === "time") [mark, type] = ["line", "temporal"];
+  else if (xKind === "category" || (xKind === "number" && distinct && rows.length <= 50)) [mark, type] = ["bar", "ordinal"];
+  else return null;
+  const plain = (v) => (typeof v === "bigint" ? Number(v) : v instanceof Date ? v.toISOString() : v);
+  const values = rows.map((r) => ({ [x.name]: plain(r[x.name]), [y[0].name]: plain(r[y[0].name]) }));
+  return {
+    $schema: "https://vega.github.io/schema/vega-lite/v6.json",
+    data: { values }, mark: { type: mark, tooltip: true }, width: 560, height: 200,
+    encoding: {
+      x: { field: x.name, type, title: x.name, axis: type === "ordinal" ? { labelAngle: 0 } : {} },
+      y: { field: y[0].name, type: "quantitative", title: y[0].name },
+      tooltip: [{ field: x.name, type }, { field: y[0].name, type: "quantitative" }],
+    },
+  };
+}
+
+async function chart(fields, rows) {
+  const spec = chartSpec(fields, rows);
+  $("chart").replaceChildren();
+  if (spec) await window.vegaEmbed($("chart"), spec, { renderer: "svg", actions: false });
 }
 
 $("list").addEventListener("click", step(listDatasets));

@@ -200,10 +200,24 @@ def test_a_million_rows_reach_duckdb_wasm_and_sql_in_the_page_matches_python(web
         expected = local(datasets["large"], GROUPS)
         assert cells[0] == ["k", "n", "s"]
         assert [[int(x) for x in row] for row in cells[1:]] == [list(r.values()) for r in expected.to_pylist()]
-        assert page.page.eval_on_selector_all("#chart rect", "bars => bars.length") == 10
+        # the chart: Vega-Lite bars of the last number per group, as SVG, its axes titled with the columns' names
+        assert page.page.eval_on_selector_all("#chart svg g.mark-rect path", "bars => bars.length") == 10
+        assert {"k", "s"} <= set(chart_texts(page))
+        page.page.fill("#sql", "SELECT make_date(2026, 1 + id % 12, 1) AS month, count(*) AS n FROM sales "
+                               "GROUP BY 1 ORDER BY 1")
+        assert page.click("run") == "done", page.text("error")
+        assert page.page.eval_on_selector_all("#chart svg g.mark-line path", "lines => lines.length") == 1
+        assert {"month", "n"} <= set(chart_texts(page))  # a time column: a line
+        page.page.fill("#sql", "SELECT count(*) AS n FROM sales")
+        assert page.click("run") == "done", page.text("error")
+        assert page.page.eval_on_selector_all("#chart svg", "s => s.length") == 0  # one number: the table alone
         assert page.outside() == [] and len(page.requests) > 5
     finally:
         page.page.close()
+
+
+def chart_texts(page: Page) -> list[str]:
+    return page.page.eval_on_selector_all("#chart svg text", "texts => texts.map(t => t.textContent)")
 
 
 def test_the_page_shows_a_wrong_token_and_an_offline_tenant(web, browser, datasets):
