@@ -119,7 +119,9 @@ class DirectFlightServer(flight.FlightServerBase):
         return ArrowHttp(tokens.tenant_for if tokens else (lambda token: ""), lambda who: list(self._sources),
                          lambda who, name: self._read(name, lambda: False),
                          lambda who, sql: self.sql.backend.execute(who, sql, lambda: False),
-                         cors_origins, vendor_dir, tokens.calls if tokens else None)
+                         cors_origins, vendor_dir, tokens.calls if tokens else None,
+                         lambda who, name: self._flight_info(who.tenant_id, name, flight.FlightDescriptor.for_path(
+                             "dataset", name)).total_bytes)
 
     def get_schema(self, context, descriptor):
         command = descriptor_command(descriptor)

@@ -40,6 +40,12 @@ log = logging.getLogger("poc.http")
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the IPC stream's end-of-stream marker
+# A stream that fails after its first byte ends with `POC-ERROR {"status": …, "error": …}` and a newline where the
+# next IPC message would start (bytes no Arrow reader takes for one: readers fail rather than stop short), then is
+# cut without the final chunk, so any HTTP client sees an error too. A client that asked with `x-stream-errors:
+# in-body` gets the body ended cleanly after that line instead: browsers drop the last bytes of a cut response
+# (Chromium did, in the page's tests), so the page asks for it to read the reason.
+ERROR_CHUNK = b"POC-ERROR "
 UI_DIR = Path(__file__).resolve().parent / "ui"
 # The npm packages the page loads, served from `vendor_dir` (the project's ui/node_modules, `npm ci --prefix ui`):
 # only files inside these folders, resolved, so nothing else of node_modules is reachable.
@@ -72,6 +78,7 @@ class ArrowHttp:
     cors_origins: tuple[str, ...] = ()
     vendor_dir: Path | None = None
     calls: TenantCalls | None = None
+    size: Callable[[TenantAuthMiddleware, str], int] | None = None  # a dataset's IPC bytes, sent as X-Arrow-Bytes
 
     def handles(self, path: str) -> bool:
         return path == "/v1/datasets" or path.startswith(("/v1/datasets/", "/v1/query", "/ui"))
@@ -80,12 +87,14 @@ class ArrowHttp:
         """The response to one request of these paths (in a thread of poc.http_server)."""
         path, method = request.path, request.method
         origin = request.header("origin")
-        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin in self.cors_origins else {}
+        cors = ({"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                 "Access-Control-Expose-Headers": "x-arrow-bytes, x-request-id"}
+                if origin in self.cors_origins else {})
         if method == "OPTIONS":
             if not cors:
                 return json_response(403, {"error": f"origin {origin[:200]!r} is not allowed (--cors-origin)"})
             return Response(204, {**cors, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                                  "Access-Control-Allow-Headers": "authorization, content-type, x-request-id",
+                                  "Access-Control-Allow-Headers": "authorization, content-type, x-request-id, x-stream-errors",
                                   "Access-Control-Max-Age": "600"})
         if path == "/ui" or path.startswith("/ui/"):
             return self._static(path) if method == "GET" else json_response(405, {"error": "GET only"}, cors)
@@ -113,12 +122,14 @@ class ArrowHttp:
         if isinstance(answer, Response):
             who.call_completed(None)
             return answer
-        schema, batches = answer
-        return Response(200, {"Content-Type": ARROW_STREAM, "Cache-Control": "no-store", **cors,
-                              "x-request-id": who_id}, stream=IpcChunks(schema, batches, who))
+        schema, batches, size = answer
+        known = {"x-arrow-bytes": str(size)} if size is not None and size >= 0 else {}
+        return Response(200, {"Content-Type": ARROW_STREAM, "Cache-Control": "no-store", **cors, **known,
+                              "x-request-id": who_id},
+                        stream=IpcChunks(schema, batches, who, request.header("x-stream-errors") == "in-body"))
 
     def _answer(self, request: Request, who: TenantAuthMiddleware, cors: dict):
-        """A whole response, or the (schema, batches) of a stream."""
+        """A whole response, or the (schema, batches, its size in bytes or None) of a stream."""
         path, method = request.path, request.method
         if path == "/v1/datasets" and method == "GET":
             return json_response(200, {"datasets": sorted(self.datasets(who))}, cors)
@@ -126,9 +137,15 @@ class ArrowHttp:
             name = path[len("/v1/datasets/"):]
             if not valid_dataset_name(name):
                 raise pa.ArrowInvalid("a dataset name is 1-128 of A-Z a-z 0-9 _ - . (docs/protocol.md §3a)")
-            return self.dataset(who, name)
+            size = None
+            if self.size is not None:
+                try:
+                    size = self.size(who, name)  # what the page's progress bar counts towards; best effort
+                except Exception:
+                    size = None
+            return (*self.dataset(who, name), size)
         if path == "/v1/query" and method == "POST":
-            return self.query(who, _sql_from(request))
+            return (*self.query(who, _sql_from(request)), None)
         return json_response(404 if method in ("GET", "POST") else 405,
                              {"error": "no such path: GET /v1/datasets, GET /v1/datasets/{name}, POST /v1/query"},
                              cors)
@@ -164,16 +181,24 @@ class IpcChunks:
     However the response ends — written whole, cut, or never begun — `close()` stops the batches (a tunnel
     stream is cancelled) and counts the call out."""
 
-    def __init__(self, schema: pa.Schema, batches: Iterator[pa.RecordBatch], who: TenantAuthMiddleware) -> None:
-        self._parts = self._chunks(schema, batches)
+    def __init__(self, schema: pa.Schema, batches: Iterator[pa.RecordBatch], who: TenantAuthMiddleware,
+                 errors_in_body: bool = False) -> None:
+        self._parts = self._chunks(schema, batches, errors_in_body)
         self._batches = batches
         self._who = who
 
     @staticmethod
-    def _chunks(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Iterator:
+    def _chunks(schema: pa.Schema, batches: Iterator[pa.RecordBatch], errors_in_body: bool) -> Iterator:
         yield schema.serialize()
-        for batch in batches:
-            yield batch.serialize()
+        try:
+            for batch in batches:
+                yield batch.serialize()
+        except Exception as exc:
+            reason = str(exc).split(". Detail:")[0][:1024]
+            yield ERROR_CHUNK + json.dumps({"status": status_of(exc), "error": reason}).encode() + b"\n"
+            if errors_in_body:
+                return  # ended cleanly: the line above is the stream's last word
+            raise
         yield EOS
 
     def __iter__(self) -> "IpcChunks":

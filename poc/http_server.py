@@ -14,7 +14,8 @@ own thread (the tunnel's loop never waits for HTTP):
 - the handler runs in a thread of its own per request (it may wait on the tunnel), and a streamed response
   is written one chunk at a time, each only once the socket took the last: a slow client slows only its own
   stream. A chunk that waits longer than `write_timeout_s` ends the stream; a stream that fails after its
-  first byte is cut without its final chunk, so the client sees an error, never a short body.
+  first byte is cut without its final chunk, so the client sees an error, never a short body; what it wrote
+  before failing is sent first.
 """
 
 from __future__ import annotations
@@ -292,6 +293,13 @@ class HttpServer:
             return True
         except Exception as exc:
             log.info("HTTP stream ended early: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            if not isinstance(exc, (ConnectionError, TimeoutError)):  # the source failed, not the client:
+                try:  # what was written (the stream's own last words, poc.http_arrow's error chunk) reaches it
+                    writer.transport.set_write_buffer_limits(0)
+                    async with asyncio.timeout(self.write_timeout_s):
+                        await writer.drain()
+                except (ConnectionError, TimeoutError):
+                    pass
             writer.transport.abort()  # no final chunk: the client's read fails
             return False
         finally:

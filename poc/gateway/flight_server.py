@@ -88,7 +88,8 @@ class GatewayFlightServer(flight.FlightServerBase):
         return ArrowHttp(self.auth.tenant_for, lambda who: self.router.dataset_names(who),
                          lambda who, name: self.router.read_dataset(who, name),
                          lambda who, sql: self.router.run_query(who, sql), tuple(cors_origins), vendor_dir,
-                         self.auth.calls)
+                         self.auth.calls, lambda who, name: self.router.flight_info(
+                             who, flight.FlightDescriptor.for_path("dataset", name)).total_bytes)
 
     def _observe(self, method: str, who, start: float, error: BaseException | None) -> None:
         """Count, time and log one call: one log line per call, with its request id."""

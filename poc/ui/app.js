@@ -47,14 +47,55 @@ async function listDatasets() {
   $("datasets").replaceChildren(...datasets.map((name) => new Option(name, name)));
 }
 
+const ERROR_CHUNK = "POC-ERROR ";  // how the gateway ends a stream that failed midway (README, "The browser")
+let loading = null;  // the AbortController of the load in progress (#cancel)
+
+function reasonIn(tail) {  // the server's reason, if the stream ended with its error chunk
+  const text = new TextDecoder("latin1").decode(tail);
+  const at = text.lastIndexOf(ERROR_CHUNK);
+  if (at < 0) return null;
+  try {
+    const { status, error } = JSON.parse(text.slice(at + ERROR_CHUNK.length).split("\n")[0]);
+    return `${status}: ${error}`;
+  } catch { return null; }
+}
+
 async function load() {
   const name = $("datasets").value;
   const started = performance.now();
-  const response = await fetch(`/v1/datasets/${encodeURIComponent(name)}`, { headers: auth() });
+  loading = new AbortController();
+  $("cancel").disabled = false;
+  try {
+    await stream(name, started, loading.signal);
+  } finally {
+    $("cancel").disabled = true;
+    loading = null;
+  }
+  const count = await (await engine()).query(`SELECT count(*) AS n FROM ${quoted(name)}`);
+  $("rows").textContent = String(count.get(0).n);
+  $("seconds").textContent = `in ${((performance.now() - started) / 1000).toFixed(2)} s`;
+  if (!$("sql").value) $("sql").value = `SELECT * FROM ${quoted(name)} LIMIT 10`;
+}
+
+async function stream(name, started, signal) {
+  const headers = { ...auth(), "x-stream-errors": "in-body" };  // a failure's reason as the body's last line
+  const response = await fetch(`/v1/datasets/${encodeURIComponent(name)}`, { headers, signal });
   if (!response.ok) throw await failed(response);
+  const total = Number(response.headers.get("x-arrow-bytes")) || 0;  // the size, when the server knows it
+  const bar = $("bar");
+  if (total) { bar.max = total; bar.value = 0; } else bar.removeAttribute("value");  // unknown: indeterminate
   let bytes = 0;
+  let tail = new Uint8Array(0);  // the last bytes received: where an error chunk would be
   const counted = response.body.pipeThrough(new TransformStream({
-    transform(chunk, controller) { bytes += chunk.byteLength; controller.enqueue(chunk); },
+    transform(chunk, controller) {
+      bytes += chunk.byteLength;
+      const joined = new Uint8Array(Math.min(4096, tail.length + chunk.byteLength));
+      const kept = Math.max(0, joined.length - chunk.byteLength);
+      joined.set(tail.subarray(tail.length - kept), 0);
+      joined.set(chunk.subarray(Math.max(0, chunk.byteLength - joined.length)), kept);
+      tail = joined;
+      controller.enqueue(chunk);
+    },
   }));
   const db = await engine();
   await db.query(`DROP TABLE IF EXISTS ${quoted(name)}`);
@@ -66,16 +107,18 @@ async function load() {
       await db.insertArrowTable(new Table([batch]), { name, create: first });
       first = false;
       rows += batch.numRows;
-      $("progress").textContent = `${(bytes / 1e6).toFixed(1)} MB, ${rows.toLocaleString()} rows`;
+      const seconds = (performance.now() - started) / 1000;
+      if (total) bar.value = Math.min(bytes, total);
+      $("progress").textContent = `${(bytes / 1e6).toFixed(1)} MB${total ? ` of ${(total / 1e6).toFixed(1)} MB` : ""}, `
+        + `${rows.toLocaleString()} rows, ${(bytes / 1e6 / Math.max(seconds, 0.001)).toFixed(1)} MB/s`;
     }
-  } catch (error) {  // a stream cut short: no table that looks complete
+  } catch (error) {  // cancelled, or a stream cut short: no table that looks complete
     await db.query(`DROP TABLE IF EXISTS ${quoted(name)}`);
-    throw new Error(`the stream of ${name} failed after ${rows.toLocaleString()} rows: ${error.message || error}`);
+    if (signal.aborted) throw new Error(`cancelled: the load of ${name} stopped after ${rows.toLocaleString()} rows`);
+    const reason = reasonIn(tail) || `the stream was cut (${error.message || error})`;
+    throw new Error(`the stream of ${name} failed after ${rows.toLocaleString()} rows: ${reason}`);
   }
-  const count = await db.query(`SELECT count(*) AS n FROM ${quoted(name)}`);
-  $("rows").textContent = String(count.get(0).n);
-  $("seconds").textContent = `in ${((performance.now() - started) / 1000).toFixed(2)} s`;
-  if (!$("sql").value) $("sql").value = `SELECT * FROM ${quoted(name)} LIMIT 10`;
+  if (total) bar.value = total;
 }
 
 async function run() {
@@ -144,5 +187,6 @@ async function chart(fields, rows) {
 
 $("list").addEventListener("click", step(listDatasets));
 $("load").addEventListener("click", step(load));
+$("cancel").addEventListener("click", () => loading && loading.abort());
 $("run").addEventListener("click", step(run));
 document.body.dataset.state = "ready";

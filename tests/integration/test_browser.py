@@ -82,7 +82,9 @@ def test_a_dataset_streams_as_arrow_ipc_and_a_query_runs_at_the_connector(web, d
     status, headers, body = http(f"{base(cluster)}/v1/datasets/sales", token)
     assert status == 200 and headers["Content-Type"] == "application/vnd.apache.arrow.stream"
     assert pa.ipc.open_stream(body).read_all().equals(pq.read_table(datasets["small"] / "sales.parquet"))
-    status, _, body = http(f"{base(cluster)}/v1/query", token, {"sql": GROUPS})
+    assert abs(int(headers["x-arrow-bytes"]) - len(body)) <= 64  # the size the page's progress bar counts to
+    status, headers, body = http(f"{base(cluster)}/v1/query", token, {"sql": GROUPS})
+    assert "x-arrow-bytes" not in headers  # a query's size is not known before it runs
     assert status == 200 and pa.ipc.open_stream(body).read_all().equals(local(datasets["small"], GROUPS))
     direct = f"http://127.0.0.1:{cluster.components['direct'].ready['http_port']}"  # the same endpoint, no tunnel
     assert http(f"{direct}/v1/datasets/sales", token)[0] == 200
@@ -193,7 +195,9 @@ def test_a_million_rows_reach_duckdb_wasm_and_sql_in_the_page_matches_python(web
         assert page.click("list") == "done" and page.page.input_value("#datasets") == "sales"
         assert page.click("load") == "done", page.text("error")
         assert page.text("rows") == "1000000"
-        assert "50.0 MB, 1,000,000 rows" in page.text("progress")
+        assert "50.0 MB of 50.0 MB, 1,000,000 rows" in page.text("progress") and " MB/s" in page.text("progress")
+        assert page.page.evaluate("[$('bar').value, $('bar').max]".replace("$", "document.getElementById")) == \
+            [pytest.approx(50e6, rel=0.01)] * 2
         page.page.fill("#sql", GROUPS)
         assert page.click("run") == "done", page.text("error")
         cells = page.page.eval_on_selector_all("#result tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
@@ -214,6 +218,94 @@ def test_a_million_rows_reach_duckdb_wasm_and_sql_in_the_page_matches_python(web
         assert page.outside() == [] and len(page.requests) > 5
     finally:
         page.page.close()
+
+
+WATCH_BAR = """window.seen = [];
+new MutationObserver(() => window.seen.push(document.getElementById("bar").value))
+  .observe(document.getElementById("progress"), {childList: true, characterData: true, subtree: true});"""
+
+
+def start_load(page: Page, token: str) -> None:
+    """List, then start loading tenant's dataset without waiting; returns once some of it has arrived."""
+    page.page.fill("#token", token)
+    assert page.click("list") == "done"
+    page.page.evaluate(WATCH_BAR)
+    page.page.click("#load")
+    page.page.wait_for_function("document.getElementById('bar').value > 0", timeout=60_000)
+
+
+def test_the_progress_bar_moves_and_cancel_stops_the_stream_at_the_gateway(web, browser):
+    cluster, tenants = web
+    connector = cluster.components["connector-tenant_001"]
+    cancels = connector.log_tail(1_000_000).count("cancelled by the gateway")
+    page = Page(browser, cluster)
+    try:
+        start_load(page, tenants["tenant_001"].client_token)
+        assert not page.page.is_disabled("#cancel")
+        page.page.click("#cancel")
+        page.page.wait_for_function("document.body.dataset.state !== 'busy'", timeout=60_000)
+        assert page.page.evaluate("document.body.dataset.state") == "error"
+        assert page.text("error").startswith("cancelled: the load of sales stopped after")
+        seen = page.page.evaluate("window.seen")
+        assert len(seen) >= 1 and all(0 < value < 50e6 for value in seen)  # moved, and stopped short
+        assert page.page.is_disabled("#cancel")
+    finally:
+        page.page.close()
+    deadline = time.monotonic() + 20  # the gateway cancelled the tunnel stream: the connector heard of it
+    while time.monotonic() < deadline and (connector.log_tail(1_000_000).count("cancelled by the gateway") == cancels
+                                           or cluster.health()["tenants"]["tenant_001"]["streams_in_flight"]):
+        time.sleep(0.2)
+    assert connector.log_tail(1_000_000).count("cancelled by the gateway") > cancels
+    assert cluster.health()["tenants"]["tenant_001"]["streams_in_flight"] == 0
+
+
+def test_a_stream_that_fails_midway_ends_with_the_reason_and_is_cut(web, datasets):
+    """For any HTTP client: the complete messages, then the gateway's reason as a `POC-ERROR` line where the next
+    message would start, then the connection cut without the final chunk: an error for HTTP and for Arrow."""
+    import http.client
+
+    cluster, tenants = web
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.gateway.ready["http_port"], timeout=60)
+    try:
+        conn.request("GET", "/v1/datasets/sales", headers={"authorization": f"Bearer {tenants['tenant_001'].client_token}"})
+        response = conn.getresponse()
+        body = response.read(3_000_000)
+        killed = cluster.components["connector-tenant_001"].popen
+        killed.kill()
+        killed.wait(10)
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            while piece := response.read1(1 << 16):
+                body += piece
+        body += cut.value.partial
+    finally:
+        conn.close()
+        cluster.start_connector("tenant_001", data=datasets["large"])
+        cluster.wait_online(["tenant_001"])
+    head, _, last = body.rpartition(b"POC-ERROR ")
+    reason = json.loads(last.decode().rstrip("\n"))
+    assert reason["status"] == 503 and "tenant_001" in reason["error"], reason
+    with pytest.raises(pa.ArrowInvalid):
+        pa.ipc.open_stream(body).read_all()  # never a short table
+    assert pa.ipc.open_stream(head).read_next_batch().num_rows > 0  # what came before it was whole messages
+
+
+def test_a_stream_cut_midway_shows_the_gateways_reason(web, browser, datasets):
+    cluster, tenants = web
+    page = Page(browser, cluster)
+    try:
+        start_load(page, tenants["tenant_001"].client_token)
+        killed = cluster.components["connector-tenant_001"].popen
+        killed.kill()  # the tunnel goes while the stream is under way
+        killed.wait(10)
+        page.page.wait_for_function("document.body.dataset.state !== 'busy'", timeout=60_000)
+        assert page.page.evaluate("document.body.dataset.state") == "error"
+        message = page.text("error")
+        assert message.startswith("the stream of sales failed after") and "503: " in message, message
+        assert "the stream was cut" not in message  # the gateway's own reason, read from its error chunk
+    finally:
+        page.page.close()
+        cluster.start_connector("tenant_001", data=datasets["large"])
+        cluster.wait_online(["tenant_001"])
 
 
 def chart_texts(page: Page) -> list[str]:
