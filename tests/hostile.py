@@ -139,6 +139,8 @@ class RawConnector:
                 self.recv(timeout)
         except (ConnectionClosed, ConnectionError):
             pass
+        except queue.Empty:  # the connection stayed open: not closed
+            return None, "still open"
         if self.transport != "flight":
             self.close_code, self.close_reason = self._ws.close_code, self._ws.close_reason
         return self.close_code, self.close_reason

@@ -36,6 +36,7 @@ END = b"end"  # the last message of a data call whose stream is complete
 CLOSE = b"close "  # gateway → connector, last message of a control call: `close <code> <reason>`
 MAX_COMMAND = 256  # bytes of a data call's descriptor command
 TENANT_HEADER = "tunnel-tenant"
+CLOSE_WRITE_S = 5.0  # the longest the gateway waits to write `close` before it ends a control call regardless
 
 # FlightData (Flight.proto): flight_descriptor = 1, data_header = 2, app_metadata = 3, data_body = 1000.
 # FlightDescriptor: type = 1 (CMD = 2), cmd = 2. Tags: field number << 3 | wire type (2: length-delimited).
@@ -134,21 +135,34 @@ class FlightServerLink(Link):
         self._context = context
         self.tenant_id = tenant_id  # named by the call's headers and checked against its token
         self._close_sent = False
+        self._closing = asyncio.Event()  # set once `close` is written: the call ends, whatever the connector does
 
     async def _receive(self) -> AsyncIterator[str]:
-        while True:
-            try:
-                data = await self._context.read()
-            except (grpc.RpcError, asyncio.InvalidStateError):
-                return
-            if data is grpc.aio.EOF:
-                return
-            _, metadata = read_flight_data(data)
-            try:
-                text = str(metadata, "utf-8")
-            except UnicodeDecodeError:
-                raise RemoteProtocolError("a control message that is not UTF-8") from None
-            yield text
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(self._context.read())
+                await asyncio.wait((read, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():  # closed by this side: stop reading, and so end the call
+                    read.cancel()
+                    return
+                try:
+                    data = read.result()
+                except (grpc.RpcError, asyncio.InvalidStateError, asyncio.CancelledError):
+                    return
+                if data is grpc.aio.EOF:
+                    return
+                yield self._text_of(data)
+        finally:
+            closing.cancel()
+
+    @staticmethod
+    def _text_of(data: bytes) -> str:
+        _, metadata = read_flight_data(data)
+        try:
+            return str(metadata, "utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError("a control message that is not UTF-8") from None
 
     def _ended(self) -> TunnelClosed:
         return self.closed or TunnelClosed(1006, "control call ended")
@@ -162,10 +176,13 @@ class FlightServerLink(Link):
             return
         self._close_sent = True
         self.closed = self.closed or TunnelClosed(code, reason)
-        try:
-            await self._context.write(metadata_message(close_message(code, reason)))
-        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError):
-            pass  # the call is gone already
+        try:  # a connector that reads nothing more cannot hold this: the call ends after CLOSE_WRITE_S anyway
+            async with asyncio.timeout(CLOSE_WRITE_S):
+                await self._context.write(metadata_message(close_message(code, reason)))
+        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError, TimeoutError):
+            pass  # the call is gone already, or its connector does not read
+        finally:
+            self._closing.set()
 
 
 async def serve_flight_tunnel(host: str, port: int, max_message: int, tls: tuple[bytes, bytes] | None,

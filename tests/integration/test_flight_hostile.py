@@ -166,3 +166,15 @@ def test_random_flight_data_on_the_control_call_leaves_the_gateway_serving(attac
     assert 4000 in codes
     log = cluster.gateway.log_tail(100_000)
     assert "Traceback" not in log and "never retrieved" not in log
+
+
+def test_a_control_call_the_connector_keeps_open_after_close_is_ended_by_the_gateway(attack):
+    """Replaced (4002) while it keeps its control call open and says nothing more: the gateway ends the call
+    itself after `close`, so such calls cannot pile up against the port's call limit."""
+    cluster, connect = attack
+    first = registered(cluster, connect)
+    second = registered(cluster, connect)  # the same empty connector_id: it replaces the first
+    try:
+        assert first.closed(timeout=10)[0] == 4002
+    finally:
+        second.close()
