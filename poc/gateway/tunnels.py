@@ -84,7 +84,7 @@ class Tunnels:
         self._flight_server, self.ports["flight_tunnel_port"] = await serve_flight_tunnel(
             cfg.host, cfg.flight_tunnel_port, cfg.limits.max_frame_bytes + 64,
             self._tls_pair(), self._token_ok, self.serve, lambda: GatewayEndpoint(cfg.limits), data.serve, self._refused_by_header,
-            max_calls, cfg.flight_tunnel_window_bytes)
+            max_calls, cfg.flight_tunnel_window_bytes, cfg.register_timeout_s)
         self._count(FlightServerLink.KIND)
 
     def _tls_pair(self) -> tuple[bytes, bytes] | None:

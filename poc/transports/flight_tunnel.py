@@ -190,13 +190,16 @@ async def serve_flight_tunnel(host: str, port: int, max_message: int, tls: tuple
                               on_link: Callable[[FlightServerLink], Awaitable[None]],
                               endpoint_factory: Callable[[], Endpoint],
                               on_data: Callable[[str, bytes, grpc.aio.ServicerContext], Awaitable[None]],
-                              refused: Callable[[str], bytes], max_calls: int,
-                              window: int) -> tuple[grpc.aio.Server, int]:
+                              refused: Callable[[str], bytes], max_calls: int, window: int,
+                              first_message_s: float) -> tuple[grpc.aio.Server, int]:
     """Serve DoExchange on HOST:PORT, on the running event loop: a control call runs `on_link(link)` until the link
     closes; a data call runs `on_data(tenant, command, context)`. A call whose headers do not carry the tenant's
     connector token gets `refused(tenant)` (an `error`) and close 4001, nothing of it read. Each call's HTTP/2
     window is `window` bytes, fixed: gRPC's own sizing (its BDP probe) let 100 streams on loopback hold 1.3 GB
-    at the gateway (docs/results.md)."""
+    at the gateway (docs/results.md). Calls open at once are at most `max_calls`, half of them one tenant's; a
+    call's first message (its descriptor) must come within `first_message_s`."""
+    open_calls: dict[str, int] = {}  # tenant → its calls open on this port (on the loop: no lock)
+    tenant_calls = max(1, max_calls // 2)
 
     async def exchange(requests, context: grpc.aio.ServicerContext) -> None:
         headers = dict(context.invocation_metadata() or ())
@@ -206,13 +209,29 @@ async def serve_flight_tunnel(host: str, port: int, max_message: int, tls: tuple
             await context.write(metadata_message(refused(tenant)))
             await context.write(metadata_message(close_message(CloseCode.UNAUTHENTICATED, "invalid token")))
             return
+        if open_calls.get(tenant, 0) >= tenant_calls:  # the port's calls are shared: each tenant may hold a share
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"tenant {tenant!r} holds {tenant_calls} calls on this port, its share; retry later")
+        open_calls[tenant] = open_calls.get(tenant, 0) + 1
         try:
-            first = await context.read()
+            await serve_call(tenant, context)
+        finally:
+            open_calls[tenant] -= 1
+            if not open_calls[tenant]:
+                del open_calls[tenant]
+
+    async def serve_call(tenant: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            async with asyncio.timeout(first_message_s):
+                first = await context.read()
             if first is grpc.aio.EOF:
                 return
             command, _ = read_flight_data(first)
             if command is None:
                 raise RemoteProtocolError("the call's first message carries no descriptor")
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no first message within {first_message_s:g} s")
         except RemoteProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:200])
         if command != CONTROL:

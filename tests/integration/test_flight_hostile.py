@@ -178,3 +178,26 @@ def test_a_control_call_the_connector_keeps_open_after_close_is_ended_by_the_gat
         assert first.closed(timeout=10)[0] == 4002
     finally:
         second.close()
+
+
+def test_a_tenant_holds_at_most_half_the_ports_calls_and_silent_calls_end(attack):
+    """Calls that never send their first message: each ends after the register timeout, and one tenant holds at
+    most half of the port's calls at once — the next is refused (RESOURCE_EXHAUSTED) — while others are served."""
+    import queue
+
+    from poc.tunnel.limits import MAX_STREAMS
+
+    cluster, _ = attack
+    share = (6 + 2 * MAX_STREAMS + 256) // 2  # --max-pending-tunnels 6 in this cluster (GATEWAY_ARGS)
+    headers = flight_headers("tenant_001", cluster.tenants["tenant_001"].connector_token)
+    held = queue.Queue()  # nothing is ever sent: the calls' request streams wait on it
+    with grpc.insecure_channel(cluster.ws_url.split("://", 1)[1]) as channel:
+        exchange = channel.stream_stream(f"/{flight_tunnel.SERVICE}/DoExchange")
+        calls = [exchange(iter(held.get, END_OF_CALL), metadata=headers, timeout=30) for _ in range(share + 5)]
+        codes = [call.code() for call in calls]
+        for _ in calls:
+            held.put(END_OF_CALL)
+    refused = [c for c in calls if c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(refused) >= 5 and "its share" in refused[0].details(), set(codes)
+    silent = [c for c in calls if c.code() == grpc.StatusCode.DEADLINE_EXCEEDED]
+    assert len(silent) >= share - 5 and "no first message within 2 s" in silent[0].details(), set(codes)
