@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -66,6 +67,22 @@ class RedisServer:
 
 
 def _free_port() -> int:
+    """A loopback port free now, for a server started a little later (Redis, a replica whose address connectors
+    know before it runs): chosen outside the kernel's range for outgoing connections' ports, which port 0 would
+    draw from, so that no client socket of a test running meanwhile takes it before the server binds it."""
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    ranges = [r for r in (range(10000, low), range(high + 1, 65536)) if len(r) > 1000]
+    for _ in range(200):
+        port = random.choice(random.choice(ranges)) if ranges else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
