@@ -100,12 +100,11 @@ def run(args: argparse.Namespace) -> int:
                               f"flight[+tls]://HOST:PORT (Flight tunnel), got {url!r}")
     from ..connector.proxy import for_gateway, from_option
 
-    proxy = from_option(args.proxy, dict(os.environ)) if args.proxy else None
-    for url in dict.fromkeys(args.gateway):
-        if (through := for_gateway(url, proxy)) is not None:
-            logging.getLogger("poc.connector").info("gateway %s through proxy %s (HTTP CONNECT)", url, through.shown)
-    several = len(set(args.gateway)) > 1 or (for_gateway(args.gateway[0], proxy) is None
-                                             and names_several(args.gateway[0]))
+    explicit = from_option(args.proxy, dict(os.environ)) if args.proxy else None
+    proxies = {url: proxy for url in dict.fromkeys(args.gateway) if (proxy := for_gateway(url, explicit))}
+    for url, proxy in proxies.items():  # decided once, here: every link to the URL goes the same way
+        logging.getLogger("poc.connector").info("gateway %s through proxy %s (HTTP CONNECT)", url, proxy.shown)
+    several = len(set(args.gateway)) > 1 or (args.gateway[0] not in proxies and names_several(args.gateway[0]))
     tunnels = args.tunnels if args.tunnels is not None else (2 if several else 1)
     if tunnels < 1:
         raise ConfigError("--tunnels must be at least 1")
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                           tunnels=tunnels, compression=args.compression,
                           compress_below_mbps=args.compress_below_mbps, sql=not args.no_sql,
                           max_result_bytes=args.max_result_bytes, query_timeout_s=args.query_timeout_s,
-                          query_memory_mb=args.query_memory_mb, db_connections=args.db_connections, proxy=proxy)
+                          query_memory_mb=args.query_memory_mb, db_connections=args.db_connections, proxies=proxies)
     if args.connector_id:
         cfg.connector_id = args.connector_id
     connector = Connector(cfg, sources)

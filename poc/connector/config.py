@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import config
 from ..catalog import available_codecs
@@ -49,7 +49,12 @@ class ConnectorConfig:
     query_timeout_s: float = config.QUERY_TIMEOUT_S
     query_memory_mb: int = config.QUERY_MEMORY_MB
     db_connections: int = config.DB_CONNECTIONS  # per database (--sources): more requests wait for one
-    proxy: Proxy | None = None  # --proxy; None: the environment's proxy variables decide (poc.connector.proxy)
+    proxies: dict[str, Proxy] = field(default_factory=dict)  # gateway URL → its proxy, decided once at start;
+    # a URL not named goes direct (poc.connector.proxy.for_gateway decides)
+
+    def proxy_for(self, target: str) -> Proxy | None:
+        """The proxy a link to `target` (a gateway URL, or URL#ADDRESS) goes through; None: direct."""
+        return self.proxies.get(target.partition("#")[0])
 
     @property
     def sql_dialect(self) -> str | None:

@@ -20,7 +20,6 @@ from .. import config
 from ..transports.websocket import WebSocketLink
 from ..tunnel import CloseCode, ConnectorEndpoint
 from .config import ConnectorConfig, RefusedForNow
-from .proxy import Proxy, for_gateway
 
 LINK_LOST = (OSError, InvalidHandshake, asyncio.TimeoutError, WSError, ProxyError, RefusedForNow,
              pa.ArrowException)
@@ -38,17 +37,17 @@ def names_several(url: str) -> bool:
         return False
 
 
-async def targets(gateways: list[str], proxy: Proxy | None = None) -> list[str]:
+async def targets(gateways: list[str], proxied=lambda url: None) -> list[str]:
     """Where a link may go, resolved now: each --gateway URL, or, for a ws[s]:// URL whose name resolves to
     several addresses (one name for several replicas), one target per address, written URL#ADDRESS (the link
     keeps the name for TLS and the Host header and connects to that address). A URL reached through a proxy
-    (`proxy`, or the environment's) is not resolved here: the proxy resolves it."""
+    (`proxied(url)` names one) is not resolved here: the proxy resolves it."""
     found: list[str] = []
     loop = asyncio.get_running_loop()
     for url in gateways:
         parsed = urllib.parse.urlsplit(url)
         addresses: list[str] = []
-        if parsed.scheme in ("ws", "wss") and parsed.hostname and for_gateway(url, proxy) is None:
+        if parsed.scheme in ("ws", "wss") and parsed.hostname and proxied(url) is None:
             try:
                 infos = await loop.getaddrinfo(parsed.hostname, parsed.port or 443, type=socket.SOCK_STREAM)
                 addresses = list(dict.fromkeys(info[4][0] for info in infos))
@@ -83,7 +82,7 @@ async def dial(target: str, cfg: ConnectorConfig):
     """The link to a gateway; the URL's scheme picks Flight or WebSocket, --ws-impl the WebSocket library;
     a target URL#ADDRESS connects to that address. Closed (1001) on leaving, if still open."""
     url, _, address = target.partition("#")
-    proxy = for_gateway(url, cfg.proxy)
+    proxy = cfg.proxy_for(url)
     through = proxy.url if proxy is not None else None
     sock = await _socket_to(url, address) if address and proxy is None else None
     if url.startswith(("ws://", "wss://")) and cfg.ws_impl == "websockets":

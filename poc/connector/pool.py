@@ -15,7 +15,7 @@ from ..transports.base import TunnelTransport
 from ..tunnel import CloseCode, TunnelClosed
 from .config import ConnectorConfig, RegistrationRefused, Replaced
 from .dial import LINK_LOST, dial, targets
-from .proxy import PASSWORD_VARIABLE, for_gateway
+from .proxy import PASSWORD_VARIABLE
 from .metrics import ConnectorMetrics
 from .serving import Serving
 from .session import Session, SessionHooks
@@ -125,7 +125,7 @@ class Connector:
         attempt = 0
         while not stop.is_set():
             url = self._in_use[slot] = self._first.pop(slot, None) or self._choose(
-                slot, attempt, await targets(self.cfg.gateways, self.cfg.proxy))
+                slot, attempt, await targets(self.cfg.gateways, self.cfg.proxy_for))
             session: Session | None = None
             try:
                 session = await self._session(stop, url, slot)
@@ -165,7 +165,7 @@ class Connector:
                 raise RegistrationRefused(f"gateway closed the link: {exc.reason}") from None
             log.warning("link to %s lost: %s", url, exc)
         elif isinstance(exc, LINK_LOST):
-            proxy = for_gateway(url.partition("#")[0], self.cfg.proxy)
+            proxy = self.cfg.proxy_for(url)
             if proxy is not None and "407" in str(exc):
                 log.warning("proxy %s refused this connector's credentials (407 Proxy Authentication Required) for "
                             "%s: check the user in --proxy (or the proxy variable) and %s", proxy.shown, url,
