@@ -65,6 +65,13 @@ def status_of(error: Exception) -> int:
     return next((status for kind, status in ERRORS if isinstance(error, kind)), 500)
 
 
+def client_error(error: Exception) -> dict:
+    """What a client is told of an error: its status and the message, up to Flight's detail, never an internal
+    error's text."""
+    status = status_of(error)
+    return {"status": status, "error": str(error).split(". Detail:")[0][:1024] if status != 500 else "internal error"}
+
+
 @dataclass
 class ArrowHttp:
     """What the HTTP side needs of a server: the tenant behind a bearer token, its datasets, and a stream of a
@@ -114,11 +121,10 @@ class ArrowHttp:
         except Exception as exc:  # before the first byte: a status and a message
             if who is not None:
                 who.call_completed(exc)
-            status = status_of(exc)
-            if status == 500:
+            told = client_error(exc)
+            if told["status"] == 500:
                 log.error("HTTP %s %s failed", method, path[:200], exc_info=exc)
-            return json_response(status, {"error": str(exc).split(". Detail:")[0][:1024] if status != 500
-                                          else "internal error", "request_id": who_id}, cors)
+            return json_response(told["status"], {"error": told["error"], "request_id": who_id}, cors)
         if isinstance(answer, Response):
             who.call_completed(None)
             return answer
@@ -194,8 +200,7 @@ class IpcChunks:
             for batch in batches:
                 yield batch.serialize()
         except Exception as exc:
-            reason = str(exc).split(". Detail:")[0][:1024]
-            yield ERROR_CHUNK + json.dumps({"status": status_of(exc), "error": reason}).encode() + b"\n"
+            yield ERROR_CHUNK + json.dumps(client_error(exc)).encode() + b"\n"
             if errors_in_body:
                 return  # ended cleanly: the line above is the stream's last word
             raise
