@@ -42,20 +42,25 @@ def connector(cluster, transport: str, name: str, extra=(), env=None):
                                    env=env, name=name, wait=False)
 
 
+def read_through(cluster, started) -> str:
+    """Wait for `started` (a connector) to serve, read tenant_001's table through it exactly, stop it; its log."""
+    try:
+        started.wait_ready(30)
+        cluster.wait_online(["tenant_001"])
+        _, table = read(cluster.flight_uri, cluster.tenants["tenant_001"].client_token)
+        assert table.equals(cluster.expected)
+    finally:
+        started.stop()
+    return started.log_tail(100_000)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_every_transport_goes_out_through_an_authenticating_proxy(cluster, squid, transport):
     tunnel, _ = TRANSPORTS[transport]
     port = cluster.gateway.ready["ws_port" if tunnel == "websocket" else "flight_tunnel_port"]
     proxied = connector(cluster, transport, f"proxied-{transport}", ("--proxy", f"http://jo@127.0.0.1:{squid.port}"),
                         {"POC_PROXY_PASSWORD": PASSWORD, "https_proxy": "http://127.0.0.1:9", "http_proxy": ""})
-    try:
-        proxied.wait_ready(30)
-        cluster.wait_online(["tenant_001"])
-        _, table = read(cluster.flight_uri, cluster.tenants["tenant_001"].client_token)
-        assert table.equals(cluster.expected)
-    finally:
-        proxied.stop()
-    log = proxied.log_tail(100_000)
+    log = read_through(cluster, proxied)
     assert f"through proxy http://jo@127.0.0.1:{squid.port}" in log and "s3cret" not in log
     # squid writes a CONNECT's line when the tunnel closes: the connector's own, as user jo, to the gateway's port
     assert wait_for_line(squid, rf"TCP_TUNNEL/200 \d+ CONNECT 127\.0\.0\.1:{port} jo ")
@@ -82,15 +87,9 @@ def test_the_proxy_variables_are_followed_and_no_proxy_bypasses_them(cluster, sq
     port = cluster.gateway.ready["flight_tunnel_port"]
     for no_proxy, through in (("", True), ("127.0.0.1", False)):
         before = squid.access_log().count(f"CONNECT 127.0.0.1:{port} jo ")
-        c = connector(cluster, "flight", f"env-{bool(no_proxy)}", (), {"https_proxy": via_env, "no_proxy": no_proxy})
-        try:
-            c.wait_ready(30)
-            cluster.wait_online(["tenant_001"])
-            _, table = read(cluster.flight_uri, cluster.tenants["tenant_001"].client_token)
-            assert table.equals(cluster.expected)
-        finally:
-            c.stop()
-        assert (f"through proxy http://jo@127.0.0.1:{squid.port}" in c.log_tail(100_000)) is through
+        log = read_through(cluster, connector(cluster, "flight", f"env-{bool(no_proxy)}", (),
+                                              {"https_proxy": via_env, "no_proxy": no_proxy}))
+        assert (f"through proxy http://jo@127.0.0.1:{squid.port}" in log) is through
         # squid writes each CONNECT's line when its tunnel closes: one per connection the connector opened
         assert wait_for_line(squid, rf"CONNECT 127\.0\.0\.1:{port} jo ", after=before, timeout=5 if through else 2) \
             is through
