@@ -19,7 +19,8 @@ from .flight_actions import Actions
 from .flight_errors import flight_error
 from .sources import Described, Source
 from .sql.errors import SqlError
-from .sql.service import FlightSqlService, add_sql_actions, descriptor_command, serve_result, sql_command
+from .sql.service import (FlightSqlService, add_sql_actions, bind_parameters, descriptor_command, serve_result,
+                          sql_command)
 
 
 def local_error(exc: SqlError) -> Exception:
@@ -136,7 +137,8 @@ class DirectFlightServer(flight.FlightServerBase):
         return self.actions.run(self._tenant(context), action)
 
     def do_put(self, context, descriptor, reader, writer):
-        raise FlightSqlService.refuse_put(descriptor_command(descriptor))
+        self._tenant(context)
+        writer.write(pa.py_buffer(bind_parameters(descriptor_command(descriptor), reader)))
 
     def do_get(self, context, ticket):
         message = sql_command(ticket.ticket)
@@ -173,21 +175,35 @@ class LocalSql:
             return pushdown(sql, self.in_databases, set(self.schemas) - set(self.in_databases))
         return None
 
-    def describe(self, who, sql: str) -> pa.Schema:
+    def prepare(self, who, sql: str) -> tuple[pa.Schema, pa.Schema]:
         from .sources.database import describe
 
         try:
             pushed = self._pushed(sql)
-            return describe(*pushed, self.timeout_s) if pushed else self.engine.schema(sql)
+            return describe(*pushed, self.timeout_s) if pushed else self.engine.prepare(sql)
         except SqlError as exc:
             raise local_error(exc) from None
 
-    def execute(self, who, sql: str, cancelled):
-        from .sources.database import DatabaseQuery
+    def describe(self, who, sql: str, params: list | None = None) -> pa.Schema:
+        from .sources.database import describe
 
         try:
             pushed = self._pushed(sql)
-            query = (DatabaseQuery(*pushed, self.timeout_s) if pushed else self.engine.open(sql)).run()
+            return describe(*pushed, self.timeout_s, params)[0] if pushed else self.engine.schema(sql, params)
+        except SqlError as exc:
+            raise local_error(exc) from None
+
+    def execute(self, who, sql: str, cancelled, params: list | None = None):
+        from .sources.database import DatabaseQuery, bound_values
+
+        try:
+            pushed = self._pushed(sql)
+            if pushed:
+                database, pushed_sql, placeholders = pushed
+                query = DatabaseQuery(database, pushed_sql, self.timeout_s, bound_values(placeholders, params))
+            else:
+                query = self.engine.open(sql, params)
+            query.run()
         except SqlError as exc:
             raise local_error(exc) from None
         return query.schema, stream_query(query)

@@ -13,6 +13,7 @@ import random
 from ..sources import Source
 from ..transports.base import TunnelTransport
 from ..tunnel import CloseCode, TunnelClosed
+from ..tunnel.params import MAX_PARAMS
 from .config import ConnectorConfig, RegistrationRefused, Replaced
 from .dial import LINK_LOST, dial, targets
 from .proxy import PASSWORD_VARIABLE
@@ -187,7 +188,8 @@ class Connector:
         async with dial(url, cfg) as transport:
             endpoint = transport.endpoint
             await transport.call(endpoint.register, cfg.tenant_id, cfg.token, self.names,
-                                 self.registration_id(slot), cfg.codecs, cfg.sql_dialect)
+                                 self.registration_id(slot), cfg.codecs, cfg.sql_dialect,
+                                 MAX_PARAMS if cfg.sql_dialect else None)
             session = Session(cfg, self.serving, self.metrics, transport, self._hooks, url, slot, stop)
             stopper = asyncio.get_running_loop().create_task(self._close_on(stop, transport))
             try:

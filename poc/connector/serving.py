@@ -14,6 +14,7 @@ from .. import config
 from ..catalog import fit_batch
 from ..sources import Source
 from ..sql.errors import SqlError
+from ..sql.params import parameter_schema
 from ..tunnel import FrameType
 from ..tunnel import events as ev
 from ..tunnel.messages import clip
@@ -43,7 +44,8 @@ class Link(Protocol):
 
     async def fail(self, request_id: int, code: str, message: str) -> None: ...
 
-    async def reply_info(self, request_id: int, schema: bytes, rows: int, size: int) -> None: ...
+    async def reply_info(self, request_id: int, schema: bytes, rows: int, size: int,
+                         parameters: bytes | None = None) -> None: ...
 
     def reply_info_now(self, request_id: int, schema, rows: int, size: int) -> None: ...
 
@@ -70,7 +72,8 @@ class Serving:
     # -- SQL
 
     def _pushed(self, sql: str):
-        """(database, rewritten query) when the query names database datasets, else None (DuckDB runs it)."""
+        """(database, rewritten query, its placeholders) when the query names database datasets, else None
+        (DuckDB runs it)."""
         in_databases = {n: s for n, s in self.sources.items() if s.database is not None}
         if not in_databases:
             return None
@@ -91,27 +94,29 @@ class Serving:
             slots = self._db_slots[id(database)] = asyncio.Semaphore(self.cfg.db_connections)
         return slots
 
-    async def open_query(self, sql: str):
-        """A client's query, not started: for its database or for DuckDB. Parsing and checking it runs in the
-        query pool, off the event loop."""
+    async def open_query(self, sql: str, params: list | None = None):
+        """A client's query with its values bound (poc.tunnel.params), not started: for its database or for
+        DuckDB. Parsing and checking it runs in the query pool, off the event loop."""
         loop = asyncio.get_running_loop()
         pushed = await loop.run_in_executor(self.query_pool, self._pushed, sql)
         if pushed is not None:
-            from ..sources.database import DatabaseQuery
+            from ..sources.database import DatabaseQuery, bound_values
 
-            return DatabaseQuery(*pushed, self.cfg.query_timeout_s)
+            database, pushed_sql, placeholders = pushed
+            return DatabaseQuery(database, pushed_sql, self.cfg.query_timeout_s, bound_values(placeholders, params))
         engine = await self.sql_engine()
-        return await loop.run_in_executor(self.query_pool, engine.open, sql)
+        return await loop.run_in_executor(self.query_pool, engine.open, sql, params)
 
-    async def describer(self, sql: str):
-        """A blocking function giving a client's query's result schema, for the query pool."""
+    async def describer(self, sql: str, params: list | None = None):
+        """A blocking function giving a client's query's result schema (with `params` bound, or before its
+        values are known) and its parameters' schema, for the query pool."""
         pushed = await asyncio.get_running_loop().run_in_executor(self.query_pool, self._pushed, sql)
         if pushed is not None:
             from ..sources.database import describe
 
-            return lambda: describe(*pushed, self.cfg.query_timeout_s)
+            return lambda: describe(*pushed, self.cfg.query_timeout_s, params)
         engine = await self.sql_engine()
-        return lambda: engine.schema(sql)
+        return lambda: (engine.schema(sql, params), parameter_schema(engine.placeholders(sql)))
 
     async def sql_engine(self):
         """The DuckDB engine over the held datasets (their Parquet files; those built in memory as tables),
@@ -145,7 +150,7 @@ class Serving:
             link.reply_info_now(event.request_id, source.dataset.schema_message, described.rows, described.bytes)
         else:
             return asyncio.ensure_future(self._answer_schema(
-                link, event, lambda: source.describe(self.cfg.query_timeout_s).schema,
+                link, event, lambda: (source.describe(self.cfg.query_timeout_s).schema, None),
                 f"get_flight_info {event.dataset} failed"))
         return None
 
@@ -154,21 +159,22 @@ class Serving:
         try:
             if not self.cfg.sql:
                 raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
-            compute = await self.describer(event.sql)
+            compute = await self.describer(event.sql, event.params)
         except SqlError as exc:
             await self._refused(link, event, "query_info refused", exc)
             return
         await self._answer_schema(link, event, compute, "query_info refused")
 
     async def _answer_schema(self, link: Link, event: ev.FlightInfoRequested, compute, failed: str) -> None:
-        """Reply with the schema `compute()` gives (run in the query pool), rows and bytes -1; or with the
-        engine's or database's reason it could not."""
+        """Reply with the schemas `compute()` gives (run in the query pool: the result's, and a query's
+        parameters' or None), rows and bytes -1; or with the engine's or database's reason it could not."""
         try:
-            schema = await asyncio.get_running_loop().run_in_executor(self.query_pool, compute)
+            schema, parameters = await asyncio.get_running_loop().run_in_executor(self.query_pool, compute)
         except SqlError as exc:
             await self._refused(link, event, failed, exc)
             return
-        await link.reply_info(event.request_id, schema.serialize().to_pybytes(), -1, -1)
+        await link.reply_info(event.request_id, schema.serialize().to_pybytes(), -1, -1,
+                              None if parameters is None else parameters.serialize().to_pybytes())
 
     @staticmethod
     async def _refused(link: Link, event: ev.FlightInfoRequested, failed: str, exc: SqlError) -> None:
@@ -178,13 +184,15 @@ class Serving:
 
     # -- streams
 
-    async def stream(self, link: Link, stream_id: int, name: str, sql: str | None = None) -> None:
-        """A do_get or a query, to its end; however it fails, it ends in an error frame, never in silence."""
+    async def stream(self, link: Link, stream_id: int, name: str, sql: str | None = None,
+                     params: list | None = None) -> None:
+        """A do_get or a query (with its bound values), to its end; however it fails, it ends in an error frame,
+        never in silence."""
         try:
             if sql is None:
                 await self._stream_dataset(link, stream_id, name)
             else:
-                await self._stream_query(link, stream_id, sql)
+                await self._stream_query(link, stream_id, sql, params)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except SqlError as exc:  # refused or failed by the engine: the client gets its message
@@ -196,11 +204,11 @@ class Serving:
             if link.open(stream_id):
                 await link.fail(stream_id, "internal", clip(str(exc)))
 
-    async def _stream_query(self, link: Link, stream_id: int, sql: str) -> None:
+    async def _stream_query(self, link: Link, stream_id: int, sql: str, params: list | None) -> None:
         """A client's query: in DuckDB over the held datasets, or in the database its datasets live in."""
         if not self.cfg.sql:
             raise SqlError("invalid_request", "this connector answers no SQL (--no-sql)")
-        query = await self.open_query(sql)
+        query = await self.open_query(sql, params)
         await self._stream_rows(link, stream_id, query, self.cfg.max_result_bytes)
 
     async def _stream_rows(self, link: Link, stream_id: int, reader, limit: int | None) -> None:

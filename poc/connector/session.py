@@ -141,7 +141,7 @@ class Session:
             log.info("query %s", clip(" ".join(event.sql.split()), 200), extra=self.context(event.stream_id))
         self.credit[event.stream_id] = asyncio.Event()
         task = asyncio.get_running_loop().create_task(
-            self.serving.stream(self, event.stream_id, event.dataset, event.sql))
+            self.serving.stream(self, event.stream_id, event.dataset, event.sql, event.params))
         self.tasks[event.stream_id] = task
         task.add_done_callback(lambda _, sid=event.stream_id: self._forget(sid))
 
@@ -206,8 +206,9 @@ class Session:
     def fail_now(self, request_id: int, code: str, message: str) -> None:
         self.endpoint.fail_request(request_id, code, message)  # the transport flushes after each event
 
-    async def reply_info(self, request_id: int, schema: bytes, rows: int, size: int) -> None:
-        await self.transport.call(self.endpoint.reply_flight_info, request_id, schema, rows, size)
+    async def reply_info(self, request_id: int, schema: bytes, rows: int, size: int,
+                         parameters: bytes | None = None) -> None:
+        await self.transport.call(self.endpoint.reply_flight_info, request_id, schema, rows, size, parameters)
 
     def reply_info_now(self, request_id: int, schema, rows: int, size: int) -> None:
         self.endpoint.reply_flight_info(request_id, schema, rows, size)

@@ -97,15 +97,21 @@ class TunnelBridge:
         future = self._on_link(who, lambda link: (list(link.datasets), link.epoch))
         return self._wait(future, self.timeout_s + 1, "gateway")
 
-    def flight_info(self, who, dataset: str, sql: str | None = None) -> tuple[pa.Schema, int, int, int]:
+    def flight_info(self, who, dataset: str, sql: str | None = None,
+                    params: list | None = None) -> tuple[pa.Schema, int, int, int]:
         """Schema, rows and IPC bytes of a tenant's dataset, asked of its connector, and the tunnel's epoch; given
-        `sql`, the schema of that query's result instead (rows, bytes: -1). The connector's answer (or the
-        tenant being offline) wakes this thread directly: one wait, one wake-up."""
+        `sql` (and `params` bound to it), the schema of that query's result instead (rows, bytes: -1). The
+        connector's answer (or the tenant being offline) wakes this thread directly: one wait, one wake-up."""
+        reply, epoch = self.ask_info(who, dataset, sql, params)
+        return reply.schema, reply.rows, reply.bytes, epoch
+
+    def ask_info(self, who, dataset: str, sql: str | None = None, params: list | None = None):
+        """The connector's whole flight_info (poc.gateway.link.FlightInfoReply) and the tunnel's epoch."""
         answer: concurrent.futures.Future = concurrent.futures.Future()
         asked: list = []
 
         def ask(link: TenantLink) -> concurrent.futures.Future:
-            asked.extend((link, link.ask_flight_info(dataset, who.request_id, answer, sql)))
+            asked.extend((link, link.ask_flight_info(dataset, who.request_id, answer, sql, params)))
             return answer
 
         try:
@@ -114,13 +120,13 @@ class TunnelBridge:
             if asked:
                 self.loop.call_soon_threadsafe(asked[0].forget_flight_info, asked[1])
             raise
-        return reply.schema, reply.rows, reply.bytes, asked[0].epoch
+        return reply, asked[0].epoch
 
     def open_stream(self, who, dataset: str, cancelled: Callable[[], bool] = lambda: False,
-                    sql: str | None = None) -> "TunnelStream":
-        """Open a stream through the tenant's tunnel — a dataset's, or given `sql` that query's result — and
-        wait for its schema (or for the client to leave)."""
-        future = self._on_link(who, lambda link: (link, *link.open_stream(dataset, who.request_id, sql)))
+                    sql: str | None = None, params: list | None = None) -> "TunnelStream":
+        """Open a stream through the tenant's tunnel — a dataset's, or given `sql` that query's result, with
+        `params` bound — and wait for its schema (or for the client to leave)."""
+        future = self._on_link(who, lambda link: (link, *link.open_stream(dataset, who.request_id, sql, params)))
         link, stream_id, sink = self._wait(future, self.timeout_s + 1, "gateway")
         stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)
         stream.read_schema()

@@ -14,7 +14,7 @@ from ..config import TenantCredentials
 from ..errors import CallError
 from ..flight_errors import for_flight
 from ..http_arrow import ArrowHttp
-from ..sql.service import FlightSqlService, descriptor_command, serve_result
+from ..sql.service import bind_parameters, descriptor_command, serve_result
 from .metrics import GatewayMetrics
 from .routing import Router
 
@@ -134,7 +134,9 @@ class GatewayFlightServer(flight.FlightServerBase):
 
     @served
     def do_put(self, who, descriptor, reader, writer):
-        raise FlightSqlService.refuse_put(descriptor_command(descriptor))
+        """Binding a prepared query's parameters (nothing else: the service is read-only); no tunnel is asked,
+        so any replica answers it."""
+        writer.write(pa.py_buffer(bind_parameters(descriptor_command(descriptor), reader)))
 
     def do_get(self, context, ticket):
         return self._do_get(context, ticket, context.is_cancelled)

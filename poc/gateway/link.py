@@ -140,6 +140,7 @@ class FlightInfoReply:
     schema: pa.Schema
     rows: int
     bytes: int
+    parameters: pa.Schema | None = None  # a query's parameters (protocol 1.7), when its connector gave them
 
 
 def request_error(tenant_id: str, code: str, message: str) -> errors.CallError:
@@ -208,7 +209,9 @@ class TenantLink:
                 self.dropped_events += 1
                 return
             try:
-                future.set_result(FlightInfoReply(self._schema(event.schema), event.rows, event.bytes))
+                future.set_result(FlightInfoReply(
+                    self._schema(event.schema), event.rows, event.bytes,
+                    None if event.parameters is None else self._schema(event.parameters)))
             except errors.CallError as exc:
                 future.set_exception(exc)
         elif isinstance(event, ev.RequestFailed):
@@ -252,19 +255,26 @@ class TenantLink:
             raise errors.Unavailable(
                 f"tenant {self.tenant_id} is over its request rate of {self.request_rate.rate:g}/s; retry later")
 
-    def _require_sql(self) -> None:
+    def _require_sql(self, params: list | None) -> None:
         if self.endpoint.sql is None:
             raise errors.Unsupported(
                 f"the connector of tenant {self.tenant_id} does not support SQL (it speaks the tunnel protocol "
                 "before 1.5, or was started without it); datasets can still be read whole")
+        if params and len(params) > self.endpoint.max_params:
+            raise errors.Unsupported(
+                f"the connector of tenant {self.tenant_id} binds at most {self.endpoint.max_params} parameters to "
+                f"a query, not {len(params)}" + (" (it speaks the tunnel protocol before 1.7)"
+                                                  if not self.endpoint.max_params else ""))
 
-    def ask_flight_info(self, dataset: str, trace_id: str | None, answer, sql: str | None = None) -> int:
-        """Send a get_flight_info — a query_info given `sql` — now; its reply (or error) will be set on
-        `answer`, an asyncio or a concurrent future. Returns the request id, for `forget_flight_info`."""
+    def ask_flight_info(self, dataset: str, trace_id: str | None, answer, sql: str | None = None,
+                        params: list | None = None) -> int:
+        """Send a get_flight_info — a query_info given `sql`, with `params` bound — now; its reply (or error)
+        will be set on `answer`, an asyncio or a concurrent future. Returns the request id, for
+        `forget_flight_info`."""
         if sql is not None:
-            self._require_sql()
+            self._require_sql(params)
         self._admit()
-        rid = self.endpoint.request_flight_info(dataset, trace_id, sql)
+        rid = self.endpoint.request_flight_info(dataset, trace_id, sql, params)
         self._infos[rid] = answer
         self.transport.flush_soon()
         return rid
@@ -286,15 +296,17 @@ class TenantLink:
         finally:
             self.forget_flight_info(rid)
 
-    def open_stream(self, dataset: str, trace_id: str | None = None, sql: str | None = None) -> tuple[int, StreamSink]:
-        """Send a do_get — a query given `sql` — and return the stream id and the sink its frames arrive in."""
+    def open_stream(self, dataset: str, trace_id: str | None = None, sql: str | None = None,
+                    params: list | None = None) -> tuple[int, StreamSink]:
+        """Send a do_get — a query given `sql`, with `params` bound — and return the stream id and the sink its
+        frames arrive in."""
         if sql is not None:
-            self._require_sql()
+            self._require_sql(params)
         self._admit()
         window = self.endpoint.limits.initial_window
         self.budget.reserve(self.tenant_id, window)
         try:
-            sid = self.endpoint.open_stream(dataset, trace_id, sql)
+            sid = self.endpoint.open_stream(dataset, trace_id, sql, params)
         except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
             self.budget.release(self.tenant_id, window)
             raise errors.Unavailable(f"tenant {self.tenant_id}: {exc}") from None

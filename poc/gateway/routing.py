@@ -58,11 +58,15 @@ class TunnelSql:
             return [(name, None) for name in names]
         return [(name, self._bridge.flight_info(who, name)[0]) for name in names]
 
-    def describe(self, who, sql: str) -> pa.Schema:
-        return self._bridge.flight_info(who, QUERY_LABEL, sql=sql)[0]
+    def describe(self, who, sql: str, params: list | None = None) -> pa.Schema:
+        return self._bridge.flight_info(who, QUERY_LABEL, sql=sql, params=params)[0]
 
-    def execute(self, who, sql: str, cancelled):
-        stream = self._bridge.open_stream(who, QUERY_LABEL, cancelled, sql=sql)
+    def prepare(self, who, sql: str) -> tuple[pa.Schema, pa.Schema]:
+        reply, _ = self._bridge.ask_info(who, QUERY_LABEL, sql=sql)
+        return reply.schema, reply.parameters or pa.schema([])  # a connector before 1.7 binds none
+
+    def execute(self, who, sql: str, cancelled, params: list | None = None):
+        stream = self._bridge.open_stream(who, QUERY_LABEL, cancelled, sql=sql, params=params)
         return stream.schema, stream.batches()
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from ..config import MAX_QUERY_BYTES, ConfigError
 from ..sql.errors import SqlError
+from ..sql.params import parameter_schema, to_arrow
 from .base import Described
 
 PASSWORD_ENV = "POC_SOURCE_PASSWORD"
@@ -109,7 +110,7 @@ class DatabaseSource:
     def schema(self, timeout_s: float) -> pa.Schema:
         """From the database without reading rows (on first use; blocking)."""
         if self._schema is None:
-            self._schema = describe(self.database, f"SELECT * FROM {self.relation}", timeout_s)
+            self._schema = describe(self.database, f"SELECT * FROM {self.relation}", 0, timeout_s)[0]
         return self._schema
 
     def describe(self, timeout_s: float) -> Described:
@@ -122,13 +123,25 @@ class DatabaseSource:
         return DatabaseQuery(self.database, f"SELECT * FROM {self.relation}", None)
 
 
-class DatabaseQuery:
-    """One statement running in a database: the same shape as the DuckDB engine's Query (run, read,
-    interrupt, close), so the connector streams either the same way."""
+def bound_values(placeholders: int, params: list | None) -> pa.RecordBatch | None:
+    """A pushed query's values (poc.tunnel.params) as the one-row batch its driver binds, as many as the query
+    has placeholders; SqlError otherwise."""
+    if len(params or ()) != placeholders:
+        raise SqlError("invalid_request", f"the query has {placeholders} parameter placeholders and "
+                                          f"{len(params or ())} values were bound")
+    return to_arrow(params) if params else None
 
-    def __init__(self, database: Database, sql: str, timeout_s: float | None) -> None:
+
+class DatabaseQuery:
+    """One statement running in a database, its values bound by the driver (never spliced into its text): the
+    same shape as the DuckDB engine's Query (run, read, interrupt, close), so the connector streams either the
+    same way."""
+
+    def __init__(self, database: Database, sql: str, timeout_s: float | None,
+                 values: pa.RecordBatch | None = None) -> None:
         self.database = database
         self.sql = sql
+        self.values = values
         self.timeout_s = timeout_s
         self.timed_out = False
         self.reader: pa.RecordBatchReader | None = None
@@ -142,7 +155,7 @@ class DatabaseQuery:
                 self._conn = self.database.connect()
                 self._cursor = self._conn.cursor()
                 self.database.prepare(self._cursor, self.timeout_s)
-                self._cursor.execute(self.sql)
+                self._cursor.execute(self.sql, self.values)
                 self.reader = self._cursor.fetch_record_batch()
                 self._schema = _plain(self.reader.schema)
         except Exception as exc:
@@ -187,21 +200,27 @@ class DatabaseQuery:
             self._cursor = self._conn = None
 
 
-def describe(database: Database, sql: str, timeout_s: float) -> pa.Schema:
+def describe(database: Database, sql: str, placeholders: int, timeout_s: float,
+             params: list | None = None) -> tuple[pa.Schema, pa.Schema]:
     """The schema of a statement's result, without running it (ADBC's execute_schema), or, where the driver
-    cannot, from the statement's first batch of a LIMIT 0."""
+    cannot, from the statement's first batch of a LIMIT 0 (with its values bound: nulls until they are known);
+    and its parameters' schema."""
+    values = bound_values(placeholders, params) if params is not None else None
     conn = None
     try:
         conn = database.connect()
         with conn.cursor() as cursor:
             database.prepare(cursor, timeout_s)
             try:
-                return _plain(cursor.adbc_execute_schema(sql))
+                return _plain(cursor.adbc_execute_schema(sql)), parameter_schema(placeholders)
             except Exception as exc:
                 if "NOT_IMPLEMENTED" not in str(exc) and "not implemented" not in str(exc).lower():
                     raise
-            cursor.execute(f"SELECT * FROM ({sql}) AS q LIMIT 0")
-            return _plain(cursor.fetch_record_batch().schema)
+            if values is None and placeholders:
+                values = pa.RecordBatch.from_arrays([pa.nulls(1)] * placeholders,
+                                                    names=[f"p{i}" for i in range(placeholders)])
+            cursor.execute(f"SELECT * FROM ({sql}) AS q LIMIT 0", values)
+            return _plain(cursor.fetch_record_batch().schema), parameter_schema(placeholders)
     except Exception as exc:
         raise source_error(database, exc) from None
     finally:

@@ -76,7 +76,8 @@ NODE_TYPES = {
     "ASCENDING", "DESCENDING", "ORDER_DEFAULT", "INVALID",
 }
 EXPRESSION_CLASSES = {"BETWEEN", "CASE", "CAST", "COLUMN_REF", "COMPARISON", "CONJUNCTION", "CONSTANT", "FUNCTION",
-                      "OPERATOR", "STAR", "SUBQUERY", "WINDOW", "TYPE", "POSITIONAL_REFERENCE"}
+                      "OPERATOR", "STAR", "SUBQUERY", "WINDOW", "TYPE", "POSITIONAL_REFERENCE",
+                      "PARAMETER"}  # a bound value's place: the value is bound, never spliced
 OPERATORS = {"COMPARE_IN", "COMPARE_NOT_IN", "OPERATOR_IS_NULL", "OPERATOR_IS_NOT_NULL", "OPERATOR_NOT",
              "OPERATOR_COALESCE", "OPERATOR_NULLIF", "ARRAY_EXTRACT", "ARRAY_SLICE", "STRUCT_EXTRACT",
              "OPERATOR_TRY"}
@@ -280,6 +281,7 @@ def _sqlglot_nodes() -> tuple[type, ...]:
         "Star", "Literal", "Null", "Boolean", "Alias", "Paren", "Tuple", "Values", "Var", "Window", "WindowSpec",
         "Filter", "Qualify", "Exists", "Any", "All", "Bracket", "Interval", "Cast", "TryCast", "DataType",
         "DataTypeParam", "Case", "If", "Coalesce", "Nullif", "Lateral", "Unnest",
+        "Placeholder", "Parameter",  # a bound value's place (poc.sources.pushdown.placeholders)
         # operators
         "EQ", "NEQ", "GT", "GTE", "LT", "LTE", "NullSafeEQ", "NullSafeNEQ", "And", "Or", "Not", "Xor", "Add", "Sub",
         "Mul", "Div", "IntDiv", "Mod", "Neg", "Pow", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot",

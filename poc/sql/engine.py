@@ -8,7 +8,8 @@ datasets; the database is configured before any query runs and its configuration
 - the datasets are Arrow datasets (their Parquet files) registered with each cursor, and the views read them
   by a neutral name: no path is in the catalogue, and DuckDB itself reads no file (`enable_external_access`
   off: no `read_csv('/etc/passwd')`, no `COPY … TO`, no `ATTACH`, no extension, no setting changed back);
-- a query is exactly one statement whose type is SELECT, checked by DuckDB's own parser before anything
+- a query is exactly one statement whose type is SELECT, its values bound as parameters (`?` or `$1`…,
+  never spliced into its text), checked by DuckDB's own parser before anything
   runs, and its tree (`json_serialize_sql`) holds only what poc.sql.allowed names: relations that are
   datasets, and listed node types, functions and types (no catalogue, settings or file functions); its text
   is at most `max_query_bytes` bytes;
@@ -26,8 +27,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..config import MAX_QUERY_BYTES
+from ..tunnel.params import to_python
 from .allowed import check_duckdb
 from .errors import SqlError
+from .params import parameter_schema
 
 CATALOG = "connector"  # the one catalog a tenant's client sees (Flight SQL GetCatalogs)
 DB_SCHEMA = "main"
@@ -52,6 +55,7 @@ class Query:
     timed_out: bool = False
     sql: str = ""
     engine: "SqlEngine | None" = None
+    params: list | None = None  # the values bound to its placeholders, as DuckDB takes them
 
     def run(self) -> "Query":
         return self.engine.run(self)
@@ -145,28 +149,54 @@ class SqlEngine:
         self._register(cursor)
         return cursor
 
-    def schema(self, sql: str) -> pa.Schema:
-        """The result's schema, from binding the query (nothing is read beyond the files' metadata)."""
+    def placeholders(self, sql: str) -> int:
+        """How many values a checked query takes: its placeholders, `?` or `$1`…`$n` (named ones are refused)."""
+        names = _duckdb().extract_statements(sql)[0].named_parameters
+        if set(names) != {str(i) for i in range(1, len(names) + 1)}:
+            raise SqlError("invalid_request", "named parameters ($name) are not supported: use ? or $1, $2, …")
+        return len(names)
+
+    def _values(self, sql: str, params: list | None, describing: bool = False) -> list | None:
+        """The values to bind (poc.tunnel.params), as many as the query has placeholders; to describe a query
+        whose values are not bound yet, nulls."""
+        count = self.placeholders(sql)
+        if params is None and describing:
+            return [None] * count or None
+        if len(params or ()) != count:
+            raise SqlError("invalid_request", f"the query has {count} parameter placeholders and {len(params or ())} "
+                                              "values were bound")
+        return to_python(params) if params else None
+
+    def prepare(self, sql: str) -> tuple[pa.Schema, pa.Schema]:
+        """The result's schema and its parameters' (poc.sql.params.parameter_schema)."""
+        return self.schema(sql), parameter_schema(self.placeholders(sql))
+
+    def schema(self, sql: str, params: list | None = None) -> pa.Schema:
+        """The result's schema, from binding the query (nothing is read beyond the files' metadata); with its
+        values, or before they are known."""
         self.check(sql)
+        values = self._values(sql, params, describing=True)
         cursor = self._cursor()
         try:
-            return cursor.sql(sql).limit(0).to_arrow_table().schema
+            return cursor.sql(sql, params=values).limit(0).to_arrow_table().schema
         except _duckdb().Error as exc:
             raise self._error(exc) from None
         finally:
             cursor.close()
 
-    def open(self, sql: str) -> Query:
-        """A query checked and given its cursor, not started: `run` starts it (in a worker thread, since an
-        aggregate computes its whole result before the first batch); `interrupt()` works from now on."""
+    def open(self, sql: str, params: list | None = None) -> Query:
+        """A query checked, its values bound, and given its cursor, not started: `run` starts it (in a worker
+        thread, since an aggregate computes its whole result before the first batch); `interrupt()` works from
+        now on."""
         self.check(sql)
-        return Query(None, self._cursor(), sql=sql, engine=self)
+        values = self._values(sql, params)
+        return Query(None, self._cursor(), sql=sql, engine=self, params=values)
 
     def run(self, query: Query, batch_rows: int = 65536) -> Query:
         """Start the query; its batches are then produced as they are read (`Query.reader`)."""
         try:
             with query._lock:
-                query.reader = query._cursor.sql(query.sql).to_arrow_reader(batch_rows)
+                query.reader = query._cursor.sql(query.sql, params=query.params).to_arrow_reader(batch_rows)
         except _duckdb().Error as exc:
             query.close()
             if query.timed_out:
@@ -174,9 +204,9 @@ class SqlEngine:
             raise self._error(exc) from None
         return query
 
-    def start(self, sql: str, batch_rows: int = 65536) -> Query:
+    def start(self, sql: str, batch_rows: int = 65536, params: list | None = None) -> Query:
         """`open` and `run` in one step."""
-        return self.run(self.open(sql), batch_rows)
+        return self.run(self.open(sql, params), batch_rows)
 
     def read(self, query: Query) -> pa.RecordBatch | None:
         """The query's next batch, or None at its end; runs in a worker thread (DuckDB releases the GIL)."""

@@ -236,6 +236,12 @@ class ActionCreatePreparedStatementResult(Message):
 
 
 @dataclass(frozen=True)
+class DoPutPreparedStatementResult(Message):
+    NAME, FIELDS = "DoPutPreparedStatementResult", ((1, "prepared_statement_handle", "bytes?"),)
+    prepared_statement_handle: bytes | None = None
+
+
+@dataclass(frozen=True)
 class CommandGetSqlInfo(Message):
     NAME, FIELDS = "CommandGetSqlInfo", ((1, "info", "uint32s"),)
     info: tuple[int, ...] = ()
@@ -317,8 +323,8 @@ MESSAGES: dict[str, type[Message]] = {
     cls.NAME: cls for cls in (
         CommandStatementQuery, TicketStatementQuery, CommandPreparedStatementQuery,
         ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
-        ActionClosePreparedStatementRequest, CommandGetSqlInfo, CommandGetCatalogs, CommandGetTableTypes,
-        CommandGetDbSchemas, CommandGetTables, CommandGetPrimaryKeys, CommandGetExportedKeys,
+        ActionClosePreparedStatementRequest, DoPutPreparedStatementResult, CommandGetSqlInfo, CommandGetCatalogs,
+        CommandGetTableTypes, CommandGetDbSchemas, CommandGetTables, CommandGetPrimaryKeys, CommandGetExportedKeys,
         CommandGetImportedKeys, CommandGetCrossReference, CommandStatementUpdate,
         CommandPreparedStatementUpdate, CommandStatementIngest)
 }

@@ -2,18 +2,21 @@
 from a `SqlBackend` (the gateway's tunnels, or the direct server's own engine).
 
 Served: statements (`CommandStatementQuery` → FlightInfo with a `TicketStatementQuery` → DoGet), prepared
-statements (the `CreatePreparedStatement` / `ClosePreparedStatement` actions, `CommandPreparedStatementQuery`),
-`CommandGetSqlInfo`, `CommandGetCatalogs`, `CommandGetDbSchemas`, `CommandGetTables` (with table schemas),
-`CommandGetTableTypes`, and the key commands (empty: datasets have no keys). Everything is read-only: updates,
-ingestion and bound parameters are refused with a clear error.
+statements (the `CreatePreparedStatement` / `ClosePreparedStatement` actions, `CommandPreparedStatementQuery`,
+its parameters bound with DoPut), `CommandGetSqlInfo`, `CommandGetCatalogs`, `CommandGetDbSchemas`,
+`CommandGetTables` (with table schemas), `CommandGetTableTypes`, and the key commands (empty: datasets have no
+keys). Everything is read-only: updates and ingestion are refused with a clear error.
 
-Statement and prepared-statement handles carry the query itself, so they hold no state on the server:
-closing one frees nothing, any replica can run it, and a handle is worth no more than the query text (the
-bearer token decides which tenant's data it runs on).
+Statement and prepared-statement handles carry the query itself — and its bound values (poc.tunnel.params) —
+so they hold no state on the server: binding parameters answers a new handle (`DoPutPreparedStatementResult`),
+closing one frees nothing, any replica can run it, and a handle is worth no more than the query text and
+values it carries, read and checked again at every use (the bearer token decides which tenant's data it runs
+on).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -23,11 +26,14 @@ import pyarrow.flight as flight
 from .. import __version__
 from ..config import MAX_QUERY_BYTES
 from ..flight_actions import Actions
+from ..tunnel import params as bound
 from . import proto
 from .engine import CATALOG, DB_SCHEMA
+from .params import from_arrow
 from .patterns import like
 
-HANDLE_PREFIX = b"poc-sql/1\n"
+HANDLE_PREFIX = b"poc-sql/1\n"  # then the query's text
+BOUND_PREFIX = b"poc-sql/2\n"  # then {"sql": …, "params": […]} (poc.tunnel.params)
 SERVER_NAME = "poc tunnel gateway"
 
 
@@ -36,9 +42,14 @@ class SqlBackend(Protocol):
 
     def tables(self, who, with_schemas: bool) -> list[tuple[str, pa.Schema | None]]: ...
 
-    def describe(self, who, sql: str) -> pa.Schema: ...
+    def describe(self, who, sql: str, params: list | None = None) -> pa.Schema:
+        """The result's schema; with `params` None, of a query whose placeholders are not bound yet."""
 
-    def execute(self, who, sql: str, cancelled: Callable[[], bool]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]: ...
+    def prepare(self, who, sql: str) -> tuple[pa.Schema, pa.Schema]:
+        """The result's schema and the parameters' (one field per placeholder; empty without any)."""
+
+    def execute(self, who, sql: str, cancelled: Callable[[], bool],
+                params: list | None = None) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]: ...
 
 
 def sql_command(data: bytes) -> proto.Message | None:
@@ -60,18 +71,30 @@ def descriptor_command(descriptor: flight.FlightDescriptor) -> proto.Message | N
     return sql_command(descriptor.command)
 
 
-def make_handle(sql: str) -> bytes:
-    return HANDLE_PREFIX + sql.encode("utf-8")
+def make_handle(sql: str, params: list | None = None) -> bytes:
+    if not params:
+        return HANDLE_PREFIX + sql.encode("utf-8")
+    return BOUND_PREFIX + json.dumps({"sql": sql, "params": params}, separators=(",", ":")).encode("utf-8")
+
+
+def statement_of(handle: bytes) -> tuple[str, list | None]:
+    """The query a statement or prepared-statement handle carries, and its bound values (None: none bound). A
+    handle comes back from a client: its values are checked again, as any client input."""
+    try:
+        if handle.startswith(HANDLE_PREFIX):
+            return handle[len(HANDLE_PREFIX):].decode("utf-8"), None
+        if handle.startswith(BOUND_PREFIX):
+            body = json.loads(handle[len(BOUND_PREFIX):])
+            if isinstance(body, dict) and set(body) == {"sql", "params"} and isinstance(body["sql"], str):
+                return body["sql"], bound.check(body["params"])
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        pass  # bound.ParamError is a ValueError: a tampered handle is one that is not this server's
+    raise pa.ArrowInvalid("not a statement handle of this server")
 
 
 def query_of(handle: bytes) -> str:
     """The query a statement or prepared-statement handle carries."""
-    if not handle.startswith(HANDLE_PREFIX):
-        raise pa.ArrowInvalid("not a statement handle of this server")
-    try:
-        return handle[len(HANDLE_PREFIX):].decode("utf-8")
-    except UnicodeDecodeError:
-        raise pa.ArrowInvalid("statement handle is not UTF-8") from None
+    return statement_of(handle)[0]
 
 
 def checked_query(sql: str, max_bytes: int = MAX_QUERY_BYTES) -> str:
@@ -160,11 +183,11 @@ class FlightSqlService:
     def _plan(self, who, command: proto.Message) -> tuple[pa.Schema, bytes]:
         """The result's schema and the ticket that fetches it."""
         if isinstance(command, (proto.CommandStatementQuery, proto.CommandPreparedStatementQuery)):
-            sql = (command.query if isinstance(command, proto.CommandStatementQuery)
-                   else query_of(command.prepared_statement_handle))
+            sql, params = ((command.query, None) if isinstance(command, proto.CommandStatementQuery)
+                           else statement_of(command.prepared_statement_handle))
             self._refuse_transaction(command)
-            schema = self.backend.describe(who, checked_query(sql, self.max_query_bytes))
-            return schema, proto.pack_any(proto.TicketStatementQuery(make_handle(sql)))
+            schema = self.backend.describe(who, checked_query(sql, self.max_query_bytes), params)
+            return schema, proto.pack_any(proto.TicketStatementQuery(make_handle(sql, params)))
         return self._metadata_schema(command), proto.pack_any(command)
 
     @staticmethod
@@ -192,8 +215,8 @@ class FlightSqlService:
                cancelled: Callable[[], bool]) -> tuple[pa.Schema, Iterator[pa.RecordBatch]] | pa.Table:
         """A statement's result (schema and batches, streamed) or a metadata command's table."""
         if isinstance(message, proto.TicketStatementQuery):
-            sql = checked_query(query_of(message.statement_handle), self.max_query_bytes)
-            return self.backend.execute(who, sql, cancelled)
+            sql, params = statement_of(message.statement_handle)
+            return self.backend.execute(who, checked_query(sql, self.max_query_bytes), cancelled, params)
         if isinstance(message, proto.CommandGetSqlInfo):
             return sql_info_table(message.info)
         if isinstance(message, proto.CommandGetCatalogs):
@@ -229,8 +252,9 @@ class FlightSqlService:
             raise pa.ArrowInvalid("CreatePreparedStatement needs an ActionCreatePreparedStatementRequest")
         self._refuse_transaction(message)
         sql = checked_query(message.query, self.max_query_bytes)
-        schema = self.backend.describe(who, sql)
-        result = proto.ActionCreatePreparedStatementResult(make_handle(sql), schema.serialize().to_pybytes())
+        schema, parameters = self.backend.prepare(who, sql)
+        result = proto.ActionCreatePreparedStatementResult(make_handle(sql), schema.serialize().to_pybytes(),
+                                                           parameters.serialize().to_pybytes() if parameters else b"")
         return [proto.pack_any(result)]
 
     @staticmethod
@@ -243,17 +267,54 @@ class FlightSqlService:
 
     @staticmethod
     def refuse_put(command: proto.Message | None) -> Exception:
-        """DoPut: bound parameters, updates and ingestion all write or need state this server does not keep."""
-        if isinstance(command, proto.CommandPreparedStatementQuery):
-            return pa.ArrowNotImplementedError("prepared statements with parameters are not supported; put the "
-                                               "values in the query")
-        return pa.ArrowNotImplementedError("this server is read-only: DoPut is not supported")
+        """DoPut other than binding a query's parameters: updates and ingestion write, and this server is
+        read-only (executemany sends its rows as an update)."""
+        if isinstance(command, proto._Write):
+            return pa.ArrowNotImplementedError(f"{command.NAME}: this server is read-only (SELECT queries only; "
+                                               "bind one row of parameters to a query, not several)")
+        return pa.ArrowNotImplementedError("this server is read-only: DoPut binds a prepared query's parameters "
+                                           "only")
+
+
+def bind_parameters(command: proto.Message | None, reader: flight.MetadataRecordBatchReader) -> bytes:
+    """DoPut on a prepared statement: its parameters, one row of values, bound into a new handle that carries
+    them (`DoPutPreparedStatementResult`, the PutResult's metadata). Nothing runs yet and no state is kept:
+    the query runs when the new handle's FlightInfo is redeemed. Anything else a DoPut asks writes: refused."""
+    if not isinstance(command, proto.CommandPreparedStatementQuery):
+        raise FlightSqlService.refuse_put(command)
+    sql, _ = statement_of(command.prepared_statement_handle)
+    try:
+        values = from_arrow(read_bounded(reader, bound.MAX_PARAM_BYTES + 64 * 1024))
+    except bound.ParamError as exc:
+        raise pa.ArrowInvalid(f"parameters refused: {exc}") from None
+    handle = make_handle(sql, values)
+    if len(handle) > proto.MAX_COMMAND_BYTES:
+        raise pa.ArrowInvalid("the query and its parameters are over the size of a handle")
+    return proto.DoPutPreparedStatementResult(handle).encode()  # the PutResult's metadata is the message itself
+
+
+def read_bounded(reader: flight.MetadataRecordBatchReader, max_bytes: int) -> pa.Table:
+    """A DoPut's batches, read until its end or refused once they pass `max_bytes` (a client streaming without
+    end is cut off, not held in memory)."""
+    batches, size = [], 0
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            break
+        if chunk.data is None:
+            continue
+        size += chunk.data.nbytes
+        if size > max_bytes:
+            raise bound.ParamError(f"parameters over {max_bytes} bytes")
+        batches.append(chunk.data)
+    return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def add_sql_actions(actions: Actions, service: Callable[[], FlightSqlService]) -> None:
     """Flight SQL's actions in a server's table, answered by `service()` (the direct server makes its own at
     the first Flight SQL call)."""
-    actions.add("CreatePreparedStatement", "create a prepared statement (one SELECT; no parameters)",
+    actions.add("CreatePreparedStatement", "create a prepared statement (one SELECT; its parameters bound by DoPut)",
                 lambda who, body: service().create_prepared(who, body))
     actions.add("ClosePreparedStatement", "close a prepared statement",
                 lambda who, body: FlightSqlService.close_prepared(body))  # a handle holds no state to free

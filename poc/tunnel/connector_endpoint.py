@@ -24,16 +24,16 @@ class ConnectorEndpoint(Endpoint):
         self._codecs: list[str] | None = None
 
     def register(self, tenant_id: str, token: str, datasets: list[str], connector_id: str | None = None,
-                 codecs: list[str] | None = None, sql: str | None = None) -> None:
+                 codecs: list[str] | None = None, sql: str | None = None, max_params: int | None = None) -> None:
         """Queue the register message: the first message on every link (§2). `codecs` (1.4, [] for none) are
         the IPC body codecs this end can send; giving them also says it answers ping. `sql` (1.5): the dialect
-        of the queries it answers (query_info, query)."""
+        of the queries it answers (query_info, query); `max_params` (1.7): the most values it binds to one."""
         if self._register_sent:
             raise LocalProtocolError("register was already sent on this link")
         self._register_sent = True
         self._codecs = codecs
         self._send(m.Register(tenant_id=tenant_id, token=token, version=m.PROTOCOL_VERSION, datasets=datasets,
-                              connector_id=connector_id, codecs=codecs, sql=sql))
+                              connector_id=connector_id, codecs=codecs, sql=sql, max_params=max_params))
 
     @property
     def codec(self) -> str | None:
@@ -79,7 +79,7 @@ class ConnectorEndpoint(Endpoint):
         if isinstance(message, m.GetFlightInfo):
             return [FlightInfoRequested(message.request_id, message.dataset, message.trace_id)]
         if isinstance(message, m.QueryInfo):
-            return [FlightInfoRequested(message.request_id, "", message.trace_id, message.sql)]
+            return [FlightInfoRequested(message.request_id, "", message.trace_id, message.sql, message.params)]
         if isinstance(message, (m.DoGet, m.Query)):
             if message.request_id in self.streams:
                 raise RemoteProtocolError(f"{message.ACTION} reuses the id {message.request_id} of an open stream")
@@ -90,7 +90,8 @@ class ConnectorEndpoint(Endpoint):
             sql = message.sql if isinstance(message, m.Query) else None
             dataset = "" if sql is not None else message.dataset
             self.streams[message.request_id] = Stream(message.request_id, dataset, message.window)
-            return [StreamRequested(message.request_id, dataset, message.window, message.trace_id, sql)]
+            params = message.params if isinstance(message, m.Query) else None
+            return [StreamRequested(message.request_id, dataset, message.window, message.trace_id, sql, params)]
         if isinstance(message, m.Credit):
             stream = self.streams.get(message.request_id)
             if stream is None:
@@ -124,12 +125,15 @@ class ConnectorEndpoint(Endpoint):
         self._require_registered()
         self._send(m.Heartbeat(ts=ts))
 
-    def reply_flight_info(self, request_id: int, schema: bytes, rows: int, size: int) -> None:
-        """Answer a get_flight_info; a schema too large for the gateway's message limit (§2) is answered with
-        an `invalid_request` error instead, which the gateway can take."""
+    def reply_flight_info(self, request_id: int, schema: bytes, rows: int, size: int,
+                          parameters: bytes | None = None) -> None:
+        """Answer a get_flight_info (or a query_info, with its `parameters`' schema, 1.7); a schema too large for
+        the gateway's message limit (§2) is answered with an `invalid_request` error instead, which the gateway
+        can take."""
         self._require_registered()
         reply = m.FlightInfoReply(request_id=request_id, schema=base64.b64encode(schema).decode("ascii"),
-                                  rows=rows, bytes=size).serialize()
+                                  rows=rows, bytes=size, parameters=None if parameters is None else
+                                  base64.b64encode(parameters).decode("ascii")).serialize()
         limit = self.registered.max_message_bytes
         if len(reply.encode()) > limit:
             self._send(m.Error(code="invalid_request", request_id=request_id,

@@ -44,6 +44,7 @@ class FlightInfoRequested(Event):
     dataset: str
     trace_id: str | None = None
     sql: str | None = None  # 1.5 query_info: the schema of this query's result is asked, not a dataset's
+    params: list | None = None  # 1.7: values bound to the query's placeholders (poc.tunnel.params)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class FlightInfoReceived(Event):
     schema: bytes
     rows: int
     bytes: int
+    parameters: bytes | None = None  # 1.7: the IPC schema of a query's parameters (query_info)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class StreamRequested(Event):
     window: int
     trace_id: str | None = None
     sql: str | None = None  # 1.5 query: the stream carries this query's result, not a dataset
+    params: list | None = None  # 1.7, as in FlightInfoRequested
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class GatewayEndpoint(Endpoint):
         self.codec: str | None = None  # the IPC body codec picked for this link (§4b)
         self.pings = False  # the connector speaks 1.4: it answers ping (§5b)
         self.sql: str | None = None  # 1.5: the SQL dialect the connector's register named; None: no SQL (§3b)
+        self.max_params = 0  # 1.7: the most parameters the connector binds to one query (§3d)
         # The link's bandwidth-delay product, measured with pings (§5b): bytes received while one ping is out.
         self._ping: tuple[int, float, int] | None = None  # (seq, sent at, bytes received when sent)
         self._ping_seq = 0
@@ -47,6 +48,7 @@ class GatewayEndpoint(Endpoint):
             if isinstance(message, m.Register):
                 self.pings = message.codecs is not None
                 self.sql = message.sql
+                self.max_params = message.max_params or 0
                 self.codec = next((c for c in self.limits.codecs if c in (message.codecs or ())), None)
                 return [RegisterRequested(message)]
             raise RemoteProtocolError(f"{message.ACTION!r} before register")
@@ -62,9 +64,11 @@ class GatewayEndpoint(Endpoint):
                 return []
             try:
                 schema = base64.b64decode(message.schema, validate=True)
+                parameters = (None if message.parameters is None
+                              else base64.b64decode(message.parameters, validate=True))
             except ValueError:
                 raise RemoteProtocolError("flight_info: schema is not valid base64") from None
-            return [FlightInfoReceived(message.request_id, schema, message.rows, message.bytes)]
+            return [FlightInfoReceived(message.request_id, schema, message.rows, message.bytes, parameters)]
         if isinstance(message, m.Error) and message.request_id is not None:
             rid = message.request_id
             if rid in self._pending_info:
@@ -219,32 +223,39 @@ class GatewayEndpoint(Endpoint):
         self._next_id += 1
         return rid
 
-    def request_flight_info(self, dataset: str, trace_id: str | None = None, sql: str | None = None) -> int:
-        """Queue a get_flight_info — or, given `sql`, a query_info (1.5) — and return its request id."""
+    def request_flight_info(self, dataset: str, trace_id: str | None = None, sql: str | None = None,
+                            params: list | None = None) -> int:
+        """Queue a get_flight_info — or, given `sql`, a query_info (1.5), with `params` bound (1.7) — and return
+        its request id."""
         if sql is not None:
-            self._require_sql()
+            self._require_sql(params)
         rid = self._new_id()
         self._pending_info.add(rid)
         self._send(m.GetFlightInfo(request_id=rid, dataset=dataset, trace_id=trace_id) if sql is None
-                   else m.QueryInfo(request_id=rid, sql=sql, trace_id=trace_id))
+                   else m.QueryInfo(request_id=rid, sql=sql, trace_id=trace_id, params=params or None))
         return rid
 
-    def open_stream(self, dataset: str, trace_id: str | None = None, sql: str | None = None) -> int:
-        """Queue a do_get — or, given `sql`, a query (1.5) — with a full window; return the stream id."""
+    def open_stream(self, dataset: str, trace_id: str | None = None, sql: str | None = None,
+                    params: list | None = None) -> int:
+        """Queue a do_get — or, given `sql`, a query (1.5), with `params` bound (1.7) — with a full window;
+        return the stream id."""
         if sql is not None:
-            self._require_sql()
+            self._require_sql(params)
         if len(self.streams) >= self.limits.max_streams:
             raise LocalProtocolError(f"{len(self.streams)} streams already in flight (limit {self.limits.max_streams})")
         sid = self._new_id()
         window = self.limits.initial_window
         self.streams[sid] = Stream(sid, dataset, window)
         self._send(m.DoGet(request_id=sid, dataset=dataset, window=window, trace_id=trace_id) if sql is None
-                   else m.Query(request_id=sid, sql=sql, window=window, trace_id=trace_id))
+                   else m.Query(request_id=sid, sql=sql, window=window, trace_id=trace_id, params=params or None))
         return sid
 
-    def _require_sql(self) -> None:
+    def _require_sql(self, params: list | None = None) -> None:
         if self.sql is None:
             raise LocalProtocolError("the connector did not say it speaks SQL (its register has no `sql`)")
+        if params and len(params) > self.max_params:
+            raise LocalProtocolError(f"the connector binds at most {self.max_params} parameters to a query (its "
+                                     f"register's `max_params`), not {len(params)}")
 
     @property
     def grant_threshold(self) -> int:

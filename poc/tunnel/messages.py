@@ -10,6 +10,7 @@ import re
 import typing
 from dataclasses import dataclass
 
+from . import params as bound
 from .errors import RemoteProtocolError
 
 PROTOCOL_VERSION = "1"
@@ -45,7 +46,8 @@ def _is_int(value: object) -> bool:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-_OMITTED_WHEN_NONE = {"trace_id", "connector_id", "prefer", "codecs", "codec", "sql"}  # optional fields of later minor versions are left out when unset
+_OMITTED_WHEN_NONE = {"trace_id", "connector_id", "prefer", "codecs", "codec", "sql", "max_params", "params",
+                      "parameters"}  # optional fields of later minor versions are left out when unset
 
 
 @functools.cache
@@ -79,10 +81,12 @@ class Register(Message):
     connector_id: str | None = None  # 1.3: the same for every tunnel of one connector process (§2)
     codecs: list[str] | None = None  # 1.4: IPC body codecs it can send, best first; present: it answers ping
     sql: str | None = None  # 1.5: the SQL dialect its query and query_info speak ("duckdb"); absent: no SQL
+    max_params: int | None = None  # 1.7: the most parameters it binds to one query (§3d); absent: none
 
     def __repr__(self) -> str:  # tokens never reach logs
         return (f"Register(tenant_id={self.tenant_id!r}, version={self.version!r}, datasets={self.datasets!r}, "
-                f"connector_id={self.connector_id!r}, codecs={self.codecs!r}, sql={self.sql!r})")
+                f"connector_id={self.connector_id!r}, codecs={self.codecs!r}, sql={self.sql!r}, "
+                f"max_params={self.max_params!r})")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,8 @@ class FlightInfoReply(Message):
     schema: str  # base64 of the Arrow IPC schema message
     rows: int
     bytes: int
+    # 1.7, answering a query_info: base64 of the IPC schema of its parameters (§3d); any text, unlike `str | None`
+    parameters: typing.Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,7 @@ class QueryInfo(Message):
     request_id: int
     sql: str
     trace_id: str | None = None
+    params: list | None = None  # 1.7: values bound to its placeholders (§3d)
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,7 @@ class Query(Message):
     sql: str
     window: int
     trace_id: str | None = None
+    params: list | None = None  # 1.7, as in query_info
 
 
 @dataclass(frozen=True)
@@ -216,9 +224,11 @@ _CHECKS = {
                                                 and all(_is_text(x) and len(x) <= 32 for x in v)),
     "int | None": lambda v: v is None or _is_int(v),
     "str | None": lambda v: v is None or (_is_text(v) and TRACE_ID.fullmatch(v) is not None),
+    "typing.Optional[str]": lambda v: v is None or _is_text(v),
+    "list | None": lambda v: v is None or isinstance(v, list),  # checked by poc.tunnel.params below
 }
 _NAMED = {"datasets", "dataset"}  # fields that hold dataset names (§3a)
-_NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes", "seq"}
+_NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes", "seq", "max_params"}
 
 
 REQUESTS = ("get_flight_info", "query_info", "do_get", "query")  # what the gateway asks; the connector answers
@@ -263,8 +273,13 @@ def parse_message(text: str | bytes) -> Message:
                                       f"numbers, valid Unicode), got {type(value).__name__}")
         if f.name in _NAMED and not all(map(valid_dataset_name, value if isinstance(value, list) else [value])):
             raise RemoteProtocolError(f"{action}: {f.name!r} holds a name that is not a dataset name (§3a)")
-        if f.name in _NON_NEGATIVE and value < 0 or f.name in ("rows", "bytes") and value < -1:
+        if f.name in _NON_NEGATIVE and value is not None and value < 0 or f.name in ("rows", "bytes") and value < -1:
             raise RemoteProtocolError(f"{action}: field {f.name!r} must not be negative")
+        if f.name == "params" and value is not None:
+            try:
+                bound.check(value)
+            except bound.ParamError as exc:
+                raise RemoteProtocolError(f"{action}: {exc}") from None
         values[f.name] = value
     message = cls(**values)
     request_id = values.get("request_id")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import struct
 import threading
@@ -15,6 +16,7 @@ from websockets.sync.client import connect
 
 from poc.workbook.servers.runner import Cluster
 from tests.helpers import read
+from tests.integration.test_sql import connect as adbc_connect
 from tests.integration.test_sql import query as adbc_query
 
 
@@ -31,16 +33,28 @@ def compressed(batch: pa.RecordBatch, codec: str) -> tuple[pa.Buffer, int]:
     return payload, payload.size + batch.serialize().size
 
 
+def values(params: list[dict] | None) -> list | None:
+    """§3d: the typed values as Python values for the engine."""
+    if params is None:
+        return None
+    read = {"null": lambda v: None, "bool": bool, "int": int, "float": float, "string": str,
+            "binary": base64.b64decode, "date": datetime.date.fromisoformat,
+            "timestamp": datetime.datetime.fromisoformat}
+    return [read[p["type"]](p.get("value")) for p in params]
+
+
 def doc_connector(url: str, tenant: str, token: str, table: pa.Table, ready: threading.Event, stop: threading.Event,
-                  codecs: list[str] | None = None, sql: bool = False):
+                  codecs: list[str] | None = None, sql: str | None = None):
     """§2 register, §3 answer requests, §4 frames, §5 credit; with `codecs` (1.4): §4b, §5b; with `sql` (1.5):
-    §3b, its queries run by its own engine (DuckDB over the table)."""
+    §3b, its queries run by its own engine (DuckDB over the table); and from "1.7" with their values bound (§3d)."""
     with connect(url, compression=None, max_size=2**20) as ws:
         register = {"action": "register", "tenant_id": tenant, "token": token, "version": "1", "datasets": ["sales"]}
         if codecs is not None:
             register["codecs"] = codecs
         if sql:
             register["sql"] = "duckdb"
+            if sql == "1.7":
+                register["max_params"] = 8
             engine = duckdb.connect()
             engine.register("sales", table)
         ws.send(json.dumps(register))
@@ -74,14 +88,20 @@ def doc_connector(url: str, tenant: str, token: str, table: pa.Table, ready: thr
             elif msg["action"] == "ping":
                 ws.send(json.dumps({"action": "pong", "seq": msg["seq"]}))
             elif msg["action"] == "query_info":
-                result = engine.sql(msg["sql"]).limit(0).to_arrow_table()
-                ws.send(json.dumps({"action": "flight_info", "request_id": msg["request_id"], "rows": -1, "bytes": -1,
-                                    "schema": base64.b64encode(result.schema.serialize()).decode()}))
+                count = len(duckdb.extract_statements(msg["sql"])[0].named_parameters)
+                bound = values(msg.get("params")) or [None] * count or None  # described before values are known
+                result = engine.sql(msg["sql"], params=bound).limit(0).to_arrow_table()
+                reply = {"action": "flight_info", "request_id": msg["request_id"], "rows": -1, "bytes": -1,
+                         "schema": base64.b64encode(result.schema.serialize()).decode()}
+                if sql == "1.7":
+                    parameters = pa.schema([(f"p{i}", pa.null()) for i in range(count)])
+                    reply["parameters"] = base64.b64encode(parameters.serialize()).decode()
+                ws.send(json.dumps(reply))
             elif msg["action"] in ("do_get", "query"):
                 sid = msg["request_id"]
                 credit[sid] = msg["window"]
                 if msg["action"] == "query":
-                    result = engine.sql(msg["sql"]).to_arrow_table()
+                    result = engine.sql(msg["sql"], params=values(msg.get("params"))).to_arrow_table()
                     stream = [(1, result.schema.serialize())] + [(2, b.serialize()) for b in result.to_batches(rows)]
                     stream = [(kind, payload, payload.size) for kind, payload in stream]
                 else:
@@ -100,8 +120,8 @@ def doc_connector(url: str, tenant: str, token: str, table: pa.Table, ready: thr
                 continue
 
 
-@pytest.mark.parametrize("codecs, sql", [(None, False), (["zstd"], False), ([], True)],
-                         ids=["1.3", "1.4-zstd", "1.5-sql"])
+@pytest.mark.parametrize("codecs, sql", [(None, None), (["zstd"], None), ([], "1.5"), ([], "1.7")],
+                         ids=["1.3", "1.4-zstd", "1.5-sql", "1.7-params"])
 def test_a_connector_written_from_the_protocol_page_serves_flight_clients(tmp_path, tenants, datasets, codecs, sql):
     table = pq.read_table(datasets["small"] / "sales.parquet")
     args = ("--window-bytes", str(512 << 10), "--max-frame-bytes", str(256 << 10))  # forces many credit grants
@@ -125,6 +145,13 @@ def test_a_connector_written_from_the_protocol_page_serves_flight_clients(tmp_pa
                 here = duckdb.connect()
                 here.register("sales", table)
                 assert got.num_rows > 0 and got.equals(here.sql(query).to_arrow_table())
+            if sql == "1.7":  # … with its values bound (§3d)
+                query = "SELECT id, amount FROM sales WHERE id % ? = ? AND amount > ? ORDER BY id"
+                with adbc_connect(c.flight_uri, creds.client_token) as conn, conn.cursor() as cursor:
+                    assert len(cursor.adbc_prepare(query)) == 3
+                    cursor.execute(query, (10, 3, 2500.5))
+                    got = cursor.fetch_arrow_table()
+                assert got.num_rows > 0 and got.equals(here.sql(query, params=[10, 3, 2500.5]).to_arrow_table())
         finally:
             stop.set()
             thread.join(10)

@@ -18,6 +18,7 @@ from poc.config import make_tenants
 from poc.workbook.servers.postgres_server import PostgresServer
 from poc.workbook.servers.runner import Cluster
 from tests.helpers import bearer
+from tests.integration.test_sql import connect
 from tests.integration.test_sql import query as sql_query
 
 PASSWORD = "s3cret-Pässword"
@@ -103,6 +104,25 @@ def test_sql_over_database_datasets_runs_in_postgresql(served):
     assert joined["n"].to_pylist() == [1000]
     # each dataset's name became its own definition, and PostgreSQL ran the query (its statement log)
     assert "FROM (SELECT * FROM public.sales) AS s JOIN (SELECT id, amount FROM sales WHERE id < 1000) AS r" in pg.log
+
+
+def test_bound_parameters_reach_postgresql_as_parameters_never_as_text(served):
+    cluster, token, pg = served
+    sql = "SELECT id, amount FROM sales WHERE id % ? = ? AND value <> ? ORDER BY id OFFSET ? LIMIT ?"
+    marker = "it's; DROP TABLE sales --"  # bound, it is a value; spliced into the text, it would break the query
+    with connect(cluster.flight_uri, token) as conn, conn.cursor() as cursor:
+        assert cursor.adbc_prepare(sql).names == [f"parameter_{i}" for i in range(1, 6)]
+        cursor.execute(sql, (100, 7, marker, 3, 5))
+        got = cursor.fetch_arrow_table()
+        with pytest.raises(Exception, match="4 parameter placeholders and 1 values"):
+            cursor.execute("SELECT id FROM sales WHERE id < $4 AND id > $1 AND id <> $2 AND id <> $3", (1,))
+            cursor.fetch_arrow_table()
+    expected = pg.query("SELECT id, amount FROM sales WHERE id % 100 = 7 ORDER BY id OFFSET 3 LIMIT 5")
+    assert got.equals(expected.cast(got.schema)) and got.num_rows == 5  # the values in their places
+    ran = [line for line in pg.log.splitlines() if "value <> $3" in line]
+    assert ran and all("LIMIT $5 OFFSET $4" in line for line in ran)  # PostgreSQL got the placeholders, in order …
+    assert "$3 = 'it''s; DROP TABLE sales --'" in pg.log  # … and the value beside them, as a parameter
+    assert not [line for line in pg.log.splitlines() if "DROP TABLE sales --" in line and "$3 = " not in line]
 
 
 @pytest.mark.parametrize("sql, text, mark", [

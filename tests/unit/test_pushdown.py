@@ -3,6 +3,8 @@ becomes its own definition. (tests/integration/test_sources.py runs the same att
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from poc.sources.database import DatabaseSource, PostgreSQL
@@ -25,8 +27,8 @@ TABLES = {"recent": DatabaseSource("recent", DB, query="SELECT id, amount FROM s
     ("SELECT date_trunc('day', now()), CAST(id AS TEXT), coalesce(amount, 0) FROM recent", "CAST(id AS TEXT)"),
 ])
 def test_a_select_over_exposed_datasets_is_rewritten_to_their_definitions(sql, rewritten):
-    database, text = pushdown(sql, TABLES, set())
-    assert database is DB and rewritten in text
+    database, text, placeholders = pushdown(sql, TABLES, set())
+    assert database is DB and placeholders == 0 and rewritten in text
     assert "FROM sales" not in text.replace("FROM sales WHERE id < 1000", "")  # only the definitions read tables
 
 
@@ -53,3 +55,25 @@ def test_what_is_not_on_the_lists_is_refused_before_any_database(sql, code, reas
     with pytest.raises(SqlError) as refused:
         pushdown(sql, TABLES, set())
     assert refused.value.code == code and reason in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("sql, rewritten, count", [
+    ("SELECT id FROM sales WHERE id < ? AND amount > ?", "WHERE id < $1 AND amount > $2", 2),
+    ("SELECT id FROM sales WHERE id < $2 AND amount > $1", "WHERE id < $2 AND amount > $1", 2),
+    ("SELECT id FROM sales WHERE value = '?' AND id < ? -- ?\n", "WHERE value = '?' AND id < $1", 1),
+    ("SELECT id FROM sales OFFSET ? LIMIT ?", "LIMIT $2 OFFSET $1", 2),  # sqlglot reorders: the values follow
+])
+def test_placeholders_are_numbered_in_the_order_they_stand(sql, rewritten, count):
+    _, text, placeholders = pushdown(sql, TABLES, set())
+    assert rewritten in text
+    assert placeholders == count
+
+
+@pytest.mark.parametrize("sql, error", [
+    ("SELECT id FROM sales WHERE id < $2", "from $1 without gaps"),
+    ("SELECT id FROM sales WHERE id < :name", "as ? or $1"),
+    ("SELECT id FROM sales WHERE id < $name", "as ? or $1"),
+])
+def test_placeholders_other_than_numbered_ones_are_refused(sql, error):
+    with pytest.raises(SqlError, match=re.escape(error)):
+        pushdown(sql, TABLES, set())

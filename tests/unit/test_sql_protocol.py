@@ -3,6 +3,7 @@ and the connector's SQL sandbox — no processes."""
 
 from __future__ import annotations
 
+import datetime
 import re
 
 import pyarrow as pa
@@ -16,6 +17,7 @@ from poc.sql.patterns import MAX_PATTERN_CHARS
 from poc.sql.service import like, sql_command, sql_info_table
 from poc.tunnel import ConnectorEndpoint, GatewayEndpoint, LocalProtocolError
 from poc.tunnel import events as ev
+from poc.tunnel import params
 from poc.tunnel.messages import parse_message
 from tests.unit.test_core import LIMITS, deliver
 
@@ -96,9 +98,9 @@ def test_sql_info_is_a_dense_union_with_the_requested_rows():
 # -- the tunnel's 1.5 requests
 
 
-def sql_pair(sql: str | None):
+def sql_pair(sql: str | None, max_params: int | None = None):
     gateway, connector = GatewayEndpoint(LIMITS), ConnectorEndpoint()
-    connector.register("t1", "token", ["sales"], codecs=[], sql=sql)
+    connector.register("t1", "token", ["sales"], codecs=[], sql=sql, max_params=max_params)
     deliver(connector, gateway)
     gateway.accept("sess", heartbeat_s=60)
     deliver(gateway, connector)
@@ -121,6 +123,63 @@ def test_no_query_is_sent_to_a_connector_whose_register_had_no_sql():
         gateway.open_stream("(sql)", sql="SELECT 1")
     with pytest.raises(LocalProtocolError, match="SQL"):
         gateway.request_flight_info("(sql)", sql="SELECT 1")
+
+
+VALUES = [{"type": "int", "value": 7}, {"type": "string", "value": "EU"}, {"type": "null"},
+          {"type": "date", "value": "2024-02-29"}, {"type": "timestamp", "value": "2024-02-29T10:00:00+01:00"},
+          {"type": "binary", "value": "AAE="}, {"type": "float", "value": 1.5}, {"type": "bool", "value": False}]
+
+
+def test_bound_values_reach_a_17_connector_typed():
+    gateway, connector = sql_pair("duckdb", max_params=64)
+    rid = gateway.request_flight_info("(sql)", sql="SELECT ?", params=VALUES)
+    sid = gateway.open_stream("(sql)", sql="SELECT ?", params=VALUES[:1])
+    info, stream = deliver(gateway, connector)
+    assert info.params == VALUES and info.request_id == rid
+    assert stream.params == VALUES[:1] and stream.stream_id == sid
+    assert params.to_python(VALUES) == [7, "EU", None, datetime.date(2024, 2, 29),
+                                        datetime.datetime(2024, 2, 29, 10, tzinfo=datetime.timezone(
+                                            datetime.timedelta(hours=1))), b"\x00\x01", 1.5, False]
+    assert [params.from_python(v) for v in params.to_python(VALUES)][:2] == VALUES[:2]
+
+
+def test_no_values_go_to_a_connector_that_binds_none_or_fewer():
+    gateway, _ = sql_pair("duckdb")  # a 1.5 connector: no max_params
+    gateway.request_flight_info("(sql)", sql="SELECT 1", params=[])  # none bound: fine
+    with pytest.raises(LocalProtocolError, match="at most 0 parameters"):
+        gateway.open_stream("(sql)", sql="SELECT ?", params=VALUES[:1])
+    gateway, _ = sql_pair("duckdb", max_params=2)
+    with pytest.raises(LocalProtocolError, match="at most 2 parameters"):
+        gateway.request_flight_info("(sql)", sql="SELECT ?, ?, ?", params=VALUES[:3])
+
+
+@pytest.mark.parametrize("values, error", [
+    ({"type": "int", "value": 1}, "must be a list"),
+    ([{"type": "int", "value": 2**63}], "within int64"),
+    ([{"type": "int", "value": True}], "not of type int"),
+    ([{"type": "float", "value": "nan"}], "not of type float"),
+    ([{"type": "decimal", "value": "1.5"}], "one of null, bool"),
+    ([{"type": "int", "value": 1, "extra": 2}], "one of null, bool"),
+    ([{"type": "null", "value": 0}], "a null has no value"),
+    ([{"type": "date", "value": "2024-02-30"}], "YYYY-MM-DD"),
+    ([{"type": "binary", "value": "%%%"}], "base64"),
+    ([{"type": "string", "value": "\ud800"}], "not of type string"),
+    ([{"type": "null"}] * 65, "65 parameters"),
+    ([{"type": "string", "value": "x" * 40_000}] * 2, "over 65536 bytes"),
+])
+def test_values_outside_the_allow_list_are_refused_with_the_reason(values, error):
+    with pytest.raises(params.ParamError, match=error):
+        params.check(values)
+
+
+def test_a_query_with_bad_values_is_refused_alone_and_the_link_stays():
+    gateway, connector = sql_pair("duckdb", max_params=64)
+    text = '{"action":"query","request_id":1,"sql":"SELECT ?","window":8388608,"params":[{"type":"int","value":"7"}]}'
+    [refused] = connector.receive_text(text)
+    assert isinstance(refused, ev.RequestRefused) and "not of type int" in refused.reason
+    [error] = connector.data_to_send()
+    assert parse_message(error).code == "invalid_request"
+    assert connector.state.name == "REGISTERED"
 
 
 def test_register_of_a_14_connector_has_no_sql_field():
@@ -260,3 +319,17 @@ def test_a_query_too_nested_for_the_checks_is_refused_not_raised(engine):
     with pytest.raises(SqlError) as refused:
         built.check(joins)
     assert refused.value.code == "invalid_request" and "nested too deeply" in str(refused.value)
+
+
+def test_the_engine_binds_values_as_parameters_and_counts_its_placeholders(engine):
+    built, _ = engine
+    values = [params.from_python(10), params.from_python("x' OR '1'='1")]
+    query = built.start("SELECT id FROM t WHERE id < ? AND CAST(v AS VARCHAR) <> $2", params=values)
+    assert query.read().num_rows == 10  # the quote is a value: spliced, it would have changed the query
+    schema, parameters = built.prepare("SELECT id, ? AS x FROM t WHERE id < ?")
+    assert schema.names == ["id", "x"] and parameters.names == ["parameter_1", "parameter_2"]
+    assert built.schema("SELECT id FROM t WHERE id < ?").names == ["id"]  # described before its values
+    with pytest.raises(SqlError, match="named parameters"):
+        built.start("SELECT id FROM t WHERE id < $limit", params=values[:1])
+    with pytest.raises(SqlError, match="2 parameter placeholders and 0 values"):
+        built.start("SELECT id FROM t WHERE id < ? AND id > ?")
