@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any
 
+import pyarrow as pa
 from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, WSUpgradeResponse,
                     WSUpgradeResponseWithListener, ws_connect, ws_create_server)
 
@@ -76,8 +77,12 @@ class PicowsLink(WSListener, Link):
                 return
             kind, data = self._fragment_type, b"".join(self._fragments)
             self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
+        elif kind == WSMsgType.BINARY:  # the one copy (picows reuses its read buffer), into Arrow's memory
+            view = frame.get_payload_as_memoryview()
+            data = pa.allocate_buffer(len(view))
+            memoryview(data).cast("B")[:] = view
         else:
-            data = frame.get_payload_as_bytes()  # the one copy: picows reuses its read buffer
+            data = frame.get_payload_as_bytes()
         self._put((kind == WSMsgType.TEXT, data))
 
     def _on_close(self, frame: WSFrame) -> None:

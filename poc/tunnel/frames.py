@@ -34,6 +34,8 @@ class DataFrame:
     def parse(cls, data: bytes | bytearray | memoryview, max_payload: int | None = None) -> "DataFrame":
         """Read a frame from one binary message; raise RemoteProtocolError on garbage."""
         view = memoryview(data)
+        if view.format != "B":
+            view = view.cast("B")  # an Arrow buffer's view is of signed bytes
         if len(view) < HEADER.size:
             raise RemoteProtocolError(f"binary frame of {len(view)} bytes is shorter than its header")
         kind, stream_id = HEADER.unpack_from(view)

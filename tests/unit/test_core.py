@@ -6,9 +6,11 @@ import ast
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 import poc.tunnel
+from poc.gateway.bridge import _as_arrow, _in_arrow_memory
 from poc.tunnel import (CloseCode, ConnectorEndpoint, DataFrame, FlowControlError, FrameType, GatewayEndpoint,
                         Limits, LocalProtocolError, RemoteProtocolError, StreamEvent, StreamState, TRANSITIONS)
 from poc.tunnel import events as ev
@@ -48,6 +50,19 @@ def test_frame_roundtrip_keeps_the_payload_as_a_view():
     frame = DataFrame.parse(data)
     assert (frame.type, frame.stream_id, bytes(frame.payload)) == (FrameType.BATCH, 7, b"ipc-bytes")
     assert frame.payload.obj is data  # no copy of the body
+
+
+def test_a_frame_in_arrow_memory_is_read_in_place_and_handed_to_flight_as_arrow_memory():
+    """picows' frames are copied into Arrow buffers (poc.transports.picows_ws): read as unsigned bytes, their
+    payload is a view of that buffer, and the gateway gives Flight a slice of it, never Python's memory, so the
+    frame can be freed in any thread once Flight is done (poc.gateway.bridge)."""
+    data = pa.allocate_buffer(HEADER.size + 3)
+    memoryview(data).cast("B")[:] = DataFrame(FrameType.BATCH, 2**31 + 5, memoryview(b"\xff\x80a")).serialize()
+    frame = DataFrame.parse(data)
+    assert frame.stream_id == 2**31 + 5 and frame.payload.obj is data and frame.payload[0] == 0xFF
+    arrow = _as_arrow(frame.payload)
+    assert _in_arrow_memory(frame.payload) and arrow.to_pybytes() == b"\xff\x80a" and arrow.parent is not None
+    assert not _in_arrow_memory(memoryview(b"xy")) and _as_arrow(memoryview(b"xyz")[1:]).to_pybytes() == b"yz"
 
 
 @pytest.mark.parametrize("data, match", [
