@@ -31,6 +31,7 @@ class Dataset:
     schema: pa.Schema
     batches: list[pa.RecordBatch]
     path: Path | None = None  # the Parquet file it was read from: SQL queries scan it there (poc.sql.engine)
+    fingerprint: str | None = None  # that file's size, modification time and rows when read (protocol §6a)
 
     @functools.cached_property
     def schema_message(self) -> pa.Buffer:
@@ -77,6 +78,17 @@ class Dataset:
             if max_bytes not in cache:
                 cache[max_bytes] = [_framed(m) for b in self.batches for m in _fit(b, max_bytes)]
             return cache[max_bytes]
+
+    def framed_from(self, first_row: int, max_bytes: int) -> list[bytearray]:
+        """The batch messages from row `first_row` on (a resumed stream, docs/protocol.md §6a), behind 8 free
+        bytes, each at most `max_bytes`: serialized anew, not kept (a resume is rare; slow: run it in a thread)."""
+        out, row = [], 0
+        for batch in self.batches:
+            end = row + batch.num_rows
+            if end > first_row:
+                out += [_framed(m) for m in _fit(batch.slice(max(0, first_row - row)), max_bytes)]
+            row = end
+        return out
 
     def compressed_frame(self, codec: str, max_bytes: int, index: int,
                          charge_limit: int | None = None) -> tuple[bytearray, int] | None:
@@ -151,12 +163,14 @@ def load_datasets(path: str | Path, batch_bytes: int = BATCH_BYTES) -> dict[str,
 def load_file(name: str, file: Path, batch_bytes: int = BATCH_BYTES) -> Dataset:
     """One Parquet file as the dataset `name`, held once (Dataset.seal)."""
     try:
+        stat = Path(file).stat()
         table = pq.read_table(file)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError(f"cannot read Parquet file {file}: {exc}") from None
+    fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}-{table.num_rows}"
     schema, batches = table.schema, cut_batches(table, batch_bytes)
     del table  # the batches hold the data until seal() moves it into the framed buffers
-    return Dataset(name, schema, batches, Path(file)).seal()
+    return Dataset(name, schema, batches, Path(file), fingerprint).seal()
 
 
 def compress_message(message: pa.Buffer, schema: pa.Schema, codec: str) -> pa.Buffer:

@@ -48,6 +48,7 @@ TICKET_TTL_S = 300.0
 REBALANCE_S = 10.0  # --registry: a replica compares its tunnels with its share this often
 REGISTRY_TTL_S = 10.0  # --registry: a tunnel entry lives this long unless its gateway renews it (every third)
 REGISTER_TIMEOUT_S = 10.0
+RESUME_WINDOW_S = 30.0  # how long a dataset's stream cut off with its tunnel waits for the connector (protocol §6a)
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 WS_IMPLS = ("picows", "websockets")

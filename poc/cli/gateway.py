@@ -49,6 +49,11 @@ def add(sub) -> None:
     p.add_argument("--register-timeout-s", type=float, default=config.REGISTER_TIMEOUT_S,
                    help="a new tunnel that has not registered after this long is closed with 4000 "
                         "(default %(default)s)")
+    p.add_argument("--resume-window-s", type=float, default=config.RESUME_WINDOW_S,
+                   help="a DoGet of a held dataset whose tunnel drops waits this long for the tenant's connector (on "
+                        "another of its tunnels, or reconnected) and then continues from the next row, the client "
+                        "none the wiser; a changed dataset, a query or a database read fails instead; 0 = fail at "
+                        "once (docs/protocol.md §6a) (default %(default)s)")
     p.add_argument("--registry", metavar="redis://HOST:PORT/DB",
                    help="share tunnels with other gateway replicas through this Redis: calls for a tenant whose "
                         "tunnel is on another replica are forwarded there or redirected by endpoint locations "
@@ -133,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     from ..gateway.settings import GatewayConfig
 
     check_tls(args)
+    if not 0 <= args.resume_window_s <= 3600:
+        raise ConfigError("--resume-window-s must be between 0 and 3600")
     if not 0 < args.gil_switch_ms <= 100:
         raise ConfigError("--gil-switch-ms must be above 0 and at most 100")
     hide_tracebacks_from_clients()
@@ -150,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         flight_tunnel_port=None if args.flight_tunnel_port < 0 else args.flight_tunnel_port,
         flight_tunnel_window_bytes=args.flight_tunnel_window_bytes,
         register_timeout_s=args.register_timeout_s, max_buffered_bytes=args.max_buffered_bytes,
+        resume_window_s=args.resume_window_s,
         ticket_ttl_s=args.ticket_ttl_s, tunnel_rcvbuf_bytes=max(0, args.tunnel_rcvbuf_bytes),
         max_tenant_buffered_bytes=args.max_tenant_buffered_bytes, max_calls_per_tenant=args.max_calls_per_tenant,
         max_links_per_tenant=args.max_links_per_tenant, max_pending_tunnels=args.max_pending_tunnels,

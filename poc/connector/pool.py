@@ -189,7 +189,7 @@ class Connector:
             endpoint = transport.endpoint
             await transport.call(endpoint.register, cfg.tenant_id, cfg.token, self.names,
                                  self.registration_id(slot), cfg.codecs, cfg.sql_dialect,
-                                 MAX_PARAMS if cfg.sql_dialect else None)
+                                 MAX_PARAMS if cfg.sql_dialect else None, True)
             session = Session(cfg, self.serving, self.metrics, transport, self._hooks, url, slot, stop)
             stopper = asyncio.get_running_loop().create_task(self._close_on(stop, transport))
             try:

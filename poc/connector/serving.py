@@ -33,6 +33,8 @@ class Link(Protocol):
 
     def max_frame(self) -> int: ...
 
+    def resumable(self, stream_id: int, fingerprint: str) -> None: ...
+
     async def send(self, stream_id: int, frame_type: FrameType, payload=b"", framed: bytearray | None = None,
                    charge: int | None = None) -> None: ...
 
@@ -185,12 +187,12 @@ class Serving:
     # -- streams
 
     async def stream(self, link: Link, stream_id: int, name: str, sql: str | None = None,
-                     params: list | None = None) -> None:
-        """A do_get or a query (with its bound values), to its end; however it fails, it ends in an error frame,
-        never in silence."""
+                     params: list | None = None, from_row: int | None = None, fingerprint: str | None = None) -> None:
+        """A do_get (resumed from a row, given one and its dataset's fingerprint) or a query (with its bound
+        values), to its end; however it fails, it ends in an error frame, never in silence."""
         try:
             if sql is None:
-                await self._stream_dataset(link, stream_id, name)
+                await self._stream_dataset(link, stream_id, name, from_row or 0, fingerprint)
             else:
                 await self._stream_query(link, stream_id, sql, params)
         except (asyncio.CancelledError, ConnectionError):
@@ -252,18 +254,34 @@ class Serving:
         self.metrics.query_rows.inc(rows)
         log.info("result sent: %d rows, %d bytes", rows, sent, extra=link.context(stream_id))
 
-    async def _stream_dataset(self, link: Link, stream_id: int, name: str) -> None:
+    async def _stream_dataset(self, link: Link, stream_id: int, name: str, from_row: int = 0,
+                              fingerprint: str | None = None) -> None:
         source = self.sources.get(name)
         if source is None:
             await link.fail(stream_id, "not_found", f"dataset {name!r} not found")
+            return
+        if fingerprint is not None and source.fingerprint != fingerprint:  # a resume (protocol §6a)
+            log.info("stream of %r not resumed: its data changed (%s, now %s)", name, fingerprint,
+                     source.fingerprint, extra=link.context(stream_id))
+            await link.fail(stream_id, "unavailable", f"dataset {name!r} changed since its stream began: the stream "
+                                                      "cannot resume; read it again")
             return
         if not source.held:  # read from where it lives as the stream has credit (no simulated delay: it is real)
             await self._stream_rows(link, stream_id, source.reader(), None)
             return
         ds = source.dataset
+        if source.fingerprint is not None:
+            link.resumable(stream_id, source.fingerprint)
         await asyncio.sleep(config.extraction_delay_s(self.cfg.delay_ms))  # simulated extraction
         await link.send(stream_id, FrameType.SCHEMA, ds.schema_message)
         max_frame = link.max_frame()
+        if from_row:
+            for framed in await asyncio.to_thread(ds.framed_from, from_row, max_frame):
+                await link.send(stream_id, FrameType.BATCH, framed=framed)
+            link.end(stream_id)
+            log.info("stream of %r sent from row %d: %d rows", name, from_row, ds.rows - from_row,
+                     extra=link.context(stream_id))
+            return
         if ds.is_cut(max_frame):
             frames = ds.framed_messages(max_frame)
         else:  # a size not cut yet: slicing and serializing a large table takes a while

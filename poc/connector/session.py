@@ -136,12 +136,14 @@ class Session:
         self.metrics.streams.inc()
         self.traces[event.stream_id] = event.trace_id
         if event.sql is None:
-            log.info("do_get %s", event.dataset, extra=self.context(event.stream_id))
+            log.info("do_get %s%s", event.dataset, "" if event.from_row is None else
+                     f" resumed from row {event.from_row}", extra=self.context(event.stream_id))
         else:
             log.info("query %s", clip(" ".join(event.sql.split()), 200), extra=self.context(event.stream_id))
         self.credit[event.stream_id] = asyncio.Event()
         task = asyncio.get_running_loop().create_task(
-            self.serving.stream(self, event.stream_id, event.dataset, event.sql, event.params))
+            self.serving.stream(self, event.stream_id, event.dataset, event.sql, event.params, event.from_row,
+                                event.fingerprint))
         self.tasks[event.stream_id] = task
         task.add_done_callback(lambda _, sid=event.stream_id: self._forget(sid))
 
@@ -186,6 +188,10 @@ class Session:
     def open(self, stream_id: int) -> bool:
         """Whether the stream is still open (not ended, failed or cancelled)."""
         return self.endpoint.credit(stream_id) >= 0
+
+    def resumable(self, stream_id: int, fingerprint: str) -> None:
+        self.endpoint.resumable(stream_id, fingerprint)  # a control message: it leaves ahead of the SCHEMA
+        self.transport.flush_soon()
 
     def max_frame(self) -> int:
         return frame_budget(self.transport.drain_bps, self.endpoint.registered.max_frame_bytes)

@@ -158,11 +158,28 @@ def _copy(source: concurrent.futures.Future, target: concurrent.futures.Future) 
         target.set_result(source.result())
 
 
-def _cancel_on_loop(loop: asyncio.AbstractEventLoop, link: TenantLink, stream_id: int, reason: str) -> None:
+def _cancel_on_loop(loop: asyncio.AbstractEventLoop, sink: StreamSink, reason: str) -> None:
     try:
-        loop.call_soon_threadsafe(link.cancel, stream_id, reason)
+        loop.call_soon_threadsafe(_cancel_route, sink, reason)
     except RuntimeError:
         pass  # the loop is closed: the gateway is gone, and the link with it
+
+
+def _cancel_route(sink: StreamSink, reason: str) -> None:
+    """On the loop: stop the stream at whichever link feeds the sink now (a resumed stream moves, docs/protocol.md
+    §6a); a stream waiting to resume stops waiting."""
+    if sink.route is None:
+        sink.cancelled = True
+        return
+    link, stream_id = sink.route
+    link.cancel(stream_id, reason)
+
+
+def _grant_route(sink: StreamSink, size: int) -> None:
+    """On the loop: credit back at whichever link feeds the sink now; nothing while it waits to resume."""
+    if sink.route is not None:
+        link, stream_id = sink.route
+        link.grant(stream_id, size)
 
 
 class TunnelStream:
@@ -190,7 +207,7 @@ class TunnelStream:
         self.schema: pa.Schema | None = None
         self._bounds: pa.Schema | None = None  # the schema batches are validated with (bounds, not UTF-8)
         self._done = False
-        self._finalizer = weakref.finalize(self, _cancel_on_loop, bridge.loop, link, stream_id,
+        self._finalizer = weakref.finalize(self, _cancel_on_loop, bridge.loop, sink,
                                            "the Flight call ended before the stream started")
 
     def _next(self) -> tuple[str, object]:
@@ -212,13 +229,13 @@ class TunnelStream:
     def _grant(self, size: int) -> None:
         if not self._grants:
             return
-        self._bridge.loop.call_soon_threadsafe(self._link.grant, self.stream_id, size)
+        self._bridge.loop.call_soon_threadsafe(_grant_route, self._sink, size)
 
     def _cancel(self, reason: str) -> None:
         if not self._done:
             self._done = True
             self._finalizer.detach()
-            _cancel_on_loop(self._bridge.loop, self._link, self.stream_id, reason)
+            _cancel_on_loop(self._bridge.loop, self._sink, reason)
 
     def read_schema(self) -> None:
         kind, payload = self._next()

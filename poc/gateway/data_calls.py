@@ -96,8 +96,13 @@ class DataCalls:
                 return f"invalid Arrow IPC in a {kind} message: {exc}"
             if info.charge > max_frame:
                 return f"a BATCH message that decodes to {info.charge} bytes, over max_frame_bytes"
+            if schema and not link.take_schema(stream_id, payload):  # a resumed stream's repeat (§6a)
+                schema = False
+                continue
             item = (StreamItem.SCHEMA, payload) if schema else (StreamItem.BATCH, (payload, info.charge))
             if not await sink.offer(*item, info.charge):
                 return None  # the stream ended here (cancelled, failed, the link gone)
+            if not schema:
+                link.count_rows(stream_id, info.length)  # queued for the client: a resume starts after it
             schema = False
         return None

@@ -37,6 +37,10 @@ class StreamSink:
     Unbounded as a queue, bounded in bytes by the stream's credit window (docs/protocol.md §5).
     """
 
+    route: "tuple[TenantLink, int] | None" = None  # the link and stream id it is fed by; None while parked
+    held_until = 0.0  # monotonic: while a dropped stream waits to resume, `get` waits at least this long
+    cancelled = False  # the Flight side left while the stream waited to resume
+
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -44,13 +48,13 @@ class StreamSink:
         self._queue.put((kind, value))
 
     def get(self, timeout: float, cancelled=lambda: False):
-        """The next item; TimedOut after `timeout`, Cancelled as soon as `cancelled()`
-        (the Flight client left or its deadline passed), checked every `POLL_S`."""
+        """The next item; TimedOut after `timeout` (or once a resume's wait is over, `held_until`), Cancelled as
+        soon as `cancelled()` (the Flight client left or its deadline passed), checked every `POLL_S`."""
         deadline = time.monotonic() + timeout
         while True:
             if cancelled():
                 raise errors.Cancelled("the Flight client cancelled the call")
-            left = deadline - time.monotonic()
+            left = max(deadline, self.held_until) - time.monotonic()
             if left <= 0:
                 raise errors.TimedOut(f"no data from the connector for {timeout:.0f} s")
             try:
@@ -117,7 +121,7 @@ class FlowSink(StreamSink):
             while not self._items:
                 if cancelled():
                     raise errors.Cancelled("the Flight client cancelled the call")
-                left = deadline - time.monotonic()
+                left = max(deadline, self.held_until) - time.monotonic()
                 if left <= 0:
                     raise errors.TimedOut(f"no data from the connector for {timeout:.0f} s")
                 self._ready.wait(min(left, self.POLL_S))
@@ -149,6 +153,23 @@ def request_error(tenant_id: str, code: str, message: str) -> errors.CallError:
 
 
 @dataclass
+class Parked:
+    """A dataset's stream whose tunnel dropped, waiting for the tenant's connector to come back and replay it
+    from the next row (docs/protocol.md §6a): its sink (the Flight call still reads it), its buffer reservation
+    (kept meanwhile), and what the resumed do_get names."""
+
+    tenant_id: str
+    dataset: str
+    trace_id: str | None
+    fingerprint: str
+    rows: int  # rows received before the drop: the resumed stream starts after them
+    schema: bytes  # the SCHEMA the client got: the resumed stream's must be the same
+    sink: StreamSink
+    reserved: int
+    reason: str  # why the old tunnel ended
+
+
+@dataclass
 class TenantLink:
     """One tenant's live connection: its endpoint, its waiting requests and its open streams."""
 
@@ -171,6 +192,11 @@ class TenantLink:
     _reserved: dict[int, int] = field(default_factory=dict)  # stream → bytes it holds of the budget: its window
     _data_calls: dict[int, object] = field(default_factory=dict)  # stream → its data call: cancel() ends it (Flight)
     _schemas: dict[bytes, pa.Schema] = field(default_factory=dict)  # flight_info schema message → schema
+    _owed: dict[int, int] = field(default_factory=dict)  # stream → credit spent on this link, not yet granted back
+    _requested: dict[int, tuple[str, str | None]] = field(default_factory=dict)  # dataset stream → (name, trace)
+    _replay: dict[int, list] = field(default_factory=dict)  # resumable stream → [fingerprint, rows, schema or None]
+    _resumed: dict[int, tuple[bytes, str]] = field(default_factory=dict)  # resumed stream → the SCHEMA it must
+    # repeat, and why its first tunnel ended (until that SCHEMA comes)
     dropped_events: int = 0  # events for streams or requests the gateway had already closed
 
     @property
@@ -191,13 +217,26 @@ class TenantLink:
         request this side already closed (a cancel crossed it) is dropped and counted, never raised."""
         self.last_seen = time.monotonic()
         if isinstance(event, (ev.BatchReceived, ev.SchemaReceived)):
-            sink = self._sinks.get(event.stream_id)
+            sid = event.stream_id
+            sink = self._sinks.get(sid)
             if sink is None:
                 self.dropped_events += 1
             elif isinstance(event, ev.BatchReceived):
+                self._owed[sid] = self._owed.get(sid, 0) + event.charge
+                self.count_rows(sid, event.rows)
                 sink.put(StreamItem.BATCH, (event.payload, event.charge))
             else:
-                sink.put(StreamItem.SCHEMA, event.payload)
+                self._owed[sid] = self._owed.get(sid, 0) + len(event.payload)
+                if self.take_schema(sid, event.payload):
+                    sink.put(StreamItem.SCHEMA, event.payload)
+        elif isinstance(event, ev.StreamResumable):
+            replay = self._replay.get(event.stream_id)
+            if replay is not None:
+                replay[0] = replay[0] or event.fingerprint
+                if replay[0] != event.fingerprint:  # a resumed stream's connector serves other data
+                    self._end_stream(event.stream_id, StreamItem.ERROR, errors.Unavailable(
+                        f"dataset {self._requested[event.stream_id][0]!r} of tenant {self.tenant_id} changed while "
+                        "its stream was cut off: it cannot resume; read it again"))
         elif isinstance(event, ev.StreamEnded):
             self._end_stream(event.stream_id, StreamItem.END)
         elif isinstance(event, ev.StreamRejected):
@@ -216,6 +255,10 @@ class TenantLink:
                 future.set_exception(exc)
         elif isinstance(event, ev.RequestFailed):
             error = request_error(self.tenant_id, event.code, event.message)
+            resumed = self._resumed.get(event.request_id)
+            if resumed is not None:  # a resume refused (its data changed): say what cut the stream off first
+                error = errors.Unavailable(f"connector of tenant {self.tenant_id} disconnected: {resumed[1]}; the "
+                                           f"stream could not resume: {clip(event.message, 300)}")
             future = self._infos.pop(event.request_id, None)
             if future is not None and not future.done():
                 future.set_exception(error)
@@ -223,6 +266,28 @@ class TenantLink:
                 self._end_stream(event.request_id, StreamItem.ERROR, error)
         elif isinstance(event, ev.HeartbeatReceived):
             self.last_heartbeat = time.time()
+
+    def take_schema(self, sid: int, payload) -> bool:
+        """A stream's SCHEMA arrived: True to hand it to the Flight side (kept too where the stream may resume:
+        a resume must repeat it); False for a resumed stream's repeat, checked and dropped (the client has it;
+        a different one ends the stream)."""
+        expected = self._resumed.pop(sid, None)
+        if expected is not None:
+            if bytes(payload) != expected[0]:
+                self._end_stream(sid, StreamItem.ERROR, errors.Unavailable(
+                    f"dataset {self._requested[sid][0]!r} of tenant {self.tenant_id} changed its schema while its "
+                    "stream was cut off: it cannot resume; read it again"))
+            return False
+        replay = self._replay.get(sid)
+        if replay is not None:
+            replay[2] = bytes(payload)
+        return True
+
+    def count_rows(self, sid: int, rows: int) -> None:
+        """Rows of a batch that arrived: a resumed stream starts after the last one."""
+        replay = self._replay.get(sid)
+        if replay is not None:
+            replay[1] += rows
 
     def _schema(self, message: bytes) -> pa.Schema:
         """A flight_info's schema, read once per distinct message on this link (a connector answers with the
@@ -242,6 +307,7 @@ class TenantLink:
             self.dropped_events += 1
             return
         self.budget.release(self.tenant_id, self._reserved.pop(stream_id, 0))
+        self._forget(stream_id)
         if kind != StreamItem.CANCEL:
             sink.put(kind, value)
         sink.close()
@@ -315,6 +381,10 @@ class TenantLink:
         # the stream moving (HTTP/2 holds the rest at the connector), and a fraction of the window reserved
         sink = self._sinks[sid] = (FlowSink(min(window, self.endpoint.limits.max_frame_bytes)) if self.data_calls
                                    else StreamSink())
+        sink.route = (self, sid)
+        if sql is None and self.endpoint.resumes:
+            self._requested[sid] = (dataset, trace_id)
+            self._replay[sid] = [None, 0, None]  # fingerprint (`resumable`), rows received, SCHEMA
         self.transport.flush_soon()
         return sid, sink
 
@@ -352,6 +422,10 @@ class TenantLink:
         """Credit back what the client consumed, widening the stream's window towards the link's measured
         bandwidth-delay product while the tenant's share of the buffer budget has room for it (docs/protocol.md
         §5b)."""
+        size = min(size, self._owed.get(stream_id, 0))  # never more than it spent here (a resumed stream's
+        if size <= 0:                                    # client also consumes what came before the drop)
+            return
+        self._owed[stream_id] -= size
         grow = self.endpoint.growth(stream_id)
         if grow and stream_id in self._reserved and self.budget.try_grow(self.tenant_id, grow):
             self._reserved[stream_id] += grow
@@ -367,16 +441,58 @@ class TenantLink:
             self.endpoint.cancel_stream(stream_id, reason)
             self.transport.flush_soon()
 
-    def fail_all(self, reason: str) -> None:
-        """The link is gone: every waiting request and open stream ends in an error, none looks complete."""
+    def fail_all(self, reason: str, park=None) -> None:
+        """The link is gone: every waiting request and open stream ends in an error, none looks complete —
+        except, given `park`, the streams of datasets the connector said it can replay (docs/protocol.md §6a):
+        each is handed to `park(Parked)` with its sink and reservation, to resume on the tenant's next link."""
         error = errors.Unavailable(f"connector of tenant {self.tenant_id} disconnected: {reason}")
         for future in self._infos.values():
             if not future.done():
                 future.set_exception(error)
         for stream_id in list(self._sinks):
-            self._end_stream(stream_id, StreamItem.ERROR, error)
+            replay = self._replay.get(stream_id)
+            if park is not None and replay is not None and replay[0] is not None and replay[2] is not None:
+                park(self._detach(stream_id, replay, reason))
+            else:
+                self._end_stream(stream_id, StreamItem.ERROR, error)
         self._infos.clear()
         self.endpoint.close()
+
+    def _detach(self, stream_id: int, replay: list, reason: str) -> Parked:
+        """Take a resumable stream off this link, its reservation kept."""
+        sink = self._sinks.pop(stream_id)
+        dataset, trace_id = self._requested[stream_id]
+        parked = Parked(self.tenant_id, dataset, trace_id, replay[0], replay[1], replay[2], sink,
+                        self._reserved.pop(stream_id, 0), reason)
+        self._forget(stream_id)
+        call = self._data_calls.pop(stream_id, None)
+        if call is not None:
+            call.cancel()
+        sink.route = None
+        return parked
+
+    def adopt(self, parked: Parked) -> bool:
+        """Resume a parked stream here: a do_get from its next row, if this link can (it resumes streams, and
+        its streams' sinks are of the parked one's kind); False if not."""
+        if not self.endpoint.resumes or isinstance(parked.sink, FlowSink) != self.data_calls:
+            return False
+        try:
+            sid = self.endpoint.open_stream(parked.dataset, parked.trace_id, from_row=parked.rows,
+                                            fingerprint=parked.fingerprint)
+        except LocalProtocolError:  # the streams-in-flight limit
+            return False
+        self._sinks[sid] = parked.sink
+        self._reserved[sid] = parked.reserved
+        self._requested[sid] = (parked.dataset, parked.trace_id)
+        self._replay[sid] = [parked.fingerprint, parked.rows, parked.schema]
+        self._resumed[sid] = (parked.schema, parked.reason)
+        parked.sink.route = (self, sid)
+        self.transport.flush_soon()
+        return True
+
+    def _forget(self, stream_id: int) -> None:
+        for table in (self._owed, self._requested, self._replay, self._resumed):
+            table.pop(stream_id, None)
 
     def snapshot(self) -> dict:
         endpoint = getattr(self.transport, "endpoint", None)

@@ -46,6 +46,12 @@ class GatewayMetrics:
                                      ["tenant"], registry=r)
         self.relayed_rows = Counter("poc_gateway_relayed_rows_total", "Rows relayed to clients", ["tenant"],
                                     registry=r)
+        self.streams_resumed = Counter("poc_gateway_streams_resumed_total",
+                                       "Dataset streams cut off with their tunnel, by what became of them: resumed "
+                                       "on the tenant's next tunnel (where it may still fail if its data changed), "
+                                       "expired (no connector within --resume-window-s) or cancelled (the client "
+                                       "left while it waited)",
+                                       ["outcome"], registry=r)
         self.tunnel_closes = Counter("poc_gateway_tunnel_closes_total", "Tunnels closed, by close code",
                                      ["code"], registry=r)
         self.registry_up = Gauge("poc_gateway_registry_up",

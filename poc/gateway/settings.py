@@ -23,6 +23,7 @@ class GatewayConfig:
     offline_after_s: float = config.OFFLINE_AFTER_S
     request_timeout_s: float = config.REQUEST_TIMEOUT_S
     register_timeout_s: float = config.REGISTER_TIMEOUT_S
+    resume_window_s: float = config.RESUME_WINDOW_S  # 0: streams cut off with their tunnel fail at once
     limits: Limits = field(default_factory=Limits)  # the tunnel's limits and their defaults (poc.tunnel.limits)
     max_buffered_bytes: int = config.MAX_BUFFERED_BYTES  # 0: no gateway-wide cap
     max_tenant_buffered_bytes: int | None = None  # one tenant's share; None: TENANT_BUFFER_SHARE of the cap

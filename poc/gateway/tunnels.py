@@ -19,8 +19,9 @@ from ..transports.base import TunnelTransport, bound_receive_queue
 from ..transports.websocket import WebSocketLink
 from ..tunnel import HEADER, CloseCode, GatewayEndpoint, TunnelClosed
 from ..tunnel.limits import TokenBucket
+from .. import errors
 from ..tunnel.messages import PROTOCOL_VERSION, Error, Register
-from .link import TenantLink
+from .link import Parked, StreamItem, TenantLink
 from .metrics import GatewayMetrics, close_label
 from .registry import TenantRegistry
 from .settings import GatewayConfig
@@ -192,7 +193,7 @@ class Tunnels:
             if link is not None:
                 self.registry.unregister(link)
                 self._withdraw(link)
-                link.fail_all(link.closing_reason or reason)
+                link.fail_all(link.closing_reason or reason, self._parker())
                 log.info("tenant %s session %s disconnected: %s", link.tenant_id, link.session_id,
                          link.closing_reason or reason, extra={"tenant": link.tenant_id, "session": link.session_id})
 
@@ -225,7 +226,7 @@ class Tunnels:
         # `registered` is queued before the link can be routed to, and the link is routable before `registered`
         # is written: a client that calls as soon as its connector is registered finds it, and the requests
         # routed to it leave after `registered` (they queue behind it).
-        transport.endpoint.accept(session_id, self.cfg.heartbeat_s)
+        transport.endpoint.accept(session_id, self.cfg.heartbeat_s, resume=self.cfg.resume_window_s > 0)
         link = TenantLink(register.tenant_id, session_id, list(register.datasets), transport, self.budget,
                           connector_id=register.connector_id or "")
         if self.cfg.max_requests_per_s > 0:
@@ -258,8 +259,51 @@ class Tunnels:
         link.closing_reason = reason
         self.registry.unregister(link)
         self._withdraw(link)
-        link.fail_all(reason)
+        link.fail_all(reason, self._parker())
         self._spawn(link.transport.close(close_code, reason))
+
+    # -- streams cut off with their tunnel (docs/protocol.md §6a)
+
+    def _parker(self):
+        """What takes the resumable streams of a link that ended: None when they fail at once (resume off, or
+        the gateway is shutting down)."""
+        if self.cfg.resume_window_s <= 0 or self.registry.draining:
+            return None
+        return self._park
+
+    def _park(self, parked: Parked) -> None:
+        parked.sink.held_until = time.monotonic() + self.cfg.resume_window_s  # its Flight call waits as long
+        log.info("stream of %r cut off after %d rows (%s): waiting up to %g s for the connector to resume it",
+                 parked.dataset, parked.rows, parked.reason, self.cfg.resume_window_s,
+                 extra={"tenant": parked.tenant_id, "request_id": parked.trace_id})
+        self._spawn(self._resume(parked))
+
+    async def _resume(self, parked: Parked) -> None:
+        """Hand the stream to the tenant's next live link here as soon as there is one, within the window; else
+        it fails, never short. Its reservation is held meanwhile."""
+        deadline = time.monotonic() + self.cfg.resume_window_s
+        outcome = "expired"
+        try:
+            while not parked.sink.cancelled and not self.registry.draining:
+                link = self.registry.local(parked.tenant_id)
+                if link is not None and link.adopt(parked):
+                    outcome = "resumed"
+                    log.info("stream of %r resumed from row %d on session %s", parked.dataset, parked.rows,
+                             link.session_id, extra={"tenant": parked.tenant_id, "request_id": parked.trace_id})
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.05)
+            outcome = "cancelled" if parked.sink.cancelled else "expired"
+        finally:
+            self.metrics.streams_resumed.labels(outcome).inc()
+            if outcome != "resumed":
+                self.budget.release(parked.tenant_id, parked.reserved)
+                parked.sink.held_until = 0.0
+                parked.sink.put(StreamItem.ERROR, errors.Unavailable(
+                    f"connector of tenant {parked.tenant_id} disconnected: {parked.reason}; it did not come back "
+                    f"within --resume-window-s {self.cfg.resume_window_s:g} s to resume the stream"))
+                parked.sink.close()
 
     def _withdraw(self, link: TenantLink) -> None:
         if self.replica is not None:

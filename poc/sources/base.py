@@ -42,11 +42,14 @@ class Source(Protocol):
     `held` sources are in memory: described at once, on any thread, and (as poc.sources.parquet's) they keep
     their batches framed for the tunnel and an Arrow object for the SQL engine. Others are read as they
     stream: `describe` may wait on the database, `reader()` streams with credit. `database` names the database
-    a source lives in (SQL naming it is pushed down there), or is None (SQL runs in DuckDB at the connector)."""
+    a source lives in (SQL naming it is pushed down there), or is None (SQL runs in DuckDB at the connector).
+    `fingerprint` names the exact data a held source serves, so that a stream cut off can be replayed from a row
+    (docs/protocol.md §6a); None: its reads cannot be replayed (a database's rows may change between two)."""
 
     name: str
     held: bool
     database: object | None
+    fingerprint: str | None
 
     def describe(self, timeout_s: float) -> Described: ...
 

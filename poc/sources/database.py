@@ -100,6 +100,7 @@ class DatabaseSource:
     table: str | None = None
     query: str | None = None
     held = False
+    fingerprint = None  # a database's rows may change between two reads: never replayed
     _schema: pa.Schema | None = field(default=None, repr=False)
 
     @property

@@ -23,6 +23,12 @@ class ParquetSource:
         self.name = dataset.name
 
     @property
+    def fingerprint(self) -> str | None:
+        """The file's size, modification time and rows when it was read (docs/protocol.md §6a); None for a table
+        built in memory."""
+        return self.dataset.fingerprint
+
+    @property
     def path(self) -> Path | None:
         """The Parquet file it was read from (the SQL engine scans it there), if any."""
         return self.dataset.path

@@ -24,16 +24,19 @@ class ConnectorEndpoint(Endpoint):
         self._codecs: list[str] | None = None
 
     def register(self, tenant_id: str, token: str, datasets: list[str], connector_id: str | None = None,
-                 codecs: list[str] | None = None, sql: str | None = None, max_params: int | None = None) -> None:
+                 codecs: list[str] | None = None, sql: str | None = None, max_params: int | None = None,
+                 resume: bool = False) -> None:
         """Queue the register message: the first message on every link (§2). `codecs` (1.4, [] for none) are
         the IPC body codecs this end can send; giving them also says it answers ping. `sql` (1.5): the dialect
-        of the queries it answers (query_info, query); `max_params` (1.7): the most values it binds to one."""
+        of the queries it answers (query_info, query); `max_params` (1.7): the most values it binds to one;
+        `resume` (1.8): it can replay a dataset's stream from a row (§6a)."""
         if self._register_sent:
             raise LocalProtocolError("register was already sent on this link")
         self._register_sent = True
         self._codecs = codecs
         self._send(m.Register(tenant_id=tenant_id, token=token, version=m.PROTOCOL_VERSION, datasets=datasets,
-                              connector_id=connector_id, codecs=codecs, sql=sql, max_params=max_params))
+                              connector_id=connector_id, codecs=codecs, sql=sql, max_params=max_params,
+                              resume=True if resume else None))
 
     @property
     def codec(self) -> str | None:
@@ -90,8 +93,11 @@ class ConnectorEndpoint(Endpoint):
             sql = message.sql if isinstance(message, m.Query) else None
             dataset = "" if sql is not None else message.dataset
             self.streams[message.request_id] = Stream(message.request_id, dataset, message.window)
-            params = message.params if isinstance(message, m.Query) else None
-            return [StreamRequested(message.request_id, dataset, message.window, message.trace_id, sql, params)]
+            if isinstance(message, m.Query):
+                return [StreamRequested(message.request_id, dataset, message.window, message.trace_id, sql,
+                                        message.params)]
+            return [StreamRequested(message.request_id, dataset, message.window, message.trace_id,
+                                    from_row=message.from_row, fingerprint=message.fingerprint)]
         if isinstance(message, m.Credit):
             stream = self.streams.get(message.request_id)
             if stream is None:
@@ -141,6 +147,18 @@ class ConnectorEndpoint(Endpoint):
                                        f"gateway's message limit of {limit} bytes"))
             return
         self._queue_control(reply)
+
+    @property
+    def resumes(self) -> bool:
+        """Whether the gateway asked for replayable streams to be named (`registered.resume`, 1.8, §6a)."""
+        return bool(self.registered is not None and self.registered.resume)
+
+    def resumable(self, stream_id: int, fingerprint: str) -> None:
+        """Say, before its SCHEMA, that a stream's dataset can be replayed from any row while `fingerprint`
+        holds (§6a); a control message, so it leaves ahead of the stream's frames."""
+        self._require_registered()
+        if self.resumes and stream_id in self.streams:
+            self._send(m.Resumable(request_id=stream_id, fingerprint=fingerprint))
 
     def fail_request(self, request_id: int, code: str, message: str) -> None:
         """Answer a request or end a stream with an error (§3.9). The error is a control message, so it

@@ -64,6 +64,15 @@ class StreamRequested(Event):
     trace_id: str | None = None
     sql: str | None = None  # 1.5 query: the stream carries this query's result, not a dataset
     params: list | None = None  # 1.7, as in FlightInfoRequested
+    from_row: int | None = None  # 1.8: resume the dataset's stream at this row …
+    fingerprint: str | None = None  # … if its fingerprint is still this one (§6a)
+
+
+@dataclass(frozen=True)
+class StreamResumable(Event):
+    """1.8: the connector can replay this stream's dataset from any row while `fingerprint` holds (§6a)."""
+    stream_id: int
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class BatchReceived(Event):
     stream_id: int
     payload: memoryview
     charge: int = 0  # the credit it cost: its size, or what it decompresses to as well (§4b)
+    rows: int = 0  # the batch's rows, as its IPC header says (a resumed stream starts after them, §6a)
 
 
 @dataclass(frozen=True)

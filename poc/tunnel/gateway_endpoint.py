@@ -10,7 +10,7 @@ from . import messages as m
 from .endpoint import Endpoint, LinkState
 from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
 from .events import (BatchReceived, Event, FlightInfoReceived, HeartbeatReceived, RegisterRequested, RequestFailed,
-                     SchemaReceived, StreamEnded, StreamRejected)
+                     SchemaReceived, StreamEnded, StreamRejected, StreamResumable)
 from .frames import DataFrame, FrameType
 from .limits import Limits, TokenBucket
 from .streams import Stream, StreamEvent
@@ -33,6 +33,8 @@ class GatewayEndpoint(Endpoint):
         self.pings = False  # the connector speaks 1.4: it answers ping (§5b)
         self.sql: str | None = None  # 1.5: the SQL dialect the connector's register named; None: no SQL (§3b)
         self.max_params = 0  # 1.7: the most parameters the connector binds to one query (§3d)
+        self.can_resume = False  # 1.8: the connector's register said it resumes streams (§6a)
+        self.resumes = False  # … and this gateway's registered said it would ask it to
         # The link's bandwidth-delay product, measured with pings (§5b): bytes received while one ping is out.
         self._ping: tuple[int, float, int] | None = None  # (seq, sent at, bytes received when sent)
         self._ping_seq = 0
@@ -49,6 +51,7 @@ class GatewayEndpoint(Endpoint):
                 self.pings = message.codecs is not None
                 self.sql = message.sql
                 self.max_params = message.max_params or 0
+                self.can_resume = bool(message.resume)
                 self.codec = next((c for c in self.limits.codecs if c in (message.codecs or ())), None)
                 return [RegisterRequested(message)]
             raise RemoteProtocolError(f"{message.ACTION!r} before register")
@@ -59,6 +62,13 @@ class GatewayEndpoint(Endpoint):
             self._count_unsolicited("heartbeat")
             self._send(m.HeartbeatAck(ts=message.ts))
             return [HeartbeatReceived(message.ts)]
+        if isinstance(message, m.Resumable):
+            if message.request_id in self.streams:
+                return [StreamResumable(message.request_id, message.fingerprint)]
+            if message.request_id >= self._next_id:
+                raise RemoteProtocolError(f"resumable for stream {message.request_id} that the gateway never opened")
+            self._count_unsolicited("resumable for a closed stream")
+            return []
         if isinstance(message, m.FlightInfoReply):
             if not self._take_pending(message.request_id, message.ACTION):
                 return []
@@ -138,7 +148,7 @@ class GatewayEndpoint(Endpoint):
             return [StreamRejected(sid, reason)]
         if schema:
             return [SchemaReceived(sid, frame.payload)]
-        return [BatchReceived(sid, frame.payload, info.charge)]
+        return [BatchReceived(sid, frame.payload, info.charge, info.length)]
 
     # -- the link's bandwidth-delay product (§5b)
     PING_INTERVAL_S = 0.05  # at most one ping this often, and one at a time
@@ -194,16 +204,18 @@ class GatewayEndpoint(Endpoint):
             self._count_unsolicited("frame for a closed stream")
 
     # -- output
-    def accept(self, session_id: str, heartbeat_s: float) -> None:
-        """Answer the register with ok, a session id, the link's limits and the codec picked (§4b)."""
+    def accept(self, session_id: str, heartbeat_s: float, resume: bool = False) -> None:
+        """Answer the register with ok, a session id, the link's limits, the codec picked (§4b) and, given
+        `resume` and a connector that can, that streams may be resumed (§6a)."""
         if self.state is not LinkState.AWAITING_REGISTER:
             raise LocalProtocolError(f"cannot accept a registration in state {self.state.name}")
         self.state = LinkState.REGISTERED
         lim = self.limits
+        self.resumes = resume and self.can_resume
         self._send(m.Registered(session_id=session_id, heartbeat_s=heartbeat_s,
                                 max_frame_bytes=lim.max_frame_bytes, window_bytes=lim.window_bytes,
                                 max_streams=lim.max_streams, max_message_bytes=lim.max_message_bytes,
-                                codec=self.codec))
+                                codec=self.codec, resume=True if self.resumes else None))
 
     def refuse(self, code: str, message: str) -> None:
         """Answer the register with an error; the transport then closes the socket (4001)."""
@@ -236,9 +248,11 @@ class GatewayEndpoint(Endpoint):
         return rid
 
     def open_stream(self, dataset: str, trace_id: str | None = None, sql: str | None = None,
-                    params: list | None = None) -> int:
+                    params: list | None = None, from_row: int | None = None, fingerprint: str | None = None) -> int:
         """Queue a do_get — or, given `sql`, a query (1.5), with `params` bound (1.7) — with a full window;
-        return the stream id."""
+        return the stream id. `from_row` and `fingerprint` resume a dataset's stream (1.8, §6a)."""
+        if from_row is not None and not self.resumes:
+            raise LocalProtocolError("the connector was not asked to resume streams on this link (§6a)")
         if sql is not None:
             self._require_sql(params)
         if len(self.streams) >= self.limits.max_streams:
@@ -246,7 +260,8 @@ class GatewayEndpoint(Endpoint):
         sid = self._new_id()
         window = self.limits.initial_window
         self.streams[sid] = Stream(sid, dataset, window)
-        self._send(m.DoGet(request_id=sid, dataset=dataset, window=window, trace_id=trace_id) if sql is None
+        self._send(m.DoGet(request_id=sid, dataset=dataset, window=window, trace_id=trace_id, from_row=from_row,
+                           fingerprint=fingerprint) if sql is None
                    else m.Query(request_id=sid, sql=sql, window=window, trace_id=trace_id, params=params or None))
         return sid
 

@@ -47,7 +47,7 @@ def _is_int(value: object) -> bool:
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _OMITTED_WHEN_NONE = {"trace_id", "connector_id", "prefer", "codecs", "codec", "sql", "max_params", "params",
-                      "parameters"}  # optional fields of later minor versions are left out when unset
+                      "parameters", "resume", "from_row", "fingerprint"}  # optional fields of later minor versions are left out when unset
 
 
 @functools.cache
@@ -82,11 +82,12 @@ class Register(Message):
     codecs: list[str] | None = None  # 1.4: IPC body codecs it can send, best first; present: it answers ping
     sql: str | None = None  # 1.5: the SQL dialect its query and query_info speak ("duckdb"); absent: no SQL
     max_params: int | None = None  # 1.7: the most parameters it binds to one query (§3d); absent: none
+    resume: bool | None = None  # 1.8: it can resume a dataset's stream from a row (§6a)
 
     def __repr__(self) -> str:  # tokens never reach logs
         return (f"Register(tenant_id={self.tenant_id!r}, version={self.version!r}, datasets={self.datasets!r}, "
                 f"connector_id={self.connector_id!r}, codecs={self.codecs!r}, sql={self.sql!r}, "
-                f"max_params={self.max_params!r})")
+                f"max_params={self.max_params!r}, resume={self.resume!r})")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Registered(Message):
     status: str = "ok"
     max_message_bytes: int = 1024 * 1024  # added in 1.1: the largest control message the gateway accepts
     codec: str | None = None  # 1.4: the codec the connector may compress batch bodies with; absent: none
+    resume: bool | None = None  # 1.8: this gateway resumes streams: say which are replayable (§6a)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,17 @@ class DoGet(Message):
     dataset: str
     window: int
     trace_id: str | None = None  # 1.2, as in GetFlightInfo
+    from_row: int | None = None  # 1.8: a resumed stream: start at this row of the dataset (§6a) …
+    fingerprint: str | None = None  # … if the dataset is still the one this fingerprint names
+
+
+@dataclass(frozen=True)
+class Resumable(Message):
+    """1.8, connector to gateway, before a stream's SCHEMA: the dataset it streams can be replayed from any row
+    while its fingerprint is unchanged (§6a)."""
+    ACTION = "resumable"
+    request_id: int
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -212,7 +225,7 @@ class Error(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.ACTION: cls
     for cls in (Register, Registered, Heartbeat, HeartbeatAck, GetFlightInfo,
-                FlightInfoReply, DoGet, QueryInfo, Query, Credit, Cancel, GoAway, Ping, Pong, Error)
+                FlightInfoReply, DoGet, QueryInfo, Query, Credit, Cancel, GoAway, Ping, Pong, Error, Resumable)
 }
 
 _CHECKS = {
@@ -225,10 +238,12 @@ _CHECKS = {
     "int | None": lambda v: v is None or _is_int(v),
     "str | None": lambda v: v is None or (_is_text(v) and TRACE_ID.fullmatch(v) is not None),
     "typing.Optional[str]": lambda v: v is None or _is_text(v),
+    "bool | None": lambda v: v is None or isinstance(v, bool),
     "list | None": lambda v: v is None or isinstance(v, list),  # checked by poc.tunnel.params below
 }
 _NAMED = {"datasets", "dataset"}  # fields that hold dataset names (§3a)
-_NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes", "seq", "max_params"}
+_NON_NEGATIVE = {"window", "max_frame_bytes", "window_bytes", "max_streams", "max_message_bytes", "seq", "max_params",
+                 "from_row"}
 
 
 REQUESTS = ("get_flight_info", "query_info", "do_get", "query")  # what the gateway asks; the connector answers
@@ -275,6 +290,8 @@ def parse_message(text: str | bytes) -> Message:
             raise RemoteProtocolError(f"{action}: {f.name!r} holds a name that is not a dataset name (§3a)")
         if f.name in _NON_NEGATIVE and value is not None and value < 0 or f.name in ("rows", "bytes") and value < -1:
             raise RemoteProtocolError(f"{action}: field {f.name!r} must not be negative")
+        if f.name == "fingerprint" and not TRACE_ID.fullmatch(value or "x"):
+            raise RemoteProtocolError(f"{action}: a fingerprint is 1 to 128 printable ASCII characters")
         if f.name == "params" and value is not None:
             try:
                 bound.check(value)

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
@@ -215,3 +216,90 @@ def test_connectors_heartbeat_at_the_gateways_interval(tmp_path, tenants, datase
         health = c.health()["tenants"]
     assert all(health[t]["status"] == "online" and health[t]["session_id"] == sessions[t] for t in tenants)
     assert all(health[t]["last_heartbeat"] is not None for t in tenants)
+
+
+# -- streams cut off with their tunnel (docs/protocol.md §6a)
+
+def gateway_metric(cluster: Cluster, name: str, **labels) -> float:
+    from tests.integration.test_metrics import scrape
+
+    return scrape(cluster.health_url.replace("/health", "/metrics"), cluster.admin_token).get(
+        (name, *sorted(labels.items())), 0.0)
+
+
+def read_rest(reader, first) -> pa.Table:
+    batches = [first]
+    while True:
+        try:
+            batches.append(reader.read_chunk().data)
+        except StopIteration:
+            return pa.Table.from_batches(batches)
+
+
+def test_a_stream_cut_off_with_its_tunnel_resumes_and_the_client_gets_the_exact_table(tmp_path, tenants, datasets):
+    with Cluster(tmp_path, tenants, datasets["a"], gateway_args=SMALL_WINDOW, with_direct=False,
+                 with_connectors=False) as c:
+        with TcpProxy(c.tunnel_port) as proxy:
+            c.start_connector("tenant_001", url=c.tunnel_url(proxy.port))
+            first = c.wait_online(["tenant_001"])["tenants"]["tenant_001"]["session_id"]
+            client, reader, chunk, _ = slow_stream(c, tenants["tenant_001"].client_token)
+            wait_for(lambda: c.health()["tenants"]["tenant_001"]["streams_in_flight"] == 1)
+            proxy.drop()  # the tunnel is cut while the stream is half sent
+            c.wait_online(["tenant_001"], session_not={"tenant_001": first})
+            got = read_rest(reader, chunk)  # no error: the stream went on from its next row
+            client.close()
+            resumed = gateway_metric(c, "poc_gateway_streams_resumed_total", outcome="resumed")
+            log = c.components["connector-tenant_001"].log_tail(200)
+    assert got.equals(pq.read_table(datasets["a"] / "sales.parquet"))
+    assert resumed == 1
+    assert re.search(r"do_get sales resumed from row [1-9]\d*", log)
+
+
+def test_a_dataset_changed_while_its_stream_was_cut_off_fails_never_short(tmp_path, tenants, datasets):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    file = folder / "sales.parquet"
+    file.write_bytes((datasets["a"] / "sales.parquet").read_bytes())
+    with Cluster(tmp_path / "c", tenants, folder, gateway_args=SMALL_WINDOW, with_direct=False) as c:
+        client, reader, chunk, _ = slow_stream(c, tenants["tenant_001"].client_token)
+        old = c.components["connector-tenant_001"]
+        old.popen.kill()  # the connector's host goes down; its file changes before it comes back
+        old.popen.wait(10)
+        file.write_bytes((datasets["b"] / "sales.parquet").read_bytes())
+        c.start_connector("tenant_001", name="connector-tenant_001-again", data=folder)
+        with pytest.raises(flight.FlightUnavailableError, match="changed since its stream began"):
+            read_rest(reader, chunk)
+        client.close()
+
+
+def test_a_query_cut_off_fails_at_once_and_a_stream_left_without_connector_fails_after_the_window(
+        tmp_path, tenants, datasets):
+    from poc.sql import proto
+
+    args = (*SMALL_WINDOW, "--resume-window-s", "3")
+    with Cluster(tmp_path, tenants, datasets["a"], gateway_args=args, with_direct=False,
+                 with_connectors=False) as c:
+        with TcpProxy(c.tunnel_port) as proxy:
+            connector = c.start_connector("tenant_001", url=c.tunnel_url(proxy.port))
+            c.wait_online(["tenant_001"])
+            token = tenants["tenant_001"].client_token
+            with flight.connect(c.flight_uri) as client:
+                command = proto.pack_any(proto.CommandStatementQuery("SELECT * FROM sales ORDER BY id"))
+                info = client.get_flight_info(flight.FlightDescriptor.for_command(command), bearer(token))
+                query = client.do_get(info.endpoints[0].ticket, bearer(token, timeout=60))
+                first = query.read_chunk().data
+                _, dataset, chunk, _ = slow_stream(c, token)
+                wait_for(lambda: c.health()["tenants"]["tenant_001"]["streams_in_flight"] == 2)
+                connector.popen.kill()  # and it never comes back
+                proxy.drop()
+                with pytest.raises(flight.FlightUnavailableError, match="disconnected"):
+                    read_rest(query, first)  # a query's result cannot be replayed: it fails at once
+                started = time.monotonic()
+                with pytest.raises(flight.FlightUnavailableError, match="did not come back within --resume-"
+                                                                        "window-s 3 s"):
+                    read_rest(dataset, chunk)
+                waited = time.monotonic() - started
+                with pytest.raises(flight.FlightUnavailableError, match="offline"):  # new calls: at once
+                    client.get_flight_info(sales(), bearer(token))
+            expired = gateway_metric(c, "poc_gateway_streams_resumed_total", outcome="expired")
+    assert 1.5 < waited < 15 and expired == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 
+import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
@@ -150,3 +151,39 @@ def test_which_transports_pass_a_tls_inspecting_proxy(tmp_path, datasets):
     # the proxy saw inside the TLS (inspecting, not tunnelling): the WebSocket upgrades, switched (101)
     assert len(re.findall(r"TCP_TUNNEL/101 \d+ GET https://localhost:\d+/connect ", bumped)) >= 2
     assert "the proxy inspects TLS and does not speak HTTP/2" in logs["flight"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_proxy_restart_during_a_slow_48_mb_doget_gives_the_client_the_exact_table(tmp_path, datasets, transport):
+    """The proxy restarts (its tunnels cut) while a 48 MB DoGet is read slowly: the connector comes back through
+    it and the stream continues from its next row (docs/protocol.md §6a)."""
+    from poc.config import make_tenants
+
+    args = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
+    with Cluster(tmp_path, make_tenants(1), datasets["large"], gateway_args=args, with_direct=False,
+                 with_connectors=False) as c:
+        ports = [c.gateway.ready["ws_port"], c.gateway.ready["flight_tunnel_port"]]
+        with Squid(ports, users={"jo": PASSWORD}) as squid:
+            proxied = connector(c, transport, "proxied", ("--proxy", f"http://jo@127.0.0.1:{squid.port}"),
+                                {"POC_PROXY_PASSWORD": PASSWORD})
+            proxied.wait_ready(30)
+            first = c.wait_online(["tenant_001"])["tenants"]["tenant_001"]["session_id"]
+            token = c.tenants["tenant_001"].client_token
+            with flight.connect(c.flight_uri) as client:
+                reader = client.do_get(client.get_flight_info(sales(), bearer(token)).endpoints[0].ticket,
+                                       bearer(token, timeout=120))
+                batches = [reader.read_chunk().data]  # then it stops reading a while
+                squid.stop()
+                squid.start()
+                c.wait_online(["tenant_001"], session_not={"tenant_001": first}, timeout=60)
+                while True:
+                    try:
+                        batches.append(reader.read_chunk().data)
+                    except StopIteration:
+                        break
+            log = proxied.log_tail(100_000)
+            proxied.stop()
+    got = pq.read_table(datasets["large"] / "sales.parquet")
+    assert sum(b.num_rows for b in batches) == got.num_rows == 1_000_000
+    assert pa.Table.from_batches(batches).equals(got)
+    assert re.search(r"do_get sales resumed from row [1-9]\d*", log)

@@ -344,3 +344,51 @@ def test_a_request_reusing_an_open_streams_id_still_closes_the_link():
     with pytest.raises(RemoteProtocolError):
         connector.receive_text(json.dumps({"action": "do_get", "request_id": sid, "dataset": "../x",
                                            "window": 800}))
+
+
+# -- streams that survive a dropped tunnel (§6a, 1.8)
+
+def resuming_pair(connector_resumes: bool = True, gateway_resumes: bool = True):
+    gateway, connector = GatewayEndpoint(LIMITS), ConnectorEndpoint()
+    connector.register("t1", "secret-token", ["sales"], resume=connector_resumes)
+    deliver(connector, gateway)
+    gateway.accept("sess_1", heartbeat_s=60, resume=gateway_resumes)
+    deliver(gateway, connector)
+    return gateway, connector
+
+
+def test_a_replayable_stream_is_named_and_resumed_from_a_row():
+    gateway, connector = resuming_pair()
+    assert gateway.resumes and connector.resumes
+    sid = gateway.open_stream("sales")
+    [requested] = deliver(gateway, connector)
+    connector.resumable(sid, "48211936-17-1000")
+    connector.send_frame(FrameType.SCHEMA, sid, schema_message())
+    connector.send_frame(FrameType.BATCH, sid, batch_message(MIN_BATCH))
+    resumable, schema, batch = deliver(connector, gateway)  # the control message leaves first
+    assert resumable == ev.StreamResumable(sid, "48211936-17-1000")
+    assert isinstance(schema, ev.SchemaReceived) and batch.rows == 1  # rows read from the batch's IPC header
+    again = gateway.open_stream("sales", from_row=batch.rows, fingerprint="48211936-17-1000")
+    [resumed] = deliver(gateway, connector)
+    assert (resumed.stream_id, resumed.from_row, resumed.fingerprint) == (again, batch.rows, "48211936-17-1000")
+    assert requested.from_row is None and requested.fingerprint is None
+
+
+@pytest.mark.parametrize("connector_resumes, gateway_resumes", [(False, True), (True, False)])
+def test_nothing_is_resumed_unless_both_ends_said_so(connector_resumes, gateway_resumes):
+    gateway, connector = resuming_pair(connector_resumes, gateway_resumes)
+    sid = gateway.open_stream("sales")
+    deliver(gateway, connector)
+    connector.resumable(sid, "f")
+    assert connector.data_to_send() == []  # not named: the gateway did not ask
+    with pytest.raises(poc.tunnel.LocalProtocolError, match="not asked to resume"):
+        gateway.open_stream("sales", from_row=5, fingerprint="f")
+
+
+def test_a_resumable_for_a_stream_never_opened_or_a_bad_fingerprint_breaks_the_protocol():
+    gateway, _ = resuming_pair()
+    with pytest.raises(poc.tunnel.RemoteProtocolError, match="never opened"):
+        gateway.receive_text('{"action":"resumable","request_id":99,"fingerprint":"f"}')
+    sid = gateway.open_stream("sales")
+    with pytest.raises(poc.tunnel.RemoteProtocolError, match="printable ASCII"):
+        gateway.receive_text(json.dumps({"action": "resumable", "request_id": sid, "fingerprint": "a b"}))
