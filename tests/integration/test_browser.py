@@ -28,11 +28,12 @@ GROUPS = "SELECT id % 10 AS k, count(*) AS n, sum(id) AS s FROM sales GROUP BY 1
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory, datasets):
-    """Tenant 1 serves the 1,000,000-row table, tenant 2 the small one; the page's origin may call."""
+    """Tenant 1 serves the 1,000,000-row table, tenant 2 the small one; the page's origin may call. A stream
+    whose connector is killed waits 1 s for it, not 30 (docs/protocol.md §6a), before it fails."""
     tenants = make_tenants(2)
     ids = list(tenants)
     with Cluster(tmp_path_factory.mktemp("web"), tenants, datasets["large"], with_connectors=False,
-                 gateway_args=("--cors-origin", "http://allowed.example")) as cluster:
+                 gateway_args=("--cors-origin", "http://allowed.example", "--resume-window-s", "1")) as cluster:
         cluster.start_connector(ids[0], data=datasets["large"])
         cluster.start_connector(ids[1], data=datasets["small"])
         cluster.wait_online(ids)

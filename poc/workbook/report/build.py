@@ -112,6 +112,7 @@ def read_params(params_file: str | Path, output_root: str = "outputs"):
 
     from ...config import ConfigError
     from ..experiments.browser import BrowserParams
+    from ..experiments.corporate import CorporateParams
     from ..experiments.resilience import ResilienceParams
     from ..experiments.scale import ScaleParams
     from ..experiments.scaleout import ScaleoutParams
@@ -126,7 +127,7 @@ def read_params(params_file: str | Path, output_root: str = "outputs"):
     name = doc.get("notebook", "experiment")
     kinds = {"experiment": ExperimentParams, "resilience": ResilienceParams, "scale": ScaleParams,
              "scaleout": ScaleoutParams, "wan": WanParams, "sql": SqlParams,
-             "browser": BrowserParams}
+             "browser": BrowserParams, "corporate": CorporateParams}
     if name not in kinds:
         raise ConfigError(f"{params_file}: notebook must be one of {sorted(kinds)}, got {name!r}")
     params = kinds[name].from_yaml(params_file, output_root=output_root,

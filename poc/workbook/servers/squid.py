@@ -27,7 +27,9 @@ class Squid:
     it verifies against `upstream_ca`."""
 
     def __init__(self, ports: list[int], users: dict[str, str] | None = None, port: int = 0,
-                 bump: tuple[Path, Path] | None = None, upstream_ca: Path | None = None) -> None:
+                 bump: tuple[Path, Path] | None = None, upstream_ca: Path | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.host = host  # the address it listens on (a corporate namespace's way out, poc.workbook.experiments)
         self.ports = ports
         self.users = users or {}
         self.bump = bump
@@ -38,7 +40,7 @@ class Squid:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def access_log(self) -> str:
         path = self.folder / "access.log"
@@ -51,12 +53,12 @@ class Squid:
             (self.folder / "passwd").write_text("\n".join(lines) + "\n")
             auth = [f"auth_param basic program {HELPER} {self.folder / 'passwd'}", "auth_param basic realm poc",
                     "acl authenticated proxy_auth REQUIRED"]
-        listen = [f"http_port 127.0.0.1:{self.port}"]
+        listen = [f"http_port {self.host}:{self.port}"]
         if self.bump:
             cert, key = (shutil.copy(path, self.folder / f"bump-{i}.pem") for i, path in enumerate(self.bump))
             subprocess.run([str(CERTGEN), "-c", "-s", str(self.folder / "certs"), "-M", "4MB"], check=True,
                            capture_output=True)
-            listen = [f"http_port 127.0.0.1:{self.port} ssl-bump generate-host-certificates=on "
+            listen = [f"http_port {self.host}:{self.port} ssl-bump generate-host-certificates=on "
                       f"dynamic_cert_mem_cache_size=4MB tls-cert={cert} tls-key={key}",
                       f"sslcrtd_program {CERTGEN} -s {self.folder / 'certs'} -M 4MB", "sslcrtd_children 2",
                       "acl step1 at_step SslBump1", "acl step2 at_step SslBump2", "ssl_bump peek step1",
@@ -101,7 +103,7 @@ class Squid:
                 raise RuntimeError(f"squid exited with {self.process.returncode}: "
                                    f"{(self.folder / 'stderr.log').read_text()[-800:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                     s.sendall(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
                     if s.recv(16).startswith(b"HTTP/1."):
                         return self

@@ -1,0 +1,327 @@
+"""The corporate network (`run_corporate`, notebooks/corporate.ipynb): connectors in a network namespace whose only
+way out is a real squid with Basic authentication, against connectors reaching the gateway directly, per transport:
+registration time, throughput, and what happens to DoGets in flight when the proxy restarts, with streams resumed
+(docs/protocol.md §6a) and without. The run makes a network namespace of its own (as the WAN experiment does) and,
+inside it, a second one for the corporate side, joined to the first by a veth pair that holds nothing but the
+proxy's address.
+
+    python -m poc.workbook.experiments.corporate run --params PARAMS.json --out FIGURES.json   # inside the namespace
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..emulation.wan import prepare_namespace, run_in_namespace
+from ..params import RunParams
+
+# Streams' windows of 2 MiB (frames of 1 MiB): a DoGet that stopped reading holds at most that at the gateway, the
+# rest still at the connector when the proxy restarts, whatever the table's size (loopback needs no more to be fast)
+WINDOWS = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
+PASSWORD = "corp-pw"  # the proxy user's (Basic authentication): the connector reads it from POC_PROXY_PASSWORD
+TRANSPORTS = {"picows": ("websocket", ("--ws-impl", "picows")),
+              "websockets": ("websocket", ("--ws-impl", "websockets")), "flight": ("flight", ())}
+
+
+def _words(text: str | list) -> list[str]:
+    return list(text) if isinstance(text, (list, tuple)) else [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+@dataclass
+class CorporateParams(RunParams):
+    """The corporate notebook's parameters (parameters/corporate.yaml names only what differs)."""
+
+    RUN_PREFIX = "corporate"
+
+    rows: int = 1_000_000                 # the table every DoGet reads (about 50 MB of Arrow IPC)
+    transports: str = "picows,websockets,flight"
+    reads: int = 3                        # whole-table DoGets per path for throughput (median)
+    inflight: int = 4                     # DoGets read slowly across each proxy restart
+    restarts: int = 2                     # proxy restarts per transport and resume setting
+    resume_windows: str = "30,0"          # the gateway's --resume-window-s per setting; 0: streams fail at once
+
+    def __post_init__(self) -> None:
+        from ...config import ConfigError
+
+        super().__post_init__()
+        unknown = set(_words(self.transports)) - set(TRANSPORTS)
+        if unknown or not _words(self.transports):
+            raise ConfigError(f"transports must be among {', '.join(TRANSPORTS)}, got {self.transports!r}")
+        if self.rows < 1 or self.reads < 1 or self.inflight < 1 or self.restarts < 1:
+            raise ConfigError("rows, reads, inflight and restarts must be at least 1")
+
+
+class CorporateNetwork:
+    """A namespace for connectors whose only address outside it is the proxy's: a process holds it, a veth pair
+    joins it to this one (HOST here, CORP there), and there is no other route. `launcher` runs a command in it."""
+
+    HOST, CORP, DEVICE = "10.99.0.1", "10.99.0.2", "poc-corp"
+
+    def __enter__(self) -> "CorporateNetwork":
+        self.holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "infinity"])
+        pid = str(self.holder.pid)
+        time.sleep(0.1)  # unshare has made the namespace once sleep runs; the veth's far end goes there
+        for argv in (["ip", "link", "add", f"{self.DEVICE}0", "type", "veth", "peer", "name", f"{self.DEVICE}1"],
+                     ["ip", "addr", "add", f"{self.HOST}/30", "dev", f"{self.DEVICE}0"],
+                     ["ip", "link", "set", f"{self.DEVICE}0", "up"],
+                     ["ip", "link", "set", f"{self.DEVICE}1", "netns", pid],
+                     [*self.launcher, "ip", "addr", "add", f"{self.CORP}/30", "dev", f"{self.DEVICE}1"],
+                     [*self.launcher, "ip", "link", "set", f"{self.DEVICE}1", "up"],
+                     [*self.launcher, "ip", "link", "set", "lo", "up"]):
+            subprocess.run(argv, check=True)
+        return self
+
+    @property
+    def launcher(self) -> tuple[str, ...]:
+        return ("nsenter", "-t", str(self.holder.pid), "-n", "--")
+
+    def reaches(self, port: int) -> bool:
+        """Whether a process here can open a TCP connection to 127.0.0.1:port (the gateway's, outside)."""
+        probe = f"import socket\ntry:\n socket.create_connection(('127.0.0.1', {port}), 2)\nexcept OSError:\n exit(1)"
+        return subprocess.run([*self.launcher, sys.executable, "-c", probe]).returncode == 0
+
+    def __exit__(self, *exc) -> None:
+        self.holder.kill()  # the namespace goes with it, and the veth pair with it
+        self.holder.wait(5)
+
+
+def _options(token: str):
+    import pyarrow.flight as flight
+
+    return flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())], timeout=300)
+
+
+def _read_all(uri: str, token: str) -> tuple[int, float]:
+    """One whole-table DoGet: (IPC bytes delivered, seconds)."""
+    import pyarrow.flight as flight
+
+    options = _options(token)
+    with flight.connect(uri) as client:
+        started = time.perf_counter()
+        info = client.get_flight_info(flight.FlightDescriptor.for_path("dataset", "sales"), options)
+        reader = client.do_get(info.endpoints[0].ticket, options)
+        size = 0
+        for chunk in reader:
+            size += chunk.data.nbytes
+        return size, time.perf_counter() - started
+
+
+class SlowReader(threading.Thread):
+    """A DoGet that reads its first batch, waits for `go`, then reads the rest; `outcome` is exact, short or the
+    error's first line."""
+
+    def __init__(self, uri: str, token: str, expected, go: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.uri, self.token, self.expected, self.go = uri, token, expected, go
+        self.started_reading = threading.Event()
+        self.outcome = "not run"
+
+    def run(self) -> None:
+        import pyarrow as pa
+        import pyarrow.flight as flight
+
+        options = _options(self.token)
+        try:
+            with flight.connect(self.uri) as client:
+                info = client.get_flight_info(flight.FlightDescriptor.for_path("dataset", "sales"), options)
+                reader = client.do_get(info.endpoints[0].ticket, options)
+                batches = [reader.read_chunk().data]
+                self.started_reading.set()
+                self.go.wait(120)
+                batches += [chunk.data for chunk in reader]
+            table = pa.Table.from_batches(batches)
+            self.outcome = "exact" if table.equals(self.expected) else "short"
+        except Exception as exc:  # the outcome is what is measured
+            self.outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        finally:
+            self.started_reading.set()
+
+
+def _connector(cluster, transport: str, name: str, proxy=None, network: CorporateNetwork | None = None):
+    tunnel, impl = TRANSPORTS[transport]
+    extra = (*impl, "--heartbeat-s", "5", *(("--proxy", f"http://jo@{proxy.host}:{proxy.port}") if proxy else ()))
+    from ..servers.runner import start_component
+
+    args = ["connector", "--gateway", cluster.tunnel_url(tunnel=tunnel), "--tenant", "tenant_001", "--data",
+            str(cluster.data), "--delay-ms", "0", *extra]
+    started = time.monotonic()
+    component = start_component(name, args, cluster.log_dir, wait=False,
+                                env={"POC_CONNECTOR_TOKEN": cluster.tenants["tenant_001"].connector_token,
+                                     "POC_PROXY_PASSWORD": PASSWORD, "http_proxy": "", "https_proxy": ""},
+                                launcher=network.launcher if network else ())
+    cluster.components[name] = component
+    component.wait_ready(60)
+    cluster.wait_online(["tenant_001"], timeout=60)
+    return component, time.monotonic() - started
+
+
+def _throughput(cluster, token: str, reads: int) -> float:
+    rates = []
+    for _ in range(reads):
+        size, seconds = _read_all(cluster.flight_uri, token)
+        rates.append(size * 8 / seconds / 1e6)
+    return statistics.median(rates)
+
+
+def _restart_trial(cluster, squid, token: str, expected, inflight: int) -> dict:
+    """`inflight` DoGets stop reading after their first batch; the proxy restarts; they read on. Recovery: from
+    the proxy answering again to the tenant registered again."""
+    first = cluster.health()["tenants"]["tenant_001"]["session_id"]
+    go = threading.Event()
+    readers = [SlowReader(cluster.flight_uri, token, expected, go) for _ in range(inflight)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.started_reading.wait(60)
+    squid.stop()
+    squid.start()
+    back = time.monotonic()
+    cluster.wait_online(["tenant_001"], timeout=90, session_not={"tenant_001": first})
+    recovery_s = time.monotonic() - back
+    go.set()
+    for reader in readers:
+        reader.join(180)
+    outcomes = [r.outcome for r in readers]
+    return {"recovery_s": recovery_s, "inflight": inflight, "exact": outcomes.count("exact"),
+            "short": outcomes.count("short"), "failed": sum(o not in ("exact", "short") for o in outcomes),
+            "errors": sorted({o for o in outcomes if o not in ("exact", "short")})}
+
+
+def run_cells(params: CorporateParams, log=print) -> dict:
+    """Every transport and resume setting, inside a network namespace of our own (see run_corporate)."""
+    import pyarrow.parquet as pq
+
+    from ...config import make_tenants
+    from ..dataset import dataset_folder
+    from ..servers.runner import Cluster
+    from ..servers.squid import Squid
+
+    prepare_namespace()
+    data = dataset_folder(params.data_dir, params.rows)
+    expected = pq.read_table(next(Path(data).glob("*.parquet")))
+    tenants = make_tenants(1)
+    token = tenants["tenant_001"].client_token
+    rows, checks = [], {}
+    with tempfile.TemporaryDirectory(prefix="poc-corporate-") as work, CorporateNetwork() as network:
+        for w, window in enumerate(_words(params.resume_windows)):
+            with Cluster(Path(work) / f"resume-{window}", tenants, data, with_connectors=False, with_direct=False,
+                         gateway_args=("--resume-window-s", window, *WINDOWS)) as cluster:
+                ports = [cluster.gateway.ready["ws_port"], cluster.gateway.ready["flight_tunnel_port"]]
+                checks.setdefault("direct_route_blocked", not network.reaches(ports[0]))
+                with Squid(ports, users={"jo": PASSWORD}, host=network.HOST) as squid:
+                    for transport in _words(params.transports):
+                        row = {"transport": transport, "resume_window_s": float(window)}
+                        if w == 0:  # registration and throughput do not depend on resuming: measured once
+                            direct, row["direct_register_s"] = _connector(cluster, transport, f"direct-{transport}")
+                            row["direct_mbps"] = _throughput(cluster, token, params.reads)
+                            direct.stop()
+                        proxied, row["proxy_register_s"] = _connector(cluster, transport, f"corp-{transport}-{w}",
+                                                                      squid, network)
+                        if w == 0:
+                            row["proxy_mbps"] = _throughput(cluster, token, params.reads)
+                        trials = [_restart_trial(cluster, squid, token, expected, params.inflight)
+                                  for _ in range(params.restarts)]
+                        proxied.stop()
+                        row.update({"recovery_s": statistics.median(t["recovery_s"] for t in trials),
+                                    "recovery_s_max": max(t["recovery_s"] for t in trials),
+                                    "inflight": sum(t["inflight"] for t in trials),
+                                    "exact": sum(t["exact"] for t in trials),
+                                    "short": sum(t["short"] for t in trials),
+                                    "failed": sum(t["failed"] for t in trials),
+                                    "errors": "; ".join(sorted({e for t in trials for e in t["errors"]}))[:300]})
+                        checks.setdefault("connects_in_access_log", {})[transport] = \
+                            f"CONNECT 127.0.0.1:{ports[0 if TRANSPORTS[transport][0] == 'websocket' else 1]} jo" \
+                            in squid.access_log()
+                        rows.append(row)
+                        log(f"{transport}, resume window {window} s: registered through the proxy in "
+                            f"{row['proxy_register_s']:.2f} s; after {params.restarts} proxy restarts, "
+                            f"{row['exact']} of {row['inflight']} DoGets in flight exact, {row['failed']} failed, "
+                            f"back in {row['recovery_s']:.2f} s (median)")
+    return {"rows": rows, "checks": checks}
+
+
+def run_corporate(params: CorporateParams, progress=print) -> "CorporateResult":
+    """Run every cell in a new network namespace and read its figures back; progress lines as they come."""
+    import polars as pl
+
+    from ..servers.runner import machine_info
+
+    out = params.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(asdict(params), indent=1))
+    proc = run_in_namespace([sys.executable, "-m", "poc.workbook.experiments.corporate", "run", "--params",
+                             str(out / "params.json"), "--out", str(out / "corporate.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False, capture=True,
+                            progress=progress)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the corporate run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    doc = json.loads((out / "corporate.json").read_text())
+    result = CorporateResult(params, pl.DataFrame(doc["rows"]), doc["checks"], machine_info())
+    result.rows.write_csv(out / "corporate.csv")
+    return result
+
+
+@dataclass
+class CorporateResult:
+    params: CorporateParams
+    rows: "object"  # polars DataFrame: one row per transport and resume setting
+    checks: dict
+    machine: dict
+
+    @property
+    def out_dir(self) -> Path:
+        return self.params.out_dir
+
+
+def answer(result: CorporateResult) -> str:
+    """The report's first lines: which transport behind which proxy, then what each measure gave."""
+    import polars as pl
+
+    from ..report.present import number
+
+    r = result.rows
+    lines = ["**Answer: behind a proxy that tunnels TLS (CONNECT, with or without authentication), deploy the "
+             "Flight tunnel (`flight+tls://`); behind one that inspects TLS, the WebSocket tunnel (`wss://`: the "
+             "Flight tunnel's HTTP/2 does not pass an inspecting proxy, docs/operations.md). Either way, leave the "
+             "gateway's `--resume-window-s` on: a proxy restart then costs DoGets in flight a pause, not an error.**"]
+    first = r.filter(pl.col("proxy_mbps").is_not_null()) if "proxy_mbps" in r.columns else r.head(0)
+    for row in first.iter_rows(named=True):
+        lines.append(f"- {row['transport']}: registered through the proxy in {number(row['proxy_register_s'])} s "
+                     f"({number(row['direct_register_s'])} s without it); one DoGet at a time "
+                     f"{number(row['proxy_mbps'])} Mbit/s through it, {number(row['direct_mbps'])} without "
+                     f"({number(row['proxy_mbps'] / row['direct_mbps'])}×).")
+    for row in r.sort("resume_window_s", "transport", descending=[True, False]).iter_rows(named=True):
+        setting = "off" if not row["resume_window_s"] else f"{number(row['resume_window_s'])} s"
+        lines.append(f"- {row['transport']}, resume {setting}: of {row['inflight']} DoGets in flight across "
+                     f"{result.params.restarts} proxy restarts, {row['exact']} exact, {row['failed']} failed with an "
+                     f"error, {row['short']} short; tunnel back {number(row['recovery_s'])} s after the proxy "
+                     f"(max {number(row['recovery_s_max'])} s).")
+    lines.append(f"- The corporate namespace has no route to the gateway but the proxy: "
+                 f"{'checked, a direct connection fails' if result.checks.get('direct_route_blocked') else 'NOT SO'}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m poc.workbook.experiments.corporate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="every cell, inside a network namespace made for it (see run_corporate)")
+    run.add_argument("--params", required=True, help="JSON file of CorporateParams")
+    run.add_argument("--out", required=True, help="where the figures go (JSON)")
+    args = parser.parse_args(argv)
+    params = CorporateParams(**json.loads(Path(args.params).read_text()))
+    doc = run_cells(params, log=lambda line: print(line, flush=True))
+    Path(args.out).write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
