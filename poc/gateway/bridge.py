@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from .. import errors
 from .arrow_checks import DECODE_ERRORS, bounds_schema, read_schema
-from .link import StreamItem, StreamSink, TenantLink
+from .link import TenantLink
+from .sinks import StreamItem, StreamSink
 from .metrics import GatewayMetrics
 
 

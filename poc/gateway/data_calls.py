@@ -13,7 +13,8 @@ import grpc
 
 from ..transports.flight_tunnel import END, read_data_command, read_flight_data
 from ..tunnel import RemoteProtocolError, ipc
-from .link import FlowSink, StreamItem, TenantLink
+from .link import TenantLink
+from .sinks import FlowSink, StreamItem
 from .registry import TenantRegistry
 
 

@@ -21,7 +21,8 @@ from ..tunnel import HEADER, CloseCode, GatewayEndpoint, TunnelClosed
 from ..tunnel.limits import TokenBucket
 from .. import errors
 from ..tunnel.messages import PROTOCOL_VERSION, Error, Register
-from .link import Parked, StreamItem, TenantLink
+from .link import Parked, TenantLink
+from .sinks import StreamItem
 from .metrics import GatewayMetrics, close_label
 from .registry import TenantRegistry
 from .settings import GatewayConfig

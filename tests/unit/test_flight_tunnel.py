@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poc import errors
-from poc.gateway.link import FlowSink, StreamItem
+from poc.gateway.sinks import FlowSink, StreamItem
 from poc.protowire import write_varint
 from poc.transports import flight_tunnel as ft
 from poc.tunnel import RemoteProtocolError

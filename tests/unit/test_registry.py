@@ -6,7 +6,8 @@ import pytest
 
 from poc.config import make_tenants
 from poc.errors import Unavailable
-from poc.gateway.link import StreamSink, TenantLink
+from poc.gateway.link import TenantLink
+from poc.gateway.sinks import StreamSink
 from poc.gateway.registry import TenantRegistry
 
 
