@@ -107,7 +107,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          single_runs=args.single_runs, info_calls=args.info_calls, repetitions=args.repetitions,
                          data_dir=args.data_dir, gateway_args=tuple(args.gateway_arg or ()),
                          connector_args=tuple(args.connector_arg or ()), tunnels=tunnels)
-    result = run_bench(params, log=lambda line: print(line, file=sys.stderr, flush=True))
+    import pyarrow as pa
+
+    from .servers.runner import ComponentError
+
+    try:
+        result = run_bench(params, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (pa.ArrowException, ComponentError) as exc:  # a setting the run cannot use: the refusal says which
+        what = "a DoGet failed" if isinstance(exc, pa.ArrowException) else "a server did not start"
+        print(f"bench stopped: {what}: {str(exc).strip().splitlines()[-1][:400]}", file=sys.stderr)
+        return 1
     print(table(result))
     if args.json:
         write_json(result, args.json)

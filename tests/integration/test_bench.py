@@ -40,3 +40,23 @@ def test_the_bench_says_where_every_core_second_goes(tmp_path):
     assert "WARNING" not in table(result)
     run["compressed_switches"] = 2
     assert "WARNING: the websocket connector turned compression on 2 time(s)" in table(result)
+
+
+@pytest.mark.parametrize("share, said", [
+    (8 << 20, "a DoGet failed: tenant tenant_001 is at its share of the gateway's buffer"),  # one stream's window
+    (1 << 20, "a server did not start: error: --max-tenant-buffered-bytes must be 0 or at least"),
+], ids=["refused_doget", "refused_setting"])
+def test_a_setting_the_run_cannot_use_stops_the_bench_with_the_reason(tmp_path, share, said):
+    """A tenant's share of one stream's window: of eight concurrent DoGets of 10 MB, all but one are refused; of
+    less, the gateway refuses to start. Either way the bench says why in one line, not a traceback."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "poc", "bench", "--rows", "200000", "--repetitions", "1",
+                          "--concurrency", "8", "--requests", "16", "--single-runs", "1", "--info-calls", "1",
+                          "--tunnels", "websocket", "--data-dir", str(tmp_path / "data"),
+                          f"--gateway-arg=--max-tenant-buffered-bytes={share}"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert f"bench stopped: {said}" in run.stderr
+    assert "Traceback" not in run.stderr
