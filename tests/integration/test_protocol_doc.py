@@ -5,17 +5,19 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 import struct
 import threading
 
 import duckdb
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 import pyarrow.parquet as pq
 from websockets.sync.client import connect
 
 from poc.workbook.servers.runner import Cluster
-from tests.helpers import read
+from tests.helpers import bearer, read, sales
 from tests.integration.test_sql import connect as adbc_connect
 from tests.integration.test_sql import query as adbc_query
 
@@ -156,3 +158,98 @@ def test_a_connector_written_from_the_protocol_page_serves_flight_clients(tmp_pa
             stop.set()
             thread.join(10)
 
+
+
+FINGERPRINT = "doc-table-1"  # §6a: names the exact data this connector serves
+
+
+def resuming_doc_connector(url: str, tenant: str, token: str, table: pa.Table, ready: threading.Event,
+                           stop: threading.Event, cut: threading.Event, reconnected: threading.Event):
+    """§6a from the page alone: register with `resume`, name each stream `resumable` before its SCHEMA, and
+    answer a `do_get` with `from_row` with the rows from there on. When `cut` is set, the socket is dropped
+    without a close (as a proxy restart does) and the connector dials again."""
+    import socket
+
+    while not stop.is_set():
+        with connect(url, compression=None, max_size=2**20) as ws:
+            ws.send(json.dumps({"action": "register", "tenant_id": tenant, "token": token, "version": "1",
+                                "datasets": ["sales"], "resume": True}))
+            hello = json.loads(ws.recv())
+            assert hello["action"] == "registered" and hello.get("resume") is True
+            rows = max(1, table.num_rows * hello["max_frame_bytes"] // (2 * table.nbytes))
+            credit: dict[int, int] = {}
+            if ready.is_set():
+                reconnected.set()
+            ready.set()
+
+            def next_message() -> dict | None:
+                if cut.is_set():
+                    cut.clear()
+                    ws.socket.shutdown(socket.SHUT_RDWR)  # dropped, no close frame
+                    raise ConnectionError("cut")
+                try:
+                    return json.loads(ws.recv(timeout=0.2))
+                except TimeoutError:
+                    return None
+
+            def handle(msg: dict | None) -> None:
+                if msg is None:
+                    return
+                if msg["action"] == "credit":
+                    credit[msg["request_id"]] = credit.get(msg["request_id"], 0) + msg["bytes"]
+                elif msg["action"] == "get_flight_info":
+                    schema = table.schema.serialize()
+                    ws.send(json.dumps({"action": "flight_info", "request_id": msg["request_id"], "rows": -1,
+                                        "bytes": -1, "schema": base64.b64encode(schema).decode()}))
+                elif msg["action"] == "do_get":
+                    sid, start = msg["request_id"], msg.get("from_row", 0)
+                    if msg.get("fingerprint") not in (None, FINGERPRINT):
+                        ws.send(json.dumps({"action": "error", "request_id": sid, "code": "unavailable",
+                                            "message": "the data changed"}))
+                        return
+                    credit[sid] = msg["window"]
+                    ws.send(json.dumps({"action": "resumable", "request_id": sid, "fingerprint": FINGERPRINT}))
+                    schema = table.schema.serialize()
+                    stream = [(1, schema)] + [(2, b.serialize()) for b in table.slice(start).to_batches(rows)]
+                    for kind, payload in stream:
+                        while credit[sid] < payload.size:
+                            handle(next_message())
+                        credit[sid] -= payload.size
+                        ws.send(struct.pack("!B3xI", kind, sid) + payload.to_pybytes())
+                    ws.send(struct.pack("!B3xI", 3, sid))
+
+            try:
+                while not stop.is_set():
+                    handle(next_message())
+            except ConnectionError:
+                continue
+
+
+def test_a_connector_written_from_the_protocol_page_resumes_a_stream_its_dropped_tunnel_cut(tmp_path, tenants,
+                                                                                            datasets):
+    """1,000,000 rows: far more than the windows and the client's buffers hold, so most of the table is still at
+    the connector when its tunnel is cut."""
+    table = pq.read_table(datasets["large"] / "sales.parquet")
+    args = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
+    with Cluster(tmp_path, tenants, datasets["large"], gateway_args=args, with_connectors=False,
+                 with_direct=False) as c:
+        ready, stop, cut, reconnected = (threading.Event() for _ in range(4))
+        creds = tenants["tenant_001"]
+        thread = threading.Thread(target=resuming_doc_connector,
+                                  args=(c.websocket_url, "tenant_001", creds.connector_token, table, ready, stop, cut,
+                                        reconnected))
+        thread.start()
+        try:
+            assert ready.wait(10)
+            with flight.connect(c.flight_uri) as client:
+                info = client.get_flight_info(sales(), bearer(creds.client_token))
+                reader = client.do_get(info.endpoints[0].ticket, bearer(creds.client_token, timeout=60))
+                batches = [reader.read_chunk().data]  # then it stops reading: the rest waits at the connector
+                cut.set()
+                assert reconnected.wait(30)
+                batches += [chunk.data for chunk in reader]
+            assert pa.Table.from_batches(batches).equals(table)  # the whole table, once, in order
+            assert re.search(r"stream of 'sales' resumed from row [1-9]\d*", c.gateway.log_tail(200))
+        finally:
+            stop.set()
+            thread.join(10)
