@@ -37,17 +37,29 @@ def request_error(tenant_id: str, code: str, message: str) -> errors.CallError:
 
 
 @dataclass
-class Parked:
-    """A dataset's stream whose tunnel dropped, waiting for the tenant's connector to come back and replay it
-    from the next row (docs/protocol.md §6a): its sink (the Flight call still reads it), its buffer reservation
-    (kept meanwhile), and what the resumed do_get names."""
+class Replay:
+    """What a dataset's stream needs to resume on another link (docs/protocol.md §6a)."""
 
-    tenant_id: str
     dataset: str
     trace_id: str | None
-    fingerprint: str
-    rows: int  # rows received before the drop: the resumed stream starts after them
-    schema: bytes  # the SCHEMA the client got: the resumed stream's must be the same
+    fingerprint: str | None = None  # from the connector's `resumable`; None: it cannot be replayed
+    rows: int = 0  # rows received: a resumed stream starts after them
+    schema: bytes | None = None  # the SCHEMA the client got: a resumed stream's must be the same
+    cut_off: str | None = None  # resumed here after its tunnel ended for this reason, until its SCHEMA came again
+
+    @property
+    def ready(self) -> bool:
+        return self.fingerprint is not None and self.schema is not None
+
+
+@dataclass
+class Parked:
+    """A dataset's stream whose tunnel dropped, waiting for the tenant's connector to come back and replay it
+    from the next row: its sink (the Flight call still reads it), its buffer reservation (kept meanwhile), and
+    what the resumed do_get names."""
+
+    tenant_id: str
+    replay: Replay
     sink: StreamSink
     reserved: int
     reason: str  # why the old tunnel ended
@@ -77,10 +89,7 @@ class TenantLink:
     _data_calls: dict[int, object] = field(default_factory=dict)  # stream → its data call: cancel() ends it (Flight)
     _schemas: dict[bytes, pa.Schema] = field(default_factory=dict)  # flight_info schema message → schema
     _owed: dict[int, int] = field(default_factory=dict)  # stream → credit spent on this link, not yet granted back
-    _requested: dict[int, tuple[str, str | None]] = field(default_factory=dict)  # dataset stream → (name, trace)
-    _replay: dict[int, list] = field(default_factory=dict)  # resumable stream → [fingerprint, rows, schema or None]
-    _resumed: dict[int, tuple[bytes, str]] = field(default_factory=dict)  # resumed stream → the SCHEMA it must
-    # repeat, and why its first tunnel ended (until that SCHEMA comes)
+    _replay: dict[int, Replay] = field(default_factory=dict)  # dataset stream → what resuming it needs (§6a)
     dropped_events: int = 0  # events for streams or requests the gateway had already closed
 
     @property
@@ -116,11 +125,11 @@ class TenantLink:
         elif isinstance(event, ev.StreamResumable):
             replay = self._replay.get(event.stream_id)
             if replay is not None:
-                replay[0] = replay[0] or event.fingerprint
-                if replay[0] != event.fingerprint:  # a resumed stream's connector serves other data
+                replay.fingerprint = replay.fingerprint or event.fingerprint
+                if replay.fingerprint != event.fingerprint:  # a resumed stream's connector serves other data
                     self._end_stream(event.stream_id, StreamItem.ERROR, errors.Unavailable(
-                        f"dataset {self._requested[event.stream_id][0]!r} of tenant {self.tenant_id} changed while "
-                        "its stream was cut off: it cannot resume; read it again"))
+                        f"dataset {replay.dataset!r} of tenant {self.tenant_id} changed while its stream was cut "
+                        "off: it cannot resume; read it again"))
         elif isinstance(event, ev.StreamEnded):
             self._end_stream(event.stream_id, StreamItem.END)
         elif isinstance(event, ev.StreamRejected):
@@ -139,10 +148,11 @@ class TenantLink:
                 future.set_exception(exc)
         elif isinstance(event, ev.RequestFailed):
             error = request_error(self.tenant_id, event.code, event.message)
-            resumed = self._resumed.get(event.request_id)
-            if resumed is not None:  # a resume refused (its data changed): say what cut the stream off first
-                error = errors.Unavailable(f"connector of tenant {self.tenant_id} disconnected: {resumed[1]}; the "
-                                           f"stream could not resume: {clip(event.message, 300)}")
+            replay = self._replay.get(event.request_id)
+            if replay is not None and replay.cut_off is not None:  # a resume refused (its data changed): say what
+                error = errors.Unavailable(                          # cut the stream off first
+                    f"connector of tenant {self.tenant_id} disconnected: {replay.cut_off}; the stream could not "
+                    f"resume: {clip(event.message, 300)}")
             future = self._infos.pop(event.request_id, None)
             if future is not None and not future.done():
                 future.set_exception(error)
@@ -155,23 +165,24 @@ class TenantLink:
         """A stream's SCHEMA arrived: True to hand it to the Flight side (kept too where the stream may resume:
         a resume must repeat it); False for a resumed stream's repeat, checked and dropped (the client has it;
         a different one ends the stream)."""
-        expected = self._resumed.pop(sid, None)
-        if expected is not None:
-            if bytes(payload) != expected[0]:
-                self._end_stream(sid, StreamItem.ERROR, errors.Unavailable(
-                    f"dataset {self._requested[sid][0]!r} of tenant {self.tenant_id} changed its schema while its "
-                    "stream was cut off: it cannot resume; read it again"))
-            return False
         replay = self._replay.get(sid)
-        if replay is not None:
-            replay[2] = bytes(payload)
-        return True
+        if replay is None:
+            return True
+        if replay.cut_off is None:
+            replay.schema = bytes(payload)
+            return True
+        replay.cut_off = None
+        if bytes(payload) != replay.schema:
+            self._end_stream(sid, StreamItem.ERROR, errors.Unavailable(
+                f"dataset {replay.dataset!r} of tenant {self.tenant_id} changed its schema while its stream was "
+                "cut off: it cannot resume; read it again"))
+        return False
 
     def count_rows(self, sid: int, rows: int) -> None:
         """Rows of a batch that arrived: a resumed stream starts after the last one."""
         replay = self._replay.get(sid)
         if replay is not None:
-            replay[1] += rows
+            replay.rows += rows
 
     def _schema(self, message: bytes) -> pa.Schema:
         """A flight_info's schema, read once per distinct message on this link (a connector answers with the
@@ -267,8 +278,7 @@ class TenantLink:
                                    else StreamSink())
         sink.route = (self, sid)
         if sql is None and self.endpoint.resumes:
-            self._requested[sid] = (dataset, trace_id)
-            self._replay[sid] = [None, 0, None]  # fingerprint (`resumable`), rows received, SCHEMA
+            self._replay[sid] = Replay(dataset, trace_id)
         self.transport.flush_soon()
         return sid, sink
 
@@ -335,19 +345,17 @@ class TenantLink:
                 future.set_exception(error)
         for stream_id in list(self._sinks):
             replay = self._replay.get(stream_id)
-            if park is not None and replay is not None and replay[0] is not None and replay[2] is not None:
+            if park is not None and replay is not None and replay.ready:
                 park(self._detach(stream_id, replay, reason))
             else:
                 self._end_stream(stream_id, StreamItem.ERROR, error)
         self._infos.clear()
         self.endpoint.close()
 
-    def _detach(self, stream_id: int, replay: list, reason: str) -> Parked:
+    def _detach(self, stream_id: int, replay: Replay, reason: str) -> Parked:
         """Take a resumable stream off this link, its reservation kept."""
         sink = self._sinks.pop(stream_id)
-        dataset, trace_id = self._requested[stream_id]
-        parked = Parked(self.tenant_id, dataset, trace_id, replay[0], replay[1], replay[2], sink,
-                        self._reserved.pop(stream_id, 0), reason)
+        parked = Parked(self.tenant_id, replay, sink, self._reserved.pop(stream_id, 0), reason)
         self._forget(stream_id)
         call = self._data_calls.pop(stream_id, None)
         if call is not None:
@@ -360,23 +368,23 @@ class TenantLink:
         its streams' sinks are of the parked one's kind); False if not."""
         if not self.endpoint.resumes or isinstance(parked.sink, FlowSink) != self.data_calls:
             return False
+        replay = parked.replay
         try:
-            sid = self.endpoint.open_stream(parked.dataset, parked.trace_id, from_row=parked.rows,
-                                            fingerprint=parked.fingerprint)
+            sid = self.endpoint.open_stream(replay.dataset, replay.trace_id, from_row=replay.rows,
+                                            fingerprint=replay.fingerprint)
         except LocalProtocolError:  # the streams-in-flight limit
             return False
         self._sinks[sid] = parked.sink
         self._reserved[sid] = parked.reserved
-        self._requested[sid] = (parked.dataset, parked.trace_id)
-        self._replay[sid] = [parked.fingerprint, parked.rows, parked.schema]
-        self._resumed[sid] = (parked.schema, parked.reason)
+        replay.cut_off = parked.reason  # until its SCHEMA comes again
+        self._replay[sid] = replay
         parked.sink.route = (self, sid)
         self.transport.flush_soon()
         return True
 
     def _forget(self, stream_id: int) -> None:
-        for table in (self._owed, self._requested, self._replay, self._resumed):
-            table.pop(stream_id, None)
+        self._owed.pop(stream_id, None)
+        self._replay.pop(stream_id, None)
 
     def snapshot(self) -> dict:
         endpoint = getattr(self.transport, "endpoint", None)

@@ -274,9 +274,10 @@ class Tunnels:
 
     def _park(self, parked: Parked) -> None:
         parked.sink.held_until = time.monotonic() + self.cfg.resume_window_s  # its Flight call waits as long
+        replay = parked.replay
         log.info("stream of %r cut off after %d rows (%s): waiting up to %g s for the connector to resume it",
-                 parked.dataset, parked.rows, parked.reason, self.cfg.resume_window_s,
-                 extra={"tenant": parked.tenant_id, "request_id": parked.trace_id})
+                 replay.dataset, replay.rows, parked.reason, self.cfg.resume_window_s,
+                 extra={"tenant": parked.tenant_id, "request_id": replay.trace_id})
         self._spawn(self._resume(parked))
 
     async def _resume(self, parked: Parked) -> None:
@@ -289,8 +290,9 @@ class Tunnels:
                 link = self.registry.local(parked.tenant_id)
                 if link is not None and link.adopt(parked):
                     outcome = "resumed"
-                    log.info("stream of %r resumed from row %d on session %s", parked.dataset, parked.rows,
-                             link.session_id, extra={"tenant": parked.tenant_id, "request_id": parked.trace_id})
+                    log.info("stream of %r resumed from row %d on session %s", parked.replay.dataset,
+                             parked.replay.rows, link.session_id,
+                             extra={"tenant": parked.tenant_id, "request_id": parked.replay.trace_id})
                     return
                 if time.monotonic() >= deadline:
                     break

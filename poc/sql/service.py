@@ -92,11 +92,6 @@ def statement_of(handle: bytes) -> tuple[str, list | None]:
     raise pa.ArrowInvalid("not a statement handle of this server")
 
 
-def query_of(handle: bytes) -> str:
-    """The query a statement or prepared-statement handle carries."""
-    return statement_of(handle)[0]
-
-
 def checked_query(sql: str, max_bytes: int = MAX_QUERY_BYTES) -> str:
     """A query's text within the size limit, refused before it reaches any tunnel."""
     size = len(sql.encode("utf-8", "surrogatepass"))
@@ -262,7 +257,7 @@ class FlightSqlService:
         message = sql_command(body) if body is not None else None
         if not isinstance(message, proto.ActionClosePreparedStatementRequest):
             raise pa.ArrowInvalid("ClosePreparedStatement needs an ActionClosePreparedStatementRequest")
-        query_of(message.prepared_statement_handle)  # a handle of this server: nothing to free
+        statement_of(message.prepared_statement_handle)  # a handle of this server: nothing to free
         return []
 
     @staticmethod
