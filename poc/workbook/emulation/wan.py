@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
+import json
 import os
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 PRIVATE_NS = "POC_WAN_NAMESPACE"  # set in the environment of a run inside its own network namespace
 BUFFER_BYTES = 64 * 1024 * 1024  # per direction: what the relay holds before it stops reading
@@ -296,6 +299,36 @@ def run_in_namespace(argv: list[str], progress=None, capture: bool = False, **kw
                 proc.terminate()
             proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), None)
+
+
+def run_experiment_in_namespace(module: str, params, name: str, progress=print) -> dict:
+    """An experiment whose every cell runs in a network namespace of its own: its parameters to
+    OUT/params.json, `python -m MODULE run` in a new namespace (progress lines passed on as they come; see
+    `experiment_main`), and the figures it wrote to OUT/NAME.json read back."""
+    out = params.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(dataclasses.asdict(params), indent=1))
+    proc = run_in_namespace([sys.executable, "-m", module, "run", "--params", str(out / "params.json"),
+                             "--out", str(out / f"{name}.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, check=False, capture=True, progress=progress)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {name} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def experiment_main(argv: list[str] | None, module: str, doc: str, params_type, run_cells) -> None:
+    """The command line `run_experiment_in_namespace` starts inside the namespace: `run --params P --out F`
+    runs `run_cells(params_type(**P))` and writes its figures to F."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="every cell, inside a network namespace made for it")
+    run.add_argument("--params", required=True, help=f"JSON file of {params_type.__name__}")
+    run.add_argument("--out", required=True, help="where the figures go (JSON)")
+    args = parser.parse_args(argv)
+    params = params_type(**json.loads(Path(args.params).read_text()))
+    figures = run_cells(params, log=lambda line: print(line, flush=True))
+    Path(args.out).write_text(json.dumps(figures, indent=1))
 
 
 # ----------------------------------------------------------------------------- command line

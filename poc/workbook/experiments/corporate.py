@@ -10,18 +10,16 @@ proxy's address.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..emulation.wan import prepare_namespace, run_in_namespace
+from ..emulation.wan import experiment_main, prepare_namespace, run_experiment_in_namespace
 from ..params import RunParams
 
 # Streams' windows of 2 MiB (frames of 1 MiB): a DoGet that stopped reading holds at most that at the gateway, the
@@ -255,18 +253,9 @@ def run_corporate(params: CorporateParams, progress=print) -> "CorporateResult":
 
     from ..servers.runner import machine_info
 
-    out = params.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(asdict(params), indent=1))
-    proc = run_in_namespace([sys.executable, "-m", "poc.workbook.experiments.corporate", "run", "--params",
-                             str(out / "params.json"), "--out", str(out / "corporate.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False, capture=True,
-                            progress=progress)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the corporate run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
-    doc = json.loads((out / "corporate.json").read_text())
+    doc = run_experiment_in_namespace(__name__, params, "corporate", progress)
     result = CorporateResult(params, pl.DataFrame(doc["rows"]), doc["checks"], machine_info())
-    result.rows.write_csv(out / "corporate.csv")
+    result.rows.write_csv(params.out_dir / "corporate.csv")
     return result
 
 
@@ -311,16 +300,7 @@ def answer(result: CorporateResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m poc.workbook.experiments.corporate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="every cell, inside a network namespace made for it (see run_corporate)")
-    run.add_argument("--params", required=True, help="JSON file of CorporateParams")
-    run.add_argument("--out", required=True, help="where the figures go (JSON)")
-    args = parser.parse_args(argv)
-    params = CorporateParams(**json.loads(Path(args.params).read_text()))
-    doc = run_cells(params, log=lambda line: print(line, flush=True))
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    experiment_main(argv, "poc.workbook.experiments.corporate", __doc__, CorporateParams, run_cells)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,17 @@ network namespace and run.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..emulation.wan import LinkSpec, WanHop, prepare_namespace, run_in_namespace, start_relay
+from ..emulation.wan import (LinkSpec, WanHop, experiment_main, prepare_namespace, run_experiment_in_namespace,
+                             start_relay)
 from ..params import RunParams
 
 # ----------------------------------------------------------------------------- the experiment
@@ -226,17 +223,9 @@ def run_wan(params: WanParams, progress=print) -> "WanResult":
 
     from ..servers.runner import machine_info
 
-    out = params.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(asdict(params), indent=1))
-    proc = run_in_namespace([sys.executable, "-m", "poc.workbook.experiments.wan", "run", "--params", str(out / "params.json"),
-                             "--out", str(out / "wan.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, check=False, capture=True, progress=progress)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the WAN run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
-    doc = json.loads((out / "wan.json").read_text())
+    doc = run_experiment_in_namespace(__name__, params, "wan", progress)
     result = WanResult(params, pl.DataFrame(doc["rows"]), doc["emulator"], machine_info())
-    result.table().write_csv(out / "wan.csv")
+    result.table().write_csv(params.out_dir / "wan.csv")
     return result
 
 
@@ -306,16 +295,7 @@ def answer(result: WanResult) -> str:
 # ----------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m poc.workbook.experiments.wan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="the WAN grid, inside a network namespace made for it (see run_wan)")
-    run.add_argument("--params", required=True, help="JSON file of WanParams")
-    run.add_argument("--out", required=True, help="where the figures go (JSON)")
-    args = parser.parse_args(argv)
-    params = WanParams(**json.loads(Path(args.params).read_text()))
-    doc = run_cells(params, log=lambda line: print(line, flush=True))
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    experiment_main(argv, "poc.workbook.experiments.wan", __doc__, WanParams, run_cells)
 
 
 if __name__ == "__main__":
