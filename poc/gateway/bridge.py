@@ -128,8 +128,8 @@ class TunnelBridge:
         """Open a stream through the tenant's tunnel — a dataset's, or given `sql` that query's result, with
         `params` bound — and wait for its schema (or for the client to leave)."""
         future = self._on_link(who, lambda link: (link, *link.open_stream(dataset, who.request_id, sql, params)))
-        link, stream_id, sink = self._wait(future, self.timeout_s + 1, "gateway")
-        stream = TunnelStream(self, link, stream_id, sink, cancelled, dataset)
+        link, _, sink = self._wait(future, self.timeout_s + 1, "gateway")
+        stream = TunnelStream(self, link, sink, cancelled, dataset)
         stream.read_schema()
         return stream
 
@@ -190,16 +190,17 @@ class TunnelStream:
     dropping a generator it never started — the link's stream is freed: `batches()` cancels in its
     `finally`, and a finalizer cancels when this object is collected without having run it."""
 
-    def __init__(self, bridge: TunnelBridge, link: TenantLink, stream_id: int, sink: StreamSink,
-                 cancelled: Callable[[], bool], dataset: str = "") -> None:
+    def __init__(self, bridge: TunnelBridge, link: TenantLink, sink: StreamSink, cancelled: Callable[[], bool],
+                 dataset: str = "") -> None:
+        """`link`: the one the stream opened on, for its tenant and kind; which link and stream id feed the sink
+        later (a resumed stream moves, docs/protocol.md §6a) is the sink's `route`."""
         self._bridge = bridge
         self.dataset = dataset
         metrics = bridge.metrics
         self._relayed_bytes = metrics.relayed_bytes.labels(link.tenant_id)
         self._relayed_rows = metrics.relayed_rows.labels(link.tenant_id)
         self._usage = metrics.usage
-        self._link = link
-        self.stream_id = stream_id
+        self._tenant_id = link.tenant_id
         self._sink = sink
         self._cancelled = cancelled
         # credit goes back by message, except where each stream's call has its own flow control (FlowSink)
@@ -244,7 +245,7 @@ class TunnelStream:
             self._cancel("no schema")
             raise errors.Internal("connector ended the stream before sending its schema")
         try:
-            self.schema = read_schema(payload, self._link.tenant_id)
+            self.schema = read_schema(payload, self._tenant_id)
         except errors.CallError:
             self._cancel("invalid schema")
             raise
@@ -258,7 +259,7 @@ class TunnelStream:
         self._relayed_bytes.inc(size)
         if rows:
             self._relayed_rows.inc(rows)
-        self._usage.add(self._link.tenant_id, self.dataset, requests=requests, rows=rows, size=size)
+        self._usage.add(self._tenant_id, self.dataset, requests=requests, rows=rows, size=size)
 
     def _decode(self, payload, compressed: bool = False) -> pa.RecordBatch:
         """Read a batch in place and validate it before Flight's writer touches it: every buffer large enough
@@ -281,7 +282,7 @@ class TunnelStream:
             return pa.ipc.read_record_batch(message, self.schema)
         except DECODE_ERRORS as exc:
             self._cancel("invalid Arrow IPC")
-            raise errors.Internal(f"connector of tenant {self._link.tenant_id} sent invalid Arrow "
+            raise errors.Internal(f"connector of tenant {self._tenant_id} sent invalid Arrow "
                                              f"IPC: {str(exc)[:300]}") from None
 
     def batches(self) -> Iterator[pa.RecordBatch]:
