@@ -14,7 +14,6 @@ from .. import config
 from ..catalog import fit_batch
 from ..sources import Source
 from ..sql.errors import SqlError
-from ..sql.params import parameter_schema
 from ..tunnel import FrameType
 from ..tunnel import events as ev
 from ..tunnel.messages import clip
@@ -118,7 +117,7 @@ class Serving:
 
             return lambda: describe(*pushed, self.cfg.query_timeout_s, params)
         engine = await self.sql_engine()
-        return lambda: (engine.schema(sql, params), parameter_schema(engine.placeholders(sql)))
+        return lambda: engine.prepare(sql, params)
 
     async def sql_engine(self):
         """The DuckDB engine over the held datasets (their Parquet files; those built in memory as tables),

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from ..config import MAX_QUERY_BYTES, ConfigError
 from ..sql.errors import SqlError
-from ..sql.params import parameter_schema, to_arrow
+from ..sql.params import counted, parameter_schema, to_arrow
 from .base import Described
 
 PASSWORD_ENV = "POC_SOURCE_PASSWORD"
@@ -127,10 +127,8 @@ class DatabaseSource:
 def bound_values(placeholders: int, params: list | None) -> pa.RecordBatch | None:
     """A pushed query's values (poc.tunnel.params) as the one-row batch its driver binds, as many as the query
     has placeholders; SqlError otherwise."""
-    if len(params or ()) != placeholders:
-        raise SqlError("invalid_request", f"the query has {placeholders} parameter placeholders and "
-                                          f"{len(params or ())} values were bound")
-    return to_arrow(params) if params else None
+    values = counted(placeholders, params)
+    return to_arrow(values) if values else None
 
 
 class DatabaseQuery:

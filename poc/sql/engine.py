@@ -30,7 +30,7 @@ from ..config import MAX_QUERY_BYTES
 from ..tunnel.params import to_python
 from .allowed import check_duckdb
 from .errors import SqlError
-from .params import parameter_schema
+from .params import counted, parameter_schema
 
 CATALOG = "connector"  # the one catalog a tenant's client sees (Flight SQL GetCatalogs)
 DB_SCHEMA = "main"
@@ -162,14 +162,12 @@ class SqlEngine:
         count = self.placeholders(sql)
         if params is None and describing:
             return [None] * count or None
-        if len(params or ()) != count:
-            raise SqlError("invalid_request", f"the query has {count} parameter placeholders and {len(params or ())} "
-                                              "values were bound")
-        return to_python(params) if params else None
+        return to_python(counted(count, params)) or None
 
-    def prepare(self, sql: str) -> tuple[pa.Schema, pa.Schema]:
-        """The result's schema and its parameters' (poc.sql.params.parameter_schema)."""
-        return self.schema(sql), parameter_schema(self.placeholders(sql))
+    def prepare(self, sql: str, params: list | None = None) -> tuple[pa.Schema, pa.Schema]:
+        """The result's schema (with `params`, or before values are bound) and its parameters'
+        (poc.sql.params.parameter_schema)."""
+        return self.schema(sql, params), parameter_schema(self.placeholders(sql))
 
     def schema(self, sql: str, params: list | None = None) -> pa.Schema:
         """The result's schema, from binding the query (nothing is read beyond the files' metadata); with its

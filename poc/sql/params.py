@@ -10,12 +10,22 @@ import pyarrow as pa
 
 from ..tunnel import params as bound
 from ..tunnel.params import MAX_PARAMS, ParamError
+from .errors import SqlError
 
 _KINDS = (  # Arrow type test → the typed value's type
     (pa.types.is_null, "null"), (pa.types.is_boolean, "bool"), (pa.types.is_integer, "int"),
     (pa.types.is_floating, "float"), (pa.types.is_string, "string"), (pa.types.is_large_string, "string"),
     (pa.types.is_binary, "binary"), (pa.types.is_large_binary, "binary"), (pa.types.is_date, "date"),
     (pa.types.is_timestamp, "timestamp"))
+
+
+def counted(placeholders: int, params: list | None) -> list:
+    """The values bound to a query (poc.tunnel.params), if there are as many as its placeholders; SqlError
+    otherwise."""
+    if len(params or ()) != placeholders:
+        raise SqlError("invalid_request", f"the query has {placeholders} parameter placeholders and "
+                                          f"{len(params or ())} values were bound")
+    return params or []
 
 
 def parameter_schema(count: int) -> pa.Schema:
