@@ -40,6 +40,12 @@ def test_the_bench_says_where_every_core_second_goes(tmp_path):
     assert "WARNING" not in table(result)
     run["compressed_switches"] = 2
     assert "WARNING: the websocket connector turned compression on 2 time(s)" in table(result)
+    # memory another measurement left at the shared gateway makes a peak an upper bound, and the table says so
+    run["compressed_switches"] = 0
+    assert run["gateway_held_mb_c2"] < 50  # the first tunnel's first level starts from the idle gateway
+    run["gateway_held_mb_c2"] = 300.0
+    assert ("WARNING: the gateway began websocket's 2 concurrent streams holding up to 300 MB more than when idle"
+            in table(result))
 
 
 @pytest.mark.parametrize("share, said", [

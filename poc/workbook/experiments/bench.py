@@ -142,7 +142,7 @@ def _info_p50_ms(path: Path_, calls: int) -> float:
 class _PeakRss:
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
-        self.peak = self.proc.memory_info().rss
+        self.start = self.peak = self.proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -180,6 +180,7 @@ def run_bench(params: BenchParams, log=print) -> dict:
             p.open()
             p.do_get_bytes()  # warm-up
         gateway = psutil.Process(cluster.gateway.pid)
+        idle_rss = gateway.memory_info().rss  # after the warm-up, before any load
         # the processes whose CPU each path spends, by role (DIRECT_PROCESSES, TUNNEL_PROCESSES)
         serving = {"direct": {"server": psutil.Process(cluster.components["direct"].pid)}}
         for name, creds in by_tunnel.items():
@@ -201,6 +202,7 @@ def run_bench(params: BenchParams, log=print) -> dict:
                         run[f"{key}{role}_cpu_s_per_gb_c{level}"] = (_cpu_s(process) - before[role]) / (delivered / 1e9)
                     if name != "direct":
                         run[f"{key}gateway_peak_rss_mb_c{level}"] = rss.peak / 2**20
+                        run[f"{key}gateway_held_mb_c{level}"] = (rss.start - idle_rss) / 2**20
                 run[f"direct_gb_s_c{level}"] = gbs["direct"]
                 for name in params.tunnels:  # ratios once direct is measured, whichever went first
                     key = _prefix(name, first)
@@ -309,6 +311,23 @@ def _goal_rows(result: dict, prefix: str) -> list[str]:
     return lines
 
 
+HELD_WARNING_MB = 50
+
+
+def _held_warnings(result: dict) -> list[str]:
+    """The gateway serves every tunnel of the run: memory its allocator kept from one tunnel's streams counts in
+    the peak of the next measured there. Warns where a tunnel's peak at the top level started that way."""
+    tunnels, top = result["params"]["tunnels"], max(result["params"]["concurrency"])
+    lines = []
+    for t in tunnels:
+        held = [r.get(f"{_prefix(t, tunnels[0])}gateway_held_mb_c{top}", 0.0) for r in result["runs"]]
+        if max(held) > HELD_WARNING_MB:
+            lines.append(f"  WARNING: the gateway began {t}'s {top} concurrent streams holding up to {max(held):.0f} MB "
+                         "more than when idle (kept from another measurement at the same gateway): its peak RSS is an "
+                         f"upper bound; for the memory goal run --tunnels {t} alone")
+    return lines
+
+
 def _detail_rows(result: dict) -> list[str]:
     fig, tunnels = result["figures"], result["params"]["tunnels"]
     lines = []
@@ -332,6 +351,7 @@ def _detail_rows(result: dict) -> list[str]:
             lines.append(f"  WARNING: the {t} connector turned compression on {switches} time(s) during the run "
                          "(--compression auto judged the loopback link wide-area): its gateway figures include "
                          "decompressing batches; run again, or pass --connector-arg=--compression=off")
+    lines += _held_warnings(result)
     cost = result.get("validation_s_per_gb")
     if cost:
         lines.append(f"  batch validation in the gateway: {cost['bounds']:.3f} core-s/GB (bounds and offsets; "
