@@ -98,7 +98,7 @@ async def dial(target: str, cfg: ConnectorConfig):
 
         ca = open(cfg.ca_file, "rb").read() if cfg.ca_file else None
         link = await dial_flight(url, ConnectorEndpoint, cfg.tenant_id, cfg.token, ca, config.FLIGHT_TUNNEL_CHANNELS,
-                                 through)
+                                 through, cfg.heartbeat_s)
     else:
         from ..transports.picows_ws import dial_picows
 

@@ -22,6 +22,7 @@ from .directory import RedisDirectory
 from .flight_server import GatewayFlightServer
 from .health import HealthServer
 from .metrics import GatewayMetrics, ReplicaTunnels
+from .peer_resume import PeerResumer
 from .registry import TenantRegistry
 from .replica import Replica
 from .routing import LocalRouter
@@ -129,6 +130,7 @@ class Gateway:
         self._router = ClusterRouter(local, directory, peers, bridge.await_on_loop, cfg.request_timeout_s,
                                      self.metrics, peer_ca)
         self._flight.router = self._router
+        self.tunnels.peers = PeerResumer(self._router, loop)
         self.metrics.registry_up.set_function(lambda: 1 if directory.available else 0)
         self.metrics.registry.register(ReplicaTunnels(
             lambda: asyncio.run_coroutine_threadsafe(directory.gateways(), loop).result(5)))

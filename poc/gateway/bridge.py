@@ -124,12 +124,14 @@ class TunnelBridge:
         return reply, asked[0].epoch
 
     def open_stream(self, who, dataset: str, cancelled: Callable[[], bool] = lambda: False,
-                    sql: str | None = None, params: list | None = None) -> "TunnelStream":
+                    sql: str | None = None, params: list | None = None, resume=None) -> "TunnelStream":
         """Open a stream through the tenant's tunnel — a dataset's, or given `sql` that query's result, with
-        `params` bound — and wait for its schema (or for the client to leave)."""
-        future = self._on_link(who, lambda link: (link, *link.open_stream(dataset, who.request_id, sql, params)))
+        `params` bound, or given `resume` (poc.gateway.peer_resume.ResumeTicket) a dataset's from a row for
+        another replica, which counts it — and wait for its schema (or for the client to leave)."""
+        future = self._on_link(who, lambda link: (link, *link.open_stream(dataset, who.request_id, sql, params,
+                                                                            resume)))
         link, _, sink = self._wait(future, self.timeout_s + 1, "gateway")
-        stream = TunnelStream(self, link, sink, cancelled, dataset)
+        stream = TunnelStream(self, link, sink, cancelled, dataset, counted=resume is None)
         stream.read_schema()
         return stream
 
@@ -191,15 +193,17 @@ class TunnelStream:
     `finally`, and a finalizer cancels when this object is collected without having run it."""
 
     def __init__(self, bridge: TunnelBridge, link: TenantLink, sink: StreamSink, cancelled: Callable[[], bool],
-                 dataset: str = "") -> None:
+                 dataset: str = "", counted: bool = True) -> None:
         """`link`: the one the stream opened on, for its tenant and kind; which link and stream id feed the sink
-        later (a resumed stream moves, docs/protocol.md §6a) is the sink's `route`."""
+        later (a resumed stream moves, docs/protocol.md §6a) is the sink's `route`. Not `counted`: another
+        replica counts the request, its rows and bytes (it resumed there)."""
         self._bridge = bridge
         self.dataset = dataset
         metrics = bridge.metrics
         self._relayed_bytes = metrics.relayed_bytes.labels(link.tenant_id)
         self._relayed_rows = metrics.relayed_rows.labels(link.tenant_id)
         self._usage = metrics.usage
+        self._counted = counted
         self._tenant_id = link.tenant_id
         self._sink = sink
         self._cancelled = cancelled
@@ -256,6 +260,8 @@ class TunnelStream:
 
     def _count(self, size: int, rows: int, requests: int = 0) -> None:
         """Relayed bytes (schema and batch messages, as on the wire) and rows, for metrics and billing."""
+        if not self._counted:
+            return
         self._relayed_bytes.inc(size)
         if rows:
             self._relayed_rows.inc(rows)

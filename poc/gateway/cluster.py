@@ -25,6 +25,7 @@ from ..sql.service import sql_command
 from .bridge import NotHere
 from .directory import RedisDirectory, RegistryUnavailable, TunnelEntry
 from .link import TenantLink
+from .peer_resume import read_resume_ticket
 from .metrics import GatewayMetrics
 from .registry import TenantRegistry
 from .routing import LocalRouter, Stream, query_ticket
@@ -124,6 +125,12 @@ class ClusterRouter:
                                                   lambda c, o: [r.body.to_pybytes() for r in c.do_action(action, o)]))
 
     def do_get(self, who, ticket: flight.Ticket, cancelled: Callable[[], bool]) -> Stream | pa.Table:
+        if read_resume_ticket(ticket.ticket) is not None:  # a peer resuming a stream here: here or nowhere
+            try:
+                return self.local.do_get(who, ticket, cancelled)
+            except NotHere:
+                raise Unavailable(f"{STALE}: this gateway holds no tunnel of tenant {who.tenant_id} "
+                                  "to resume the stream on") from None
         epoch = None if sql_command(ticket.ticket) is not None else self.local.claims(who, ticket)[1]
         return self._route(who, lambda w: self.local.do_get(w, ticket, cancelled),
                            lambda: self._stream_at_owner(who, ticket, epoch))
@@ -152,10 +159,11 @@ class ClusterRouter:
                 client = self._clients[location] = flight.connect(location, **self._tls)
             return client
 
-    def _options(self, who, entry: TunnelEntry, method: str, request: bytes) -> flight.FlightCallOptions:
+    def _options(self, who, entry: TunnelEntry, method: str, request: bytes,
+                 timeout: float | None) -> flight.FlightCallOptions:
         """Peer credentials for this one call (method and request) at this one replica and tunnel."""
         credentials = self.peers.make(who.tenant_id, entry.epoch, entry.gateway, method, request)
-        return flight.FlightCallOptions(timeout=self.timeout_s, headers=[
+        return flight.FlightCallOptions(timeout=timeout, headers=[
             (PEER_HEADER.encode(), credentials.encode()), (b"x-request-id", who.request_id.encode())])
 
     def remote_tunnels(self, tenant_id: str, prefer_epoch: int | None = None) -> list[TunnelEntry]:
@@ -178,13 +186,17 @@ class ClusterRouter:
         remote.sort(key=lambda e: e.epoch != prefer_epoch)
         return remote[:3]  # an unreachable or refusing owner: the next tunnel, a few at most
 
-    def _at_owner(self, who, method: str, request: bytes, call, prefer_epoch: int | None = None):
+    def _at_owner(self, who, method: str, request: bytes, call, prefer_epoch: int | None = None,
+                  streamed: bool = False):
         """`call(client, options)` at the owner of one of the tenant's tunnels; on a stale-owner refusal, at
-        the next one."""
+        the next one. A call answered by a stream (`streamed`) has no deadline of its own: gRPC's would end
+        the whole stream, however it moves; the owner bounds each wait for its connector, the client's call
+        its own."""
         tunnels = self.remote_tunnels(who.tenant_id, prefer_epoch)
         for i, entry in enumerate(tunnels):
             try:
-                result = call(self._client(entry.flight), self._options(who, entry, method, request))
+                result = call(self._client(entry.flight),
+                              self._options(who, entry, method, request, None if streamed else self.timeout_s))
             except flight.FlightUnavailableError:
                 if i + 1 < len(tunnels):  # a stale or unreachable owner (killed, draining): the next tunnel
                     continue
@@ -202,8 +214,16 @@ class ClusterRouter:
         def call(client, options):
             reader = client.do_get(ticket, options)
             return reader, reader.schema  # the owner's refusal arrives with the schema
-        reader, schema = self._at_owner(who, "do_get", ticket.ticket, call, prefer_epoch=epoch)
+        reader, schema = self._at_owner(who, "do_get", ticket.ticket, call, prefer_epoch=epoch, streamed=True)
         return schema, _relay(reader)
+
+    def open_resumed(self, who, ticket: flight.Ticket) -> tuple[flight.FlightStreamReader, pa.Schema]:
+        """A stream cut off here, resumed at the replica that holds the tenant's tunnel now (poc.gateway.
+        peer_resume): its reader and schema; Unavailable when no other replica holds one."""
+        def call(client, options):
+            reader = client.do_get(ticket, options)
+            return reader, reader.schema
+        return self._at_owner(who, "do_get", ticket.ticket, call, streamed=True)
 
     def close(self) -> None:
         with self._lock:

@@ -18,6 +18,10 @@ from .sinks import FlowSink, StreamItem
 from .registry import TenantRegistry
 
 
+CUT = "cut"  # a data call that ended without END
+CUT_GRACE_S = 0.2
+
+
 class _Call:
     """A data call as its stream sees it: `cancel()` ends it when the stream ends first (the client left, the
     stream failed, the link closed), also while it waits for the connector's next message."""
@@ -35,8 +39,9 @@ class _Call:
 class DataCalls:
     """Serves data calls for the links of `registry`, on the event loop."""
 
-    def __init__(self, registry: TenantRegistry) -> None:
+    def __init__(self, registry: TenantRegistry, parker=lambda: None) -> None:
         self.registry = registry
+        self._parker = parker  # what takes a stream whose data call was cut (poc.gateway.tunnels), or None
 
     def _attach(self, tenant_id: str, session_id: str, stream_id: int, call: _Call):
         for link in self.registry.tenant_links(tenant_id):
@@ -63,18 +68,29 @@ class DataCalls:
         try:
             reason = await call.task
         except asyncio.CancelledError:
-            if not call.cancelled:
-                raise  # this call's own handler was cancelled: the server is stopping
+            if not call.cancelled:  # this call's own handler was cancelled: its connection was lost (or the
+                self._cut(link, stream_id, "its connection was lost")  # server is stopping, with every link)
+                raise
             await context.abort(grpc.StatusCode.CANCELLED, "the stream ended at the gateway")
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            return  # the connector dropped the call: its end is decided elsewhere
-        if reason is not None:
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+            # the connector dropped the call, or its connection was cut: if the stream is still open, the latter
+            self._cut(link, stream_id, str(exc).splitlines()[0][:200] or type(exc).__name__)
+            return
+        if reason is CUT:
+            self._cut(link, stream_id, "it ended without END")
+        elif reason is not None:
             link.data_call_rejected(stream_id, reason)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason[:300])
 
+    def _cut(self, link: TenantLink, stream_id: int, why: str) -> None:
+        """A data call ended without END: a moment later, unless the connector's `error` (sent on the control
+        call before it dropped the data call) ended the stream meanwhile, the call was cut (TenantLink.data_call_cut)."""
+        asyncio.get_running_loop().call_later(CUT_GRACE_S, lambda: link.data_call_cut(stream_id, why, self._parker()))
+
     async def _relay(self, link: TenantLink, stream_id: int, sink: FlowSink, context) -> str | None:
-        """Check and hand on each message until END (None), a broken rule (its reason), or the stream ending here
-        or the call ending without END (None: the connector's `error`, a cancel or the link's end decides)."""
+        """Check and hand on each message until END (None), a broken rule (its reason), the stream ending here
+        (None), or the call ending without END (CUT: the stream's end is decided by the connector's `error`, a
+        cancel or the link's end if one came, else the call was cut)."""
         endpoint = link.endpoint
         codec, max_frame = endpoint.codec, endpoint.limits.max_frame_bytes
         schema = True
@@ -106,4 +122,4 @@ class DataCalls:
             if not schema:
                 link.count_rows(stream_id, info.length)  # queued for the client: a resume starts after it
             schema = False
-        return None
+        return CUT

@@ -258,16 +258,21 @@ class TenantLink:
             self.forget_flight_info(rid)
 
     def open_stream(self, dataset: str, trace_id: str | None = None, sql: str | None = None,
-                    params: list | None = None) -> tuple[int, StreamSink]:
-        """Send a do_get — a query given `sql`, with `params` bound — and return the stream id and the sink its
-        frames arrive in."""
+                    params: list | None = None, resume=None) -> tuple[int, StreamSink]:
+        """Send a do_get — a query given `sql`, with `params` bound; given `resume` (its `from_row` and
+        `fingerprint`), a dataset's from a row, for another replica whose stream was cut off (§6a) — and
+        return the stream id and the sink its frames arrive in."""
         if sql is not None:
             self._require_sql(params)
+        if resume is not None and not self.endpoint.resumes:
+            raise errors.Unavailable(f"the connector of tenant {self.tenant_id} on this replica does not resume "
+                                     "streams (protocol 1.8, or --resume-window-s 0 here)")
         self._admit()
         window = self.endpoint.limits.initial_window
         self.budget.reserve(self.tenant_id, window)
         try:
-            sid = self.endpoint.open_stream(dataset, trace_id, sql, params)
+            sid = self.endpoint.open_stream(
+                dataset, trace_id, sql, params, *((resume.from_row, resume.fingerprint) if resume else ()))
         except LocalProtocolError as exc:  # the streams-in-flight limit (docs/protocol.md §7)
             self.budget.release(self.tenant_id, window)
             raise errors.Unavailable(f"tenant {self.tenant_id}: {exc}") from None
@@ -278,7 +283,8 @@ class TenantLink:
                                    else StreamSink())
         sink.route = (self, sid)
         if sql is None and self.endpoint.resumes:
-            self._replay[sid] = Replay(dataset, trace_id)
+            self._replay[sid] = (Replay(dataset, trace_id, resume.fingerprint, resume.from_row) if resume
+                                 else Replay(dataset, trace_id))
         self.transport.flush_soon()
         return sid, sink
 
@@ -303,6 +309,24 @@ class TenantLink:
         if stream_id in self._sinks:
             self.endpoint.end_stream_elsewhere(stream_id)
             self._end_stream(stream_id, StreamItem.END)
+
+    def data_call_cut(self, stream_id: int, why: str, park=None) -> None:
+        """A data call ended without END while its stream is still open on this live link: its connection was cut
+        (a proxy's idle or lifetime timeout, a reset) under a control call that goes on. A stream the connector
+        can replay is handed to `park` as when a whole link ends, and continues from its next row (§6a), here at
+        once; any other fails now, never short."""
+        if stream_id not in self._sinks or self.closing_reason is not None or self.transport.closed is not None:
+            return  # the stream ended (its error, a cancel) or the whole link did: decided there
+        reason = f"its data call was cut ({clip(why, 200)})"
+        replay = self._replay.get(stream_id)
+        if park is not None and replay is not None and replay.ready:
+            park(self._detach(stream_id, replay, reason))
+        else:
+            self._end_stream(stream_id, StreamItem.ERROR, errors.Unavailable(
+                f"connector of tenant {self.tenant_id}: the stream's data call was cut ({clip(why, 200)}) and it "
+                "cannot resume"))
+        self.endpoint.cancel_stream(stream_id, reason)  # the connector stops serving it
+        self.transport.flush_soon()
 
     def data_call_rejected(self, stream_id: int, reason: str) -> None:
         """A data call broke a rule of §4a or §13: that stream ends (its client gets the reason), the link goes on."""

@@ -15,7 +15,9 @@ from ..auth import TicketSigner, dataset_from_descriptor
 from ..flight_actions import Actions
 from ..sql.proto import TicketStatementQuery, pack_any
 from ..sql.service import FlightSqlService, add_sql_actions, checked_query, descriptor_command, make_handle, sql_command
+from .. import errors
 from .bridge import TunnelBridge
+from .peer_resume import read_resume_ticket
 
 QUERY_LABEL = "(sql)"  # the dataset label of a query's stream in metrics and usage
 
@@ -121,6 +123,12 @@ class LocalRouter:
         message = sql_command(ticket.ticket)
         if message is not None:  # a Flight SQL ticket: a statement's result, or a metadata command's table
             return self.sql.do_get(who, message, cancelled)
+        resume = read_resume_ticket(ticket.ticket)
+        if resume is not None:  # another replica resuming a stream cut off there (poc.gateway.peer_resume)
+            if who.peer_epoch is None:
+                raise errors.Forbidden("a resume ticket is accepted only from another replica of this gateway")
+            stream = self.bridge.open_stream(who, resume.dataset, cancelled, resume=resume)
+            return stream.schema, stream.batches()
         dataset, _ = self.claims(who, ticket)
         stream = self.bridge.open_stream(who, dataset, cancelled)
         return stream.schema, stream.batches()

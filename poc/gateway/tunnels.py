@@ -29,6 +29,7 @@ from .settings import GatewayConfig
 from .shares import BufferBudget
 
 log = logging.getLogger("poc.gateway")
+PEER_RETRY_S = 1.0  # with replicas, how often a stream waiting to resume asks whether another replica can
 
 
 class Tunnels:
@@ -42,6 +43,7 @@ class Tunnels:
         self.budget = budget
         self.metrics = metrics
         self.replica = None
+        self.peers = None  # with replicas, poc.gateway.peer_resume.PeerResumer: streams resume at another replica
         self.ports: dict[str, int] = {}
         self._ws_server: Server | None = None
         self._flight_server = None
@@ -79,7 +81,7 @@ class Tunnels:
         from .data_calls import DataCalls
 
         cfg = self.cfg
-        data = DataCalls(self.registry)
+        data = DataCalls(self.registry, self._parker)
         # Calls open at once: every tunnel's control call, every stream's data call, and room for strangers
         # refused at once. Streams are bounded per tenant by its buffer share (each reserves a window).
         max_calls = cfg.max_pending_tunnels + 2 * cfg.limits.max_streams + 256
@@ -281,10 +283,13 @@ class Tunnels:
         self._spawn(self._resume(parked))
 
     async def _resume(self, parked: Parked) -> None:
-        """Hand the stream to the tenant's next live link here as soon as there is one, within the window; else
-        it fails, never short. Its reservation is held meanwhile."""
+        """Hand the stream to the tenant's next live link here as soon as there is one, or with replicas to the
+        replica that holds one (every PEER_RETRY_S), within the window; else it fails, never short. Its
+        reservation is held meanwhile (and, resumed at another replica, until the relay ends)."""
         deadline = time.monotonic() + self.cfg.resume_window_s
         outcome = "expired"
+        refused = ""  # why another replica could not resume it, last time it was asked
+        ask_peers_at = time.monotonic()
         try:
             while not parked.sink.cancelled and not self.registry.draining:
                 link = self.registry.local(parked.tenant_id)
@@ -294,6 +299,14 @@ class Tunnels:
                              parked.replay.rows, link.session_id,
                              extra={"tenant": parked.tenant_id, "request_id": parked.replay.trace_id})
                     return
+                if self.peers is not None and time.monotonic() >= ask_peers_at:
+                    ask_peers_at = time.monotonic() + PEER_RETRY_S
+                    answer = await self.peers.resume(parked, lambda: self.budget.release(parked.tenant_id,
+                                                                                         parked.reserved))
+                    if answer is True:
+                        outcome = "resumed"
+                        return
+                    refused = answer or refused
                 if time.monotonic() >= deadline:
                     break
                 await asyncio.sleep(0.05)
@@ -305,7 +318,8 @@ class Tunnels:
                 parked.sink.held_until = 0.0
                 parked.sink.put(StreamItem.ERROR, errors.Unavailable(
                     f"connector of tenant {parked.tenant_id} disconnected: {parked.reason}; it did not come back "
-                    f"within --resume-window-s {self.cfg.resume_window_s:g} s to resume the stream"))
+                    f"within --resume-window-s {self.cfg.resume_window_s:g} s to resume the stream"
+                    + (f" (another replica could not resume it: {refused})" if refused else "")))
                 parked.sink.close()
 
     def _withdraw(self, link: TenantLink) -> None:

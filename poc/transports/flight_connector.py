@@ -210,10 +210,15 @@ def _cancel_call(call: _DataCall) -> None:
 
 
 async def dial_flight(url: str, endpoint_factory: Callable[[], Endpoint], tenant_id: str, token: str,
-                      ca: bytes | None, channels: int, proxy: str | None = None) -> FlightClientLink:
+                      ca: bytes | None, channels: int, proxy: str | None = None,
+                      heartbeat_s: float = 60.0) -> FlightClientLink:
     """Open the control call to flight://HOST:PORT (flight+tls://: TLS, roots from `ca`, else the system's), with
     `channels` connections for data calls; through the HTTP proxy `proxy` (HTTP CONNECT) when given, and never
-    through one gRPC would take from the environment otherwise (poc.connector.proxy decided)."""
+    through one gRPC would take from the environment otherwise (poc.connector.proxy decided).
+
+    Every connection pings (HTTP/2 keepalive) every `heartbeat_s` (at least 1 s, what the gateway allows) while
+    it carries a call: a data call whose stream waits for its client is otherwise silent, and a proxy's idle
+    timeout would cut its connection under a live control call (docs/results.md, the corporate network)."""
     import pyarrow.flight as flight
 
     tls = url.startswith("flight+tls://")
@@ -224,7 +229,11 @@ async def dial_flight(url: str, endpoint_factory: Callable[[], Endpoint], tenant
     def connect() -> tuple[list, tuple]:
         kwargs = {"tls_root_certs": ca} if tls and ca else {}
         way_out = [("grpc.http_proxy", proxy)] if proxy else [("grpc.enable_http_proxy", 0)]
-        clients = [flight.connect(location, generic_options=[("grpc.use_local_subchannel_pool", 1), *way_out], **kwargs)
+        ping_ms = max(1000, int(heartbeat_s * 1000))
+        keepalive = [("grpc.keepalive_time_ms", ping_ms), ("grpc.keepalive_timeout_ms", max(ping_ms, 10_000)),
+                     ("grpc.http2.max_pings_without_data", 0), ("grpc.http2.min_time_between_pings_ms", ping_ms)]
+        clients = [flight.connect(location, generic_options=[("grpc.use_local_subchannel_pool", 1), *way_out,
+                                                             *keepalive], **kwargs)
                    for _ in range(1 + max(1, channels))]
         writer, reader = clients[0].do_exchange(flight.FlightDescriptor.for_command(CONTROL), options=options)
         return clients, (writer, reader)

@@ -580,3 +580,95 @@ def test_a_connector_given_one_name_for_two_replicas_keeps_a_tunnel_on_each(tmp_
         for gateway in ("gw-1", "gw-2"):
             assert read(r.flight_uri(gateway), tenants["tenant_001"].client_token)[1].equals(table)
         assert "#127.0.0.2" in r.connectors["connector-tenant_001"].log_tail(1000)
+
+
+# -- a stream cut off with its tunnel, resumed at another replica (docs/protocol.md §6a)
+
+@pytest.mark.parametrize("tunnel", ["websocket", "flight"])
+def test_a_stream_cut_off_resumes_at_the_replica_that_holds_the_tenants_tunnel_now(tmp_path, datasets, tunnel):
+    """A DoGet at gw-1 read from gw-1's tunnel; that tunnel is cut (and gw-1 stays out of the connector's reach)
+    while the stream is half sent; the connector's other tunnel is at gw-2. gw-1 asks gw-2 for the rest, from
+    the next row under the same fingerprint: the client gets the exact table, counted once."""
+    from poc.workbook.emulation.faults import TcpProxy
+    from tests.integration.test_faults import read_rest
+
+    tenants = make_tenants(1)
+    table = pq.read_table(datasets["a"] / "sales.parquet")
+    args = ("--rebalance-s", "0", "--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
+    with Replicas(tmp_path, tenants, datasets["a"], count=2, gateway_args=args, tunnel=tunnel) as r:
+        port = int(r.tunnel_url("gw-1").rsplit(":", 1)[1].split("/")[0])
+        with TcpProxy(port) as proxy:
+            r.connect("tenant_001", urls=(r.tunnel_url("gw-1").replace(f":{port}", f":{proxy.port}"),
+                                          r.tunnel_url("gw-2")))
+            wait_for(lambda: sorted(t["gateway"] for t in tunnels_of(r, "tenant_001")) == ["gw-1", "gw-2"], 20,
+                     "a tunnel at each replica")
+            token = tenants["tenant_001"].client_token
+            with flight.connect(r.flight_uri("gw-1")) as client:
+                info = client.get_flight_info(sales(), bearer(token))
+                reader = client.do_get(info.endpoints[0].ticket, bearer(token, timeout=60))
+                first = reader.read_chunk().data
+                wait_for(lambda: r.health("gw-1")["tenants"]["tenant_001"].get("streams_in_flight") == 1, 10,
+                         "the stream is open at gw-1's tunnel")
+                proxy.blackhole()
+                proxy.drop()  # gw-1's tunnel is cut mid-stream, and the connector cannot dial gw-1 again
+                got = read_rest(reader, first)
+            resumed = scrape(r, "gw-1")
+            usage_rows = scrape(r, "gw-1").get(("poc_gateway_relayed_rows_total", (("tenant", "tenant_001"),)))
+            owner = scrape(r, "gw-2")
+    assert got.equals(table)
+    assert resumed[("poc_gateway_streams_resumed_total", (("outcome", "resumed"),))] == 1
+    assert "resumed from row" in r.gateways["gw-1"].log_tail(20_000)
+    # the rows are counted where the client read them, once: the owner served them without counting
+    assert usage_rows == table.num_rows
+    assert owner.get(("poc_gateway_relayed_rows_total", (("tenant", "tenant_001"),)), 0) == 0
+
+
+def test_a_resume_ticket_is_refused_from_a_client_and_malformed_ones_from_a_peer(replicas, tenant_data):
+    """Only another replica may resume a stream: a client's resume ticket is refused whatever it names, and a
+    peer's malformed one is refused too; a peer's good one gets the dataset from that row, while its fingerprint
+    is the file's."""
+    from poc.gateway.peer_resume import RESUME_TICKET
+
+    creds = replicas.tenants["tenant_001"]  # its tunnel is on gw-1
+    good = RESUME_TICKET + b'{"dataset":"sales","from_row":0,"fingerprint":"1-2-3"}'
+    with flight.connect(replicas.flight_uri("gw-1")) as client:
+        with pytest.raises(flight.FlightUnauthorizedError, match="accepted only from another replica"):
+            client.do_get(flight.Ticket(good), bearer(creds.client_token)).read_all()
+    epoch = replicas.health("gw-1")["tenants"]["tenant_001"]["epoch"]
+    with flight.connect(replicas.flight_uri("gw-1")) as owner:
+        for ticket in (RESUME_TICKET + b'{"dataset":"sales","from_row":-1,"fingerprint":"x"}',
+                       RESUME_TICKET + b'{"dataset":"sales","from_row":0,"fingerprint":"x","more":1}',
+                       RESUME_TICKET + b"not json"):
+            options = peer_options(replicas, "tenant_001", epoch, "gw-1", "do_get", ticket)
+            with pytest.raises(pa.ArrowInvalid, match="malformed resume ticket"):
+                owner.do_get(flight.Ticket(ticket), options).read_all()
+        # a well-formed one from a peer is served: the dataset from that row (a wrong fingerprint: refused)
+        with pytest.raises(flight.FlightUnavailableError, match="changed since its stream began"):
+            owner.do_get(flight.Ticket(good), peer_options(replicas, "tenant_001", epoch, "gw-1", "do_get",
+                                                           good)).read_all()
+        table = expected(tenant_data)
+        stat = (tenant_data["tenant_001"] / "sales.parquet").stat()
+        same = RESUME_TICKET + json.dumps({"dataset": "sales", "from_row": 1000, "fingerprint":
+                                           f"{stat.st_size}-{stat.st_mtime_ns}-{table.num_rows}"}).encode()
+        rest = owner.do_get(flight.Ticket(same), peer_options(replicas, "tenant_001", epoch, "gw-1", "do_get",
+                                                              same)).read_all()
+    assert rest.equals(table.slice(1000))
+
+
+def test_a_forwarded_doget_lasts_as_long_as_its_client_reads_not_the_request_timeout(tmp_path, datasets):
+    """--request-timeout-s bounds each wait for the connector, not a whole stream: a DoGet forwarded to the owner
+    and read for longer than that is not cut off by a deadline on the forwarded call."""
+    tenants = make_tenants(1)
+    args = ("--rebalance-s", "0", "--request-timeout-s", "2", "--window-bytes", str(2 << 20), "--max-frame-bytes",
+            str(1 << 20))
+    with Replicas(tmp_path, tenants, datasets["a"], count=2, gateway_args=args) as r:
+        r.connect("tenant_001", "gw-2")
+        r.wait_routable(["tenant_001"])
+        token = tenants["tenant_001"].client_token
+        with flight.connect(r.flight_uri("gw-1")) as client:  # gw-1 forwards to gw-2
+            info = client.get_flight_info(sales(), bearer(token))
+            reader = client.do_get(info.endpoints[0].ticket, bearer(token, timeout=60))
+            batches = [reader.read_chunk().data]
+            time.sleep(3.5)  # longer than the request timeout
+            got = pa.Table.from_batches(batches + [chunk.data for chunk in reader])
+    assert got.equals(pq.read_table(datasets["a"] / "sales.parquet"))

@@ -60,10 +60,10 @@ class TcpProxy:
                 except OSError:
                     pass
 
-    def drop(self) -> None:
-        """Reset every open link (RST, no WebSocket close frame)."""
+    def drop(self, keep: int = 0) -> None:
+        """Reset every open link (RST, no WebSocket close frame) but the first `keep` opened."""
         with self._lock:
-            links, self._links = self._links, []
+            links, self._links = self._links[keep:], self._links[:keep]
         for pair in links:
             for s in pair:
                 try:  # shutdown wakes the pump blocked in recv; close alone would not end the connection
