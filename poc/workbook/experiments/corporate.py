@@ -1,7 +1,7 @@
 """The corporate network (`run_corporate`, notebooks/corporate.ipynb): connectors in a network namespace whose only
 way out is a real squid with Basic authentication, against connectors reaching the gateway directly, per transport:
-registration time, throughput, and what happens to DoGets in flight when the proxy restarts, with streams resumed
-(docs/protocol.md §6a) and without. The run makes a network namespace of its own (as the WAN experiment does) and,
+registration time, throughput, and what happens to DoGets in flight when the proxy restarts or cuts tunnels that
+stay silent longer than its idle timeout, with streams resumed (docs/protocol.md §6a) and without. The run makes a network namespace of its own (as the WAN experiment does) and,
 inside it, a second one for the corporate side, joined to the first by a veth pair that holds nothing but the
 proxy's address.
 
@@ -46,6 +46,9 @@ class CorporateParams(RunParams):
     inflight: int = 4                     # DoGets read slowly across each proxy restart
     restarts: int = 2                     # proxy restarts per transport and resume setting
     resume_windows: str = "30,0"          # the gateway's --resume-window-s per setting; 0: streams fail at once
+    idle_timeout_s: float = 3.0           # a second proxy cuts tunnels silent this long (squid's read_timeout)
+    idle_heartbeats: str = "10,1"         # the connector's --heartbeat-s behind it: above the idle timeout, below
+    idle_pause_s: float = 12.0            # DoGets in flight stop reading this long: their tunnel falls silent
 
     def __post_init__(self) -> None:
         from ...config import ConfigError
@@ -56,6 +59,13 @@ class CorporateParams(RunParams):
             raise ConfigError(f"transports must be among {', '.join(TRANSPORTS)}, got {self.transports!r}")
         if self.rows < 1 or self.reads < 1 or self.inflight < 1 or self.restarts < 1:
             raise ConfigError("rows, reads, inflight and restarts must be at least 1")
+        try:
+            heartbeats = [float(x) for x in _words(self.idle_heartbeats)]
+        except ValueError:
+            heartbeats = []
+        if not heartbeats or min(heartbeats) <= 0 or self.idle_timeout_s < 1 or self.idle_pause_s <= 0:
+            raise ConfigError("idle_heartbeats must be positive seconds, idle_timeout_s at least 1 (squid counts "
+                              "whole seconds) and idle_pause_s positive")
 
 
 class CorporateNetwork:
@@ -144,9 +154,10 @@ class SlowReader(threading.Thread):
             self.started_reading.set()
 
 
-def _connector(cluster, transport: str, name: str, proxy=None, network: CorporateNetwork | None = None):
+def _connector(cluster, transport: str, name: str, proxy=None, network: CorporateNetwork | None = None,
+               heartbeat_s: float = 5.0):
     tunnel, impl = TRANSPORTS[transport]
-    extra = (*impl, "--heartbeat-s", "5", *(("--proxy", f"http://jo@{proxy.host}:{proxy.port}") if proxy else ()))
+    extra = (*impl, "--heartbeat-s", f"{heartbeat_s:g}", *(("--proxy", f"http://jo@{proxy.host}:{proxy.port}") if proxy else ()))
     from ..servers.runner import start_component
 
     args = ["connector", "--gateway", cluster.tunnel_url(tunnel=tunnel), "--tenant", "tenant_001", "--data",
@@ -170,28 +181,60 @@ def _throughput(cluster, token: str, reads: int) -> float:
     return statistics.median(rates)
 
 
-def _restart_trial(cluster, squid, token: str, expected, inflight: int) -> dict:
-    """`inflight` DoGets stop reading after their first batch; the proxy restarts; they read on. Recovery: from
-    the proxy answering again to the tenant registered again."""
-    first = cluster.health()["tenants"]["tenant_001"]["session_id"]
+def _paused_readers(cluster, token: str, expected, inflight: int) -> tuple[threading.Event, list[SlowReader]]:
+    """`inflight` DoGets that have read their first batch and stopped; they read on once the event is set."""
     go = threading.Event()
     readers = [SlowReader(cluster.flight_uri, token, expected, go) for _ in range(inflight)]
     for reader in readers:
         reader.start()
     for reader in readers:
         reader.started_reading.wait(60)
+    return go, readers
+
+
+def _read_on(go: threading.Event, readers: list[SlowReader]) -> dict:
+    """Let the readers read on; how many got the exact table, a short one, or an error (and which)."""
+    go.set()
+    for reader in readers:
+        reader.join(180)
+    outcomes = [r.outcome for r in readers]
+    return {"inflight": len(readers), "exact": outcomes.count("exact"), "short": outcomes.count("short"),
+            "failed": sum(o not in ("exact", "short") for o in outcomes),
+            "errors": sorted({o for o in outcomes if o not in ("exact", "short")})}
+
+
+def _restart_trial(cluster, squid, token: str, expected, inflight: int) -> dict:
+    """`inflight` DoGets stop reading after their first batch; the proxy restarts; they read on. Recovery: from
+    the proxy answering again to the tenant registered again."""
+    first = cluster.health()["tenants"]["tenant_001"]["session_id"]
+    go, readers = _paused_readers(cluster, token, expected, inflight)
     squid.stop()
     squid.start()
     back = time.monotonic()
     cluster.wait_online(["tenant_001"], timeout=90, session_not={"tenant_001": first})
     recovery_s = time.monotonic() - back
-    go.set()
-    for reader in readers:
-        reader.join(180)
-    outcomes = [r.outcome for r in readers]
-    return {"recovery_s": recovery_s, "inflight": inflight, "exact": outcomes.count("exact"),
-            "short": outcomes.count("short"), "failed": sum(o not in ("exact", "short") for o in outcomes),
-            "errors": sorted({o for o in outcomes if o not in ("exact", "short")})}
+    return {"recovery_s": recovery_s, **_read_on(go, readers)}
+
+
+def _idle_trial(cluster, token: str, expected, inflight: int, pause_s: float) -> dict:
+    """`inflight` DoGets stop reading after their first batch for `pause_s`: their connector runs out of credit and
+    its tunnel falls silent but for heartbeats. Cuts: each new session of the tenant seen meanwhile (the proxy cut
+    the tunnel for silence and the connector dialled again)."""
+    def session():
+        return cluster.health()["tenants"].get("tenant_001", {}).get("session_id")
+
+    sessions = [session()]
+    go, readers = _paused_readers(cluster, token, expected, inflight)
+    until = time.monotonic() + pause_s
+    while time.monotonic() < until:
+        now = session()
+        if now is not None and now != sessions[-1]:
+            sessions.append(now)
+        time.sleep(0.2)
+    if len(sessions) > 1:  # the readers go on once the tenant is online again, as after a restart
+        cluster.wait_online(["tenant_001"], timeout=90)
+    trial = _read_on(go, readers)
+    return {"cuts": len(sessions) - 1, **trial, "errors": "; ".join(trial["errors"])[:300]}
 
 
 def run_cells(params: CorporateParams, log=print) -> dict:
@@ -208,7 +251,7 @@ def run_cells(params: CorporateParams, log=print) -> dict:
     expected = pq.read_table(next(Path(data).glob("*.parquet")))
     tenants = make_tenants(1)
     token = tenants["tenant_001"].client_token
-    rows, checks = [], {}
+    rows, idle, checks = [], [], {}
     with tempfile.TemporaryDirectory(prefix="poc-corporate-") as work, CorporateNetwork() as network:
         for w, window in enumerate(_words(params.resume_windows)):
             with Cluster(Path(work) / f"resume-{window}", tenants, data, with_connectors=False, with_direct=False,
@@ -244,7 +287,23 @@ def run_cells(params: CorporateParams, log=print) -> dict:
                             f"{row['proxy_register_s']:.2f} s; after {params.restarts} proxy restarts, "
                             f"{row['exact']} of {row['inflight']} DoGets in flight exact, {row['failed']} failed, "
                             f"back in {row['recovery_s']:.2f} s (median)")
-    return {"rows": rows, "checks": checks}
+                with Squid(ports, users={"jo": PASSWORD}, host=network.HOST,
+                           idle_timeout_s=params.idle_timeout_s) as strict:
+                    for transport in _words(params.transports):
+                        for h, heartbeat in enumerate(float(x) for x in _words(params.idle_heartbeats)):
+                            if w and heartbeat < params.idle_timeout_s:
+                                continue  # nothing is cut: whether streams resume does not matter, measured once
+                            proxied, _ = _connector(cluster, transport, f"idle-{transport}-{w}-{h}", strict, network,
+                                                    heartbeat_s=heartbeat)
+                            trial = _idle_trial(cluster, token, expected, params.inflight, params.idle_pause_s)
+                            proxied.stop()
+                            idle.append({"transport": transport, "resume_window_s": float(window),
+                                         "heartbeat_s": heartbeat, **trial})
+                            log(f"{transport}, resume window {window} s, heartbeat {heartbeat:g} s behind a "
+                                f"{params.idle_timeout_s:g} s idle timeout: {trial['cuts']} cuts in "
+                                f"{params.idle_pause_s:g} s, {trial['exact']} of {trial['inflight']} DoGets in "
+                                f"flight exact, {trial['failed']} failed")
+    return {"rows": rows, "idle": idle, "checks": checks}
 
 
 def run_corporate(params: CorporateParams, progress=print) -> "CorporateResult":
@@ -254,8 +313,10 @@ def run_corporate(params: CorporateParams, progress=print) -> "CorporateResult":
     from ..servers.runner import machine_info
 
     doc = run_experiment_in_namespace(__name__, params, "corporate", progress)
-    result = CorporateResult(params, pl.DataFrame(doc["rows"]), doc["checks"], machine_info())
+    result = CorporateResult(params, pl.DataFrame(doc["rows"]), doc["checks"], machine_info(),
+                             pl.DataFrame(doc["idle"]))
     result.rows.write_csv(params.out_dir / "corporate.csv")
+    result.idle.write_csv(params.out_dir / "corporate-idle.csv")
     return result
 
 
@@ -265,6 +326,7 @@ class CorporateResult:
     rows: "object"  # polars DataFrame: one row per transport and resume setting
     checks: dict
     machine: dict
+    idle: "object"  # polars DataFrame: one row per transport, resume setting and heartbeat behind the idle timeout
 
     @property
     def out_dir(self) -> Path:
@@ -294,6 +356,13 @@ def answer(result: CorporateResult) -> str:
                      f"{result.params.restarts} proxy restarts, {row['exact']} exact, {row['failed']} failed with an "
                      f"error, {row['short']} short; tunnel back {number(row['recovery_s'])} s after the proxy "
                      f"(max {number(row['recovery_s_max'])} s).")
+    for row in result.idle.sort("resume_window_s", "transport", "heartbeat_s",
+                                descending=[True, False, True]).iter_rows(named=True):
+        setting = "off" if not row["resume_window_s"] else f"{number(row['resume_window_s'])} s"
+        lines.append(f"- {row['transport']}, resume {setting}, heartbeat every {number(row['heartbeat_s'])} s behind a "
+                     f"{number(result.params.idle_timeout_s)} s idle timeout: {row['cuts']} cuts while "
+                     f"{row['inflight']} DoGets paused {number(result.params.idle_pause_s)} s; {row['exact']} exact, "
+                     f"{row['failed']} failed, {row['short']} short.")
     lines.append(f"- The corporate namespace has no route to the gateway but the proxy: "
                  f"{'checked, a direct connection fails' if result.checks.get('direct_route_blocked') else 'NOT SO'}.")
     return "\n".join(lines)

@@ -28,8 +28,9 @@ class Squid:
 
     def __init__(self, ports: list[int], users: dict[str, str] | None = None, port: int = 0,
                  bump: tuple[Path, Path] | None = None, upstream_ca: Path | None = None,
-                 host: str = "127.0.0.1") -> None:
-        self.host = host  # the address it listens on (a corporate namespace's way out, poc.workbook.experiments)
+                 host: str = "127.0.0.1", idle_timeout_s: float | None = None) -> None:
+        self.host = host
+        self.idle_timeout_s = idle_timeout_s  # cut a tunnel silent this long (read_timeout); None: squid's 15 min  # the address it listens on (a corporate namespace's way out, poc.workbook.experiments)
         self.ports = ports
         self.users = users or {}
         self.bump = bump
@@ -73,6 +74,7 @@ class Squid:
             f"access_log stdio:{self.folder / 'access.log'}",
             "logfile_rotate 0", "cache deny all", "cache_mem 8 MB", f"coredump_dir {self.folder}",
             "pinger_enable off", "shutdown_lifetime 1 seconds",
+            f"read_timeout {self.idle_timeout_s:g} seconds" if self.idle_timeout_s else "",
             "acl gateway_ports port " + " ".join(str(p) for p in self.ports),
             "acl CONNECT method CONNECT",
             "http_access deny !gateway_ports",  # CONNECTs, and requests inside bumped TLS, to the gateway only
