@@ -187,3 +187,34 @@ def test_a_proxy_restart_during_a_slow_48_mb_doget_gives_the_client_the_exact_ta
     assert sum(b.num_rows for b in batches) == got.num_rows == 1_000_000
     assert pa.Table.from_batches(batches).equals(got)
     assert re.search(r"do_get sales resumed from row [1-9]\d*", log)
+
+
+def test_the_flight_tunnels_silent_stream_connection_is_not_cut_by_a_proxys_idle_timeout(tmp_path, datasets):
+    """A DoGet whose client stopped reading leaves its data call's connection silent, beside a control call whose
+    heartbeats flow on another. Behind squid with a 2 s idle timeout and heartbeats every 1 s, the connector's
+    pings keep that connection too: after 6 s of pause nothing was cut, nothing resumed, the table is exact."""
+    from poc.config import make_tenants
+    from tests.integration.test_faults import gateway_metric
+
+    args = ("--window-bytes", str(2 << 20), "--max-frame-bytes", str(1 << 20))
+    with Cluster(tmp_path, make_tenants(1), datasets["a"], gateway_args=args, with_direct=False,
+                 with_connectors=False) as c:
+        ports = [c.gateway.ready["ws_port"], c.gateway.ready["flight_tunnel_port"]]
+        with Squid(ports, users={"jo": PASSWORD}, idle_timeout_s=2) as squid:
+            proxied = connector(c, "flight", "proxied", ("--proxy", f"http://jo@127.0.0.1:{squid.port}",
+                                                         "--heartbeat-s", "1"), {"POC_PROXY_PASSWORD": PASSWORD})
+            proxied.wait_ready(30)
+            first = c.wait_online(["tenant_001"])["tenants"]["tenant_001"]["session_id"]
+            token = c.tenants["tenant_001"].client_token
+            with flight.connect(c.flight_uri) as client:
+                reader = client.do_get(client.get_flight_info(sales(), bearer(token)).endpoints[0].ticket,
+                                       bearer(token, timeout=60))
+                batches = [reader.read_chunk().data]
+                time.sleep(6)  # three idle timeouts
+                batches += [chunk.data for chunk in reader]
+            session = c.health()["tenants"]["tenant_001"]["session_id"]
+            resumed = gateway_metric(c, "poc_gateway_streams_resumed_total", outcome="resumed")
+            log = c.gateway.log_tail(100_000)
+            proxied.stop()
+    assert pa.Table.from_batches(batches).equals(pq.read_table(datasets["a"] / "sales.parquet"))
+    assert session == first and resumed == 0 and "data call was cut" not in log
