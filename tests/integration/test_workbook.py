@@ -264,6 +264,7 @@ def test_corporate_notebook_puts_connectors_behind_a_real_squid_in_a_namespace_o
         assert (out / "charts" / f"{name}.png").stat().st_size > 5_000
     text = shared_text(out, tmp_path)
     assert "behind one that inspects TLS, the WebSocket tunnel" in text and "a direct connection fails" in text
+    assert "Keep the connector's heartbeat inside the proxy's idle timeout" in text
     assert subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout == before
 
 

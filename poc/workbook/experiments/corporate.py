@@ -333,6 +333,18 @@ class CorporateResult:
         return self.params.out_dir
 
 
+def _heartbeat_keeps(result: CorporateResult) -> bool:
+    """Whether the run showed it: heartbeats inside the idle timeout cut nothing, further apart they did."""
+    import polars as pl
+
+    idle, limit = result.idle, result.params.idle_timeout_s
+    if idle.is_empty():
+        return False
+    inside, outside = idle.filter(pl.col("heartbeat_s") < limit), idle.filter(pl.col("heartbeat_s") > limit)
+    return (not inside.is_empty() and not outside.is_empty() and (inside["cuts"] == 0).all()
+            and (outside["cuts"] > 0).all())
+
+
 def answer(result: CorporateResult) -> str:
     """The report's first lines: which transport behind which proxy, then what each measure gave."""
     import polars as pl
@@ -343,7 +355,9 @@ def answer(result: CorporateResult) -> str:
     lines = ["**Answer: behind a proxy that tunnels TLS (CONNECT, with or without authentication), deploy the "
              "Flight tunnel (`flight+tls://`); behind one that inspects TLS, the WebSocket tunnel (`wss://`: the "
              "Flight tunnel's HTTP/2 does not pass an inspecting proxy, docs/operations.md). Either way, leave the "
-             "gateway's `--resume-window-s` on: a proxy restart then costs DoGets in flight a pause, not an error.**"]
+             "gateway's `--resume-window-s` on: a proxy restart then costs DoGets in flight a pause, not an error.**"
+             + (" **Keep the connector's heartbeat inside the proxy's idle timeout: a tunnel whose DoGets wait for "
+                "their clients is then never cut.**" if _heartbeat_keeps(result) else "")]
     first = r.filter(pl.col("proxy_mbps").is_not_null()) if "proxy_mbps" in r.columns else r.head(0)
     for row in first.iter_rows(named=True):
         lines.append(f"- {row['transport']}: registered through the proxy in {number(row['proxy_register_s'])} s "
