@@ -49,6 +49,7 @@ class CorporateParams(RunParams):
     idle_timeout_s: float = 3.0           # a second proxy cuts tunnels silent this long (squid's read_timeout)
     idle_heartbeats: str = "10,1"         # the connector's --heartbeat-s behind it: above the idle timeout, below
     idle_pause_s: float = 12.0            # DoGets in flight stop reading this long: their tunnel falls silent
+    idle_transports: str = ""             # the transports measured behind the idle timeout; empty: every one
 
     def __post_init__(self) -> None:
         from ...config import ConfigError
@@ -57,6 +58,9 @@ class CorporateParams(RunParams):
         unknown = set(_words(self.transports)) - set(TRANSPORTS)
         if unknown or not _words(self.transports):
             raise ConfigError(f"transports must be among {', '.join(TRANSPORTS)}, got {self.transports!r}")
+        if set(_words(self.idle_transports)) - set(_words(self.transports)):
+            raise ConfigError(f"idle_transports must be among the transports ({self.transports}), "
+                              f"got {self.idle_transports!r}")
         if self.rows < 1 or self.reads < 1 or self.inflight < 1 or self.restarts < 1:
             raise ConfigError("rows, reads, inflight and restarts must be at least 1")
         try:
@@ -289,7 +293,7 @@ def run_cells(params: CorporateParams, log=print) -> dict:
                             f"back in {row['recovery_s']:.2f} s (median)")
                 with Squid(ports, users={"jo": PASSWORD}, host=network.HOST,
                            idle_timeout_s=params.idle_timeout_s) as strict:
-                    for transport in _words(params.transports):
+                    for transport in _words(params.idle_transports) or _words(params.transports):
                         for h, heartbeat in enumerate(float(x) for x in _words(params.idle_heartbeats)):
                             if w and heartbeat < params.idle_timeout_s:
                                 continue  # nothing is cut: whether streams resume does not matter, measured once
