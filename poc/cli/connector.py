@@ -42,7 +42,9 @@ def add(sub) -> None:
                                      "(docs/operations.md, 'Connectors on databases')")
     p.add_argument("--delay-ms", default="200-250", help="simulated extraction delay before each transfer, "
                                                          "MS or LOW-HIGH (uniform); 0 for none (default %(default)s)")
-    p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval (default %(default)s)")
+    p.add_argument("--heartbeat-s", type=float, default=config.HEARTBEAT_S, help="heartbeat interval, or the gateway's when shorter; the Flight tunnel also pings each of its "
+                        "connections at this interval. Behind a proxy keep it inside the proxy's idle timeout "
+                        "(default %(default)s)")
     p.add_argument("--ca-file", help="CA bundle to verify a wss:// or flight+tls:// gateway")
     p.add_argument("--proxy", metavar="URL",
                    help="reach the gateway through this HTTP proxy, with HTTP CONNECT: http://[USER@]HOST:PORT; "

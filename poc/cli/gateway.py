@@ -51,8 +51,8 @@ def add(sub) -> None:
                         "(default %(default)s)")
     p.add_argument("--resume-window-s", type=float, default=config.RESUME_WINDOW_S,
                    help="a DoGet of a held dataset whose tunnel drops waits this long for the tenant's connector to "
-                        "be back at this gateway (on another of its tunnels, or reconnected) and then continues from "
-                        "the next row, the client none the wiser; a changed dataset, a query or a database read fails "
+                        "be back (on another of its tunnels, or reconnected; with --registry, at another replica too) "
+                        "and then continues from the next row, the client none the wiser; a changed dataset, a query or a database read fails "
                         "instead; 0 = fail at once (docs/protocol.md §6a) (default %(default)s)")
     p.add_argument("--registry", metavar="redis://HOST:PORT/DB",
                    help="share tunnels with other gateway replicas through this Redis: calls for a tenant whose "
