@@ -211,19 +211,17 @@ class ClusterRouter:
 
     def _stream_at_owner(self, who, ticket: flight.Ticket, epoch: int | None) -> Stream:
         """(schema, batches) of the owner's stream; the schema has arrived when this returns."""
+        reader, schema = self.do_get_at_owner(who, ticket, epoch)
+        return schema, _relay(reader)
+
+    def do_get_at_owner(self, who, ticket: flight.Ticket,
+                        epoch: int | None = None) -> tuple[flight.FlightStreamReader, pa.Schema]:
+        """The owner's reader of `ticket` (also a stream cut off here, resumed there: poc.gateway.peer_resume)
+        and its schema; Unavailable when no other replica holds a tunnel of the tenant."""
         def call(client, options):
             reader = client.do_get(ticket, options)
             return reader, reader.schema  # the owner's refusal arrives with the schema
-        reader, schema = self._at_owner(who, "do_get", ticket.ticket, call, prefer_epoch=epoch, streamed=True)
-        return schema, _relay(reader)
-
-    def open_resumed(self, who, ticket: flight.Ticket) -> tuple[flight.FlightStreamReader, pa.Schema]:
-        """A stream cut off here, resumed at the replica that holds the tenant's tunnel now (poc.gateway.
-        peer_resume): its reader and schema; Unavailable when no other replica holds one."""
-        def call(client, options):
-            reader = client.do_get(ticket, options)
-            return reader, reader.schema
-        return self._at_owner(who, "do_get", ticket.ticket, call, streamed=True)
+        return self._at_owner(who, "do_get", ticket.ticket, call, prefer_epoch=epoch, streamed=True)
 
     def close(self) -> None:
         with self._lock:

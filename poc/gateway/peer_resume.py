@@ -198,7 +198,7 @@ class PeerResumer:
             return None
         who, ticket = resumer_caller(parked), resume_ticket(parked)
         started = self._loop.create_future()
-        PeerRelay(parked, self._loop, on_end).start(lambda: self.router.open_resumed(who, ticket), started)
+        PeerRelay(parked, self._loop, on_end).start(lambda: self.router.do_get_at_owner(who, ticket), started)
         answer = await started
         if answer is True:
             log.info("stream of %r resumed from row %d at another replica", parked.replay.dataset,
