@@ -73,10 +73,14 @@ def test_hundred_concurrent_dogets_share_one_websocket(tmp_path, tenants, datase
     assert len(tables) == 100 and all(t.equals(expected) for t in tables)
     assert before == after  # the same single registration served all of them
     assert peak[0] >= 10, f"streams were not concurrent on the link (peak {peak[0]})"
-    # one socket, and no listening port; the Flight tunnel's control call and its data calls have connections of
-    # their own
-    expected_sockets = 1 + config.FLIGHT_TUNNEL_CHANNELS if c.tunnel == "flight" else 1
-    assert [s.status for s in sockets] == [psutil.CONN_ESTABLISHED] * expected_sockets
+    # one socket, and no listening port; the Flight tunnel's control call has a connection of its own and its data
+    # calls up to FLIGHT_TUNNEL_CHANNELS more (a channel is dialled once the ones before hold 16 streams: how many
+    # depends on how many of the 100 were open at once)
+    assert {s.status for s in sockets} == {psutil.CONN_ESTABLISHED}
+    if c.tunnel == "flight":
+        assert 2 <= len(sockets) <= 1 + config.FLIGHT_TUNNEL_CHANNELS, sockets
+    else:
+        assert len(sockets) == 1, sockets
 
 
 def test_batches_larger_than_grpc_defaults_pass_through(tmp_path, tenants, datasets):
