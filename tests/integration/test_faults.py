@@ -262,43 +262,6 @@ def test_a_stream_cut_off_with_its_tunnel_resumes_and_the_client_gets_the_exact_
     assert re.search(r"do_get sales resumed from row [1-9]\d*", log)
 
 
-def test_a_flight_tunnels_data_call_cut_under_its_live_control_call_resumes_or_fails_at_once(
-        tmp_path, tenants, datasets, ws_impl):
-    """The Flight tunnel carries each stream on a connection of its own beside the control call's; a proxy may cut
-    one and not the other (its idle or lifetime timeout). A dataset's stream then continues from its next row on
-    the same link (the client gets the exact table); a query's fails at once with the reason, never short."""
-    if ws_impl != "flight":
-        pytest.skip("data calls are the Flight tunnel's")
-    from poc.sql import proto
-
-    with Cluster(tmp_path, tenants, datasets["a"], gateway_args=SMALL_WINDOW, with_direct=False,
-                 with_connectors=False) as c:
-        with TcpProxy(c.tunnel_port) as proxy:
-            session, client, reader, chunk = half_sent_behind(c, proxy, tenants["tenant_001"].client_token)
-            proxy.drop(keep=1)  # every connection but the first, the control call's
-            got = read_rest(reader, chunk)
-            client.close()
-            assert c.health()["tenants"]["tenant_001"]["session_id"] == session  # the link itself went on
-            resumed = gateway_metric(c, "poc_gateway_streams_resumed_total", outcome="resumed")
-            log = c.components["connector-tenant_001"].log_tail(200)
-
-            token = tenants["tenant_001"].client_token
-            query = flight.FlightDescriptor.for_command(proto.pack_any(proto.CommandStatementQuery(
-                "SELECT * FROM sales ORDER BY id")))
-            with flight.connect(c.flight_uri) as client:
-                info = client.get_flight_info(query, bearer(token))
-                reader = client.do_get(info.endpoints[0].ticket, bearer(token, timeout=60))
-                chunk = reader.read_chunk().data
-                wait_for(lambda: c.health()["tenants"]["tenant_001"]["streams_in_flight"] == 1)
-                proxy.drop(keep=1)
-                with pytest.raises(flight.FlightUnavailableError, match="data call was cut"):
-                    read_rest(reader, chunk)
-            assert c.health()["tenants"]["tenant_001"]["session_id"] == session
-    assert got.equals(pq.read_table(datasets["a"] / "sales.parquet"))
-    assert resumed == 1
-    assert re.search(r"do_get sales resumed from row [1-9]\d*", log)
-
-
 def test_a_dataset_changed_while_its_stream_was_cut_off_fails_never_short(tmp_path, tenants, datasets):
     folder = tmp_path / "data"
     folder.mkdir()

@@ -153,6 +153,21 @@ def test_which_transports_pass_a_tls_inspecting_proxy(tmp_path, datasets):
     assert "the proxy inspects TLS and does not speak HTTP/2" in logs["flight"]
 
 
+def behind(cluster: Cluster, squid: Squid, transport: str, extra=()):
+    """tenant_001's connector through `squid` with Basic authentication, registered: it and its session id."""
+    proxied = connector(cluster, transport, "proxied", ("--proxy", f"http://jo@127.0.0.1:{squid.port}", *extra),
+                        {"POC_PROXY_PASSWORD": PASSWORD})
+    proxied.wait_ready(30)
+    return proxied, cluster.wait_online(["tenant_001"])["tenants"]["tenant_001"]["session_id"]
+
+
+def paused_doget(cluster: Cluster, client):
+    """A DoGet of tenant_001's dataset, its reader (it reads when told to), with a 120 s deadline."""
+    token = cluster.tenants["tenant_001"].client_token
+    return client.do_get(client.get_flight_info(sales(), bearer(token)).endpoints[0].ticket,
+                         bearer(token, timeout=120))
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_proxy_restart_during_a_slow_48_mb_doget_gives_the_client_the_exact_table(tmp_path, datasets, transport):
     """The proxy restarts (its tunnels cut) while a 48 MB DoGet is read slowly: the connector comes back through
@@ -164,14 +179,9 @@ def test_a_proxy_restart_during_a_slow_48_mb_doget_gives_the_client_the_exact_ta
                  with_connectors=False) as c:
         ports = [c.gateway.ready["ws_port"], c.gateway.ready["flight_tunnel_port"]]
         with Squid(ports, users={"jo": PASSWORD}) as squid:
-            proxied = connector(c, transport, "proxied", ("--proxy", f"http://jo@127.0.0.1:{squid.port}"),
-                                {"POC_PROXY_PASSWORD": PASSWORD})
-            proxied.wait_ready(30)
-            first = c.wait_online(["tenant_001"])["tenants"]["tenant_001"]["session_id"]
-            token = c.tenants["tenant_001"].client_token
+            proxied, first = behind(c, squid, transport)
             with flight.connect(c.flight_uri) as client:
-                reader = client.do_get(client.get_flight_info(sales(), bearer(token)).endpoints[0].ticket,
-                                       bearer(token, timeout=120))
+                reader = paused_doget(c, client)
                 batches = [reader.read_chunk().data]  # then it stops reading a while
                 squid.stop()
                 squid.start()
@@ -201,14 +211,9 @@ def test_the_flight_tunnels_silent_stream_connection_is_not_cut_by_a_proxys_idle
                  with_connectors=False) as c:
         ports = [c.gateway.ready["ws_port"], c.gateway.ready["flight_tunnel_port"]]
         with Squid(ports, users={"jo": PASSWORD}, idle_timeout_s=2) as squid:
-            proxied = connector(c, "flight", "proxied", ("--proxy", f"http://jo@127.0.0.1:{squid.port}",
-                                                         "--heartbeat-s", "1"), {"POC_PROXY_PASSWORD": PASSWORD})
-            proxied.wait_ready(30)
-            first = c.wait_online(["tenant_001"])["tenants"]["tenant_001"]["session_id"]
-            token = c.tenants["tenant_001"].client_token
+            proxied, first = behind(c, squid, "flight", ("--heartbeat-s", "1"))
             with flight.connect(c.flight_uri) as client:
-                reader = client.do_get(client.get_flight_info(sales(), bearer(token)).endpoints[0].ticket,
-                                       bearer(token, timeout=60))
+                reader = paused_doget(c, client)
                 batches = [reader.read_chunk().data]
                 time.sleep(6)  # three idle timeouts
                 batches += [chunk.data for chunk in reader]
@@ -218,3 +223,41 @@ def test_the_flight_tunnels_silent_stream_connection_is_not_cut_by_a_proxys_idle
             proxied.stop()
     assert pa.Table.from_batches(batches).equals(pq.read_table(datasets["a"] / "sales.parquet"))
     assert session == first and resumed == 0 and "data call was cut" not in log
+
+
+def test_a_flight_tunnels_data_call_cut_under_its_live_control_call_resumes_or_fails_at_once(tmp_path, datasets):
+    """The Flight tunnel carries each stream on a connection of its own beside the control call's; a proxy may cut
+    one and not the other (its idle or lifetime timeout). A dataset's stream then continues from its next row on
+    the same link (the client gets the exact table); a query's fails at once with the reason, never short."""
+    from poc.config import make_tenants
+    from poc.sql import proto
+    from poc.workbook.emulation.faults import TcpProxy
+    from tests.integration.test_faults import SMALL_WINDOW, gateway_metric, half_sent_behind, read_rest, wait_for
+
+    tenants = make_tenants(1)
+    with Cluster(tmp_path, tenants, datasets["a"], gateway_args=SMALL_WINDOW, with_direct=False,
+                 with_connectors=False, tunnel="flight") as c:
+        with TcpProxy(c.tunnel_port) as proxy:
+            session, client, reader, chunk = half_sent_behind(c, proxy, tenants["tenant_001"].client_token)
+            proxy.drop(keep=1)  # every connection but the first, the control call's
+            got = read_rest(reader, chunk)
+            client.close()
+            assert c.health()["tenants"]["tenant_001"]["session_id"] == session  # the link itself went on
+            resumed = gateway_metric(c, "poc_gateway_streams_resumed_total", outcome="resumed")
+            log = c.components["connector-tenant_001"].log_tail(200)
+
+            token = tenants["tenant_001"].client_token
+            query = flight.FlightDescriptor.for_command(proto.pack_any(proto.CommandStatementQuery(
+                "SELECT * FROM sales ORDER BY id")))
+            with flight.connect(c.flight_uri) as client:
+                info = client.get_flight_info(query, bearer(token))
+                reader = client.do_get(info.endpoints[0].ticket, bearer(token, timeout=60))
+                chunk = reader.read_chunk().data
+                wait_for(lambda: c.health()["tenants"]["tenant_001"]["streams_in_flight"] == 1)
+                proxy.drop(keep=1)
+                with pytest.raises(flight.FlightUnavailableError, match="data call was cut"):
+                    read_rest(reader, chunk)
+            assert c.health()["tenants"]["tenant_001"]["session_id"] == session
+    assert got.equals(pq.read_table(datasets["a"] / "sales.parquet"))
+    assert resumed == 1
+    assert re.search(r"do_get sales resumed from row [1-9]\d*", log)
