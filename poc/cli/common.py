@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from .. import config
 from ..config import ConfigError
@@ -18,6 +19,18 @@ from ..tunnel import Limits
 def emit_ready(**fields) -> None:
     """One JSON line on stdout once a component serves: how the runner and tests learn its ports."""
     print(json.dumps({"ready": True, **fields}), flush=True)
+
+
+def serve_flight(server, component: str, **ports) -> None:
+    """Announce a Flight server (its ready line with `ports`) and serve it until SIGTERM or SIGINT, which shut
+    it down: shutdown() waits for calls in flight, so it runs on a thread of its own, not the signal's stack."""
+    def shutdown(*_) -> None:
+        threading.Thread(target=server.shutdown, name="shutdown").start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, shutdown)
+    emit_ready(component=component, pid=os.getpid(), **ports)
+    server.serve()
 
 
 def stop_event_for_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import threading
 
 from .. import config
-from .common import add_cors, add_tls, check_tls, emit_ready, hide_tracebacks_from_clients
+from .common import add_cors, add_tls, check_tls, hide_tracebacks_from_clients, serve_flight
 
 
 def add(sub) -> None:
@@ -53,14 +50,7 @@ def run(args: argparse.Namespace) -> int:
         http = serve_arrow((args.host, args.http_port),
                            server.arrow_http(tuple(args.cors_origin or ()), default_vendor_dir()))
         ports["http_port"] = http.server_address[1]
-
-    def shutdown(*_) -> None:  # shutdown() waits for calls in flight, so not on the signal's own stack
-        threading.Thread(target=server.shutdown, name="shutdown").start()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, shutdown)
-    emit_ready(component="direct", pid=os.getpid(), **ports)
-    server.serve()
+    serve_flight(server, "direct", **ports)
     return 0
 
 

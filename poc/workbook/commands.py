@@ -1,4 +1,4 @@
-"""The workbook's commands (`python -m poc dataset | load | bench | soak | swarm | report`), added to the product's
+"""The workbook's commands (`python -m poc dataset | load | bench | relay | soak | swarm | report`), added to the product's
 command line through the `poc.commands` entry points of pyproject.toml: the product imports nothing of the
 workbook, and an install without the workbook's dependencies does not list them."""
 
@@ -13,7 +13,7 @@ import sys
 import threading
 
 from .. import config
-from ..cli.common import add_ws_impl, emit_ready, stop_event_for_signals
+from ..cli.common import add_ws_impl, emit_ready, serve_flight, stop_event_for_signals
 from ..config import ConfigError
 
 
@@ -106,7 +106,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     params = BenchParams(rows=args.rows, concurrency=levels, requests_per_level=args.requests,
                          single_runs=args.single_runs, info_calls=args.info_calls, repetitions=args.repetitions,
                          data_dir=args.data_dir, gateway_args=tuple(args.gateway_arg or ()),
-                         connector_args=tuple(args.connector_arg or ()), tunnels=tunnels)
+                         connector_args=tuple(args.connector_arg or ()), tunnels=tunnels,
+                         reference=not args.no_reference)
     import pyarrow as pa
 
     from .servers.runner import ComponentError
@@ -182,6 +183,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    from .servers.flight_relay import FlightRelay
+
+    relay = FlightRelay(f"grpc://{args.host}:{args.port}", args.upstream)
+    serve_flight(relay, "relay", flight_port=relay.port)
+    return 0
+
+
 # -- each command's parser: one entry point each (pyproject.toml, [project.entry-points."poc.commands"])
 
 
@@ -227,8 +236,11 @@ def add_bench(sub) -> None:
                                    "process (direct server, connector, gateway, this load client) spends per GB "
                                    "delivered on each path. Prints each figure's median and spread against its "
                                    "goal, where the core-seconds go, and the two-hop limit of tunnel ÷ direct "
-                                   "computed from them; warns when a connector turned compression on during the "
-                                   "run (its gateway figures then include decompressing).")
+                                   "computed from them; beside them, a plain Flight relay in front of the direct "
+                                   "server (`python -m poc relay`: batches relayed in C++, no checks), the "
+                                   "reference for what any two-hop path costs with these libraries. Warns when a "
+                                   "connector turned compression on during the run (its gateway figures then "
+                                   "include decompressing).")
     add_measurement_options(p)
     p.add_argument("--concurrency", default="10,100", help="comma-separated levels (default %(default)s)")
     p.add_argument("--requests", type=int, default=0, help="DoGets per level; 0 = twice the level (default)")
@@ -236,6 +248,7 @@ def add_bench(sub) -> None:
     p.add_argument("--single-runs", type=int, default=5, help="lone DoGets per repetition (default %(default)s)")
     p.add_argument("--info-calls", type=int, default=50, help="GetFlightInfo calls per repetition (default %(default)s)")
     p.add_argument("--connector-arg", action="append", help="extra connector argument (repeatable)")
+    p.add_argument("--no-reference", action="store_true", help="leave out the plain Flight relay")
     p.add_argument("--tunnels", default="websocket,flight",
                    help="tunnel transports to measure against direct in the same run (websocket, flight); "
                         "the first gets the plain JSON keys, the others a prefix such as flight_ (default "
@@ -293,3 +306,16 @@ def add_soak(sub) -> None:
                    help=f"comma-separated: {', '.join(SOAK_TRANSPORTS)} (default %(default)s)")
     p.add_argument("--sample-s", type=float, default=5.0, help="memory sample interval (default %(default)s)")
     p.set_defaults(func=cmd_soak)
+
+
+def add_relay(sub) -> None:
+    """The `relay` command."""
+    p = sub.add_parser("relay", help="a plain Flight relay: the bench's reference for a two-hop path",
+                       description="Serve Arrow Flight and answer GetFlightInfo and DoGet by making the same call "
+                                   "to --upstream (its authorization header passed on), batches relayed in C++ "
+                                   "with no checks: what a two-hop path costs at the least with pyarrow's Flight. "
+                                   "`bench` starts one beside the tunnels. Prints a JSON ready line with its port.")
+    p.add_argument("--upstream", required=True, help="grpc://HOST:PORT of the Flight server to relay")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="port to serve on; 0 picks a free one (default)")
+    p.set_defaults(func=cmd_relay)

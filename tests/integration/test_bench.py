@@ -18,6 +18,11 @@ def test_account_puts_each_hop_against_its_ideal_and_computes_the_two_hop_limit(
     assert figures["ws_tunnel_cpu_s_per_gb"] == pytest.approx(1.38)
     assert figures["ws_cpu_ratio"] == pytest.approx(0.515 / 1.38)
     assert figures["ws_two_hop_limit"] == pytest.approx(0.515 / 1.075)
+    assert "ws_gateway_relay_ratio" not in figures  # no plain relay measured: nothing to put the gateway against
+    run["reference_relay_cpu_s_per_gb"] = 0.9  # a plain Flight relay beside it
+    figures = account(run, "ws_")
+    assert figures["ws_gateway_relay_ratio"] == pytest.approx(0.63 / 0.9)
+    assert figures["ws_relay_limit"] == pytest.approx(0.515 / (0.225 + 0.9 + 0.335))
 
 
 def test_the_bench_says_where_every_core_second_goes(tmp_path):
@@ -25,7 +30,8 @@ def test_the_bench_says_where_every_core_second_goes(tmp_path):
                          repetitions=1, data_dir=str(tmp_path / "data"))
     result = run_bench(params, log=lambda line: None)
     run = result["runs"][0]
-    for key in ("direct_server", "direct_client", "connector", "gateway", "client"):
+    for key in ("direct_server", "direct_client", "connector", "gateway", "client", "reference_server",
+                "reference_relay", "reference_client"):
         assert run[f"{key}_cpu_s_per_gb_c2"] > 0, key  # each process served or read the bytes: it spent CPU
     # four DoGets of ~50 MB each way: the CPU is divided by what was delivered, not by a guess
     assert 0.05 < run["direct_server_cpu_s_per_gb"] < 20 and 0.05 < run["connector_cpu_s_per_gb"] < 20
@@ -35,6 +41,11 @@ def test_the_bench_says_where_every_core_second_goes(tmp_path):
     assert "where the core-seconds go" in text
     assert f"two-hop limit of tunnel ÷ direct {run['two_hop_limit']:.2f}" in text
     assert "connector CPU per GB ÷ direct server's" in text and "≤1.1" in text
+    # the plain Flight relay read the same table through two hops: its ratio and cost, the gateway against it
+    assert 0 < run["reference_ratio_c2"] < 5
+    assert f"plain Flight relay {run['reference_relay_cpu_s_per_gb']:.3f}" in text
+    assert run["gateway_relay_ratio"] == pytest.approx(account(run)["gateway_relay_ratio"])
+    assert f"gateway {run['gateway_relay_ratio']:.2f} × the plain Flight relay" in text
     assert "compressed_switches" in run  # read from the connector's log: a run that compressed says so
     run["compressed_switches"] = 0
     assert "WARNING" not in table(result)

@@ -29,5 +29,5 @@ def test_the_product_installs_without_the_workbook(tmp_path):
                             timeout=60).stdout
     commands = listed.split("COMMAND\n", 1)[-1]
     assert "gateway" in commands and "connector" in commands and "direct" in commands
-    for workbook_command in ("report", "bench", "soak", "swarm", "load", "dataset"):
+    for workbook_command in ("report", "bench", "relay", "soak", "swarm", "load", "dataset"):
         assert f"    {workbook_command} " not in commands  # a product-only install does not list them

@@ -142,7 +142,7 @@ def test_the_product_dependencies_leave_the_workbook_out():
 
 def test_the_workbook_adds_its_commands_through_entry_points():
     commands = {e.name for e in importlib.metadata.entry_points(group="poc.commands")}
-    assert {"report", "bench", "soak", "swarm", "load", "dataset"} <= commands
+    assert {"report", "bench", "relay", "soak", "swarm", "load", "dataset"} <= commands
     from poc.cli import build_parser
 
     parser = build_parser()

@@ -46,6 +46,10 @@ LABELS = {
 # Whose CPU each path spends: the processes measured while it serves (the client is this process).
 DIRECT_PROCESSES = ("server", "client")
 TUNNEL_PROCESSES = ("connector", "gateway", "client")
+# The reference: a plain Flight relay (`python -m poc relay`) in front of the direct server, batches relayed in
+# C++ with no checks: what a two-hop path costs at the least with these libraries. Its keys start with this.
+REFERENCE = "reference_"
+REFERENCE_PROCESSES = ("server", "relay", "client")
 
 
 @dataclass
@@ -60,6 +64,7 @@ class BenchParams:
     gateway_args: tuple[str, ...] = ()
     connector_args: tuple[str, ...] = ()
     tunnels: tuple[str, ...] = ("websocket",)  # "websocket", "flight": measured in the same run
+    reference: bool = True  # also measure a plain Flight relay in front of the direct server
 
 
 @dataclass
@@ -113,11 +118,16 @@ def account(run: dict, key: str = "") -> dict[str, float]:
     tunnel_client = run[f"{key}client_cpu_s_per_gb"]
     direct_total = server + client
     ideal = server + (server + client) + tunnel_client
-    return {f"{key}connector_cpu_ratio": connector / server,
-            f"{key}gateway_cpu_ratio": gateway / direct_total,
-            f"{key}tunnel_cpu_s_per_gb": connector + gateway + tunnel_client,
-            f"{key}cpu_ratio": direct_total / (connector + gateway + tunnel_client),
-            f"{key}two_hop_limit": direct_total / ideal}
+    figures = {f"{key}connector_cpu_ratio": connector / server,
+               f"{key}gateway_cpu_ratio": gateway / direct_total,
+               f"{key}tunnel_cpu_s_per_gb": connector + gateway + tunnel_client,
+               f"{key}cpu_ratio": direct_total / (connector + gateway + tunnel_client),
+               f"{key}two_hop_limit": direct_total / ideal}
+    relay = run.get(f"{REFERENCE}relay_cpu_s_per_gb")
+    if relay:  # the plain Flight relay measured beside: the gateway against what relaying costs with Flight
+        figures[f"{key}gateway_relay_ratio"] = gateway / relay
+        figures[f"{key}relay_limit"] = direct_total / (server + relay + tunnel_client)
+    return figures
 
 
 def _single_s(path: Path_, runs: int) -> float:
@@ -176,6 +186,10 @@ def run_bench(params: BenchParams, log=print) -> dict:
         first = params.tunnels[0]
         paths = {"direct": Path_("direct", cluster.direct_uri, by_tunnel[first].client_token)}
         paths.update({t: Path_(t, cluster.flight_uri, c.client_token) for t, c in by_tunnel.items()})
+        if params.reference:
+            relay = cluster.start_relay()
+            paths["reference"] = Path_("reference", f"grpc://{cluster.host}:{relay.ready['flight_port']}",
+                                       by_tunnel[first].client_token)
         for p in paths.values():
             p.open()
             p.do_get_bytes()  # warm-up
@@ -183,6 +197,9 @@ def run_bench(params: BenchParams, log=print) -> dict:
         idle_rss = gateway.memory_info().rss  # after the warm-up, before any load
         # the processes whose CPU each path spends, by role (DIRECT_PROCESSES, TUNNEL_PROCESSES)
         serving = {"direct": {"server": psutil.Process(cluster.components["direct"].pid)}}
+        if params.reference:
+            serving["reference"] = {"server": serving["direct"]["server"],
+                                    "relay": psutil.Process(cluster.components["relay"].pid)}
         for name, creds in by_tunnel.items():
             connector = cluster.components[f"connector-{creds.tenant_id}"]
             serving[name] = {"connector": psutil.Process(connector.pid), "gateway": gateway}
@@ -197,13 +214,16 @@ def run_bench(params: BenchParams, log=print) -> dict:
                     before = {role: _cpu_s(p) for role, p in serving[name].items()}
                     with _PeakRss(gateway.pid) as rss:
                         gbs[name], delivered = _aggregate(paths[name], level, requests)
-                    key = "direct_" if name == "direct" else _prefix(name, first)
+                    key = _key(name, first)
                     for role, process in serving[name].items():
                         run[f"{key}{role}_cpu_s_per_gb_c{level}"] = (_cpu_s(process) - before[role]) / (delivered / 1e9)
-                    if name != "direct":
+                    if name in params.tunnels:
                         run[f"{key}gateway_peak_rss_mb_c{level}"] = rss.peak / 2**20
                         run[f"{key}gateway_held_mb_c{level}"] = (rss.start - idle_rss) / 2**20
                 run[f"direct_gb_s_c{level}"] = gbs["direct"]
+                if params.reference:
+                    run[f"{REFERENCE}gb_s_c{level}"] = gbs["reference"]
+                    run[f"{REFERENCE}ratio_c{level}"] = gbs["reference"] / gbs["direct"]
                 for name in params.tunnels:  # ratios once direct is measured, whichever went first
                     key = _prefix(name, first)
                     run[f"{key}tunnel_gb_s_c{level}"] = gbs[name]
@@ -213,9 +233,13 @@ def run_bench(params: BenchParams, log=print) -> dict:
             info = {name: _info_p50_ms(p, params.info_calls) for name, p in paths.items()}
             run["direct_single_ms"], run["direct_flightinfo_p50_ms"] = single["direct"] * 1000, info["direct"]
             top = max(params.concurrency)
-            for role in DIRECT_PROCESSES:
-                run[f"direct_{role}_cpu_s_per_gb"] = statistics.median(
-                    run[f"direct_{role}_cpu_s_per_gb_c{c}"] for c in params.concurrency)
+            measured = [("direct_", DIRECT_PROCESSES)] + ([(REFERENCE, REFERENCE_PROCESSES)] if params.reference else [])
+            for key, roles in measured:
+                for role in roles:
+                    run[f"{key}{role}_cpu_s_per_gb"] = statistics.median(
+                        run[f"{key}{role}_cpu_s_per_gb_c{c}"] for c in params.concurrency)
+            if params.reference:
+                run[f"{REFERENCE}single_ms"] = single["reference"] * 1000
             for name in params.tunnels:
                 key = _prefix(name, first)
                 run[f"{key}tunnel_single_ms"] = single[name] * 1000
@@ -242,6 +266,11 @@ def run_bench(params: BenchParams, log=print) -> dict:
 
 def _prefix(tunnel: str, first: str) -> str:
     return "" if tunnel == first else f"{tunnel}_"
+
+
+def _key(path: str, first: str) -> str:
+    """The prefix of a path's figures: direct_, reference_, or the tunnel's (_prefix)."""
+    return {"direct": "direct_", "reference": REFERENCE}.get(path) or _prefix(path, first)
 
 
 def summarize(runs: list[dict], params: BenchParams) -> dict:
@@ -334,9 +363,14 @@ def _detail_rows(result: dict) -> list[str]:
     for level in result["params"]["concurrency"]:
         parts = [f"direct {fig[f'direct_gb_s_c{level}']['median']:.2f} GB/s"]
         parts += [f"{t} {fig[f'{_prefix(t, tunnels[0])}tunnel_gb_s_c{level}']['median']:.2f} GB/s" for t in tunnels]
+        if f"{REFERENCE}gb_s_c{level}" in fig:
+            parts.append(f"plain Flight relay {fig[f'{REFERENCE}gb_s_c{level}']['median']:.2f} GB/s "
+                         f"({fig[f'{REFERENCE}ratio_c{level}']['median']:.2f} × direct)")
         lines.append(f"  c{level}: " + ", ".join(parts))
     parts = [f"direct {fig['direct_single_ms']['median']:.0f} ms"]
     parts += [f"{t} {fig[f'{_prefix(t, tunnels[0])}tunnel_single_ms']['median']:.0f} ms" for t in tunnels]
+    if f"{REFERENCE}single_ms" in fig:
+        parts.append(f"plain Flight relay {fig[f'{REFERENCE}single_ms']['median']:.0f} ms")
     lines.append("  single DoGet: " + ", ".join(parts))
     parts = [f"direct {fig['direct_flightinfo_p50_ms']['median']:.2f} ms"]
     parts += [f"{t} {fig[f'{_prefix(t, tunnels[0])}tunnel_flightinfo_p50_ms']['median']:.2f} ms" for t in tunnels]
@@ -369,6 +403,11 @@ def _cpu_rows(result: dict) -> list[str]:
     server, client = m["direct_server_cpu_s_per_gb"], m["direct_client_cpu_s_per_gb"]
     lines = ["  where the core-seconds go, per GB delivered (medians; the client is the bench's own process):",
              f"    {'direct':<11}server {server:.3f}, client {client:.3f}; total {server + client:.3f}"]
+    relay = m.get(f"{REFERENCE}relay_cpu_s_per_gb")
+    if relay:
+        lines.append(f"    {'relay':<11}server {m[REFERENCE + 'server_cpu_s_per_gb']:.3f}, plain Flight relay {relay:.3f} "
+                     f"({relay / (server + client):.2f} × server + client), client "
+                     f"{m[REFERENCE + 'client_cpu_s_per_gb']:.3f}: what relaying costs with Flight and no checks")
     for t in tunnels:
         k = _prefix(t, tunnels[0])
         lines.append(f"    {t:<11}connector {m[k + 'connector_cpu_s_per_gb']:.3f} "
@@ -380,6 +419,9 @@ def _cpu_rows(result: dict) -> list[str]:
         lines.append(f"    {t}: CPU ratio direct ÷ tunnel {m[k + 'cpu_ratio']:.2f}; two-hop limit of tunnel ÷ direct "
                      f"{limit:.2f} (a connector at the server's cost, a gateway at server + client); "
                      f"throughput reaches {reached} of it")
+        if relay:
+            lines.append(f"    {t}: gateway {m[k + 'gateway_relay_ratio']:.2f} × the plain Flight relay; with a "
+                         f"gateway at the relay's cost tunnel ÷ direct could reach {m[k + 'relay_limit']:.2f}")
     return lines
 
 

@@ -262,6 +262,14 @@ class Cluster(Started):
         self.components[component.name] = component
         return component
 
+    def start_relay(self) -> Component:
+        """A plain Flight relay in front of the direct server (`python -m poc relay`, grpc:// only): the bench's
+        reference for what a two-hop path costs with pyarrow's Flight."""
+        relay = start_component("relay", ["relay", "--upstream", self.direct_uri, "--host", self.host, "--port", "0"],
+                                self.log_dir)
+        self.components["relay"] = relay
+        return relay
+
     def restart_gateway(self, downtime_s: float = 0.0) -> Component:
         """Stop the gateway (SIGTERM) and start a new one on the same ports."""
         ports = self.gateway.ready
