@@ -70,16 +70,28 @@ def _timed(calls: int, once) -> list[float]:
     return times
 
 
+def _owner_and_other(replicas: Replicas, tenant: str, timeout_s: float = 15.0) -> tuple[str, str]:
+    """A replica holding the tenant's tunnel and one without. Right after the connectors come up the replicas
+    are still evening out their tunnels (--rebalance-s): a moved tunnel is registered at its new replica before
+    its old entry goes, so for a moment the tenant may show at every replica. Waits for that to settle."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = replicas.health(next(iter(replicas.gateways)))["tenants"][tenant]
+        owners = {t["gateway"] for t in state.get("tunnels", [])}
+        others = [g for g in replicas.gateways if g not in owners]
+        if owners and others:
+            return sorted(owners)[0], others[0]
+        if time.monotonic() > deadline:
+            raise ConfigError(f"the forwarding cost needs a replica with the tenant's tunnel and one without; after "
+                              f"{timeout_s:.0f} s its tunnels are at {sorted(owners) or 'none'}")
+        time.sleep(0.2)
+
+
 def forwarding_cost(replicas: Replicas, tenant: str, calls: int) -> pl.DataFrame:
     """GetFlightInfo + DoGet of one tenant's table, P50 over `calls`: at a replica holding its tunnel (the
     owner), at one that does not and forwards the DoGet, and following the endpoint's location from there
     (a redirect: a second connection, to the owner)."""
-    state = replicas.health(next(iter(replicas.gateways)))["tenants"][tenant]
-    owners = {t["gateway"] for t in state.get("tunnels", [])}
-    others = [g for g in replicas.gateways if g not in owners]
-    if not owners or not others:
-        raise ConfigError("the forwarding cost needs a replica with the tenant's tunnel and one without")
-    owner, other = sorted(owners)[0], others[0]
+    owner, other = _owner_and_other(replicas, tenant)
     token = replicas.tenants[tenant].client_token
     options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())], timeout=60)
     descriptor = flight.FlightDescriptor.for_path("dataset", "sales")
