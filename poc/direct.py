@@ -162,18 +162,19 @@ class LocalSql:
                  timeout_s: float = 60.0) -> None:
         self.engine = engine
         self.schemas = schemas
-        self.in_databases = {n: s for n, s in sources.items() if s.database is not None}
+        self.sources = sources
+        self.has_databases = any(s.database is not None for s in sources.values())
         self.timeout_s = timeout_s
 
     def tables(self, who, with_schemas: bool) -> list[tuple[str, pa.Schema | None]]:
         return [(name, schema if with_schemas else None) for name, schema in self.schemas.items()]
 
     def _pushed(self, sql: str):
-        from .sources.pushdown import involves, pushdown
+        if not self.has_databases:
+            return None
+        from .sources.pushdown import route
 
-        if self.in_databases and involves(sql, self.in_databases):
-            return pushdown(sql, self.in_databases, set(self.schemas) - set(self.in_databases))
-        return None
+        return route(sql, self.sources)
 
     def prepare(self, who, sql: str) -> tuple[pa.Schema, pa.Schema]:
         from .sources.database import describe
@@ -194,15 +195,11 @@ class LocalSql:
             raise local_error(exc) from None
 
     def execute(self, who, sql: str, cancelled, params: list | None = None):
-        from .sources.database import DatabaseQuery, bound_values
+        from .sources.pushdown import pushed_query
 
         try:
             pushed = self._pushed(sql)
-            if pushed:
-                database, pushed_sql, placeholders = pushed
-                query = DatabaseQuery(database, pushed_sql, self.timeout_s, bound_values(placeholders, params))
-            else:
-                query = self.engine.open(sql, params)
+            query = pushed_query(pushed, self.timeout_s, params) if pushed else self.engine.open(sql, params)
             query.run()
         except SqlError as exc:
             raise local_error(exc) from None

@@ -74,15 +74,12 @@ class Serving:
 
     def _pushed(self, sql: str):
         """(database, rewritten query, its placeholders) when the query names database datasets, else None
-        (DuckDB runs it)."""
-        in_databases = {n: s for n, s in self.sources.items() if s.database is not None}
-        if not in_databases:
+        (DuckDB runs it): poc.sources.pushdown.route."""
+        if not any(s.database is not None for s in self.sources.values()):
             return None
-        from ..sources.pushdown import involves, pushdown
+        from ..sources.pushdown import route
 
-        if not involves(sql, in_databases):
-            return None
-        return pushdown(sql, in_databases, {n for n, s in self.sources.items() if s.database is None})
+        return route(sql, self.sources)
 
     def database_slot(self, reader):
         """For a database's read, one of the --db-connections connections to that database (waiting for one if
@@ -101,10 +98,9 @@ class Serving:
         loop = asyncio.get_running_loop()
         pushed = await loop.run_in_executor(self.query_pool, self._pushed, sql)
         if pushed is not None:
-            from ..sources.database import DatabaseQuery, bound_values
+            from ..sources.pushdown import pushed_query
 
-            database, pushed_sql, placeholders = pushed
-            return DatabaseQuery(database, pushed_sql, self.cfg.query_timeout_s, bound_values(placeholders, params))
+            return pushed_query(pushed, self.cfg.query_timeout_s, params)
         engine = await self.sql_engine()
         return await loop.run_in_executor(self.query_pool, engine.open, sql, params)
 

@@ -9,7 +9,7 @@ from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 
 from ..sql.allowed import check_pushdown, is_cte_reference
 from ..sql.errors import SqlError
-from .database import Database, DatabaseSource
+from .database import Database, DatabaseQuery, DatabaseSource, bound_values
 
 
 def involves(sql: str, tables: dict[str, DatabaseSource]) -> bool:
@@ -104,3 +104,19 @@ def pushdown(sql: str, tables: dict[str, DatabaseSource], files: set[str]) -> tu
         table.replace(exp.Subquery(this=definitions[dataset.name].copy(),
                                    alias=exp.TableAlias(this=exp.to_identifier(alias))))
     return database, tree.sql(dialect=database.DIALECT), count
+
+
+def route(sql: str, sources: dict) -> tuple[Database, str, int] | None:
+    """Where a client's query runs: (its database, the query rewritten for it, its placeholders) when it names
+    datasets held in a database (`pushdown`), else None: DuckDB runs it over the held datasets. The connector and
+    the direct server route the same way."""
+    in_databases = {n: s for n, s in sources.items() if s.database is not None}
+    if not in_databases or not involves(sql, in_databases):
+        return None
+    return pushdown(sql, in_databases, {n for n, s in sources.items() if s.database is None})
+
+
+def pushed_query(pushed: tuple[Database, str, int], timeout_s: float | None, params: list | None) -> DatabaseQuery:
+    """A routed query (`route`) as the statement its database runs, `params` bound by its driver; not started."""
+    database, sql, placeholders = pushed
+    return DatabaseQuery(database, sql, timeout_s, bound_values(placeholders, params))
