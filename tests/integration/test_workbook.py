@@ -161,15 +161,15 @@ def test_resilience_notebook_measures_faults_and_isolation(tmp_path):
 
 
 def test_scale_notebook_measures_idle_tunnels(tmp_path):
-    out = executed(tmp_path, "scale", "notebook: scale\ncounts: [50, 150]\ntls_counts: [50]\ncpu_window_s: 2\n"
+    out = executed(tmp_path, "scale", "notebook: scale\ncounts: [50, 100]\ntls_counts: [50]\ncpu_window_s: 2\n"
                                       "latency_calls: 3\n")
     scale = pl.read_csv(out / "scale.csv")
-    assert scale["tunnels"].to_list() == [50, 150, 50] and scale["tls"].to_list() == [False, False, True]
+    assert scale["tunnels"].to_list() == [50, 100, 50] and scale["tls"].to_list() == [False, False, True]
     assert scale["register_again_after_restart_s"].null_count() == 0 and (scale["kib_per_idle_tunnel"] > 0).all()
     assert (scale["info_p50_ms_with_idle"] > 0).all() and (out / "charts" / "kib_per_tunnel.png").exists()
     assert "run_scale(params" not in (out / "report.html").read_text()  # the code cells are left out of the report
     text = shared_text(out, tmp_path)
-    assert "150 idle tunnels without TLS:" in text and "50 idle tunnels with TLS:" in text
+    assert "100 idle tunnels without TLS:" in text and "50 idle tunnels with TLS:" in text
 
 
 @pytest.mark.parametrize("text, match", [
@@ -243,11 +243,11 @@ def test_wan_notebook_runs_its_grid_in_a_namespace_of_its_own(tmp_path):
 def test_corporate_notebook_puts_connectors_behind_a_real_squid_in_a_namespace_of_their_own(tmp_path):
     """Two transports behind squid in a namespace whose only way out is the proxy; one proxy restart each with
     streams resumed (every DoGet in flight exact) and without (every one failed); behind a second squid with a 2 s
-    idle timeout, Flight tunnel DoGets paused 6 s with heartbeats every 10 s (cut; resumed or failed) and every
+    idle timeout, Flight tunnel DoGets paused 5 s with heartbeats every 10 s (cut; resumed or failed) and every
     1 s (nothing cut, its stream connections too); the answer and charts reach the report. The host's own network is never touched (the run's namespace holds everything)."""
     before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     out = executed(tmp_path, "corporate", "notebook: corporate\nrows: 200000\ntransports: picows,flight\nreads: 1\n"
-                                          "inflight: 2\nrestarts: 1\nidle_timeout_s: 2\nidle_pause_s: 6\n"
+                                          "inflight: 2\nrestarts: 1\nidle_timeout_s: 2\nidle_pause_s: 5\n"
                                           "idle_transports: flight\n")
     table = pl.read_csv(out / "corporate.csv")
     assert table.height == 4 and set(table["transport"]) == {"picows", "flight"}
