@@ -171,7 +171,7 @@ class LocalSql:
 
     def _pushed(self, sql: str):
         if not self.has_databases:
-            return None
+            return None  # nothing lives in a database: DuckDB's queries never load sqlglot
         from .sources.pushdown import route
 
         return route(sql, self.sources)

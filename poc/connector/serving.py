@@ -76,7 +76,7 @@ class Serving:
         """(database, rewritten query, its placeholders) when the query names database datasets, else None
         (DuckDB runs it): poc.sources.pushdown.route."""
         if not any(s.database is not None for s in self.sources.values()):
-            return None
+            return None  # nothing lives in a database: DuckDB's queries never load sqlglot
         from ..sources.pushdown import route
 
         return route(sql, self.sources)
