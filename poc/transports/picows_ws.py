@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any
 
-import pyarrow as pa
 from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, WSUpgradeResponse,
                     WSUpgradeResponseWithListener, ws_connect, ws_create_server)
 
 from ..tunnel import CloseCode, RemoteProtocolError, TunnelClosed
 from ..tunnel.endpoint import Endpoint
 from .base import Link
+from .memory import arrow_copy
 
 log = logging.getLogger(__name__)
 _CLOSED = object()
@@ -78,9 +78,7 @@ class PicowsLink(WSListener, Link):
             kind, data = self._fragment_type, b"".join(self._fragments)
             self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
         elif kind == WSMsgType.BINARY:  # the one copy (picows reuses its read buffer), into Arrow's memory
-            view = frame.get_payload_as_memoryview()
-            data = pa.allocate_buffer(len(view))
-            memoryview(data).cast("B")[:] = view
+            data = arrow_copy(frame.get_payload_as_memoryview())
         else:
             data = frame.get_payload_as_bytes()
         self._put((kind == WSMsgType.TEXT, data))

@@ -131,3 +131,30 @@ def test_the_connector_names_the_tunnels_it_dials(tmp_path, url, says, capsys, m
     monkeypatch.setenv("POC_CONNECTOR_TOKEN", "x")
     assert main(["connector", "--gateway", url, "--tenant", "tenant_001", "--data", str(tmp_path)]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_the_gateway_refuses_a_frame_allocator_it_does_not_know(tmp_path, capsys, monkeypatch):
+    from poc.cli import main
+
+    write_tenants(tmp_path / "tenants.yaml", make_tenants(1))
+    monkeypatch.setenv("POC_FRAME_ALLOCATOR", "tcmalloc")  # the environment's default is checked as the option is
+    assert main(["gateway", "--tenants", str(tmp_path / "tenants.yaml")]) == 2
+    assert "unknown frame allocator 'tcmalloc': one of jemalloc, mimalloc, system" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["jemalloc", "mimalloc", "system"])
+def test_frames_are_copied_into_the_allocator_the_gateway_chose(name):
+    """picows' frames are copied out of its read buffer into Arrow buffers of the chosen allocator
+    (poc.transports.memory): the bytes are there, in that pool, until the buffer goes."""
+    from poc.transports import memory
+
+    try:
+        pool = memory.use(name)
+        before = pool.bytes_allocated()
+        frame = memory.arrow_copy(memoryview(b"\x00\x01" * 50_000))
+        assert frame.to_pybytes() == b"\x00\x01" * 50_000 and memory.frame_pool() is pool
+        assert pool.bytes_allocated() >= before + 100_000
+        del frame
+        assert pool.bytes_allocated() == before
+    finally:
+        memory.use(memory.DEFAULT)
