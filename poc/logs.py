@@ -92,6 +92,14 @@ def _stop_listener() -> None:
         _listener = None
 
 
+def flush() -> None:
+    """Write every line logged so far, then go on: before anything printed to stderr directly, so that an error
+    ending a command comes after the lines that led to it (one writing thread writes the log, on its own time)."""
+    if _listener is not None:
+        _listener.stop()
+        _listener.start()
+
+
 class _FormattingQueueHandler(logging.handlers.QueueHandler):
     """Formats with the writing handler's formatter in the logging thread (context fields, exceptions),
     then hands the finished line over."""

@@ -62,5 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
+        logs.flush()  # the error is the last line, whatever the log's thread had still to write
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -158,3 +158,28 @@ def test_frames_are_copied_into_the_allocator_the_gateway_chose(name):
         assert pool.bytes_allocated() == before
     finally:
         memory.use(memory.DEFAULT)
+
+
+def test_a_command_stopped_by_a_bad_setting_prints_its_error_after_every_line_it_logged(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The log has a thread of its own that writes when it can; the error must still come last, where a reader
+    (and the bench, which quotes a component's last line) looks for it. The writer is slowed down here so that,
+    without the flush, the error would come first."""
+    import logging
+    import time
+
+    from poc.cli import main
+
+    emit = logging.StreamHandler.emit
+
+    def slow_emit(self, record):
+        time.sleep(0.2)
+        emit(self, record)
+
+    monkeypatch.setattr(logging.StreamHandler, "emit", slow_emit)
+    write_tenants(tmp_path / "tenants.yaml", make_tenants(1))
+    assert main(["gateway", "--tenants", str(tmp_path / "tenants.yaml"), "--max-tenant-buffered-bytes",
+                 "1048576"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert any("open-files limit" in line for line in lines[:-1])
+    assert lines[-1].startswith("error: --max-tenant-buffered-bytes must be 0 or at least")
