@@ -126,12 +126,12 @@ def add(sub) -> None:
     p.add_argument("--ticket-ttl-s", type=float, default=config.TICKET_TTL_S,
                    help="how long a ticket from GetFlightInfo can be redeemed (default %(default)s)")
     p.add_argument("--frame-allocator", choices=config.FRAME_ALLOCATORS,
-                   default=os.environ.get("POC_FRAME_ALLOCATOR", config.FRAME_ALLOCATOR),
+                   default=os.environ.get("POC_FRAME_ALLOCATOR") or None,
                    help="the allocator holding each WebSocket data frame from its arrival until its batch is sent "
                         "to its client: the kernel's copy of those bytes into the client's socket cost three times "
                         "as much from mimalloc (Arrow's default) as from jemalloc, and the system allocator kept two "
-                        "to three times the memory (docs/results.md) (default %(default)s; POC_FRAME_ALLOCATOR sets "
-                        "the default)")
+                        "to three times the memory (docs/results.md) (default jemalloc, or Arrow's default pool where "
+                        "pyarrow has no jemalloc; POC_FRAME_ALLOCATOR sets the default)")
     add_tunnel_limits(p)
     add_tls(p)
     add_ws_impl(p)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume-window-s must be between 0 and 3600")
     if not 0 < args.gil_switch_ms <= 100:
         raise ConfigError("--gil-switch-ms must be above 0 and at most 100")
-    frame_memory.use(args.frame_allocator)
+    frames = frame_memory.use(args.frame_allocator).backend_name
     hide_tracebacks_from_clients()
     sys.setswitchinterval(args.gil_switch_ms / 1000)
     files = config.raise_open_files_limit()
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.check()
     logging.getLogger("poc.gateway").info(
         "GIL switch interval %g ms; receive buffer of near tunnels %s; frames held by %s", args.gil_switch_ms,
-        f"{cfg.tunnel_rcvbuf_bytes} bytes" if cfg.tunnel_rcvbuf_bytes else "left to the kernel", args.frame_allocator)
+        f"{cfg.tunnel_rcvbuf_bytes} bytes" if cfg.tunnel_rcvbuf_bytes else "left to the kernel", frames)
     if args.registry:
         if not args.registry.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("--registry must be a redis://HOST:PORT/DB (or rediss://) URL")

@@ -31,23 +31,20 @@ def pool_named(name: str) -> pa.MemoryPool:
                           f"{', '.join(pa.supported_memory_backends())}") from None
 
 
-def use(name: str) -> pa.MemoryPool:
-    """Take frames' buffers from `name`'s allocator from now on (the gateway, at start)."""
+def use(name: str | None) -> pa.MemoryPool:
+    """Take frames' buffers from `name`'s allocator from now on (the gateway, at start); None: jemalloc where this
+    pyarrow has it, else Arrow's default pool."""
     global _pool
-    _pool = pool_named(name)
+    if name is None and DEFAULT not in pa.supported_memory_backends():
+        _pool = pa.default_memory_pool()
+    else:
+        _pool = pool_named(name or DEFAULT)
     return _pool
 
 
 def frame_pool() -> pa.MemoryPool:
-    """The pool frames come from: the one `use` chose, else jemalloc, else Arrow's default (a pyarrow without
-    jemalloc)."""
-    global _pool
-    if _pool is None:
-        try:
-            _pool = pool_named(DEFAULT)
-        except ConfigError:
-            _pool = pa.default_memory_pool()
-    return _pool
+    """The pool frames come from: the one `use` chose, else use(None)'s."""
+    return use(None) if _pool is None else _pool
 
 
 def arrow_copy(data) -> pa.Buffer:

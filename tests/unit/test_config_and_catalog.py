@@ -157,7 +157,7 @@ def test_frames_are_copied_into_the_allocator_the_gateway_chose(name):
         del frame
         assert pool.bytes_allocated() == before
     finally:
-        memory.use(memory.DEFAULT)
+        memory.use(None)
 
 
 def test_a_command_stopped_by_a_bad_setting_prints_its_error_after_every_line_it_logged(tmp_path, capsys,
@@ -183,3 +183,22 @@ def test_a_command_stopped_by_a_bad_setting_prints_its_error_after_every_line_it
     lines = capsys.readouterr().err.splitlines()
     assert any("open-files limit" in line for line in lines[:-1])
     assert lines[-1].startswith("error: --max-tenant-buffered-bytes must be 0 or at least")
+
+
+def test_without_a_choice_frames_go_to_jemalloc_or_where_pyarrow_has_none_to_its_default_pool(monkeypatch):
+    """The gateway's default: jemalloc (docs/results.md), and on a pyarrow built without it Arrow's default pool
+    rather than a gateway that does not start; naming jemalloc there is an error that says what there is."""
+    import pyarrow as pa
+
+    from poc.transports import memory
+
+    try:
+        assert memory.use(None).backend_name == "jemalloc"
+        monkeypatch.setattr(pa, "supported_memory_backends", lambda: ["mimalloc", "system"])
+        monkeypatch.setattr(pa, "jemalloc_memory_pool", lambda: (_ for _ in ()).throw(NotImplementedError()))
+        assert memory.use(None).backend_name == pa.default_memory_pool().backend_name == "mimalloc"
+        with pytest.raises(ConfigError, match="this pyarrow was built without jemalloc: choose one of mimalloc, system"):
+            memory.use("jemalloc")
+    finally:
+        monkeypatch.undo()
+        memory.use(None)
