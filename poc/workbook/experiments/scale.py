@@ -48,6 +48,20 @@ class ScaleParams(RunParams):
         super().__post_init__()
 
 
+def _settled_rss(process: psutil.Process, quiet_s: float = 3.0, timeout_s: float = 15.0) -> int:
+    """The process's RSS once it has not moved by more than 256 KiB for `quiet_s` (at most `timeout_s`): the
+    gateway's frame allocator (jemalloc) hands the warm-up's freed frames back to the kernel a second or two
+    later, megabytes that would otherwise show as idle tunnels costing less than nothing."""
+    deadline = time.monotonic() + timeout_s
+    rss, since = process.memory_info().rss, time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = process.memory_info().rss
+        if abs(now - rss) > 256 * 1024:
+            rss, since = now, time.monotonic()
+    return process.memory_info().rss
+
+
 def _latency_ms(cluster: Cluster, token: str, calls: int, warmup: int = 10) -> tuple[list[float], list[float]]:
     """GetFlightInfo and whole-DoGet times of the active tenant, in ms (after `warmup` unmeasured calls)."""
     options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())], timeout=60)
@@ -99,7 +113,7 @@ def measure(params: ScaleParams, count: int, work: Path, tls: bool = False, log=
         cluster.wait_online([ACTIVE])
         alone = [_latency_ms(cluster, active.client_token, params.latency_calls // 2)]
         gateway = psutil.Process(cluster.gateway.pid)
-        rss_before = gateway.memory_info().rss
+        rss_before = _settled_rss(gateway)
         start = time.monotonic()
         swarm_tenants = write_tenants(cluster.workdir / "swarm-tenants.yaml", idle)
         cluster.components["swarm"] = start_component(
