@@ -20,5 +20,8 @@ class ConnectorMetrics:
         self.queries = Gauge("poc_connector_queries", "Queries open in DuckDB or a database, and database reads of DoGets (running or paused for credit)",
                              registry=r)
         self.query_rows = Counter("poc_connector_query_rows_total", "Result rows of SQL queries sent", registry=r)
+        self.link_rtt = Gauge("poc_connector_link_rtt_seconds",
+                              "Smallest heartbeat round trip of the link to each gateway, while it is registered: "
+                              "what --compression auto judges the link's distance by", ["gateway"], registry=r)
         self.credit_waits = Counter("poc_connector_credit_waits_total",
                                     "Times a stream had to wait for credit before its next frame", registry=r)
