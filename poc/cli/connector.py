@@ -60,8 +60,8 @@ def add(sub) -> None:
                         "gateway's max_frame_bytes are halved until they fit")
     p.add_argument("--compression", choices=("auto", "always", "off"), default="auto",
                    help="IPC body compression (zstd, else lz4, if the gateway accepts one; docs/protocol.md §4b): "
-                        "auto compresses batches on a wide-area link (smallest heartbeat round trip 2 ms or more; a "
-                        "new link's first heartbeats go 1, 2, 4 … s apart) while "
+                        "auto compresses batches on a wide-area link (smallest heartbeat round trip 2 ms or more; "
+                        "until one comes back within 2 ms, a new link's heartbeats go 1, 2, 4 … s apart) while "
                         "it drains slower than --compress-below-mbps, always compresses every batch it shrinks, "
                         "off offers no codec (default %(default)s)")
     p.add_argument("--compress-below-mbps", type=float, default=config.COMPRESS_BELOW_MBPS,

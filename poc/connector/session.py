@@ -183,17 +183,27 @@ class Session:
 
     async def _heartbeats(self) -> None:
         """At the gateway's interval (§10), or this connector's own when that is shorter. The first goes at once,
-        so that the link's round trip is known from the start (its ack: `rtt_s`, the smallest seen); the next
-        ones FIRST_HEARTBEAT_GAP_S apart, the gap doubling up to the interval. One heartbeat answered while
-        either end was busy (connectors and gateway starting side by side) read a loopback link as wide-area,
-        and the next came a minute later under load: several in the link's first minute let a quiet moment
-        set the round trip (docs/results.md)."""
+        so that the link's round trip is known from the start (its ack: `rtt_s`, the smallest seen). While that
+        round trip still reads wide-area and `--compression auto` may act on it, the next ones go
+        FIRST_HEARTBEAT_GAP_S apart, the gap doubling up to the interval: one heartbeat answered while either end
+        was busy (connectors and gateway starting side by side) read a loopback link as wide-area, and the next
+        came a minute later under load; several in the link's first minute let a quiet moment set the round
+        trip (docs/results.md). Otherwise the schedule is the interval's alone."""
         interval = min(self.cfg.heartbeat_s, self.endpoint.registered.heartbeat_s)
         gap = min(FIRST_HEARTBEAT_GAP_S, interval)
         while True:
             await self.transport.call(self.endpoint.heartbeat, time.time())
+            sent = time.monotonic()
             await asyncio.sleep(gap)
             gap = min(gap * 2, interval)
+            if not self._measuring_distance():
+                await asyncio.sleep(max(0.0, interval - (time.monotonic() - sent)))
+
+    def _measuring_distance(self) -> bool:
+        """Whether more heartbeats would tell `compressing()` something: it may compress (auto, a codec agreed)
+        and no round trip under COMPRESS_MIN_RTT_S has come back yet (the smallest only falls)."""
+        return (self.cfg.compression == "auto" and self.endpoint.codec is not None
+                and (self.rtt_s is None or self.rtt_s >= COMPRESS_MIN_RTT_S))
 
     # -- what serving uses to answer (poc.connector.serving.Link)
 
