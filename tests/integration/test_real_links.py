@@ -3,6 +3,7 @@ within their bounds, a slow reader that still holds the gateway to its window, a
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -130,8 +131,6 @@ class _SlowStart:
     at once: a link whose first round trips were slow (both ends busy starting) and quick after that."""
 
     def __init__(self, target_port: int, slow_s: float, delay_s: float) -> None:
-        import socket
-
         self._target, self._slow_s, self._delay_s = target_port, slow_s, delay_s
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
@@ -140,8 +139,6 @@ class _SlowStart:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import socket
-
         while True:
             try:
                 client, _ = self._server.accept()
@@ -164,8 +161,6 @@ class _SlowStart:
             pass
 
     def close(self) -> None:
-        import socket
-
         for sock in [self._server, *self._sockets]:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked in accept() and recv() on it
