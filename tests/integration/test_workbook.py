@@ -243,11 +243,11 @@ def test_wan_notebook_runs_its_grid_in_a_namespace_of_its_own(tmp_path):
 def test_corporate_notebook_puts_connectors_behind_a_real_squid_in_a_namespace_of_their_own(tmp_path):
     """Two transports behind squid in a namespace whose only way out is the proxy; one proxy restart each with
     streams resumed (every DoGet in flight exact) and without (every one failed); behind a second squid with a 2 s
-    idle timeout, Flight tunnel DoGets paused 5 s with heartbeats every 10 s (cut; resumed or failed) and every
+    idle timeout, Flight tunnel DoGets paused 7 s with heartbeats every 10 s (cut; resumed or failed) and every
     1 s (nothing cut, its stream connections too); the answer and charts reach the report. The host's own network is never touched (the run's namespace holds everything)."""
     before = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     out = executed(tmp_path, "corporate", "notebook: corporate\nrows: 200000\ntransports: picows,flight\nreads: 1\n"
-                                          "inflight: 2\nrestarts: 1\nidle_timeout_s: 2\nidle_pause_s: 5\n"
+                                          "inflight: 2\nrestarts: 1\nidle_timeout_s: 2\nidle_pause_s: 7\n"
                                           "idle_transports: flight\n")
     table = pl.read_csv(out / "corporate.csv")
     assert table.height == 4 and set(table["transport"]) == {"picows", "flight"}

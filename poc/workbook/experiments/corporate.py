@@ -223,7 +223,8 @@ def _restart_trial(cluster, squid, token: str, expected, inflight: int) -> dict:
 def _idle_trial(cluster, token: str, expected, inflight: int, pause_s: float) -> dict:
     """`inflight` DoGets stop reading after their first batch for `pause_s`: their connector runs out of credit and
     its tunnel falls silent but for heartbeats. Cuts: each new session of the tenant seen meanwhile (the proxy cut
-    the tunnel for silence and the connector dialled again)."""
+    the tunnel for silence and the connector dialled again), the last one counted once the readers are done, as a
+    connector may dial again after the pause (it waits a random part of its back-off first)."""
     def session():
         return cluster.health()["tenants"].get("tenant_001", {}).get("session_id")
 
@@ -238,6 +239,9 @@ def _idle_trial(cluster, token: str, expected, inflight: int, pause_s: float) ->
     if len(sessions) > 1:  # the readers go on once the tenant is online again, as after a restart
         cluster.wait_online(["tenant_001"], timeout=90)
     trial = _read_on(go, readers)
+    now = cluster.wait_online(["tenant_001"], timeout=90)["tenants"]["tenant_001"]["session_id"]
+    if now != sessions[-1]:
+        sessions.append(now)
     return {"cuts": len(sessions) - 1, **trial, "errors": "; ".join(trial["errors"])[:300]}
 
 
