@@ -187,8 +187,8 @@ def test_a_link_slow_only_at_its_start_is_not_judged_wide_area(tmp_path, tenants
             c.wait_online(["tenant_001"])
             metrics = f"http://127.0.0.1:{connector.ready['metrics_port']}/metrics"
             seen = []
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            deadline = time.monotonic() + 20  # heartbeats 1, 3, 7 and 15 s after registering: on a busy machine
+            while time.monotonic() < deadline:  # a loopback round trip can read 2 ms or more more than once
                 seen.append(scrape(metrics).get(("poc_connector_link_rtt_seconds", ("gateway", url))))
                 if seen[-1] is not None and seen[-1] < COMPRESS_MIN_RTT_S:
                     break
