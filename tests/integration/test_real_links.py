@@ -156,7 +156,8 @@ class _SlowStart:
                 if time.monotonic() - start < self._slow_s:
                     time.sleep(self._delay_s)
                 dst.sendall(data)
-                self.sent_up += up
+                if up:  # only this direction's thread writes the count
+                    self.sent_up += 1
         except OSError:
             pass
 
