@@ -193,11 +193,10 @@ class Session:
         gap = min(FIRST_HEARTBEAT_GAP_S, interval)
         while True:
             await self.transport.call(self.endpoint.heartbeat, time.time())
-            sent = time.monotonic()
-            await asyncio.sleep(gap)
-            gap = min(gap * 2, interval)
+            await asyncio.sleep(gap)  # its ack comes back meanwhile: whether to go on measuring is known after
             if not self._measuring_distance():
-                await asyncio.sleep(max(0.0, interval - (time.monotonic() - sent)))
+                await asyncio.sleep(interval - gap)
+            gap = min(gap * 2, interval)
 
     def _measuring_distance(self) -> bool:
         """Whether more heartbeats would tell `compressing()` something: it may compress (auto, a codec agreed)
